@@ -1,0 +1,40 @@
+# make run   - create .venv, install llmos, fetch the default model once, generate text
+# make test  - same set-up plus test dependencies, then the whole test suite
+# make bench - llmos beside its peers, printed as ratios and written to bench/results/
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: run test bench bench-deps clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+run: $(VENV)/.installed
+	$(BIN)/llmos pull smollm2-135m-instruct
+	$(BIN)/llmos generate "LLMOS is a" --max-new-tokens 50
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q
+
+bench: $(VENV)/.installed-test
+	$(BIN)/python -m bench.run
+
+# llama-cpp-python built for this CPU: AVX-512 on, AMX off (AMX instructions die with SIGILL here).
+bench-deps: $(VENV)/.installed-test
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
+		$(BIN)/pip install --no-binary llama-cpp-python llama-cpp-python==0.3.36
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,5 @@
+import sys
+
+from llmos.cli.main import main
+
+sys.exit(main())

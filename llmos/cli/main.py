@@ -1,0 +1,43 @@
+"""`llmos` command line: a thin layer over the Python API.
+
+Each subcommand group lives in its own module exposing `add_parsers(subparsers)`, which registers its
+subcommands with `set_defaults(func=...)`; `func(args) -> int` is the exit status. Errors that are the
+user's to fix (`LlmosError` and ValueError) print one line and exit 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Subcommand groups, imported lazily so `llmos --help` stays fast.
+_GROUPS = ("llmos.cli.store", "llmos.cli.generate")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmos", description="Run, adapt and serve open LLMs offline.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in _GROUPS:
+        importlib.import_module(module).add_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as exc:  # LlmosError is a ValueError
+        print(f"llmos: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

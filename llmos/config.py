@@ -1,0 +1,224 @@
+"""ModelConfig: the shape of a Transformer, independent of any file format.
+
+Translation from other formats happens here, at the boundary: `from_hf_json` reads a Hugging Face
+`config.json` dict, `from_gguf` reads GGUF metadata. Everything downstream sees only this dataclass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmos.errors import LlmosError
+
+
+class ConfigError(LlmosError):
+    """A model configuration that llmos cannot run, with the reason and what to do."""
+
+
+# Hugging Face `model_type` -> llmos architecture family.
+_HF_FAMILIES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+    "gpt2": "gpt2",
+    "bert": "bert",
+}
+# GGUF `general.architecture` -> llmos architecture family.
+_GGUF_FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "gpt2": "gpt2", "bert": "bert"}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str  # "llama" | "gpt2" | "bert": which model file runs it
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    max_seq_len: int
+    norm_eps: float = 1e-5
+    head_dim: int | None = None  # None: dim // n_heads
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = field(default=None, compare=False)
+    qkv_bias: bool = False  # Qwen2 has biases on q, k and v
+    tie_embeddings: bool = False
+    act: str = "silu"  # MLP activation: "silu" (SwiGLU), "gelu_new" (GPT-2 tanh), "gelu" (BERT erf)
+    sliding_window: int | None = None  # Mistral: attend to at most this many past positions
+    type_vocab_size: int = 0  # BERT token types
+    name: str = ""  # human-readable model name, informational only
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.dim // self.n_heads
+
+    @property
+    def n_rep(self) -> int:
+        """Query heads sharing one key/value head (grouped-query attention)."""
+        return self.n_heads // self.n_kv_heads
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("llama", "gpt2", "bert"):
+            raise ConfigError(f"unknown architecture {self.arch!r}: llmos runs llama, gpt2 and bert families")
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(f"model config field {name} must be positive, got {getattr(self, name)}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim is None and self.dim % self.n_heads:
+            raise ConfigError(f"dim ({self.dim}) must be a multiple of n_heads ({self.n_heads})")
+
+    @classmethod
+    def from_hf_json(cls, cfg: dict[str, Any]) -> ModelConfig:
+        """Build from a Hugging Face `config.json` (already parsed)."""
+        model_type = cfg.get("model_type")
+        family = _HF_FAMILIES.get(model_type or "")
+        if family is None:
+            raise ConfigError(
+                f"model_type {model_type!r} is not supported; llmos runs {', '.join(sorted(_HF_FAMILIES))}"
+            )
+        if family == "gpt2":
+            dim = cfg["n_embd"]
+            return cls(
+                arch="gpt2",
+                vocab_size=cfg["vocab_size"],
+                dim=dim,
+                n_layers=cfg["n_layer"],
+                n_heads=cfg["n_head"],
+                n_kv_heads=cfg["n_head"],
+                ffn_dim=cfg.get("n_inner") or 4 * dim,
+                max_seq_len=cfg["n_positions"],
+                norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
+                tie_embeddings=True,
+                act=_gelu_name(cfg.get("activation_function", "gelu_new")),
+                name=cfg.get("_name_or_path", ""),
+            )
+        if family == "bert":
+            return cls(
+                arch="bert",
+                vocab_size=cfg["vocab_size"],
+                dim=cfg["hidden_size"],
+                n_layers=cfg["num_hidden_layers"],
+                n_heads=cfg["num_attention_heads"],
+                n_kv_heads=cfg["num_attention_heads"],
+                ffn_dim=cfg["intermediate_size"],
+                max_seq_len=cfg["max_position_embeddings"],
+                norm_eps=cfg.get("layer_norm_eps", 1e-12),
+                act=_gelu_name(cfg.get("hidden_act", "gelu")),
+                type_vocab_size=cfg.get("type_vocab_size", 2),
+                name=cfg.get("_name_or_path", ""),
+            )
+        n_heads = cfg["num_attention_heads"]
+        scaling = cfg.get("rope_scaling") or None
+        rope_theta = cfg.get("rope_theta")
+        # transformers 5 nests rope settings under "rope_parameters".
+        params = cfg.get("rope_parameters") or {}
+        if rope_theta is None:
+            rope_theta = params.get("rope_theta", 10000.0)
+        if scaling is None and params.get("rope_type", "default") != "default":
+            scaling = dict(params)
+        if scaling is not None:
+            scaling = dict(scaling)
+            scaling.setdefault("rope_type", scaling.get("type", "default"))
+            scaling.pop("rope_theta", None)
+            if scaling["rope_type"] == "default":
+                scaling = None
+        if scaling is not None and scaling["rope_type"] not in ("linear", "llama3"):
+            raise ConfigError(f"rope scaling {scaling['rope_type']!r} is not supported (linear and llama3 are)")
+        hidden_act = cfg.get("hidden_act", "silu")
+        if hidden_act != "silu":
+            raise ConfigError(f"hidden_act {hidden_act!r} is not supported for {model_type}; expected 'silu'")
+        return cls(
+            arch="llama",
+            vocab_size=cfg["vocab_size"],
+            dim=cfg["hidden_size"],
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            ffn_dim=cfg["intermediate_size"],
+            max_seq_len=cfg.get("max_position_embeddings", 2048),
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            head_dim=cfg.get("head_dim"),
+            rope_theta=float(rope_theta),
+            rope_scaling=scaling,
+            qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            sliding_window=cfg.get("sliding_window") if model_type == "mistral" else None,
+            name=cfg.get("_name_or_path", ""),
+        )
+
+    @classmethod
+    def from_gguf(cls, metadata: dict[str, Any], tensor_names: set[str] | frozenset[str]) -> ModelConfig:
+        """Build from GGUF metadata; `tensor_names` tells whether the output head is tied."""
+        arch = metadata.get("general.architecture")
+        family = _GGUF_FAMILIES.get(arch or "")
+        if family is None:
+            raise ConfigError(
+                f"GGUF architecture {arch!r} is not supported; llmos runs {', '.join(sorted(_GGUF_FAMILIES))}"
+            )
+
+        def get(key: str, default: Any = None) -> Any:
+            value = metadata.get(f"{arch}.{key}", default)
+            if value is None:
+                raise ConfigError(f"GGUF file is missing metadata key {arch}.{key}")
+            return value
+
+        n_heads = int(get("attention.head_count"))
+        dim = int(get("embedding_length"))
+        vocab = metadata.get(f"{arch}.vocab_size")
+        if vocab is None:
+            tokens = metadata.get("tokenizer.ggml.tokens")
+            if tokens is None:
+                raise ConfigError("GGUF file has neither {arch}.vocab_size nor a tokenizer vocabulary")
+            vocab = len(tokens)
+        if family == "gpt2":
+            return cls(
+                arch="gpt2",
+                vocab_size=int(vocab),
+                dim=dim,
+                n_layers=int(get("block_count")),
+                n_heads=n_heads,
+                n_kv_heads=n_heads,
+                ffn_dim=int(get("feed_forward_length")),
+                max_seq_len=int(get("context_length")),
+                norm_eps=float(get("attention.layer_norm_epsilon", 1e-5)),
+                tie_embeddings="output.weight" not in tensor_names,
+                act="gelu_new",
+                name=str(metadata.get("general.name", "")),
+            )
+        if family == "bert":
+            raise ConfigError("BERT models are loaded from Hugging Face folders, not GGUF files")
+        scaling = None
+        scaling_type = metadata.get(f"{arch}.rope.scaling.type")
+        if scaling_type == "linear":
+            scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+        elif scaling_type not in (None, "none"):
+            raise ConfigError(f"GGUF rope scaling {scaling_type!r} is not supported (linear is)")
+        head_dim = metadata.get(f"{arch}.attention.key_length")
+        return cls(
+            arch="llama",
+            vocab_size=int(vocab),
+            dim=dim,
+            n_layers=int(get("block_count")),
+            n_heads=n_heads,
+            n_kv_heads=int(get("attention.head_count_kv", n_heads)),
+            ffn_dim=int(get("feed_forward_length")),
+            max_seq_len=int(get("context_length")),
+            norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+            head_dim=int(head_dim) if head_dim is not None and int(head_dim) != dim // n_heads else None,
+            rope_theta=float(get("rope.freq_base", 10000.0)),
+            rope_scaling=scaling,
+            qkv_bias="blk.0.attn_q.bias" in tensor_names,
+            tie_embeddings="output.weight" not in tensor_names,
+            sliding_window=None,
+            name=str(metadata.get("general.name", "")),
+        )
+
+
+def _gelu_name(name: str) -> str:
+    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        return "gelu_new"
+    if name == "gelu":
+        return "gelu"
+    raise ConfigError(f"activation {name!r} is not supported; expected gelu or gelu_new")

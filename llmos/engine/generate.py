@@ -1,0 +1,139 @@
+"""The decode loop: prefill a prompt, then decode one token at a time with a KV cache.
+
+The engine sees token ids only; text, stop strings and chat templates live above it. A `Generation`
+runs `n` rows from one prompt (num_return_sequences) and yields, per step, one id per row (None for
+rows that already finished). Each row ends on a stop id ("eos", the id itself is not yielded) or after
+`max_new_tokens` ("length"); `finish_reasons` holds why. Sampling is drawn from one generator seeded
+with `seed`, so the same seed gives the same tokens.
+
+A caller that keeps a KVCache between calls (a chat whose history grows) passes it with `cached`, the
+number of leading prompt tokens already in it; only the rest is prefilled.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from llmos.engine.sampling import SamplingParams, process, sample
+from llmos.errors import LlmosError
+from llmos.models.kv_cache import KVCache
+
+
+def new_generator(seed: int | None) -> torch.Generator:
+    if seed is None:
+        seed = int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
+    return torch.Generator().manual_seed(int(seed))
+
+
+@torch.inference_mode()
+def prefill(model: nn.Module, tokens: torch.Tensor, start: int, cache: KVCache, chunk: int = 512) -> torch.Tensor:
+    """Run tokens (B, T) at positions start.. into the cache; return last-position logits (B, V) fp32."""
+    T = tokens.shape[1]
+    hidden = None
+    for s in range(0, T, chunk):
+        part = tokens[:, s:s + chunk]
+        positions = torch.arange(start + s, start + s + part.shape[1])
+        hidden = model.hidden(part, positions, cache)
+    return model.output(hidden[:, -1]).float()
+
+
+@torch.inference_mode()
+def decode_one(model: nn.Module, token: torch.Tensor, position: int, cache: KVCache) -> torch.Tensor:
+    """One decode step for tokens (B,) at `position`; logits (B, V) fp32."""
+    hidden = model.hidden(token[:, None], torch.tensor([position]), cache)
+    return model.output(hidden[:, -1]).float()
+
+
+class Generation:
+    def __init__(
+        self,
+        model: nn.Module,
+        prompt: Sequence[int],
+        *,
+        max_new_tokens: int,
+        params: SamplingParams = SamplingParams(temperature=0.0),
+        stop_ids: frozenset[int] = frozenset(),
+        min_new_tokens: int = 0,
+        n: int = 1,
+        seed: int | None = None,
+        cache: KVCache | None = None,
+        cached: int = 0,
+    ) -> None:
+        if not prompt:
+            raise LlmosError("the prompt is empty: give at least one token")
+        if max_new_tokens < 0:
+            raise LlmosError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if n < 1:
+            raise LlmosError(f"n (num_return_sequences) must be >= 1, got {n}")
+        total = len(prompt) + max_new_tokens
+        context = model.config.max_seq_len
+        if total > context:
+            raise LlmosError(
+                f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the "
+                f"model's context of {context} tokens; shorten the prompt or ask for fewer tokens"
+            )
+        self.model, self.prompt, self.params = model, list(prompt), params
+        self.max_new_tokens, self.min_new_tokens, self.n = max_new_tokens, min_new_tokens, n
+        self.stop_ids = frozenset(stop_ids)
+        self.generator = new_generator(seed)
+        if cache is None or cache.max_len < total or cache.k.shape[1] != n:
+            dtype = next(model.parameters()).dtype
+            cache, cached = KVCache.for_model(model.config, n, total, dtype), 0
+        self.cache, self.cached = cache, min(cached, len(prompt) - 1)  # at least one token to prefill
+        self.finish_reasons: list[str | None] = [None] * n
+        self.stop_tokens: list[int | None] = [None] * n  # the stop id each row ended on
+        self.generated = 0
+
+    def __iter__(self) -> Iterator[list[int | None]]:
+        n, T = self.n, len(self.prompt)
+        history = torch.empty(n, T + self.max_new_tokens, dtype=torch.long)
+        history[:, :T] = torch.tensor(self.prompt)
+        needs_history = self.params.repetition_penalty != 1.0 or self.params.no_repeat_ngram_size
+        needs_output = bool(self.params.presence_penalty or self.params.frequency_penalty)
+        stop = torch.tensor(sorted(self.stop_ids), dtype=torch.long)
+        done = torch.zeros(n, dtype=torch.bool)
+        if self.max_new_tokens == 0:
+            self.finish_reasons = ["length"] * n
+            return
+        self.cache.length = self.cached
+        rest = history[:, self.cached:T]
+        logits = prefill(self.model, rest, self.cached, self.cache)
+        for step in range(self.max_new_tokens):
+            cur = T + step
+            logits = process(
+                logits,
+                self.params,
+                history[:, :cur] if needs_history else None,
+                history[:, T:cur] if needs_output else None,
+            )
+            if step < self.min_new_tokens and stop.numel():
+                logits[:, stop] = -float("inf")
+            token = sample(logits, self.params, self.generator)  # (B,)
+            history[:, cur] = token
+            hit = torch.isin(token, stop) & ~done if stop.numel() else torch.zeros_like(done)
+            out: list[int | None] = []
+            for row, (t, h, d) in enumerate(zip(token.tolist(), hit.tolist(), done.tolist())):
+                if h:
+                    self.finish_reasons[row], self.stop_tokens[row] = "eos", t
+                out.append(None if (d or h) else t)
+            done |= hit
+            self.generated = step + 1
+            if all(o is None for o in out) and bool(done.all()):
+                return
+            yield out
+            if step + 1 == self.max_new_tokens:
+                break
+            logits = decode_one(self.model, token, cur, self.cache)
+        for row in range(n):
+            if self.finish_reasons[row] is None:
+                self.finish_reasons[row] = "length"
+
+    def tokens(self) -> Iterator[int]:
+        """Row 0's tokens, one int at a time (the common n=1 case)."""
+        for step in self:
+            if step[0] is not None:
+                yield step[0]

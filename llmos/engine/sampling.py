@@ -1,0 +1,152 @@
+"""Sampling: pure functions from logits to the next token.
+
+Every function takes logits (B, V) float32 and returns new logits or token ids; none keeps state.
+Penalties follow the meaning users know: `repetition_penalty` and `no_repeat_ngram_size` as in
+transformers (over prompt and output), `presence_penalty`/`frequency_penalty` as in the OpenAI API
+(over the output only). Order, as transformers and vLLM apply them: bias and penalties, then
+temperature, then top-k, top-p, min-p, then a draw from the seeded generator.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from llmos.errors import LlmosError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 means greedy (argmax)
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    min_p: float = 0.0  # 0: off
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    no_repeat_ngram_size: int = 0
+    logit_bias: dict[int, float] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        check_range("temperature", self.temperature, 0.0, None, "a finite number >= 0 (0 is greedy)")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise LlmosError(f"top_k must be an integer >= 0 (0 turns it off), got {self.top_k!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
+            raise LlmosError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        check_range("min_p", self.min_p, 0.0, 1.0, "a number in [0, 1]")
+        if not (isinstance(self.repetition_penalty, (int, float)) and math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise LlmosError(f"repetition_penalty must be a finite number > 0 (1 is off), got {self.repetition_penalty!r}")
+        check_range("presence_penalty", self.presence_penalty, -2.0, 2.0, "a number in [-2, 2]")
+        check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0, "a number in [-2, 2]")
+        if not isinstance(self.no_repeat_ngram_size, int) or self.no_repeat_ngram_size < 0:
+            raise LlmosError(f"no_repeat_ngram_size must be an integer >= 0, got {self.no_repeat_ngram_size!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def check_range(name: str, value: object, lo: float | None, hi: float | None, allowed: str) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (lo is None or value >= lo) and (hi is None or value <= hi)
+    if not ok:
+        raise LlmosError(f"{name} must be {allowed}, got {value!r}")
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> torch.Tensor:
+    ids = torch.tensor(list(bias.keys()), dtype=torch.long)
+    vals = torch.tensor(list(bias.values()), dtype=logits.dtype)
+    return logits.index_add(-1, ids, vals.expand(logits.shape[0], -1))
+
+
+def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' rule: a seen token's logit is divided by `penalty` if positive, else multiplied."""
+    seen = logits.gather(-1, history)  # (B, N)
+    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+    return logits.scatter(-1, history, seen)
+
+
+def apply_presence_frequency(logits: torch.Tensor, output: torch.Tensor, presence: float, frequency: float) -> torch.Tensor:
+    """OpenAI's rule: logit -= frequency * count + presence * (count > 0), over output tokens."""
+    counts = torch.zeros_like(logits).scatter_add_(-1, output, torch.ones_like(output, dtype=logits.dtype))
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
+def banned_ngram_tokens(history: list[int], n: int) -> set[int]:
+    """Tokens that would complete an n-gram already present in `history` (transformers' rule)."""
+    if len(history) + 1 < n:
+        return set()
+    prefix = tuple(history[len(history) - n + 1:])
+    banned = set()
+    for i in range(len(history) - n + 1):
+        if tuple(history[i:i + n - 1]) == prefix:
+            banned.add(history[i + n - 1])
+    return banned
+
+
+def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, -math.inf)
+
+
+def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches p (at least one)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    # A token is dropped when the tokens before it already reach p.
+    before = probs.cumsum(dim=-1) - probs
+    drop_sorted = before >= p
+    drop_sorted[..., 0] = False
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, -math.inf)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the top token's."""
+    if min_p <= 0.0:
+        return logits
+    probs = logits.softmax(dim=-1)
+    threshold = min_p * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < threshold, -math.inf)
+
+
+def process(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    history: torch.Tensor | None = None,
+    output: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Apply bias, penalties and warpers to logits (B, V); history/output are token ids (B, N)."""
+    if params.logit_bias:
+        logits = apply_logit_bias(logits, params.logit_bias)
+    if params.repetition_penalty != 1.0 and history is not None and history.numel():
+        logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
+    if (params.presence_penalty or params.frequency_penalty) and output is not None and output.numel():
+        logits = apply_presence_frequency(logits, output, params.presence_penalty, params.frequency_penalty)
+    if params.no_repeat_ngram_size and history is not None:
+        logits = logits.clone()
+        for row in range(logits.shape[0]):
+            banned = banned_ngram_tokens(history[row].tolist(), params.no_repeat_ngram_size)
+            if banned:
+                logits[row, list(banned)] = -math.inf
+    if params.greedy:
+        return logits
+    if params.temperature != 1.0:
+        logits = logits / params.temperature
+    logits = apply_top_k(logits, params.top_k)
+    logits = apply_top_p(logits, params.top_p)
+    return apply_min_p(logits, params.min_p)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (B,) from processed logits (B, V)."""
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    probs = logits.float().softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

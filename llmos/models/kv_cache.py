@@ -1,0 +1,53 @@
+"""A static, preallocated key/value cache shared by the decoder-only model files.
+
+One tensor pair holds every layer: k and v of shape (L, B, H_kv, S, D), allocated once at the
+largest length the caller will need, so decoding never reallocates. The model writes the keys and
+values of the positions it is given and reads back everything up to the furthest position written.
+`length` is the number of leading positions that hold valid entries; callers that rewind (a chat
+that shares a history prefix) just lower it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(
+        self,
+        n_layers: int,
+        batch: int,
+        n_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)  # (L, B, H, S, D)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0
+
+    @classmethod
+    def for_model(cls, config, batch: int, max_len: int, dtype: torch.dtype = torch.float32) -> KVCache:
+        if max_len > config.max_seq_len:
+            raise ValueError(f"KV cache of {max_len} positions exceeds the model context ({config.max_seq_len})")
+        return cls(config.n_layers, batch, config.n_kv_heads, max_len, config.head_size, dtype)
+
+    def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H, T, D) at `positions` (T,) and return the valid prefix (B, H, S, D)."""
+        end = int(positions[-1]) + 1
+        if end > self.max_len:
+            raise ValueError(f"position {end - 1} is beyond the KV cache size ({self.max_len})")
+        start = int(positions[0])
+        if end - start == positions.numel():  # contiguous run: a slice copy is cheaper than index_copy
+            self.k[layer, :, :, start:end] = k
+            self.v[layer, :, :, start:end] = v
+        else:
+            self.k[layer].index_copy_(2, positions, k)
+            self.v[layer].index_copy_(2, positions, v)
+        if layer == self.k.shape[0] - 1:
+            self.length = max(self.length, end)
+        n = max(self.length, end)
+        return self.k[layer, :, :, :n], self.v[layer, :, :, :n]

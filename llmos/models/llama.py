@@ -1,0 +1,175 @@
+"""The Llama family: Llama 2/3, Mistral, SmolLM2, Qwen2 (q/k/v biases).
+
+RMSNorm, rotary position embeddings (Hugging Face "rotate half" layout, with the file's theta and
+linear or llama3 scaling), grouped-query attention, SwiGLU MLP. Projections are fused, q/k/v into
+`wqkv` and gate/up into `w13`, so a decode step runs two matmuls fewer per layer; the loader fuses
+them (weights/load.py).
+
+Contract: `forward(tokens (B, T), positions (T,), cache=None) -> logits (B, T, V)` in the weights'
+dtype. `positions` are absolute; with a cache the model attends to every cached position up to the
+query's own.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmos.config import ModelConfig
+from llmos.models.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies (D/2,) with the config's scaling applied."""
+    d = config.head_size
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq.float()
+    factor = float(scaling["factor"])
+    if scaling["rope_type"] == "linear":
+        return (inv_freq / factor).float()
+    # llama3: keep high frequencies, divide low ones by `factor`, blend in between.
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_ctx = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    out = torch.where(wavelen > old_ctx / low, inv_freq / factor, blended)
+    out = torch.where(wavelen < old_ctx / high, inv_freq, out)
+    return out.float()
+
+
+def rope_tables(config: ModelConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (S, D) for positions 0..length-1."""
+    t = torch.arange(length, dtype=torch.float32)
+    freqs = torch.outer(t, rope_inv_freq(config))  # (S, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (S, D)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D) rotated by cos/sin (T, D), "rotate half" layout."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin
+
+
+def attention_mask(q_pos: torch.Tensor, n_keys: int, window: int | None) -> torch.Tensor:
+    """Boolean mask (T, S): query at q_pos may see key k when k <= q_pos (and within the window)."""
+    k_pos = torch.arange(n_keys, device=q_pos.device)
+    mask = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        mask &= k_pos[None, :] > q_pos[:, None] - window
+    return mask
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = config.n_heads, config.n_kv_heads, config.head_size
+        self.window = config.sliding_window
+        self.wqkv = nn.Linear(config.dim, (self.n_heads + 2 * self.n_kv) * self.hd, bias=config.qkv_bias)
+        self.wo = nn.Linear(self.n_heads * self.hd, config.dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None,
+        layer: int,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.wqkv(x).split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
+        q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, positions, k, v)  # (B, Hkv, S, D)
+        S = k.shape[2]
+        if T == S and self.window is None and int(positions[0]) == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+        elif T == 1 and self.window is None:
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.n_kv != self.n_heads)
+        else:
+            mask = attention_mask(positions, S, self.window)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)  # (B, T, H*D)
+        return self.wo(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.w13 = nn.Linear(config.dim, 2 * config.ffn_dim, bias=False)  # gate and up, fused
+        self.w2 = nn.Linear(config.ffn_dim, config.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, positions, cache, layer) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, positions, cache, layer)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def tie_weights(self) -> None:
+        if self.config.tie_embeddings:
+            self.output.weight = self.embed.weight
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Built lazily (not a buffer) so meta-device init and state dicts stay free of derived tables,
+        # and grown by doubling so a 128k-context model does not pay for positions it never sees.
+        need = int(positions.max()) + 1
+        if self._rope is None or self._rope[0].shape[0] < need:
+            size = min(max(need, 2 * (0 if self._rope is None else self._rope[0].shape[0]), 256), self.config.max_seq_len)
+            self._rope = rope_tables(self.config, max(size, need))
+        cos, sin = self._rope
+        return cos[positions], sin[positions]  # (T, D)
+
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final normed hidden states (B, T, C); the engine applies `output` to the rows it needs."""
+        x = self.embed(tokens)  # (B, T, C)
+        cos, sin = self.rope(positions)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, positions, cache, i)
+        return self.norm(x)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        return self.output(self.hidden(tokens, positions, cache))  # (B, T, V)
