@@ -1,0 +1,102 @@
+"""One engine measured in its own process: `python -m bench.engines ENGINE GGUF` prints one JSON line.
+
+Each engine loads the same GGUF file, prefills the same 512-token prompt and decodes greedily at
+batch 1 with the same thread count; peak RSS is the process's own high-water mark.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+PROMPT_TOKENS = 512
+DECODE_TOKENS = 128
+
+
+def prompt_ids(vocab: int) -> list[int]:
+    # Deterministic ordinary-text-like ids away from the special tokens at the start of the vocab.
+    return [1000 + (i * 7919) % (vocab - 2000) for i in range(PROMPT_TOKENS)]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_llmos(path: Path, threads: int, dtype: str) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    import llmos
+    from llmos.engine.generate import Generation
+    from llmos.engine.sampling import SamplingParams
+
+    t0 = time.perf_counter()
+    llm = llmos.load(str(path), dtype=dtype)
+    load_s = time.perf_counter() - t0
+    ids = prompt_ids(llm.config.vocab_size)
+    greedy = SamplingParams(temperature=0.0)
+    t0 = time.perf_counter()
+    list(Generation(llm.model, ids, max_new_tokens=1, params=greedy).tokens())
+    prefill_s = time.perf_counter() - t0
+    gen = Generation(llm.model, ids[:16], max_new_tokens=DECODE_TOKENS, params=greedy, min_new_tokens=DECODE_TOKENS)
+    it = gen.tokens()
+    next(it)
+    t0 = time.perf_counter()
+    n = sum(1 for _ in it)
+    decode_s = time.perf_counter() - t0
+    return {"load_s": load_s, "prefill_tps": PROMPT_TOKENS / prefill_s, "decode_tps": n / decode_s}
+
+
+def run_transformers(path: Path, threads: int, dtype: str) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    import transformers
+
+    t0 = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32 if dtype == "fp32" else torch.bfloat16).eval()
+    load_s = time.perf_counter() - t0
+    ids = torch.tensor([prompt_ids(model.config.vocab_size)])
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model(ids)
+        prefill_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model.generate(ids[:, :16], max_new_tokens=DECODE_TOKENS, min_new_tokens=DECODE_TOKENS, do_sample=False, pad_token_id=0)
+        decode_s = time.perf_counter() - t0
+    return {"load_s": load_s, "prefill_tps": PROMPT_TOKENS / prefill_s, "decode_tps": DECODE_TOKENS / decode_s}
+
+
+def run_llamacpp(path: Path, threads: int, dtype: str) -> dict:
+    from llama_cpp import Llama
+
+    t0 = time.perf_counter()
+    llm = Llama(str(path), n_ctx=1024, n_threads=threads, n_batch=512, verbose=False)
+    load_s = time.perf_counter() - t0
+    ids = prompt_ids(llm.n_vocab())
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    prefill_s = time.perf_counter() - t0
+    llm.reset()
+    llm.eval(ids[:16])
+    t0 = time.perf_counter()
+    n = 0
+    for tok in llm.generate(ids[:16], top_k=1, reset=False):
+        n += 1
+        if n == DECODE_TOKENS:
+            break
+    decode_s = time.perf_counter() - t0
+    return {"load_s": load_s, "prefill_tps": PROMPT_TOKENS / prefill_s, "decode_tps": n / decode_s}
+
+
+ENGINES = {"llmos": run_llmos, "transformers": run_transformers, "llama.cpp": run_llamacpp}
+
+if __name__ == "__main__":
+    engine, gguf, threads, dtype = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    result = ENGINES[engine](gguf, threads, dtype)
+    result["peak_rss_mb"] = peak_rss_mb()
+    print(json.dumps(result))

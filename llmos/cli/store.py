@@ -1,0 +1,83 @@
+"""`llmos pull | list | show | rm`: the model store from the command line (see `llmos.store`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from llmos import store
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pull", help="download a built-in model into the store")
+    p.add_argument("name", help=f"one of: {', '.join(store.DEFAULT_MODELS)}")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("list", help="list the models in the store")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("show", help="describe a model: architecture, parameters, quantization, context")
+    p.add_argument("model", metavar="NAME_OR_PATH", help="a store name, a .gguf file or a Hugging Face folder")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("rm", help="remove a model from the store")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_rm)
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    path = store.pull(args.name)
+    print(f"{args.name}: {path}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    models = store.list_models()
+    if not models:
+        print(f"no models in {store.home() / 'models'}; pull one with: llmos pull {store.DEFAULT_CHAT_MODEL}")
+        return 0
+    rows = [("NAME", "KIND", "SIZE", "PATH")] + [(m.name, m.kind, human_size(m.size), str(m.path)) for m in models]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3])
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    info = store.show(args.model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    quant = ", ".join(f"{name} x{count}" for name, count in info["quantization"].items())
+    lines = [
+        ("path", info["path"]),
+        ("kind", info["kind"]),
+        ("architecture", info["architecture"]),
+        ("parameters", f"{info['parameters'] / 1e6:.1f}M ({info['parameters']:,})"),
+        ("tensor types", quant or "-"),
+        ("context length", info["context_length"] if info["context_length"] is not None else "-"),
+        ("file size", human_size(info["file_size"])),
+        ("chat template", "yes" if info["chat_template"] else "no"),
+    ]
+    for label, value in lines:
+        print(f"{label:<15} {value}")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    store.remove(args.name)
+    print(f"removed {args.name}")
+    return 0
+
+
+def human_size(n: int) -> str:
+    """Bytes as a short decimal size: 98.4 MB."""
+    if n < 1000:
+        return f"{n} B"
+    size = float(n)
+    for unit in ("kB", "MB", "GB", "TB"):
+        size /= 1000
+        if size < 1000 or unit == "TB":
+            break
+    return f"{size:.1f} {unit}"

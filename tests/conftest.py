@@ -1,0 +1,37 @@
+"""Shared pytest fixtures.
+
+The default chat model is pulled into the user's model store ($LLMOS_HOME, default ~/.cache/llmos)
+once, the same store `make run` uses, so the suite downloads it at most once per machine.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def default_model_name() -> str:
+    from llmos import store
+
+    store.pull(store.DEFAULT_CHAT_MODEL, quiet=True)
+    return store.DEFAULT_CHAT_MODEL
+
+
+@pytest.fixture(scope="session")
+def default_gguf_path(default_model_name) -> str:
+    """The default chat model's GGUF file (SmolLM2-135M-Instruct, Q4_1)."""
+    from llmos import store
+
+    return str(store.resolve(default_model_name))
+
+
+@pytest.fixture(scope="session")
+def llm(default_gguf_path):
+    import llmos
+
+    return llmos.load(default_gguf_path)
