@@ -13,16 +13,16 @@ from typing import Any
 
 import torch
 
-from llmos import store
+from llmos import quality, store
 from llmos.config import ModelConfig
 from llmos.engine.generate import Generation
 from llmos.engine.sampling import SamplingParams
 from llmos.errors import LlmosError
 from llmos.tokenizer import Tokenizer
 from llmos.weights.gguf import GGUFFile
-from llmos.weights.load import load_gguf, load_hf, open_gguf_config, read_hf_config
+from llmos.weights.load import read_hf_config
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+DTYPES = {"auto": "auto", "fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "int8": "int8", "int4": "int4"}
 
 # Defaults for free text, as llama.cpp and Ollama ship them; temperature=0 asks for greedy decoding.
 DEFAULT_SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95}
@@ -54,24 +54,21 @@ def sampling_from(controls: dict[str, Any]) -> tuple[SamplingParams, dict[str, A
 class LLM:
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, config: ModelConfig, path: Path) -> None:
         self.model, self.tokenizer, self.config, self.path = model, tokenizer, config, path
+        self.dtype = "fp32"
 
     @classmethod
-    def load(cls, name_or_path: str | Path = store.DEFAULT_CHAT_MODEL, dtype: str = "fp32") -> LLM:
+    def load(cls, name_or_path: str | Path = store.DEFAULT_CHAT_MODEL, dtype: str = "auto") -> LLM:
+        """dtype: "auto" (the fastest form within 2% of fp32 perplexity), "fp32", "bf16", "int8", "int4"."""
         if dtype not in DTYPES:
             raise LlmosError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         path = store.resolve(str(name_or_path))
-        if path.is_file():
-            with GGUFFile(path) as gguf:
-                config = open_gguf_config(gguf)
-                tokenizer = Tokenizer.from_gguf(gguf.metadata)
-                model = load_gguf(gguf, config, DTYPES[dtype])
-        else:
-            config = read_hf_config(path)
-            if config.arch == "bert":
-                raise LlmosError(f"{path} is an encoder (BERT) model: use llmos.Embedder for embeddings, not text generation")
-            model = load_hf(path, config, DTYPES[dtype])
-            tokenizer = Tokenizer.from_dir(path)
-        return cls(model, tokenizer, config, path)
+        if not path.is_file() and read_hf_config(path).arch == "bert":
+            raise LlmosError(f"{path} is an encoder (BERT) model: use llmos.Embedder for embeddings, not text generation")
+        form = quality.auto_form(path) if dtype == "auto" else DTYPES[dtype]
+        model, config, tokenizer = quality.load_form(path, form)
+        llm = cls(model, tokenizer, config, path)
+        llm.dtype = form
+        return llm
 
     # --- tokens ---------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -152,6 +149,6 @@ def load_tokenizer(name_or_path: str | Path = store.DEFAULT_CHAT_MODEL) -> Token
     return Tokenizer.from_dir(path)
 
 
-def load(name_or_path: str | Path = store.DEFAULT_CHAT_MODEL, dtype: str = "fp32") -> LLM:
+def load(name_or_path: str | Path = store.DEFAULT_CHAT_MODEL, dtype: str = "auto") -> LLM:
     """Load a model by store name or path (GGUF file or Hugging Face folder)."""
     return LLM.load(name_or_path, dtype=dtype)

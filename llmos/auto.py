@@ -164,5 +164,5 @@ class AutoModelForCausalLM:
     @staticmethod
     def from_pretrained(name_or_path: str | Path, dtype: Any = None, torch_dtype: Any = None, **_: Any) -> CausalLM:
         chosen = dtype if dtype is not None else torch_dtype
-        name = {None: "fp32", torch.float32: "fp32", torch.bfloat16: "bf16"}.get(chosen, chosen)
+        name = {None: "auto", torch.float32: "fp32", torch.bfloat16: "bf16"}.get(chosen, chosen)
         return CausalLM(LLM.load(name_or_path, dtype=name))

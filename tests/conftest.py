@@ -32,6 +32,15 @@ def default_gguf_path(default_model_name) -> str:
 
 @pytest.fixture(scope="session")
 def llm(default_gguf_path):
+    """The default model with fp32 weights: the form parity with transformers is measured in."""
+    import llmos
+
+    return llmos.load(default_gguf_path, dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def fast_llm(default_gguf_path):
+    """The default model in the form `auto` picks, as users run it."""
     import llmos
 
     return llmos.load(default_gguf_path)

@@ -13,7 +13,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=40, help="0 turns it off")
     p.add_argument("--top-p", type=float, default=0.95, help="1 turns it off")
     p.add_argument("--seed", type=int, default=None, help="same seed, same output")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights dtype")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "int8", "int4"],
+                   help="weight form; auto picks the fastest within 2%% of fp32 perplexity")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
@@ -30,6 +32,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import llmos
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     llm = llmos.load(args.model, dtype=args.dtype)
     sys.stdout.write(prompt)

@@ -20,9 +20,11 @@ from llmos.errors import LlmosError
 from llmos.models.gpt2 import GPT2
 from llmos.models.llama import Llama
 from llmos.weights import names
+from llmos.weights.dequant import q4_1_blocks
 from llmos.weights.gguf import GGUFFile
 from llmos.weights.safetensors import SafetensorsCheckpoint
 
+Q4_1 = 3  # GGML type id
 MODEL_FILES: dict[str, type[nn.Module]] = {"llama": Llama, "gpt2": GPT2}
 
 
@@ -57,6 +59,11 @@ LLAMA_FUSIONS = (
 )
 
 
+# A hook that turns one loaded Linear into a faster form as it loads (llmos/quant.py supplies it):
+# (module name, fp32 weight, bias, exact GGUF blocks or None) -> replacement module.
+LinearHook = Callable[[str, torch.Tensor, "torch.Tensor | None", "tuple[torch.Tensor, ...] | None"], nn.Module]
+
+
 def _assemble(
     model: nn.Module,
     config: ModelConfig,
@@ -66,6 +73,8 @@ def _assemble(
     transform: Callable[[str, torch.Tensor], torch.Tensor],
     dtype: torch.dtype,
     origin: str,
+    linear_hook: LinearHook | None = None,
+    read_blocks: Callable[[str], tuple[torch.Tensor, ...] | None] | None = None,
 ) -> nn.Module:
     canonical: dict[str, str] = {}
     for src in source_names:
@@ -76,35 +85,71 @@ def _assemble(
         if dst is not None:
             canonical[dst] = src
 
-    def load(dst: str) -> torch.Tensor:
-        return transform(dst, read(canonical.pop(dst))).to(dtype).contiguous()
-
-    state: dict[str, torch.Tensor] = {}
-    expected = model.state_dict().keys()
-    for key in expected:
-        if key == "output.weight" and config.tie_embeddings:
-            continue
+    def parts_of(key: str) -> list[str]:
         if key in canonical:
-            state[key] = load(key)
-            continue
+            return [key]
         for fused, parts in LLAMA_FUSIONS:
             prefix = key[: -len(fused)]
             if key.endswith(fused) and all(prefix + p in canonical for p in parts):
-                state[key] = fuse(load(prefix + p) for p in parts)
-                break
-        else:
-            raise LlmosError(f"{origin}: tensor for {key!r} is missing; the checkpoint is incomplete or of another architecture")
-    model.load_state_dict(state, assign=True, strict=not config.tie_embeddings)
-    model.tie_weights()
+                return [prefix + p for p in parts]
+        raise LlmosError(f"{origin}: tensor for {key!r} is missing; the checkpoint is incomplete or of another architecture")
+
+    def load(key: str) -> torch.Tensor:
+        return fuse(transform(p, read(canonical.pop(p))).to(dtype) for p in parts_of(key)).contiguous()
+
+    def blocks(key: str) -> tuple[torch.Tensor, ...] | None:
+        """The exact quantized blocks of a (possibly fused) weight, with the same row transforms."""
+        if read_blocks is None:
+            return None
+        per_part = [read_blocks(canonical[p]) for p in parts_of(key)]
+        if any(b is None for b in per_part):
+            return None
+        return tuple(fuse(transform(p, b[i]) for p, b in zip(parts_of(key), per_part)) for i in range(len(per_part[0])))
+
+    state: dict[str, torch.Tensor] = {}
+    tied = config.tie_embeddings
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)} if linear_hook else {}
+    for key in model.state_dict().keys():
+        if key == "output.weight" and tied:
+            continue
+        module_name, _, leaf = key.rpartition(".")
+        if module_name in linears:
+            if leaf == "weight":
+                exact = blocks(key)
+                weight = load(key)
+                bias = load(module_name + ".bias") if linears[module_name].bias is not None else None
+                _set_module(model, module_name, linear_hook(module_name, weight, bias, exact))
+            continue
+        state[key] = load(key)
+    if tied and "output" in linears:
+        # The head shares the embedding table; in a faster form it gets its own converted copy.
+        _set_module(model, "output", linear_hook("output", state["embed.weight"], None, None))
+        tied = False
+    model.load_state_dict(state, assign=True, strict=False)
+    if tied:
+        model.tie_weights()
     if config.tie_embeddings and "output.weight" in canonical:
         canonical.pop("output.weight")
     if canonical:
         raise LlmosError(f"{origin}: tensors {sorted(canonical.values())[:5]} were not used by the {config.arch} model")
+    missing = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
+    if missing:
+        raise LlmosError(f"{origin}: tensors for {missing[:5]} are missing; the checkpoint is incomplete")
     return model.eval()
 
 
-def load_gguf(gguf: GGUFFile, config: ModelConfig, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Dequantize a GGUF file's tensors into a model of `config`."""
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def load_gguf(
+    gguf: GGUFFile, config: ModelConfig, dtype: torch.dtype = torch.float32, linear_hook: LinearHook | None = None
+) -> nn.Module:
+    """Dequantize a GGUF file's tensors into a model of `config`.
+
+    With `linear_hook`, each Linear is handed over as it loads, with its Q4_1 blocks (d, m, q) when
+    the file stores it so, so a 4-bit form can run the file's own weights."""
     arch = gguf.metadata.get("general.architecture")
     if config.arch == "llama":
         name_map = names.NameMap(names.GGUF_LLAMA, names.GGUF_LLAMA_IGNORED)
@@ -120,11 +165,18 @@ def load_gguf(gguf: GGUFFile, config: ModelConfig, dtype: torch.dtype = torch.fl
             return unpermute_gguf_qk(w, config.n_kv_heads)
         return w
 
+    def read_blocks(src: str) -> tuple[torch.Tensor, ...] | None:
+        info = gguf.tensors[src]
+        return q4_1_blocks(gguf.raw(src), info.shape) if info.qtype == Q4_1 else None
+
     model = build_model(config)
-    return _assemble(model, config, list(gguf.tensors), name_map, gguf.tensor, transform, dtype, str(gguf.path))
+    return _assemble(model, config, list(gguf.tensors), name_map, gguf.tensor, transform, dtype, str(gguf.path),
+                     linear_hook, read_blocks if linear_hook else None)
 
 
-def load_hf(folder: Path, config: ModelConfig, dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_hf(
+    folder: Path, config: ModelConfig, dtype: torch.dtype = torch.float32, linear_hook: LinearHook | None = None
+) -> nn.Module:
     """Load a Hugging Face safetensors folder into a model of `config`."""
     ckpt = SafetensorsCheckpoint(folder)
     if config.arch == "llama":
@@ -138,7 +190,7 @@ def load_hf(folder: Path, config: ModelConfig, dtype: torch.dtype = torch.float3
         return w
 
     model = build_model(config)
-    return _assemble(model, config, ckpt.names(), name_map, ckpt.tensor, transform, dtype, str(folder))
+    return _assemble(model, config, ckpt.names(), name_map, ckpt.tensor, transform, dtype, str(folder), linear_hook)
 
 
 def read_hf_config(folder: Path) -> ModelConfig:
@@ -154,3 +206,16 @@ def read_hf_config(folder: Path) -> ModelConfig:
 
 def open_gguf_config(gguf: GGUFFile) -> ModelConfig:
     return ModelConfig.from_gguf(gguf.metadata, frozenset(gguf.tensors))
+
+
+def load_bert(folder: Path, config: ModelConfig, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load a Hugging Face BERT-family safetensors folder into an encoder (models/bert.py)."""
+    from llmos.models.bert import Bert  # encoders are loaded only by the embedding task
+
+    if config.arch != "bert":
+        raise LlmosError(f"{folder} holds a {config.arch} model, not a BERT-family encoder")
+    ckpt = SafetensorsCheckpoint(folder)
+    name_map = names.NameMap(names.HF_BERT, names.HF_BERT_IGNORED, strip_prefix="bert.")
+    with torch.device("meta"):
+        model = Bert(config)
+    return _assemble(model, config, ckpt.names(), name_map, ckpt.tensor, lambda dst, w: w, dtype, str(folder))

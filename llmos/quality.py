@@ -1,0 +1,102 @@
+"""Quality of the fast weight forms, measured, not assumed.
+
+`report(path)` loads a model in each form, runs a fixed English text (llmos/data/quality.txt)
+through it and gives perplexity and top-1 agreement with fp32 (the dequantized weights). `auto_form`
+picks the fastest form whose perplexity is within 2% of fp32's; the verdict is cached in the model
+store under quality/, keyed by the model file's identity, so the check runs once per model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmos import quant, store
+from llmos.config import ModelConfig
+from llmos.tokenizer import Tokenizer
+from llmos.weights.gguf import GGUFFile
+from llmos.weights.load import load_gguf, load_hf, open_gguf_config, read_hf_config
+
+# Fastest first, for batch-1 decode on a CPU (see bench/): auto takes the first that passes.
+SPEED_ORDER = ("int4", "int8", "bf16", "fp32")
+MAX_PPL_INCREASE = 0.02
+
+
+def quality_text() -> str:
+    return resources.files("llmos.data").joinpath("quality.txt").read_text(encoding="utf-8")
+
+
+def load_form(path: Path, form: str) -> tuple[torch.nn.Module, ModelConfig, Tokenizer]:
+    """Model, config and tokenizer of a GGUF file or HF folder with its linears in `form`."""
+    hook = None if form == "fp32" else quant.linear_hook(form)
+    if path.is_file():
+        with GGUFFile(path) as gguf:
+            config = open_gguf_config(gguf)
+            return load_gguf(gguf, config, linear_hook=hook), config, Tokenizer.from_gguf(gguf.metadata)
+    config = read_hf_config(path)
+    return load_hf(path, config, linear_hook=hook), config, Tokenizer.from_dir(path)
+
+
+@torch.inference_mode()
+def _logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    return model(torch.tensor([ids]), torch.arange(len(ids)))[0].float()  # (T, V)
+
+
+def perplexity(logits: torch.Tensor, ids: list[int]) -> float:
+    return math.exp(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:])).item())
+
+
+def report(path: Path, forms: tuple[str, ...] = SPEED_ORDER, stop_at_first_pass: bool = False) -> dict[str, Any]:
+    """{form: {"perplexity", "ppl_increase", "top1_agreement", "passes"}} with fp32 as the reference."""
+    model, config, tokenizer = load_form(path, "fp32")
+    ids = tokenizer.encode(quality_text())[: config.max_seq_len]
+    ref = _logits(model, ids)
+    del model
+    base = perplexity(ref, ids)
+    out: dict[str, Any] = {"fp32": {"perplexity": base, "ppl_increase": 0.0, "top1_agreement": 1.0, "passes": True}}
+    for form in forms:
+        if form == "fp32":
+            continue
+        model, _, _ = load_form(path, form)
+        logits = _logits(model, ids)
+        ppl = perplexity(logits, ids)
+        out[form] = {
+            "perplexity": ppl,
+            "ppl_increase": ppl / base - 1,
+            "top1_agreement": (logits.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+            "passes": ppl / base - 1 <= MAX_PPL_INCREASE,
+        }
+        if stop_at_first_pass and out[form]["passes"]:
+            break
+    out["tokens"] = len(ids)
+    return out
+
+
+def _cache_file(path: Path) -> Path:
+    st = path.stat() if path.is_file() else (path / "config.json").stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
+    return store.home() / "quality" / f"{key}.json"
+
+
+def auto_form(path: Path) -> str:
+    """The fastest form whose perplexity passes the 2% rule (measured once, then cached)."""
+    cache = _cache_file(path)
+    try:
+        return json.loads(cache.read_text())["auto"]
+    except (OSError, ValueError, KeyError):
+        pass
+    result = report(path, stop_at_first_pass=True)
+    chosen = next(f for f in SPEED_ORDER if f in result and result[f]["passes"])
+    result["auto"] = chosen
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, cache)
+    return chosen

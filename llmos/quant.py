@@ -1,0 +1,146 @@
+"""Weight formats for speed: linear layers swapped from outside the model files.
+
+`convert(model, form)` replaces every nn.Linear of a loaded model with one of:
+
+- `bf16`: weights in bfloat16 (half the bytes of fp32).
+- `int8`: weight-only int8, one symmetric scale per output channel, on PyTorch's packed CPU kernel
+  `_weight_int8pack_mm`. Activations enter the kernel as bfloat16 (the kernel is ~20x slower with
+  fp32 activations) and leave in the caller's dtype, so the residual stream stays fp32.
+- `int4`: weight-only int4, groups of 32 along the input with a scale and a zero point each, on
+  `_weight_int4pack_mm_for_cpu`. GGUF Q4_1 blocks map onto it exactly (scale = d,
+  zero = m + 8 d, since the kernel computes (q - 8) * scale + zero), so a Q4_1 model runs its own
+  4-bit weights without requantization.
+
+A decode step has one row per sequence, where these kernels read 4-8x fewer bytes than fp32. Prefill
+has hundreds of rows, where bf16 matmul is fastest: Int8Linear then dequantizes its weight to
+bf16 for the call (a transient buffer of one layer) instead of using the row kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmos.errors import LlmosError
+
+FORMS = ("fp32", "bf16", "int8", "int4")
+GROUP = 32
+# Rows at or above which a quantized layer dequantizes to bf16 and uses a dense matmul.
+DENSE_ROWS = 32
+
+
+class BF16Linear(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.to(torch.bfloat16), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        w = weight.float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (N,)
+        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)  # (N, K)
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+        self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
+        self.in_features, self.out_features = w.shape[1], w.shape[0]
+
+    def dequantized(self) -> torch.Tensor:
+        return self.qweight.to(torch.bfloat16) * self.scale[:, None]  # (N, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (M, K)
+        if rows.shape[0] >= DENSE_ROWS:
+            y = F.linear(rows, self.dequantized())
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scale)
+        y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """q (N, K) integers in 0..15; scale, zero (N, K/32); w = (q - 8) * scale + zero."""
+        super().__init__()
+        N, K = q.shape
+        if K % GROUP:
+            raise LlmosError(f"int4 needs the input size to be a multiple of {GROUP}, got {K}")
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
+        sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # (K/32, N, 2)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_zeros", sz.to(torch.bfloat16))
+        self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
+        self.in_features, self.out_features = K, N
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Int4Linear:
+        N, K = weight.shape
+        w = weight.float().view(N, K // GROUP, GROUP)  # (N, G, 32)
+        lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # (N, G)
+        scale = ((hi - lo) / 15.0).clamp(min=1e-12)
+        q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15).view(N, K)
+        return cls(q, scale, lo + 8 * scale, bias)
+
+    @classmethod
+    def from_q4_1(cls, d: torch.Tensor, m: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None = None) -> Int4Linear:
+        """GGUF Q4_1 blocks (w = d * q + m) as they are, without requantizing."""
+        return cls(q, d.float(), m.float() + 8 * d.float(), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (M, K)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP, self.scales_zeros)
+        y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+def _dense(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias, requires_grad=False)
+    return linear
+
+
+def linear_hook(form: str):
+    """A loader hook (weights/load.py) that builds each Linear directly in `form`.
+
+    The vocabulary head goes to int8 in both quantized forms: it is as fast as int4 there and keeps
+    the 8-bit precision of the embedding table it usually shares."""
+    if form not in FORMS:
+        raise LlmosError(f"dtype must be one of {', '.join(FORMS)} (or auto), got {form!r}")
+
+    def hook(name: str, weight: torch.Tensor, bias: torch.Tensor | None, exact: tuple[torch.Tensor, ...] | None) -> nn.Module:
+        if form == "fp32":
+            return _dense(weight, bias)
+        if form == "bf16":
+            return BF16Linear(weight, bias)
+        if form == "int8" or name == "output":
+            return Int8Linear(weight, bias)
+        if exact is not None:
+            return Int4Linear.from_q4_1(*exact, bias=bias)
+        if weight.shape[1] % GROUP:
+            return Int8Linear(weight, bias)  # the int4 kernel needs whole groups of 32
+        return Int4Linear.from_float(weight, bias)
+
+    return hook
+
+
+def convert(model: nn.Module, form: str) -> nn.Module:
+    """Swap an already loaded model's nn.Linear layers for `form`, in place (the embedding stays)."""
+    hook = linear_hook(form)
+    if form == "fp32":
+        return model
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear):
+            parent, _, child = name.rpartition(".")
+            w = module.weight.detach()
+            b = None if module.bias is None else module.bias.detach()
+            setattr(model.get_submodule(parent) if parent else model, child, hook(name, w, b, None))
+    return model

@@ -1,0 +1,81 @@
+"""Fast weight forms: each within its documented error of fp32, Q4_1 mapped without requantizing,
+and `auto` choosing only a form that passes the 2% perplexity rule."""
+
+from __future__ import annotations
+
+import gguf as gguf_ref
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from llmos import quality, quant
+from llmos.weights.dequant import q4_1_blocks
+
+
+def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64])  # decode (row kernel) and prefill (dense path) sizes
+@pytest.mark.parametrize("form, bound", [("bf16", 0.01), ("int8", 0.02), ("int4", 0.12)])
+def test_forms_within_documented_error(form, bound, rows):
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 96, bias=True)
+    x = torch.randn(rows, 256)
+    ref = linear(x).detach()
+    fast = quant.linear_hook(form)("layer", linear.weight.detach(), linear.bias.detach(), None)
+    y = fast(x)
+    assert y.dtype == torch.float32 and y.shape == ref.shape
+    assert _rel_err(y, ref) < bound
+
+
+def test_int8_row_kernel_equals_dense_path():
+    torch.manual_seed(1)
+    layer = quant.Int8Linear(torch.randn(64, 128), None)
+    x = torch.randn(quant.DENSE_ROWS, 128)
+    dense = layer(x)  # >= DENSE_ROWS rows: dequantized bf16 matmul
+    rows = torch.cat([layer(x[i:i + 1]) for i in range(x.shape[0])])  # one row at a time: int8 kernel
+    assert _rel_err(rows, dense) < 0.01
+
+
+def test_int4_runs_q4_1_blocks_as_they_are():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 128)).astype(np.float32)
+    raw = gguf_ref.quants.quantize(w, gguf_ref.GGMLQuantizationType.Q4_1)
+    deq = torch.from_numpy(gguf_ref.quants.dequantize(raw, gguf_ref.GGMLQuantizationType.Q4_1).copy())
+    d, m, q = q4_1_blocks(np.frombuffer(raw.tobytes(), dtype=np.uint8), (64, 128))
+    layer = quant.Int4Linear.from_q4_1(d, m, q)
+    x = torch.randn(3, 128)
+    # Only bf16 rounding of activations and scales separates the kernel from the exact weights.
+    assert _rel_err(layer(x), x @ deq.T) < 0.01
+    # Requantizing the dequantized weights instead loses more.
+    requant = quant.Int4Linear.from_float(deq, None)
+    assert _rel_err(layer(x), x @ deq.T) <= _rel_err(requant(x), x @ deq.T)
+
+
+def test_convert_keeps_model_output_close(llm):
+    ids = llm.encode("The quick brown fox jumps over the lazy dog.")
+    ref = llm.logits(ids)
+    model, _, _ = quality.load_form(llm.path, "int8")
+    with torch.inference_mode():
+        got = model(torch.tensor([ids]), torch.arange(len(ids)))[0].float()
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
+
+
+def test_quality_report_and_auto_pick_a_passing_form(default_gguf_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMOS_HOME", str(tmp_path))  # fresh cache: measure, do not read a verdict
+    from pathlib import Path
+
+    path = Path(default_gguf_path)
+    result = quality.report(path, forms=("int4", "int8"))
+    assert result["fp32"]["perplexity"] > 1
+    for form in ("int4", "int8"):
+        assert result[form]["passes"] == (result[form]["ppl_increase"] <= 0.02)
+        assert 0.5 < result[form]["top1_agreement"] <= 1.0
+    chosen = quality.auto_form(path)
+    cached = quality._cache_file(path)
+    assert cached.is_file()
+    verdict = __import__("json").loads(cached.read_text())
+    assert verdict["auto"] == chosen and verdict[chosen]["passes"]
+    assert verdict[chosen]["ppl_increase"] <= 0.02
