@@ -15,9 +15,9 @@ import torch
 
 from llmos import quality, store
 from llmos.config import ModelConfig
-from llmos.engine.generate import Generation
-from llmos.engine.sampling import SamplingParams
 from llmos.errors import LlmosError
+from llmos.generation import Completion, TextGeneration, complete, fit_prompt, parse_controls
+from llmos.models.kv_cache import KVCache
 from llmos.tokenizer import Tokenizer
 from llmos.weights.gguf import GGUFFile
 from llmos.weights.load import read_hf_config
@@ -26,29 +26,6 @@ DTYPES = {"auto": "auto", "fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bf
 
 # Defaults for free text, as llama.cpp and Ollama ship them; temperature=0 asks for greedy decoding.
 DEFAULT_SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95}
-_SAMPLING_KEYS = set(SamplingParams.__dataclass_fields__)
-
-
-class Completion(str):
-    """Generated text, with `prompt_tokens`, `completion_tokens`, `finish_reason` and `token_ids`."""
-
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str
-    token_ids: list[int]
-
-    def __new__(cls, text: str, prompt_tokens: int, token_ids: list[int], finish_reason: str) -> Completion:
-        self = super().__new__(cls, text)
-        self.prompt_tokens, self.token_ids = prompt_tokens, token_ids
-        self.completion_tokens, self.finish_reason = len(token_ids), finish_reason
-        return self
-
-
-def sampling_from(controls: dict[str, Any]) -> tuple[SamplingParams, dict[str, Any]]:
-    """Split keyword arguments into SamplingParams and the rest (after defaults)."""
-    merged = {**DEFAULT_SAMPLING, **controls}
-    params = {k: merged.pop(k) for k in list(merged) if k in _SAMPLING_KEYS}
-    return SamplingParams(**params), merged
 
 
 class LLM:
@@ -88,57 +65,131 @@ class LLM:
         return self.model(tokens, torch.arange(tokens.shape[1]))[0].float()
 
     # --- generation -----------------------------------------------------------------------------
-    def _run(self, ids: list[int], max_new_tokens: int, controls: dict[str, Any]) -> tuple[Generation, Iterator[int]]:
-        params, rest = sampling_from(controls)
-        seed = rest.pop("seed", None)
-        min_new = rest.pop("min_new_tokens", 0)
-        if rest:
-            raise LlmosError(f"unknown generation argument(s): {', '.join(sorted(rest))}")
-        gen = Generation(
-            self.model, ids, max_new_tokens=max_new_tokens, params=params,
-            stop_ids=self.tokenizer.stop_ids, min_new_tokens=min_new, seed=seed,
-        )
-        return gen, gen.tokens()
+    def start(self, ids: list[int], controls: dict[str, Any], *, defaults: dict[str, Any] | None = None,
+              default_new: int = 256, cache: KVCache | None = None, cached: int = 0) -> TextGeneration:
+        """A generation request over token ids, validated and budgeted, not yet run: iterate it
+        for Deltas (the server and the chat session build on this)."""
+        parsed = parse_controls(controls, DEFAULT_SAMPLING if defaults is None else defaults)
+        budget = fit_prompt(list(ids), parsed, self.config.max_seq_len, default_new)
+        return TextGeneration(self.model, self.tokenizer, budget, parsed, cache, cached)
 
-    def stream(self, prompt: str, max_new_tokens: int = 256, **controls: Any) -> Iterator[str]:
-        """Text pieces as tokens are produced (UTF-8 safe)."""
-        return self._stream(self.encode(prompt), max_new_tokens, controls)
+    def generate(self, prompt: str, **controls: Any) -> Completion:
+        """Continue `prompt`; returns the new text only (a Completion: also counts and finish reason).
 
-    def _stream(self, ids: list[int], max_new_tokens: int, controls: dict[str, Any]) -> Iterator[str]:
-        gen, tokens = self._run(ids, max_new_tokens, controls)  # validates before the first next()
-        decoder = self.tokenizer.decoder()
+        Controls: max_new_tokens / max_length, min_new_tokens, temperature (0 = greedy), top_k, top_p,
+        min_p, repetition_penalty, presence_penalty, frequency_penalty, no_repeat_ngram_size, logit_bias,
+        stop, seed, n / num_return_sequences, logprobs / top_logprobs, num_beams, length_penalty,
+        early_stopping, truncate ("left" | "right"), repetition_guard."""
+        return complete(self.start(self.encode(prompt), controls))
+
+    def stream(self, prompt: str, **controls: Any) -> Iterator[str]:
+        """Text pieces as tokens are produced (UTF-8 safe; stop strings never leak)."""
+        return self._pieces(self.start(self.encode(prompt), controls))
+
+    def chat(self, messages: list[dict[str, str]], **controls: Any) -> Completion:
+        """Reply to a conversation, rendered with the model's chat template."""
+        return complete(self.start(self._chat_ids(messages), controls, default_new=512))
+
+    def chat_stream(self, messages: list[dict[str, str]], **controls: Any) -> Iterator[str]:
+        return self._pieces(self.start(self._chat_ids(messages), controls, default_new=512))
+
+    def session(self, system: str | None = None, **controls: Any) -> ChatSession:
+        """A conversation that keeps its KV cache between turns (see ChatSession)."""
+        return ChatSession(self, system, controls)
+
+    @staticmethod
+    def _pieces(run: TextGeneration) -> Iterator[str]:
+        if run.controls.n != 1:
+            raise LlmosError("streaming text gives one sequence: use n=1 (or generate() for several)")
 
         def pieces() -> Iterator[str]:
-            for t in tokens:
-                piece = decoder.push(t)
-                if piece:
-                    yield piece
-            tail = decoder.flush()
-            if tail:
-                yield tail
+            for delta in run:
+                if delta.text:
+                    yield delta.text
 
         return pieces()
-
-    def generate(self, prompt: str, max_new_tokens: int = 256, **controls: Any) -> Completion:
-        """Continue `prompt`; returns the new text only."""
-        return self._complete(self.encode(prompt), max_new_tokens, controls)
-
-    def _complete(self, ids: list[int], max_new_tokens: int, controls: dict[str, Any]) -> Completion:
-        gen, tokens = self._run(ids, max_new_tokens, controls)
-        out = list(tokens)
-        return Completion(self.decode(out), len(ids), out, gen.finish_reasons[0] or "length")
-
-    def chat(self, messages: list[dict[str, str]], max_new_tokens: int = 512, **controls: Any) -> Completion:
-        """Reply to a conversation, rendered with the model's chat template."""
-        return self._complete(self._chat_ids(messages), max_new_tokens, controls)
-
-    def chat_stream(self, messages: list[dict[str, str]], max_new_tokens: int = 512, **controls: Any) -> Iterator[str]:
-        return self._stream(self._chat_ids(messages), max_new_tokens, controls)
 
     def _chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         # The template already wrote any BOS the model wants.
         return self.encode(text, add_special_tokens=False)
+
+
+class ChatSession:
+    """A multi-turn chat that reuses the KV cache of the shared history prefix between turns.
+
+    Each turn renders the whole history with the chat template, finds how many leading tokens are
+    already in the cache from the previous turn, and prefills only the rest: a long conversation
+    does not re-read everything each turn. `last_prefilled` counts the tokens the last turn read.
+    """
+
+    def __init__(self, llm: LLM, system: str | None = None, controls: dict[str, Any] | None = None) -> None:
+        self.llm, self.controls = llm, dict(controls or {})
+        self.messages: list[dict[str, str]] = []
+        self.reset(system)
+        self.cache: KVCache | None = None
+        self.cache_ids: list[int] = []  # the tokens whose keys/values the cache holds, in order
+        self.last_prefilled = 0
+
+    def reset(self, system: str | None = None) -> None:
+        self.messages = [{"role": "system", "content": system}] if system else []
+
+    def send(self, text: str, **controls: Any) -> Iterator[str]:
+        """Add a user turn and stream the reply; the reply joins the history when the stream ends
+        (also when the caller stops it early, with what was produced so far)."""
+        self.messages.append({"role": "user", "content": text})
+        try:
+            ids = self.llm._chat_ids(self.messages)
+            run = self.llm.start(ids, {**self.controls, **controls}, default_new=512)
+        except Exception:
+            self.messages.pop()
+            raise
+        return self._run(run)
+
+    def _run(self, run: TextGeneration) -> Iterator[str]:
+        ids = run.budget.ids
+        cached = _common_prefix(self.cache_ids, ids)
+        self.cache = self._cache_for(len(ids) + run.budget.max_new_tokens)
+        run.cache, run.cached = self.cache, cached
+        self.last_prefilled = len(ids) - min(cached, len(ids) - 1)
+        reply: list[str] = []
+        produced: list[int] = []
+        try:
+            for delta in run:
+                produced.extend(delta.token_ids)
+                if delta.text:
+                    reply.append(delta.text)
+                    yield delta.text
+        finally:
+            self.messages.append({"role": "assistant", "content": "".join(reply)})
+            self.cache_ids = (ids + produced)[: self.cache.length]
+
+    def _cache_for(self, need: int) -> KVCache:
+        config = self.llm.config
+        if self.cache is not None and self.cache.max_len >= need:
+            return self.cache
+        size = min(config.max_seq_len, max(need, 2 * (self.cache.max_len if self.cache else 512)))
+        fresh = KVCache.for_model(config, 1, size)
+        if self.cache is not None:  # keep what is cached
+            n = self.cache.length
+            fresh.k[:, :, :, :n] = self.cache.k[:, :, :, :n]
+            fresh.v[:, :, :, :n] = self.cache.v[:, :, :, :n]
+            fresh.length = n
+        return fresh
+
+    def save(self) -> list[dict[str, str]]:
+        return [dict(m) for m in self.messages]
+
+    def load(self, messages: list[dict[str, str]]) -> None:
+        self.messages = [dict(m) for m in messages]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 def load_tokenizer(name_or_path: str | Path = store.DEFAULT_CHAT_MODEL) -> Tokenizer:

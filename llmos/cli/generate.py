@@ -1,47 +1,151 @@
-"""`llmos generate`: stream a continuation of a prompt to stdout."""
+"""`llmos generate` (stream a continuation) and `llmos chat` (an interactive terminal chat)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from typing import Any
 
 
-def add_sampling_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default="smollm2-135m-instruct", help="store name, .gguf file or Hugging Face folder")
-    p.add_argument("--max-new-tokens", "-n", type=int, default=256, help="tokens to generate at most")
-    p.add_argument("--temperature", "-t", type=float, default=0.8, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=40, help="0 turns it off")
-    p.add_argument("--top-p", type=float, default=0.95, help="1 turns it off")
-    p.add_argument("--seed", type=int, default=None, help="same seed, same output")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "int8", "int4"],
                    help="weight form; auto picks the fastest within 2%% of fp32 perplexity")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
 
 
-def sampling_kwargs(args: argparse.Namespace) -> dict:
-    return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", "-n", type=int, default=None, help="tokens to generate at most")
+    p.add_argument("--temperature", "-t", type=float, default=None, help="0 is greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=None, help="0 turns it off (default 40)")
+    p.add_argument("--top-p", type=float, default=None, help="1 turns it off (default 0.95)")
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--presence-penalty", type=float, default=None)
+    p.add_argument("--frequency-penalty", type=float, default=None)
+    p.add_argument("--no-repeat-ngram-size", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same output")
+    p.add_argument("--num-beams", type=int, default=None, help="beam search with this many beams")
+    p.add_argument("--repetition-guard", action="store_true", help="end a degenerate repetition loop")
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="continue a prompt, streaming tokens to stdout")
-    p.add_argument("prompt", help="text to continue ('-' reads stdin)")
-    add_sampling_args(p)
-    p.set_defaults(func=run)
+_CONTROL_ARGS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty", "no_repeat_ngram_size", "stop", "seed", "num_beams")
 
 
-def run(args: argparse.Namespace) -> int:
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    out = {k: getattr(args, k) for k in _CONTROL_ARGS if getattr(args, k) is not None}
+    if args.repetition_guard:
+        out["repetition_guard"] = True
+    return out
+
+
+def load_model(args: argparse.Namespace):
     import llmos
 
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
+    return llmos.load(args.model, dtype=args.dtype)
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="continue a prompt, streaming tokens to stdout")
+    p.add_argument("prompt", help="text to continue ('-' reads stdin)")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.set_defaults(func=run_generate)
+    c = sub.add_parser("chat", help="interactive chat in the terminal")
+    add_model_args(c)
+    add_sampling_args(c)
+    c.add_argument("--system", default=None, help="system prompt")
+    c.set_defaults(func=run_chat)
+
+
+def run_generate(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    llm = llmos.load(args.model, dtype=args.dtype)
+    llm = load_model(args)
+    stream = llm.stream(prompt, **sampling_kwargs(args))  # validates before printing anything
     sys.stdout.write(prompt)
     sys.stdout.flush()
-    for piece in llm.stream(prompt, max_new_tokens=args.max_new_tokens, **sampling_kwargs(args)):
+    for piece in stream:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
+
+
+CHAT_HELP = """commands: /system TEXT (set the system prompt and start over), /reset, /save FILE, /load FILE, /exit
+Ctrl-C stops a reply; Ctrl-D or /exit leaves."""
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    llm = load_model(args)
+    session = llm.session(args.system, **sampling_kwargs(args))
+    print(f"llmos chat with {llm.path.name} ({llm.dtype}). {CHAT_HELP}", flush=True)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            continue
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            if chat_command(session, line):
+                return 0
+            continue
+        stream = session.send(line)
+        try:
+            for piece in stream:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            stream.close()  # the partial reply stays in the history
+            sys.stdout.write(" [stopped]")
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+def chat_command(session, line: str) -> bool:
+    """Run one /command; True means leave."""
+    cmd, _, rest = line.partition(" ")
+    rest = rest.strip()
+    if cmd in ("/exit", "/quit", "/bye"):
+        return True
+    if cmd == "/reset":
+        session.reset(_system_of(session))
+        print("history cleared")
+    elif cmd == "/system":
+        session.reset(rest or None)
+        print("system prompt set; history cleared" if rest else "system prompt removed; history cleared")
+    elif cmd == "/save" and rest:
+        with open(rest, "w", encoding="utf-8") as f:
+            json.dump(session.save(), f, ensure_ascii=False, indent=2)
+        print(f"saved {len(session.messages)} messages to {rest}")
+    elif cmd == "/load" and rest:
+        try:
+            with open(rest, encoding="utf-8") as f:
+                messages = json.load(f)
+            if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+                raise ValueError("expected a JSON list of {role, content} messages")
+        except (OSError, ValueError) as exc:
+            print(f"could not load {rest}: {exc}")
+            return False
+        session.load(messages)
+        print(f"loaded {len(messages)} messages from {rest}")
+    else:
+        print(CHAT_HELP)
+    return False
+
+
+def _system_of(session) -> str | None:
+    first = session.messages[0] if session.messages else None
+    return first["content"] if first and first["role"] == "system" else None

@@ -13,7 +13,7 @@ number of leading prompt tokens already in it; only the rest is prefilled.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -62,7 +62,13 @@ class Generation:
         seed: int | None = None,
         cache: KVCache | None = None,
         cached: int = 0,
+        logprobs: int = 0,
+        processors: Sequence[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = (),
     ) -> None:
+        """`logprobs`: after each step, `last_logprobs` holds (chosen (B,), top ids (B, k), top
+        values (B, k)) from the model's own distribution (log-softmax of the raw logits), as the
+        OpenAI API reports them. `processors`: extra functions (logits (B, V), ids so far (B, N)) ->
+        logits, applied after the sampling controls (constrained decoding plugs in here)."""
         if not prompt:
             raise LlmosError("the prompt is empty: give at least one token")
         if max_new_tokens < 0:
@@ -86,6 +92,8 @@ class Generation:
         self.cache, self.cached = cache, min(cached, len(prompt) - 1)  # at least one token to prefill
         self.finish_reasons: list[str | None] = [None] * n
         self.stop_tokens: list[int | None] = [None] * n  # the stop id each row ended on
+        self.logprobs, self.processors = logprobs, tuple(processors)
+        self.last_logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.generated = 0
 
     def __iter__(self) -> Iterator[list[int | None]]:
@@ -104,15 +112,22 @@ class Generation:
         logits = prefill(self.model, rest, self.cached, self.cache)
         for step in range(self.max_new_tokens):
             cur = T + step
+            raw = logits
             logits = process(
                 logits,
                 self.params,
                 history[:, :cur] if needs_history else None,
                 history[:, T:cur] if needs_output else None,
             )
+            for fn in self.processors:
+                logits = fn(logits, history[:, :cur])
             if step < self.min_new_tokens and stop.numel():
-                logits[:, stop] = -float("inf")
+                logits = logits.index_fill(-1, stop, -float("inf"))
             token = sample(logits, self.params, self.generator)  # (B,)
+            if self.logprobs:
+                lp = raw.log_softmax(dim=-1)  # (B, V)
+                top = lp.topk(self.logprobs, dim=-1)
+                self.last_logprobs = (lp.gather(-1, token[:, None])[:, 0], top.indices, top.values)
             history[:, cur] = token
             hit = torch.isin(token, stop) & ~done if stop.numel() else torch.zeros_like(done)
             out: list[int | None] = []

@@ -1,0 +1,359 @@
+"""Text generation above the engine: controls, stop strings, streaming, logprobs, results.
+
+The engine yields token ids; this layer turns them into text the way users expect:
+
+- `parse_controls` validates every keyword a caller may pass (transformers and OpenAI names), and
+  refuses unknown ones, naming them.
+- Prompts that do not fit the context fail with both numbers, unless a truncation side is asked for;
+  the result then says what was cut.
+- `stream_deltas` yields `Delta`s: UTF-8-safe text pieces per choice, with stop strings held back
+  until they are ruled out (a stop string never leaks, streamed or not), and a finish reason on each
+  choice's last delta: "eos" (the model's end token), "stop" (a stop string), "length",
+  or "repetition" (the optional loop guard).
+- `complete` gathers the same deltas into a `Completion`, so streamed and non-streamed text agree.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmos.engine.generate import Generation
+from llmos.engine.sampling import SamplingParams
+from llmos.errors import LlmosError
+from llmos.models.kv_cache import KVCache
+from llmos.tokenizer import Tokenizer
+
+MAX_STOP_STRINGS = 16
+_SAMPLING = set(SamplingParams.__dataclass_fields__)
+_OTHER = {
+    "max_new_tokens", "max_length", "min_new_tokens", "stop", "seed", "n", "num_return_sequences",
+    "logprobs", "top_logprobs", "truncate", "repetition_guard", "num_beams", "length_penalty",
+    "early_stopping", "processors",
+}
+
+
+@dataclass(frozen=True)
+class Controls:
+    params: SamplingParams = field(default_factory=SamplingParams)
+    max_new_tokens: int | None = None
+    max_length: int | None = None
+    min_new_tokens: int = 0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    n: int = 1
+    logprobs: int | None = None  # None: off; k >= 0: chosen token plus top k alternatives
+    truncate: str | None = None  # None (fail), "left" or "right"
+    repetition_guard: bool = False
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    processors: tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...] = ()
+
+
+def _int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        allowed = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+        raise LlmosError(f"{name} must be {allowed}, got {value!r}")
+    return value
+
+
+def parse_controls(controls: dict[str, Any], defaults: dict[str, Any] | None = None) -> Controls:
+    """Validate generation keywords into Controls; unknown keywords are refused by name."""
+    merged = {**(defaults or {}), **{k: v for k, v in controls.items() if v is not None}}
+    unknown = sorted(set(merged) - _SAMPLING - _OTHER)
+    if unknown:
+        raise LlmosError(
+            f"unknown generation argument(s): {', '.join(unknown)}; known: {', '.join(sorted(_SAMPLING | _OTHER))}"
+        )
+    params = SamplingParams(**{k: merged.pop(k) for k in list(merged) if k in _SAMPLING})
+    n = merged.pop("n", merged.pop("num_return_sequences", 1))
+    if "num_return_sequences" in merged:
+        merged.pop("num_return_sequences")
+    stop = merged.pop("stop", ())
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise LlmosError(f"stop must be a string or a list of strings, got {stop!r}")
+    if any(s == "" for s in stop):
+        raise LlmosError("stop strings must not be empty")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise LlmosError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(stop)}")
+    logprobs = merged.pop("logprobs", None)
+    top = merged.pop("top_logprobs", None)
+    if logprobs is True or (logprobs is None and top is not None):
+        logprobs = top or 0
+    elif logprobs is False:
+        logprobs = None
+    if logprobs is not None:
+        logprobs = _int("logprobs", logprobs, 0, 20)
+    truncate = merged.pop("truncate", None)
+    if truncate not in (None, "left", "right"):
+        raise LlmosError(f"truncate must be 'left', 'right' or None, got {truncate!r}")
+    early = merged.pop("early_stopping", False)
+    if early not in (True, False, "never"):
+        raise LlmosError(f"early_stopping must be True, False or 'never', got {early!r}")
+    length_penalty = merged.pop("length_penalty", 1.0)
+    if not isinstance(length_penalty, (int, float)) or not math.isfinite(length_penalty):
+        raise LlmosError(f"length_penalty must be a finite number, got {length_penalty!r}")
+    c = Controls(
+        params=params,
+        max_new_tokens=None if merged.get("max_new_tokens") is None else _int("max_new_tokens", merged["max_new_tokens"], 0),
+        max_length=None if merged.get("max_length") is None else _int("max_length", merged["max_length"], 1),
+        min_new_tokens=_int("min_new_tokens", merged.get("min_new_tokens", 0), 0),
+        stop=tuple(stop),
+        seed=None if merged.get("seed") is None else _int("seed", merged["seed"], 0),
+        n=_int("n (num_return_sequences)", n, 1, 128),
+        logprobs=logprobs,
+        truncate=truncate,
+        repetition_guard=bool(merged.get("repetition_guard", False)),
+        num_beams=_int("num_beams", merged.get("num_beams", 1), 1, 64),
+        length_penalty=float(length_penalty),
+        early_stopping=early,
+        processors=tuple(merged.get("processors", ())),
+    )
+    if c.num_beams > 1 and c.n > c.num_beams:
+        raise LlmosError(f"n ({c.n}) must not exceed num_beams ({c.num_beams}) with beam search")
+    return c
+
+
+# --- prompt budget ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Budget:
+    ids: list[int]
+    max_new_tokens: int
+    truncated: dict[str, Any] | None  # {"side", "removed_tokens"} when the prompt was cut
+
+
+def fit_prompt(ids: list[int], controls: Controls, context: int, default_new: int) -> Budget:
+    """Work out the token budget; never truncate silently."""
+    if not ids:
+        raise LlmosError("the prompt is empty: give some text (or at least one token)")
+    asked = controls.max_new_tokens
+    if asked is None and controls.max_length is not None:
+        asked = controls.max_length - len(ids)
+        if asked < 0:
+            raise LlmosError(f"max_length ({controls.max_length}) is shorter than the prompt ({len(ids)} tokens)")
+    if asked is None:  # nothing asked: use what is left, up to the default
+        if len(ids) < context:
+            return Budget(ids, min(default_new, context - len(ids)), None)
+        asked = 1
+    if len(ids) + asked <= context:
+        return Budget(ids, asked, None)
+    if controls.truncate is None:
+        raise LlmosError(
+            f"the prompt ({len(ids)} tokens) plus max_new_tokens ({asked}) is {len(ids) + asked} tokens, more than "
+            f"the model's context of {context}; shorten the prompt, ask for fewer tokens, or pass truncate='left'|'right'"
+        )
+    keep = context - asked
+    if keep < 1:
+        raise LlmosError(f"max_new_tokens ({asked}) leaves no room for the prompt in a context of {context} tokens")
+    removed = len(ids) - keep
+    kept = ids[removed:] if controls.truncate == "left" else ids[:keep]
+    return Budget(kept, asked, {"side": controls.truncate, "removed_tokens": removed})
+
+
+# --- stop strings and loops ---------------------------------------------------------------------
+
+class StopMatcher:
+    """Holds back text that could be the start of a stop string until it is ruled out."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = tuple(stops)
+        self.text = ""  # everything received
+        self.sent = 0  # characters of `text` already released
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """(text now safe to release, whether a stop string was found)."""
+        self.text += piece
+        if not self.stops:
+            return self._release(len(self.text)), False
+        start = max(0, self.sent - max(len(s) for s in self.stops) + 1)
+        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        if hits:
+            cut = min(hits)
+            self.text = self.text[:cut]
+            return self._release(cut), True
+        return self._release(len(self.text) - self._held()), False
+
+    def _held(self) -> int:
+        """Length of the longest tail of `text` that is a proper prefix of some stop string."""
+        best = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.text) - self.sent), best, -1):
+                if self.text.endswith(s[:k]):
+                    best = k
+                    break
+        return best
+
+    def flush(self) -> str:
+        return self._release(len(self.text))
+
+    def _release(self, upto: str | int) -> str:
+        out = self.text[self.sent:upto]
+        self.sent = max(self.sent, upto)
+        return out
+
+
+def repetition_loop(tokens: Sequence[int], min_span: int = 48, max_period: int = 32) -> bool:
+    """True when the output's tail is one short pattern repeated over at least `min_span` tokens
+    (and at least 4 times): the degenerate loop small models fall into."""
+    n = len(tokens)
+    for period in range(1, max_period + 1):
+        span = max(min_span, 4 * period)
+        if n < span:
+            break
+        tail = tokens[n - span:]
+        if all(tail[i] == tail[i - period] for i in range(period, span)):
+            return True
+    return False
+
+
+# --- results ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    id: int
+    logprob: float
+    top: tuple[tuple[str, int, float], ...] = ()  # (token text, id, logprob), most likely first
+
+
+@dataclass
+class Delta:
+    index: int
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    logprobs: list[TokenLogprob] | None = None
+    score: float | None = None  # beam search: the hypothesis score (length-normalised log-prob)
+
+
+class Completion(str):
+    """Text of the first choice, with `choices`, `prompt_tokens`, `completion_tokens`,
+    `finish_reason`, `token_ids`, `logprobs` and `truncated` (None unless the prompt was cut)."""
+
+    choices: list[Choice]
+    prompt_tokens: int
+    completion_tokens: int
+    truncated: dict[str, Any] | None
+
+    def __new__(cls, choices: list[Choice], prompt_tokens: int, truncated: dict[str, Any] | None = None) -> Completion:
+        self = super().__new__(cls, choices[0].text)
+        self.choices, self.prompt_tokens, self.truncated = choices, prompt_tokens, truncated
+        self.completion_tokens = sum(len(c.token_ids) for c in choices)
+        return self
+
+    @property
+    def finish_reason(self) -> str:
+        return self.choices[0].finish_reason
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.choices[0].token_ids
+
+    @property
+    def logprobs(self) -> list[TokenLogprob] | None:
+        return self.choices[0].logprobs
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+class TextGeneration:
+    """One request: runs the engine and yields Deltas. After exhaustion, `choices` holds the results."""
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, budget: Budget, controls: Controls,
+                 cache: KVCache | None = None, cached: int = 0) -> None:
+        self.model, self.tokenizer, self.budget, self.controls = model, tokenizer, budget, controls
+        self.cache, self.cached = cache, cached
+        self.choices: list[Choice] = []
+        self.generation: Generation | None = None
+
+    def __iter__(self) -> Iterator[Delta]:
+        if self.controls.num_beams > 1:
+            yield from self._beams()
+            return
+        c = self.controls
+        gen = Generation(
+            self.model, self.budget.ids, max_new_tokens=self.budget.max_new_tokens, params=c.params,
+            stop_ids=self.tokenizer.stop_ids, min_new_tokens=c.min_new_tokens, n=c.n, seed=c.seed,
+            cache=self.cache, cached=self.cached, logprobs=(c.logprobs or 0) + (1 if c.logprobs is not None else 0),
+            processors=c.processors,
+        )
+        self.generation = gen
+        decoders = [self.tokenizer.decoder(skip_special_tokens=True) for _ in range(c.n)]
+        matchers = [StopMatcher(c.stop) for _ in range(c.n)]
+        ids: list[list[int]] = [[] for _ in range(c.n)]
+        lps: list[list[TokenLogprob]] = [[] for _ in range(c.n)]
+        finish: list[str | None] = [None] * c.n
+        for step in gen:
+            for row, token in enumerate(step):
+                if token is None or finish[row] is not None:
+                    continue
+                ids[row].append(token)
+                new_lp = [self._logprob(gen, row, token)] if c.logprobs is not None else []
+                lps[row].extend(new_lp)
+                text, stopped = matchers[row].feed(decoders[row].push(token))
+                if stopped:
+                    finish[row] = "stop"
+                elif c.repetition_guard and repetition_loop(ids[row]):
+                    finish[row] = "repetition"
+                if text or new_lp or finish[row]:
+                    yield Delta(row, text, [token], new_lp, finish[row])
+            if all(f is not None for f in finish):
+                break
+        for row in range(c.n):
+            if finish[row] is None:
+                tail, stopped = matchers[row].feed(decoders[row].flush())
+                tail += "" if stopped else matchers[row].flush()
+                finish[row] = "stop" if stopped else (gen.finish_reasons[row] or "length")
+                yield Delta(row, tail, [], [], finish[row])
+        self.choices = [
+            Choice(row, matchers[row].text, ids[row], finish[row] or "length", lps[row] if c.logprobs is not None else None)
+            for row in range(c.n)
+        ]
+
+    def _logprob(self, gen: Generation, row: int, token: int) -> TokenLogprob:
+        chosen, top_ids, top_vals = gen.last_logprobs
+        k = self.controls.logprobs or 0
+        piece = self.tokenizer.decode
+        top = tuple((piece([int(i)]), int(i), float(v)) for i, v in zip(top_ids[row, :k].tolist(), top_vals[row, :k].tolist()))
+        return TokenLogprob(piece([token]), token, float(chosen[row]), top)
+
+    def _beams(self) -> Iterator[Delta]:
+        from llmos.engine.beam import beam_search
+
+        c = self.controls
+        beams = beam_search(
+            self.model, self.budget.ids, num_beams=c.num_beams, max_new_tokens=self.budget.max_new_tokens,
+            length_penalty=c.length_penalty, early_stopping=c.early_stopping, stop_ids=self.tokenizer.stop_ids,
+            num_return_sequences=c.n, params=c.params, min_new_tokens=c.min_new_tokens,
+        )
+        for row, beam in enumerate(beams):
+            matcher = StopMatcher(c.stop)
+            text, stopped = matcher.feed(self.tokenizer.decode(beam.tokens, skip_special_tokens=True))
+            text += "" if stopped else matcher.flush()
+            reason = "stop" if stopped else beam.finish_reason
+            self.choices.append(Choice(row, matcher.text, list(beam.tokens), reason, None, beam.score))
+            yield Delta(row, text, list(beam.tokens), [], reason)
+
+
+def complete(run: TextGeneration) -> Completion:
+    for _ in run:
+        pass
+    return Completion(run.choices, len(run.budget.ids), run.budget.truncated)
