@@ -118,11 +118,10 @@ class Generation:
                 self.params,
                 history[:, :cur] if needs_history else None,
                 history[:, T:cur] if needs_output else None,
+                suppress=stop if step < self.min_new_tokens and stop.numel() else None,
             )
             for fn in self.processors:
                 logits = fn(logits, history[:, :cur])
-            if step < self.min_new_tokens and stop.numel():
-                logits = logits.index_fill(-1, stop, -float("inf"))
             token = sample(logits, self.params, self.generator)  # (B,)
             if self.logprobs:
                 lp = raw.log_softmax(dim=-1)  # (B, V)

@@ -4,7 +4,9 @@ Every function takes logits (B, V) float32 and returns new logits or token ids; 
 Penalties follow the meaning users know: `repetition_penalty` and `no_repeat_ngram_size` as in
 transformers (over prompt and output), `presence_penalty`/`frequency_penalty` as in the OpenAI API
 (over the output only). Order, as transformers and vLLM apply them: bias and penalties, then
-temperature, then top-k, top-p, min-p, then a draw from the seeded generator.
+suppressed ids (stop ids under min_new_tokens), then temperature, top-k, top-p, min-p, then a draw
+from the seeded generator. Each function gives the same tensor as the transformers processor of the
+same name (tests/engine/test_sampling.py), ties and -inf included.
 """
 
 from __future__ import annotations
@@ -31,21 +33,36 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         check_range("temperature", self.temperature, 0.0, None, "a finite number >= 0 (0 is greedy)")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             raise LlmosError(f"top_k must be an integer >= 0 (0 turns it off), got {self.top_k!r}")
-        if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
-            raise LlmosError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        check_range("min_p", self.min_p, 0.0, 1.0, "a number in [0, 1]")
-        if not (isinstance(self.repetition_penalty, (int, float)) and math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
-            raise LlmosError(f"repetition_penalty must be a finite number > 0 (1 is off), got {self.repetition_penalty!r}")
+        check_range("top_p", self.top_p, 0.0, 1.0, "a number in (0, 1] (1 turns it off)")
+        if self.top_p == 0.0:
+            raise LlmosError(f"top_p must be a number in (0, 1] (1 turns it off), got {self.top_p!r}")
+        check_range("min_p", self.min_p, 0.0, 1.0, "a number in [0, 1] (0 turns it off)")
+        check_range("repetition_penalty", self.repetition_penalty, 0.0, None, "a finite number > 0 (1 turns it off)")
+        if self.repetition_penalty == 0.0:
+            raise LlmosError(f"repetition_penalty must be a finite number > 0 (1 turns it off), got {self.repetition_penalty!r}")
         check_range("presence_penalty", self.presence_penalty, -2.0, 2.0, "a number in [-2, 2]")
         check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0, "a number in [-2, 2]")
-        if not isinstance(self.no_repeat_ngram_size, int) or self.no_repeat_ngram_size < 0:
-            raise LlmosError(f"no_repeat_ngram_size must be an integer >= 0, got {self.no_repeat_ngram_size!r}")
+        if not is_int(self.no_repeat_ngram_size) or self.no_repeat_ngram_size < 0:
+            raise LlmosError(f"no_repeat_ngram_size must be an integer >= 0 (0 turns it off), got {self.no_repeat_ngram_size!r}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise LlmosError(f"logit_bias must be a dict of token id -> bias, got {self.logit_bias!r}")
+            for token, bias in self.logit_bias.items():
+                if not is_int(token) or token < 0:
+                    raise LlmosError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
+                # -inf is allowed: it bans the token; +inf or NaN would make every probability NaN.
+                if isinstance(bias, bool) or not isinstance(bias, (int, float)) or math.isnan(bias) or bias == math.inf:
+                    raise LlmosError(f"logit_bias values must be finite numbers (or -inf to ban), got {bias!r} for token {token}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_range(name: str, value: object, lo: float | None, hi: float | None, allowed: str) -> None:
@@ -56,6 +73,11 @@ def check_range(name: str, value: object, lo: float | None, hi: float | None, al
 
 
 def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> torch.Tensor:
+    """Add `bias[token]` to each listed token's logit (transformers' single-token sequence_bias)."""
+    vocab = logits.shape[-1]
+    outside = sorted(t for t in bias if not 0 <= t < vocab)
+    if outside:
+        raise LlmosError(f"logit_bias token ids must be in [0, {vocab - 1}] (the model's vocabulary), got {outside}")
     ids = torch.tensor(list(bias.keys()), dtype=torch.long)
     vals = torch.tensor(list(bias.values()), dtype=logits.dtype)
     return logits.index_add(-1, ids, vals.expand(logits.shape[0], -1))
@@ -94,15 +116,18 @@ def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose probability reaches p (at least one)."""
+    """Keep the smallest set of most likely tokens whose probability reaches p (at least one).
+
+    Computed as transformers' TopPLogitsWarper does, so ties and rounding fall the same way: sort
+    ascending, and drop each token whose cumulative probability, counted from the least likely up
+    to and including it, is at most 1 - p (the mass of the tokens above it is then at least p).
+    """
     if p >= 1.0:
         return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
-    # A token is dropped when the tokens before it already reach p.
-    before = probs.cumsum(dim=-1) - probs
-    drop_sorted = before >= p
-    drop_sorted[..., 0] = False
+    sorted_logits, order = torch.sort(logits, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cumulative <= (1 - p)
+    drop_sorted[..., -1:] = False  # the most likely token always stays
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, -math.inf)
 
@@ -121,8 +146,14 @@ def process(
     params: SamplingParams,
     history: torch.Tensor | None = None,
     output: torch.Tensor | None = None,
+    suppress: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Apply bias, penalties and warpers to logits (B, V); history/output are token ids (B, N)."""
+    """Apply bias, penalties and warpers to logits (B, V); history/output are token ids (B, N).
+
+    `suppress`: token ids (S,) set to -inf after the penalties and before the warpers, where
+    transformers' MinNewTokensLengthLogitsProcessor bans stop ids; top-k/top-p/min-p then choose
+    among the tokens that remain allowed.
+    """
     if params.logit_bias:
         logits = apply_logit_bias(logits, params.logit_bias)
     if params.repetition_penalty != 1.0 and history is not None and history.numel():
@@ -135,6 +166,8 @@ def process(
             banned = banned_ngram_tokens(history[row].tolist(), params.no_repeat_ngram_size)
             if banned:
                 logits[row, list(banned)] = -math.inf
+    if suppress is not None and suppress.numel():
+        logits = logits.index_fill(-1, suppress, -math.inf)
     if params.greedy:
         return logits
     if params.temperature != 1.0:

@@ -1,6 +1,6 @@
 """The GPT-2 family: learned positions, LayerNorm, GELU (tanh) MLP, multi-head attention, tied head.
 
-Contract: `forward(tokens (B, T), positions (T,), cache=None) -> logits (B, T, V)`, as llama.py.
+Contract: `forward(tokens (B, T), positions (T,) or (B, T), cache=None) -> logits (B, T, V)`, as llama.py.
 The loader transposes Hugging Face's Conv1D weights (in, out) into nn.Linear's (out, in).
 """
 
@@ -30,13 +30,13 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, positions, k, v)  # (B, H, S, D)
         S = k.shape[2]
-        if T == S and int(positions[0]) == 0:
+        if positions.dim() == 1 and T == S and int(positions[0]) == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif T == 1:
+        elif positions.dim() == 1 and T == 1:
             y = F.scaled_dot_product_attention(q, k, v)
         else:
-            mask = torch.arange(S, device=x.device)[None, :] <= positions[:, None]  # (T, S)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            mask = torch.arange(S, device=x.device) <= positions[..., None]  # (T, S) or (B, T, S)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask if positions.dim() == 1 else mask[:, None])
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.wo(y)
 
@@ -81,8 +81,8 @@ class GPT2(nn.Module):
 
     def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Final normed hidden states (B, T, C); the engine applies `output` to the rows it needs."""
-        if int(positions[-1]) >= self.config.max_seq_len:
-            raise ValueError(f"position {int(positions[-1])} is beyond GPT-2's {self.config.max_seq_len} learned positions")
+        if int(positions.max()) >= self.config.max_seq_len:
+            raise ValueError(f"position {int(positions.max())} is beyond GPT-2's {self.config.max_seq_len} learned positions")
         x = self.embed(tokens) + self.pos_embed(positions)  # (B, T, C)
         for i, block in enumerate(self.layers):
             x = block(x, positions, cache, i)

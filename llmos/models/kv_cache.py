@@ -35,11 +35,25 @@ class KVCache:
             raise ValueError(f"KV cache of {max_len} positions exceeds the model context ({config.max_seq_len})")
         return cls(config.n_layers, batch, config.n_kv_heads, max_len, config.head_size, dtype)
 
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A cache over rows start..stop-1 that shares this one's storage (writes go through)."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        view.max_len, view.length = self.max_len, self.length
+        return view
+
     def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, H, T, D) at `positions` (T,) and return the valid prefix (B, H, S, D)."""
-        end = int(positions[-1]) + 1
+        """Write k, v (B, H, T, D) at `positions` (T,) or per row (B, T); return the keys and
+        values (B, H, S, D) up to the furthest position written."""
+        end = int(positions.max()) + 1
         if end > self.max_len:
             raise ValueError(f"position {end - 1} is beyond the KV cache size ({self.max_len})")
+        if positions.dim() == 2:  # per-row positions: scatter each row's entries
+            B, T = positions.shape
+            rows = torch.arange(B)[:, None].expand(B, T)
+            self.k[layer][rows, :, positions] = k.transpose(1, 2)  # (B, T, H, D)
+            self.v[layer][rows, :, positions] = v.transpose(1, 2)
+            return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
         start = int(positions[0])
         if end - start == positions.numel():  # contiguous run: a slice copy is cheaper than index_copy
             self.k[layer, :, :, start:end] = k

@@ -5,9 +5,10 @@ linear or llama3 scaling), grouped-query attention, SwiGLU MLP. Projections are 
 `wqkv` and gate/up into `w13`, so a decode step runs two matmuls fewer per layer; the loader fuses
 them (weights/load.py).
 
-Contract: `forward(tokens (B, T), positions (T,), cache=None) -> logits (B, T, V)` in the weights'
-dtype. `positions` are absolute; with a cache the model attends to every cached position up to the
-query's own.
+Contract: `forward(tokens (B, T), positions (T,) or (B, T), cache=None) -> logits (B, T, V)` in the
+weights' dtype. `positions` are absolute; with a cache the model attends to every cached position up
+to the query's own. Per-row positions (B, T) let a batch hold sequences of different lengths (the
+batched engine); each row then sees only its own cached keys up to its position.
 """
 
 from __future__ import annotations
@@ -69,12 +70,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def attention_mask(q_pos: torch.Tensor, n_keys: int, window: int | None) -> torch.Tensor:
-    """Boolean mask (T, S): query at q_pos may see key k when k <= q_pos (and within the window)."""
+    """Boolean mask (T, S), or (B, 1, T, S) for per-row positions (B, T): a query at q_pos may see
+    key k when k <= q_pos (and within the sliding window)."""
     k_pos = torch.arange(n_keys, device=q_pos.device)
-    mask = k_pos[None, :] <= q_pos[:, None]
+    q = q_pos[..., None]  # (..., T, 1)
+    mask = k_pos <= q
     if window is not None:
-        mask &= k_pos[None, :] > q_pos[:, None] - window
-    return mask
+        mask &= k_pos > q - window
+    return mask if q_pos.dim() == 1 else mask[:, None]
 
 
 class Attention(nn.Module):
@@ -103,9 +106,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, positions, k, v)  # (B, Hkv, S, D)
         S = k.shape[2]
-        if T == S and self.window is None and int(positions[0]) == 0:
+        if T == S and self.window is None and positions.dim() == 1 and int(positions[0]) == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
-        elif T == 1 and self.window is None:
+        elif T == 1 and self.window is None and positions.dim() == 1:
             y = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.n_kv != self.n_heads)
         else:
             mask = attention_mask(positions, S, self.window)
@@ -160,6 +163,8 @@ class Llama(nn.Module):
             size = min(max(need, 2 * (0 if self._rope is None else self._rope[0].shape[0]), 256), self.config.max_seq_len)
             self._rope = rope_tables(self.config, max(size, need))
         cos, sin = self._rope
+        if positions.dim() == 2:  # per-row positions: (B, 1, T, D), broadcast over heads
+            return cos[positions][:, None], sin[positions][:, None]
         return cos[positions], sin[positions]  # (T, D)
 
     def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:

@@ -1,0 +1,220 @@
+"""Continuous batching: many sequences decoded in one forward pass, joining and leaving at any step.
+
+A `BatchEngine` owns one KV cache with `max_batch` rows. Active sequences occupy rows 0..n-1 (kept
+compact: a finished sequence's row is refilled by moving the last row into it), so every decode step
+is one forward over a contiguous view of the cache with per-row positions. A new request is
+admitted between steps: its prompt is prefilled into a free row in chunks of `prefill_chunk` tokens,
+one chunk per step, so a long prompt never stalls the sequences already decoding. Requests that share
+a prompt prefix with a live sequence copy that prefix's keys/values instead of recomputing them.
+
+Each request samples from its own seeded generator with its own controls, so it gets exactly the
+tokens it would get alone (given equal logits: greedy and same-seed sampling agree). The engine sees
+token ids only.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from llmos.engine.generate import new_generator
+from llmos.engine.sampling import SamplingParams, process, sample
+from llmos.errors import LlmosError
+from llmos.models.kv_cache import KVCache
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    max_new_tokens: int
+    params: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.0))
+    stop_ids: frozenset[int] = frozenset()
+    min_new_tokens: int = 0
+    seed: int | None = None
+    id: int = field(default_factory=itertools.count().__next__)
+    # Filled in by the engine:
+    output: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "eos" | "length" | "cancelled"
+
+    def __post_init__(self) -> None:
+        self.generator = new_generator(self.seed)
+        self.prefilled = 0  # prompt tokens already in the cache
+        self.row = -1
+        self.stop = torch.tensor(sorted(self.stop_ids), dtype=torch.long)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class Event:
+    request: Request
+    token: int | None  # None when the request finished without a new token (eos, cancel)
+    finished: bool
+
+
+class BatchEngine:
+    def __init__(self, model: nn.Module, max_batch: int = 16, max_len: int | None = None, prefill_chunk: int = 256,
+                 share_prefixes: bool = True) -> None:
+        config = model.config
+        self.model, self.max_batch, self.chunk = model, max_batch, prefill_chunk
+        self.max_len = min(max_len or config.max_seq_len, config.max_seq_len)
+        self.cache = KVCache.for_model(config, max_batch, self.max_len)
+        self.rows: list[Request] = []  # decoding, in row order 0..n-1
+        self.prefilling: Request | None = None  # the one request being prefilled, in row len(rows)
+        self.waiting: deque[Request] = deque()
+        self.share_prefixes = share_prefixes
+        self.pending_logits: dict[int, torch.Tensor] = {}  # request id -> logits (V,) of its next token
+        self.prefix_tokens_reused = 0
+
+    # --- admission ------------------------------------------------------------------------------
+    def submit(self, request: Request) -> Request:
+        total = len(request.prompt) + request.max_new_tokens
+        if not request.prompt:
+            raise LlmosError("the prompt is empty: give at least one token")
+        if total > self.max_len:
+            raise LlmosError(
+                f"prompt ({len(request.prompt)} tokens) + max_new_tokens ({request.max_new_tokens}) = {total} exceeds "
+                f"the engine's {self.max_len}-token slots; shorten the prompt or ask for fewer tokens"
+            )
+        self.waiting.append(request)
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request; its row is freed at once."""
+        if request.done:
+            return
+        request.finish_reason = "cancelled"
+        if request in self.waiting:
+            self.waiting.remove(request)
+        elif request is self.prefilling:
+            self.prefilling = None
+        elif request in self.rows:
+            self._free(request)
+
+    @property
+    def active(self) -> int:
+        return len(self.rows) + (self.prefilling is not None)
+
+    @property
+    def idle(self) -> bool:
+        return not self.rows and self.prefilling is None and not self.waiting
+
+    # --- one scheduler step ---------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """Prefill one chunk of a waiting prompt (if any) and decode one token for every running
+        sequence. Returns what happened to each request this step."""
+        events: list[Event] = []
+        self._prefill_chunk()
+        if self.rows:
+            events += self._decode()
+        return events
+
+    def _prefill_chunk(self) -> None:
+        if self.prefilling is None:
+            if not self.waiting or len(self.rows) >= self.max_batch:
+                return
+            req = self.waiting.popleft()
+            req.row = len(self.rows)
+            self.prefilling = req
+            if self.share_prefixes:
+                self._reuse_prefix(req)
+        req = self.prefilling
+        row = self.cache.rows(req.row, req.row + 1)
+        start = req.prefilled
+        part = req.prompt[start:start + self.chunk]
+        hidden = self.model.hidden(torch.tensor([part]), torch.arange(start, start + len(part)), row)
+        req.prefilled += len(part)
+        if req.prefilled == len(req.prompt):
+            self.pending_logits[req.id] = self.model.output(hidden[0, -1]).float()
+            self.rows.append(req)
+            self.prefilling = None
+
+    def _reuse_prefix(self, req: Request) -> None:
+        """Copy the longest shared prompt prefix from a running sequence's row."""
+        best, source = 0, None
+        for other in self.rows:
+            seq = other.prompt + other.output
+            n = 0
+            limit = min(len(seq), len(req.prompt) - 1, other.prefilled + len(other.output) - 1)
+            while n < limit and seq[n] == req.prompt[n]:
+                n += 1
+            if n > best:
+                best, source = n, other
+        if source is not None and best > 0:
+            self.cache.k[:, req.row, :, :best] = self.cache.k[:, source.row, :, :best]
+            self.cache.v[:, req.row, :, :best] = self.cache.v[:, source.row, :, :best]
+            req.prefilled = best
+            self.prefix_tokens_reused += best
+
+    def _decode(self) -> list[Event]:
+        events: list[Event] = []
+        tokens: list[int] = []
+        for req in list(self.rows):
+            logits = self.pending_logits.pop(req.id)[None]  # (1, V)
+            history = torch.tensor([req.prompt + req.output])
+            params = req.params
+            logits = process(
+                logits, params,
+                history if (params.repetition_penalty != 1.0 or params.no_repeat_ngram_size) else None,
+                history[:, len(req.prompt):] if (params.presence_penalty or params.frequency_penalty) else None,
+                suppress=req.stop if len(req.output) < req.min_new_tokens and req.stop.numel() else None,
+            )
+            token = int(sample(logits, params, req.generator)[0])
+            if token in req.stop_ids:
+                req.finish_reason = "eos"
+                events.append(Event(req, None, True))
+                self._free(req)
+                continue
+            req.output.append(token)
+            if len(req.output) >= req.max_new_tokens:
+                req.finish_reason = "length"
+                events.append(Event(req, token, True))
+                self._free(req)
+                continue
+            events.append(Event(req, token, False))
+        live = self.rows
+        if live:
+            tokens = [r.output[-1] for r in live]
+            positions = torch.tensor([[len(r.prompt) + len(r.output) - 1] for r in live])  # (B, 1)
+            view = self.cache.rows(0, len(live))
+            hidden = self.model.hidden(torch.tensor(tokens)[:, None], positions, view)  # (B, 1, C)
+            logits = self.model.output(hidden[:, 0]).float()  # (B, V)
+            for r, row_logits in zip(live, logits):
+                self.pending_logits[r.id] = row_logits
+        return events
+
+    def _free(self, req: Request) -> None:
+        """Remove a decoding request, moving the last row into its place to keep rows compact."""
+        self.pending_logits.pop(req.id, None)
+        i = self.rows.index(req)
+        last = len(self.rows) - 1
+        if i != last:
+            moved = self.rows[last]
+            self.cache.k[:, i] = self.cache.k[:, last]
+            self.cache.v[:, i] = self.cache.v[:, last]
+            moved.row = i
+            self.rows[i] = moved
+        self.rows.pop()
+        if self.prefilling is not None and self.prefilling.row != len(self.rows):
+            # The prompt being prefilled sits right after the decoding rows: move it down too.
+            old = self.prefilling.row
+            self.cache.k[:, len(self.rows)] = self.cache.k[:, old]
+            self.cache.v[:, len(self.rows)] = self.cache.v[:, old]
+            self.prefilling.row = len(self.rows)
+        req.row = -1
+
+    def run(self, requests: Sequence[Request]) -> list[Request]:
+        """Submit and run to completion (a convenience for offline batches and tests)."""
+        for r in requests:
+            self.submit(r)
+        while not self.idle:
+            self.step()
+        return list(requests)
