@@ -21,6 +21,7 @@ import torch
 from llmos import quant, store
 from llmos.config import ModelConfig
 from llmos.tokenizer import Tokenizer
+from llmos.weights import converted
 from llmos.weights.gguf import GGUFFile
 from llmos.weights.load import load_gguf, load_hf, open_gguf_config, read_hf_config
 
@@ -33,15 +34,29 @@ def quality_text() -> str:
     return resources.files("llmos.data").joinpath("quality.txt").read_text(encoding="utf-8")
 
 
-def load_form(path: Path, form: str) -> tuple[torch.nn.Module, ModelConfig, Tokenizer]:
-    """Model, config and tokenizer of a GGUF file or HF folder with its linears in `form`."""
+def load_form(path: Path, form: str, use_cache: bool = True) -> tuple[torch.nn.Module, ModelConfig, Tokenizer]:
+    """Model, config and tokenizer of a GGUF file or HF folder with its linears in `form`.
+
+    A converted model is cached in the store (weights/converted.py) and read back on later loads."""
     hook = None if form == "fp32" else quant.linear_hook(form)
+    cache = _model_key_file(path, "converted", f"-{form}.safetensors") if form != "fp32" and use_cache else None
     if path.is_file():
         with GGUFFile(path) as gguf:
             config = open_gguf_config(gguf)
-            return load_gguf(gguf, config, linear_hook=hook), config, Tokenizer.from_gguf(gguf.metadata)
+            tokenizer = Tokenizer.from_gguf(gguf.metadata)
+            model = converted.load(cache, config) if cache else None
+            if model is None:
+                model = load_gguf(gguf, config, linear_hook=hook)
+                if cache:
+                    converted.save(model, cache)
+            return model, config, tokenizer
     config = read_hf_config(path)
-    return load_hf(path, config, linear_hook=hook), config, Tokenizer.from_dir(path)
+    model = converted.load(cache, config) if cache else None
+    if model is None:
+        model = load_hf(path, config, linear_hook=hook)
+        if cache:
+            converted.save(model, cache)
+    return model, config, Tokenizer.from_dir(path)
 
 
 @torch.inference_mode()
@@ -55,7 +70,7 @@ def perplexity(logits: torch.Tensor, ids: list[int]) -> float:
 
 def report(path: Path, forms: tuple[str, ...] = SPEED_ORDER, stop_at_first_pass: bool = False) -> dict[str, Any]:
     """{form: {"perplexity", "ppl_increase", "top1_agreement", "passes"}} with fp32 as the reference."""
-    model, config, tokenizer = load_form(path, "fp32")
+    model, config, tokenizer = load_form(path, "fp32", use_cache=False)
     ids = tokenizer.encode(quality_text())[: config.max_seq_len]
     ref = _logits(model, ids)
     del model
@@ -64,7 +79,7 @@ def report(path: Path, forms: tuple[str, ...] = SPEED_ORDER, stop_at_first_pass:
     for form in forms:
         if form == "fp32":
             continue
-        model, _, _ = load_form(path, form)
+        model, _, _ = load_form(path, form, use_cache=False)
         logits = _logits(model, ids)
         ppl = perplexity(logits, ids)
         out[form] = {
@@ -79,10 +94,16 @@ def report(path: Path, forms: tuple[str, ...] = SPEED_ORDER, stop_at_first_pass:
     return out
 
 
-def _cache_file(path: Path) -> Path:
-    st = path.stat() if path.is_file() else (path / "config.json").stat()
+def _model_key_file(path: Path, folder: str, suffix: str) -> Path:
+    """A store file keyed by the model's identity (path, size, modification time of its weights)."""
+    weights = path if path.is_file() else next(iter(sorted(path.glob("*.safetensors"))), path / "config.json")
+    st = weights.stat()
     key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
-    return store.home() / "quality" / f"{key}.json"
+    return store.home() / folder / f"{key}{suffix}"
+
+
+def _cache_file(path: Path) -> Path:
+    return _model_key_file(path, "quality", ".json")
 
 
 def auto_form(path: Path) -> str:

@@ -79,3 +79,35 @@ def test_quality_report_and_auto_pick_a_passing_form(default_gguf_path, tmp_path
     verdict = __import__("json").loads(cached.read_text())
     assert verdict["auto"] == chosen and verdict[chosen]["passes"]
     assert verdict[chosen]["ppl_increase"] <= 0.02
+
+
+@pytest.mark.parametrize("form", ["int4", "int8", "bf16"])
+def test_converted_cache_gives_the_same_model(default_gguf_path, tmp_path, monkeypatch, form):
+    monkeypatch.setenv("LLMOS_HOME", str(tmp_path))
+    from pathlib import Path
+
+    path = Path(default_gguf_path)
+    fresh, _, tok = quality.load_form(path, form)  # converts and writes the cache
+    assert list((tmp_path / "converted").glob(f"*-{form}.safetensors"))
+    cached, _, _ = quality.load_form(path, form)  # reads it back
+    assert type(cached.output) is type(fresh.output)
+    ids = tok.encode("The capital of France is")
+    with torch.inference_mode():
+        a = fresh(torch.tensor([ids]), torch.arange(len(ids)))
+        b = cached(torch.tensor([ids]), torch.arange(len(ids)))
+    assert torch.equal(a, b)
+
+
+def test_damaged_converted_cache_is_rebuilt(default_gguf_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMOS_HOME", str(tmp_path))
+    from pathlib import Path
+
+    path = Path(default_gguf_path)
+    quality.load_form(path, "int8")
+    (entry,) = (tmp_path / "converted").glob("*-int8.safetensors")
+    entry.write_bytes(b"\x00garbage")
+    model, _, tok = quality.load_form(path, "int8")
+    ids = tok.encode("Hello")
+    with torch.inference_mode():
+        assert torch.isfinite(model(torch.tensor([ids]), torch.arange(len(ids)))).all()
+    assert entry.stat().st_size > 1000  # rewritten

@@ -8,8 +8,9 @@ result to `load_state_dict(assign=True)`, so no checkpoint is ever held in memor
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -28,12 +29,30 @@ Q4_1 = 3  # GGML type id
 MODEL_FILES: dict[str, type[nn.Module]] = {"llama": Llama, "gpt2": GPT2}
 
 
+_INIT_FUNCTIONS = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "ones_", "zeros_")
+
+
+@contextlib.contextmanager
+def _skip_init() -> Iterator[None]:
+    """Modules' random initialisation is wasted work for weights about to be assigned, and on the
+    meta device `normal_` pulls in torch's reference-op modules (over a second of imports)."""
+    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
+    for name in _INIT_FUNCTIONS:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
 def build_model(config: ModelConfig, device: str | torch.device = "meta") -> nn.Module:
     """An uninitialised model of the config's family (on the meta device: no memory)."""
     cls = MODEL_FILES.get(config.arch)
     if cls is None:
         raise LlmosError(f"no causal language model file for architecture {config.arch!r}")
-    with torch.device(device):
+    # Random init only means something for real memory (training from scratch builds on "cpu").
+    with torch.device(device), (_skip_init() if torch.device(device).type == "meta" else contextlib.nullcontext()):
         return cls(config)
 
 
