@@ -93,6 +93,25 @@ class LLM:
     def chat_stream(self, messages: list[dict[str, str]], **controls: Any) -> Iterator[str]:
         return self._pieces(self.start(self._chat_ids(messages), controls, default_new=512))
 
+    # --- tasks (thin: the work lives in llmos/tasks/) --------------------------------------------
+    def ask(self, question: str, index: Any = None, **kwargs: Any) -> Any:
+        """Answer from your documents (an llmos.Index), citing them as [n]; plain chat QA without one."""
+        from llmos.tasks.qa import ask
+
+        return ask(self, question, index=index, **kwargs)
+
+    def summarize(self, text: str, words: int = 150, style: str = "paragraph", **controls: Any) -> str:
+        """Summarize text of any length (map-reduce over chunks that fit the context)."""
+        from llmos.tasks.summarize import summarize
+
+        return summarize(self, text, words=words, style=style, **controls)
+
+    def translate(self, text: str, to: str = "fr", source: str | None = None, **controls: Any) -> str:
+        """Translate text, keeping Markdown structure and code as they are."""
+        from llmos.tasks.translate import translate
+
+        return translate(self, text, to=to, source=source, **controls)
+
     def session(self, system: str | None = None, **controls: Any) -> ChatSession:
         """A conversation that keeps its KV cache between turns (see ChatSession)."""
         return ChatSession(self, system, controls)
