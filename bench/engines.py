@@ -35,6 +35,7 @@ def run_llmos(path: Path, threads: int, dtype: str) -> dict:
 
     t0 = time.perf_counter()
     llm = llmos.load(str(path), dtype=dtype)
+    load_form = llm.dtype
     load_s = time.perf_counter() - t0
     ids = prompt_ids(llm.config.vocab_size)
     greedy = SamplingParams(temperature=0.0)
@@ -47,7 +48,7 @@ def run_llmos(path: Path, threads: int, dtype: str) -> dict:
     t0 = time.perf_counter()
     n = sum(1 for _ in it)
     decode_s = time.perf_counter() - t0
-    return {"load_s": load_s, "prefill_tps": PROMPT_TOKENS / prefill_s, "decode_tps": n / decode_s}
+    return {"load_s": load_s, "prefill_tps": PROMPT_TOKENS / prefill_s, "decode_tps": n / decode_s, "form": load_form}
 
 
 def run_transformers(path: Path, threads: int, dtype: str) -> dict:

@@ -1,13 +1,21 @@
-"""`make bench`: llmos beside transformers and llama.cpp on the default model, as ratios.
+"""`make bench`: llmos beside transformers and llama.cpp on the default model, printed as ratios.
 
-Each engine runs in its own process (so peak RSS is its own), rounds alternate between engines, and
-the table shows medians. Results go to bench/results/core-DATE.json. llama-cpp-python is measured
-when installed (`make bench-deps`).
+Sections (each prints a table and adds to bench/results/bench-DATE.json):
+- core: load, prefill 512, decode batch 1, peak RSS: llmos (auto form and fp32), transformers fp32,
+  llama-cpp-python when installed (`make bench-deps`); each engine in its own process, rounds
+  alternating between engines, medians reported; CLI time to first token.
+- forms: speed and quality (perplexity, top-1 agreement with fp32) of each weight form.
+- batch: aggregate tokens/s of 1, 4 and 16 concurrent generations in the continuous-batching engine.
+- chat: a 10-turn chat with 200-token turns, with and without KV prefix reuse.
+- beam: beam search (4 beams) tokens/s beside transformers.
+- the task benchmarks in bench/*.py (embeddings, serving, text, training) when present.
+`python -m bench.run --only core,batch` runs a subset.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import json
 import platform
@@ -21,11 +29,14 @@ from pathlib import Path
 from llmos import store
 
 RESULTS = Path(__file__).parent / "results"
+TASK_BENCHES = ("bench.embed", "bench.serve", "bench.text", "bench.train")
 
 
 def measure(engine: str, gguf: Path, threads: int, dtype: str) -> dict:
     out = subprocess.run([sys.executable, "-m", "bench.engines", engine, str(gguf), str(threads), dtype],
-                         capture_output=True, text=True, check=True, timeout=1200)
+                         capture_output=True, text=True, timeout=1800)
+    if out.returncode:
+        raise RuntimeError(f"{engine} failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -46,33 +57,32 @@ def time_to_first_token(gguf: Path) -> float:
     return elapsed
 
 
-def table(rows: list[tuple[str, dict[str, float | None], bool]], engines: list[str]) -> str:
-    head = f"{'metric':<26}" + "".join(f"{e:>14}" for e in engines) + "".join(f"{'llmos/' + e:>18}" for e in engines[1:])
+def table(rows: list[tuple[str, dict[str, float | None], bool]], engines: list[str], base: str = "llmos") -> str:
+    others = [e for e in engines if e != base]
+    head = f"{'metric':<28}" + "".join(f"{e:>16}" for e in engines) + "".join(f"{base + '/' + e:>22}" for e in others)
     lines = [head, "-" * len(head)]
     for metric, values, higher_better in rows:
-        cells = "".join(f"{values[e]:>14.2f}" if values.get(e) is not None else f"{'-':>14}" for e in engines)
+        cells = "".join(f"{values[e]:>16.2f}" if values.get(e) is not None else f"{'-':>16}" for e in engines)
         ratios = ""
-        for e in engines[1:]:
-            a, b = values.get("llmos"), values.get(e)
-            ratios += f"{(a / b if higher_better else b / a):>17.2f}x" if a and b else f"{'-':>18}"
-        lines.append(f"{metric:<26}{cells}{ratios}")
+        for e in others:
+            a, b = values.get(base), values.get(e)
+            ratios += f"{(a / b if higher_better else b / a):>21.2f}x" if a and b else f"{'-':>22}"
+        lines.append(f"{metric:<28}{cells}{ratios}")
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    gguf = store.pull(store.DEFAULT_CHAT_MODEL)
-    engines = ["llmos", "transformers"] + (["llama.cpp"] if importlib.util.find_spec("llama_cpp") else [])
+def core(gguf: Path, rounds: int, threads: int) -> dict:
+    engines = ["llmos", "llmos-fp32", "transformers"] + (["llama.cpp"] if importlib.util.find_spec("llama_cpp") else [])
+    spec = {"llmos": ("llmos", "auto"), "llmos-fp32": ("llmos", "fp32"), "transformers": ("transformers", "fp32"),
+            "llama.cpp": ("llama.cpp", "q4_1")}
     runs: dict[str, list[dict]] = {e: [] for e in engines}
-    for r in range(args.rounds):
+    for r in range(rounds):
         for e in engines:  # alternate engines each round so drift in machine load hits all alike
-            runs[e].append(measure(e, gguf, args.threads, "fp32"))
-            print(f"round {r + 1}: {e}: {runs[e][-1]}", file=sys.stderr)
-    med = {e: {k: statistics.median(x[k] for x in runs[e]) for k in runs[e][0]} for e in engines}
-    ttft = statistics.median(time_to_first_token(gguf) for _ in range(args.rounds))
+            runs[e].append(measure(spec[e][0], gguf, threads, spec[e][1]))
+            print(f"  round {r + 1}: {e}: {runs[e][-1]}", file=sys.stderr)
+    med = {e: {k: statistics.median(x[k] for x in runs[e]) for k, v in runs[e][0].items() if isinstance(v, (int, float))}
+           for e in engines}
+    ttft = statistics.median(time_to_first_token(gguf) for _ in range(rounds))
     rows = [
         ("load (s)", {e: med[e]["load_s"] for e in engines}, False),
         ("prefill 512 (tok/s)", {e: med[e]["prefill_tps"] for e in engines}, True),
@@ -80,13 +90,140 @@ def main() -> None:
         ("peak RSS (MB)", {e: med[e]["peak_rss_mb"] for e in engines}, False),
         ("CLI time to 1st token (s)", {"llmos": ttft}, False),
     ]
-    print(f"\nllmos bench {date.today()} on {platform.machine()}, {args.threads} threads, {gguf.name}, medians of {args.rounds}")
     print(table(rows, engines))
+    return {"medians": med, "cli_ttft_s": ttft, "runs": runs}
+
+
+def forms(gguf: Path) -> dict:
+    out = subprocess.run([sys.executable, "-m", "llmos", "bench", "--model", str(gguf), "--quality", "--json"],
+                         capture_output=True, text=True, timeout=1800, check=True)
+    result = json.loads(out.stdout)
+    print(f"{'form':<6}{'prefill tok/s':>15}{'decode tok/s':>14}{'perplexity':>12}{'vs fp32':>10}{'top-1':>8}")
+    for f, s in result["speed"].items():
+        q = result["quality"][f]
+        print(f"{f:<6}{s['prefill_tps']:>15.0f}{s['decode_tps']:>14.1f}{q['perplexity']:>12.3f}"
+              f"{q['ppl_increase'] * 100:>+9.2f}%{q['top1_agreement']:>8.3f}")
+    print(f"auto picks: {result['auto']}")
+    return result
+
+
+def batch(gguf: Path) -> dict:
+    import llmos
+    from llmos.engine.batch import BatchEngine, Request
+
+    llm = llmos.load(str(gguf))
+    out = {}
+    for n in (1, 4, 16):
+        engine = BatchEngine(llm.model, max_batch=n, max_len=512)
+        reqs = [Request(llm.encode(f"Story {i}: once upon a time in a small village,"), 128, min_new_tokens=128) for i in range(n)]
+        for r in reqs:
+            engine.submit(r)
+        t0 = time.perf_counter()
+        while not engine.idle:
+            engine.step()
+        elapsed = time.perf_counter() - t0
+        out[n] = sum(len(r.output) for r in reqs) / elapsed
+        print(f"  {n:>2} concurrent: {out[n]:8.1f} generated tok/s aggregate")
+    return out
+
+
+def chat(gguf: Path) -> dict:
+    import llmos
+
+    llm = llmos.load(str(gguf))
+    result = {}
+    for reuse in (True, False):
+        session = llm.session()
+        t0 = time.perf_counter()
+        prefilled = 0
+        for turn in range(10):
+            if not reuse:
+                session.cache, session.cache_ids = None, []
+            "".join(session.send(f"Tell me fact number {turn + 1} about the ocean, in detail.", max_new_tokens=200,
+                                 min_new_tokens=200, temperature=0))
+            prefilled += session.last_prefilled
+        result["with reuse" if reuse else "without reuse"] = {"seconds": time.perf_counter() - t0, "prefilled_tokens": prefilled}
+    for k, v in result.items():
+        print(f"  10-turn chat {k:<14}: {v['seconds']:7.1f} s, {v['prefilled_tokens']} prompt tokens prefilled")
+    return result
+
+
+def beam(gguf: Path) -> dict:
+    import torch
+    import transformers
+
+    import llmos
+    from llmos.engine.beam import beam_search
+
+    llm = llmos.load(str(gguf), dtype="fp32")
+    ids = llm.encode("Translate to French: Where is the train station?")
+    t0 = time.perf_counter()
+    beam_search(llm.model, ids, num_beams=4, max_new_tokens=32, stop_ids=frozenset())
+    ours = 32 / (time.perf_counter() - t0)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        ref.generate(torch.tensor([ids]), num_beams=4, max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
+        theirs = 32 / (time.perf_counter() - t0)
+    print(table([("beam search, 4 beams (tok/s)", {"llmos": ours, "transformers": theirs}, True)], ["llmos", "transformers"]))
+    return {"llmos": ours, "transformers": theirs}
+
+
+def chart(results: dict, out: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    med = results.get("core", {}).get("medians")
+    if not med:
+        return None
+    engines = list(med)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in ((axes[0], "decode_tps", "decode, batch 1 (tok/s)"), (axes[1], "prefill_tps", "prefill 512 (tok/s)")):
+        ax.bar(engines, [med[e][key] for e in engines], color=["#2a7", "#7b7", "#888", "#c84"][: len(engines)])
+        ax.set_title(title)
+        ax.tick_params(axis="x", rotation=20)
+    fig.suptitle(f"llmos vs peers, default model, {date.today()}")
+    fig.tight_layout()
+    fig.savefig(out)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", default="", help="comma-separated sections: core,forms,batch,chat,beam,tasks")
+    args = parser.parse_args()
+    only = {s for s in args.only.split(",") if s}
+    gguf = store.pull(store.DEFAULT_CHAT_MODEL)
+    print(f"llmos bench {date.today()} on {platform.machine()} ({platform.processor() or 'cpu'}), "
+          f"{args.threads} threads, {gguf.name}")
+    results: dict = {"date": str(date.today()), "threads": args.threads, "model": gguf.name}
+    sections = {"core": lambda: core(gguf, args.rounds, args.threads), "forms": lambda: forms(gguf),
+                "batch": lambda: batch(gguf), "chat": lambda: chat(gguf), "beam": lambda: beam(gguf)}
+    for name, fn in sections.items():
+        if not only or name in only:
+            print(f"\n== {name}")
+            results[name] = fn()
+    if not only or "tasks" in only:
+        for module in TASK_BENCHES:
+            if importlib.util.find_spec(module) is None:
+                continue
+            print(f"\n== {module}")
+            try:
+                results[module] = importlib.import_module(module).run()
+            except Exception as exc:  # one task bench failing must not lose the others' numbers
+                print(f"  {module} failed: {exc}")
+                results[module] = {"error": str(exc)}
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"core-{date.today()}.json"
-    out.write_text(json.dumps({"date": str(date.today()), "threads": args.threads, "model": gguf.name,
-                               "medians": med, "cli_ttft_s": ttft, "runs": runs}, indent=2))
-    print(f"\nwritten {out}")
+    out = RESULTS / f"bench-{date.today()}.json"
+    out.write_text(json.dumps(results, indent=2, default=str))
+    png = chart(results, RESULTS / f"bench-{date.today()}.png")
+    print(f"\nwritten {out}" + (f" and {png}" if png else ""))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # Subcommand groups, imported lazily so `llmos --help` stays fast.
-_GROUPS = ("llmos.cli.store", "llmos.cli.generate")
+_GROUPS = ("llmos.cli.store", "llmos.cli.generate", "llmos.cli.bench", "llmos.cli.train", "llmos.cli.index", "llmos.cli.serve", "llmos.cli.text")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,177 @@
+"""Embedding and search benchmark: llmos beside sentence-transformers, exact beside ANN.
+
+    python -m bench.embed            # a few minutes on 2 cores; writes bench/results/embed-DATE.json
+
+Measures, on the default embedding model (all-MiniLM-L6-v2, fp32):
+- embedding throughput, sentences/s, batch 32, inputs of exactly 128 tokens: llmos's own encoder and
+  sentence-transformers on the same folder, rounds alternating, best round of each;
+- vector query latency p50/p95 over 100k chunks (synthetic unit vectors, 384 dims, clustered around
+  2,000 random topics, stored in a real index file): exact matrix-product search vs the usearch HNSW graph, with the graph's build
+  time and its recall@10 against exact;
+- indexing throughput, chunks/s, of `Index.add` end to end (extract, chunk, embed, write) on Python's
+  pydoc topics.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmos import store
+
+RESULTS = Path(__file__).parent / "results"
+N_SENTENCES, BATCH, TOKENS = 256, 32, 128
+N_CHUNKS, N_QUERIES = 100_000, 200
+
+
+def sentences_of(embedder, n: int, tokens: int) -> list[str]:
+    """`n` different texts of exactly `tokens` tokens each ([CLS] and [SEP] included)."""
+    words = "river stone light market engine garden signal paper winter orbit table music".split()
+    out = []
+    for i in range(n):
+        text, j = f"sample {i}", 0
+        while embedder.count_tokens(text + " " + words[(i + j) % len(words)]) <= tokens:
+            text += " " + words[(i + j) % len(words)]
+            j += 1
+        assert embedder.count_tokens(text) == tokens, embedder.count_tokens(text)
+        out.append(text)
+    return out
+
+
+def embedding_throughput(path: Path, rounds: int = 2) -> dict:
+    from sentence_transformers import SentenceTransformer
+
+    from llmos.tasks.embed import Embedder
+
+    ours = Embedder.load(path)
+    ref = SentenceTransformer(str(path), device="cpu")
+    texts = sentences_of(ours, N_SENTENCES, TOKENS)
+    best = {"llmos": 0.0, "sentence-transformers": 0.0}
+    runs = {"llmos": lambda: ours.embed(texts, batch_size=BATCH),
+            "sentence-transformers": lambda: ref.encode(texts, batch_size=BATCH)}
+    for name, run in runs.items():  # warm-up
+        run()
+    for _ in range(rounds):
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            best[name] = max(best[name], len(texts) / (time.perf_counter() - t0))
+    return best
+
+
+def synthetic_vectors(rng: np.random.Generator, n: int, dim: int, topics: int = 2000, spread: float = 1.0) -> np.ndarray:
+    """Random unit vectors around `topics` random centres (cosine to its centre ~0.7), as embeddings
+    of real passages cluster by topic; uniformly random vectors in 384 dimensions have no neighbours
+    to find, which no ANN (nor any search) is built for."""
+    centres = rng.standard_normal((topics, dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    v = centres[rng.integers(0, topics, n)] + spread * rng.standard_normal((n, dim)).astype(np.float32) / np.sqrt(dim)
+    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+
+def query_latency(embedder, folder: Path) -> dict:
+    """p50/p95 ms of vector search over N_CHUNKS stored chunks, exact vs ANN."""
+    from llmos.tasks.index import Index
+
+    rng = np.random.default_rng(0)
+    vectors = synthetic_vectors(rng, N_CHUNKS, embedder.dim)
+    index = Index(folder / "latency.sqlite", embedder)
+    db = index._db  # bulk-load synthetic rows directly: the benchmark is about search, not ingestion
+    db.execute("BEGIN")
+    db.executemany("INSERT INTO meta(key, value) VALUES (?, ?)",
+                   [("embed_model", embedder.name), ("embed_fingerprint", embedder.fingerprint), ("dim", str(embedder.dim))])
+    per_doc = 1000
+    for d in range(N_CHUNKS // per_doc):
+        doc_id = db.execute("INSERT INTO documents(path, kind, sha256, size, n_chunks, split_blocks, indexed_at)"
+                            " VALUES (?, 'text', '', 0, ?, 0, 0)", (f"/synthetic/{d}.txt", per_doc)).lastrowid
+        for c in range(per_doc):
+            i = d * per_doc + c
+            cid = db.execute("INSERT INTO chunks(doc_id, ord, text, heading, char_start, char_end, line_start, line_end, n_tokens)"
+                             " VALUES (?, ?, ?, '[]', 0, 0, 1, 1, 0)", (doc_id, c, f"chunk {i}")).lastrowid
+            db.execute("INSERT INTO vectors(chunk_id, vector) VALUES (?, ?)", (cid, vectors[i].tobytes()))
+    db.execute("UPDATE meta SET value = '1' WHERE key = 'generation'")
+    db.execute("COMMIT")
+    queries = synthetic_vectors(rng, N_QUERIES, embedder.dim)
+    index._vectors()  # load the matrix once, as a long-running process would
+    t0 = time.perf_counter()
+    index._ann()
+    build_s = time.perf_counter() - t0
+    out = {"chunks": N_CHUNKS, "ann_build_s": build_s, "ann_recall_at_10": index.ann_recall(n_queries=200)}
+    for name, use_ann in (("exact", False), ("ann", True)):
+        times = []
+        for q in queries:
+            t0 = time.perf_counter()
+            index._vector_candidates(q, 10, use_ann)
+            times.append((time.perf_counter() - t0) * 1000)
+        times.sort()
+        out[f"{name}_p50_ms"] = statistics.median(times)
+        out[f"{name}_p95_ms"] = times[int(0.95 * len(times)) - 1]
+    index.close()
+    return out
+
+
+def indexing_throughput(embedder, folder: Path, n_topics: int = 24) -> dict:
+    from llmos.tasks.evaluate_retrieval import write_pydoc_corpus
+    from llmos.tasks.index import Index
+
+    corpus = write_pydoc_corpus(folder / "pydoc")
+    keep = sorted(corpus.glob("*.txt"))[:n_topics]
+    index = Index(folder / "ingest.sqlite", embedder)
+    t0 = time.perf_counter()
+    report = index.add(keep)
+    elapsed = time.perf_counter() - t0
+    index.close()
+    return {"documents": len(report.added), "chunks": report.embedded, "seconds": elapsed,
+            "chunks_per_s": report.embedded / elapsed}
+
+
+def run() -> dict:
+    from llmos.tasks.embed import Embedder
+
+    path = store.pull(store.DEFAULT_EMBED_MODEL, quiet=True)
+    embedder = Embedder.load(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = {
+            "date": date.today().isoformat(),
+            "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                        "python": sys.version.split()[0], "torch": torch.__version__},
+            "embedding": embedding_throughput(path),
+            "latency": query_latency(embedder, Path(tmp)),
+            "indexing": indexing_throughput(embedder, Path(tmp)),
+        }
+    return result
+
+
+def table(r: dict) -> str:
+    e, lat, ix = r["embedding"], r["latency"], r["indexing"]
+    rows = [
+        f"{'metric':<44}{'llmos':>12}{'reference':>14}{'ratio':>9}",
+        f"{'embed sentences/s (batch 32, 128 tokens)':<44}{e['llmos']:>12.1f}{e['sentence-transformers']:>14.1f}"
+        f"{e['llmos'] / e['sentence-transformers']:>8.2f}x   (reference: sentence-transformers)",
+        f"{'query p50 ms, 100k chunks (ANN vs exact)':<44}{lat['ann_p50_ms']:>12.2f}{lat['exact_p50_ms']:>14.2f}"
+        f"{lat['exact_p50_ms'] / lat['ann_p50_ms']:>8.2f}x   (reference: exact)",
+        f"{'query p95 ms, 100k chunks (ANN vs exact)':<44}{lat['ann_p95_ms']:>12.2f}{lat['exact_p95_ms']:>14.2f}"
+        f"{lat['exact_p95_ms'] / lat['ann_p95_ms']:>8.2f}x",
+        f"{'ANN recall@10 vs exact / build seconds':<44}{lat['ann_recall_at_10']:>12.3f}{lat['ann_build_s']:>14.1f}",
+        f"{'indexing chunks/s (Index.add, pydoc topics)':<44}{ix['chunks_per_s']:>12.1f}"
+        f"{'':>14}         ({ix['chunks']} chunks in {ix['seconds']:.1f} s)",
+    ]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    result = run()
+    print(table(result))
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"embed-{result['date']}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwritten to {out}")

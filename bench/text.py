@@ -1,0 +1,154 @@
+"""Summarization and translation speed on the default model, and translation quality by beam width.
+
+- Summarize a ~20k-token Markdown document (Python's own pydoc topics, shipped with the standard
+  library): total seconds, chunks per level, prompt tokens read, tokens generated, and generation
+  speed (decode tokens/s, timed from each call's first generated token to its last).
+- Translate the 50 sentences of the shipped translation set (en->fr/de/es, fr/de->en) with
+  beams 1 and 4: seconds, sentences/s, and chrF/BLEU against the references.
+
+`python -m bench.text` prints a table and writes bench/results/text-DATE.json; `run()` returns the dict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def pydoc_document(llm: Any, tokens: int) -> str:
+    """Python's pydoc topics as one Markdown document of about `tokens` tokens."""
+    from pydoc_data.topics import topics
+
+    parts: list[str] = []
+    total = 0
+    for name in sorted(topics):
+        part = f"## {name}\n\n{topics[name].strip()}"
+        n = len(llm.encode(part, add_special_tokens=False))
+        if total + n > tokens:
+            break
+        parts.append(part)
+        total += n
+    return "# Python language reference topics\n\n" + "\n\n".join(parts)
+
+
+class TimedChat:
+    """Stands in for llm.chat: same result, and per call the prefill and decode times."""
+
+    def __init__(self, llm: Any) -> None:
+        self.llm, self.real = llm, llm.chat
+        self.calls: list[dict[str, float]] = []
+
+    def __call__(self, messages: list[dict[str, str]], **controls: Any):
+        from llmos.generation import Completion
+
+        run = self.llm.start(self.llm._chat_ids(messages), controls, default_new=512)
+        t0 = time.perf_counter()
+        first = None
+        for _ in run:
+            if first is None:
+                first = time.perf_counter()
+        end = time.perf_counter()
+        out = Completion(run.choices, len(run.budget.ids), run.budget.truncated)
+        first = first or end
+        self.calls.append({"prompt": out.prompt_tokens, "tokens": out.completion_tokens,
+                           "prefill_s": first - t0, "decode_s": end - first})
+        return out
+
+
+def bench_summarize(llm: Any, tokens: int) -> dict[str, Any]:
+    from llmos.tasks.summarize import summarize
+
+    doc = pydoc_document(llm, tokens)
+    timed = TimedChat(llm)
+    llm.chat = timed
+    try:
+        t0 = time.perf_counter()
+        summary = summarize(llm, doc, words=150, progress=sys.stderr.isatty())
+        seconds = time.perf_counter() - t0
+    finally:
+        del llm.chat
+    calls = timed.calls
+    decode_tokens = sum(max(c["tokens"] - 1, 0) for c in calls)  # the first token is timed with the prefill
+    decode_s = sum(c["decode_s"] for c in calls)
+    prefill_tokens = sum(c["prompt"] for c in calls)
+    prefill_s = sum(c["prefill_s"] for c in calls)
+    return {
+        "input_tokens": summary.input_tokens, "levels": list(summary.levels), "calls": summary.calls,
+        "seconds": seconds, "prompt_tokens": prefill_tokens, "generated_tokens": summary.generated_tokens,
+        "generation_tps": decode_tokens / decode_s if decode_s else None,
+        "prefill_tps": prefill_tokens / prefill_s if prefill_s else None,
+        "summary_words": len(summary.split()), "summary": str(summary),
+    }
+
+
+def bench_translate(llm: Any, beams: int) -> dict[str, Any]:
+    from llmos.tasks import evaluate_text as ev
+
+    items = ev.load_items(ev.shipped("translate"), "translate")[:50]
+    t0 = time.perf_counter()
+    report = ev.evaluate_translations(llm, items, beams=beams, progress=sys.stderr.isatty())
+    seconds = time.perf_counter() - t0
+    return {"sentences": len(items), "beams": beams, "seconds": seconds, "sentences_per_s": len(items) / seconds,
+            "chrf": report["scores"]["chrf"], "bleu": report["scores"]["bleu"], "pairs": report["pairs"],
+            "outputs": report["outputs"]}
+
+
+def run(tokens: int = 20_000, beams: tuple[int, ...] = (1, 4), threads: int | None = None) -> dict[str, Any]:
+    import llmos
+    from llmos import store
+
+    if threads:
+        torch.set_num_threads(threads)
+    llm = llmos.load(store.pull(store.DEFAULT_CHAT_MODEL, quiet=True))
+    results: dict[str, Any] = {
+        "date": date.today().isoformat(), "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(), "model": llm.path.name, "dtype": llm.dtype,
+        "summarize": bench_summarize(llm, tokens),
+        "translate": [bench_translate(llm, b) for b in beams],
+    }
+    return results
+
+
+def table(results: dict[str, Any]) -> str:
+    s = results["summarize"]
+    lines = [
+        f"summarize {s['input_tokens']} tokens ({results['model']}, {results['dtype']}, {results['threads']} threads)",
+        f"  chunks per level      {s['levels']}  ({s['calls']} calls)",
+        f"  total                 {s['seconds']:.1f} s",
+        f"  prompt tokens read    {s['prompt_tokens']}  ({s['prefill_tps']:.0f} tok/s prefill)",
+        f"  tokens generated      {s['generated_tokens']}  ({s['generation_tps']:.1f} tok/s decode)",
+        "",
+        f"{'translate 50 sentences':<24}{'seconds':>9}{'sent/s':>9}{'chrF':>8}{'BLEU':>8}",
+    ]
+    for t in results["translate"]:
+        lines.append(f"{'beams ' + str(t['beams']):<24}{t['seconds']:>9.1f}{t['sentences_per_s']:>9.2f}"
+                     f"{t['chrf']:>8.2f}{t['bleu']:>8.2f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=20_000, help="document length to summarize")
+    parser.add_argument("--beams", default="1,4", help="beam widths to translate with")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    results = run(args.tokens, tuple(int(b) for b in args.beams.split(",")), args.threads)
+    print(table(results))
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"text-{results['date']}.json"
+    out.write_text(json.dumps(results, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""`llmos bench`: speed of each weight form on this machine, and with --quality, the quality report
+(perplexity and top-1 agreement with fp32) that `--dtype auto` decides from."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="measure decode/prefill speed per weight form (--quality: perplexity report)")
+    p.add_argument("--model", "-m", default="smollm2-135m-instruct")
+    p.add_argument("--forms", default="fp32,bf16,int8,int4", help="comma-separated weight forms")
+    p.add_argument("--quality", action="store_true", help="report perplexity and top-1 agreement per form")
+    p.add_argument("--tokens", type=int, default=64, help="decode tokens to time")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run)
+
+
+def speed(path, form: str, tokens: int) -> dict[str, float]:
+    from llmos import quality
+    from llmos.engine.generate import Generation
+    from llmos.engine.sampling import SamplingParams
+
+    t0 = time.perf_counter()
+    model, config, _ = quality.load_form(path, form)
+    load_s = time.perf_counter() - t0
+    prompt = [1000 + (i * 7919) % (config.vocab_size - 2000) for i in range(512)]
+    greedy = SamplingParams(temperature=0.0)
+    list(Generation(model, prompt[:8], max_new_tokens=2, params=greedy).tokens())  # warm-up
+    t0 = time.perf_counter()
+    list(Generation(model, prompt, max_new_tokens=1, params=greedy).tokens())
+    prefill = 512 / (time.perf_counter() - t0)
+    it = Generation(model, prompt[:16], max_new_tokens=tokens + 1, params=greedy, min_new_tokens=tokens + 1).tokens()
+    next(it)
+    t0 = time.perf_counter()
+    n = sum(1 for _ in it)
+    return {"load_s": load_s, "prefill_tps": prefill, "decode_tps": n / (time.perf_counter() - t0)}
+
+
+def run(args: argparse.Namespace) -> int:
+    from llmos import quality, store
+
+    path = store.resolve(args.model)
+    forms = [f.strip() for f in args.forms.split(",") if f.strip()]
+    result: dict = {"model": str(path), "speed": {f: speed(path, f, args.tokens) for f in forms}}
+    if args.quality:
+        result["quality"] = quality.report(path, forms=tuple(forms))
+        result["auto"] = quality.auto_form(path)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{'form':<6}{'load s':>9}{'prefill tok/s':>15}{'decode tok/s':>14}" + ("{:>12}{:>10}{:>8}".format("perplexity", "vs fp32", "top-1") if args.quality else ""))
+    for f in forms:
+        s = result["speed"][f]
+        line = f"{f:<6}{s['load_s']:>9.2f}{s['prefill_tps']:>15.0f}{s['decode_tps']:>14.1f}"
+        if args.quality:
+            q = result["quality"][f]
+            line += f"{q['perplexity']:>12.3f}{q['ppl_increase'] * 100:>+9.2f}%{q['top1_agreement']:>8.3f}"
+        print(line)
+    if args.quality:
+        print(f"auto picks: {result['auto']} (fastest within {quality.MAX_PPL_INCREASE:.0%} of fp32 perplexity)")
+    return 0
