@@ -111,9 +111,9 @@ def worker_finetune(mode: str) -> dict:
     from llmos import store
     from llmos.models.lora import LoraConfig, apply_lora
     from llmos.train.loop import TrainConfig, make_optimizer, token_losses
-    from llmos.train.run import _load_base
+    from llmos.train.run import load_for_training
 
-    model, config = _load_base(str(store.resolve(store.DEFAULT_CHAT_MODEL)))
+    model, config = load_for_training(str(store.resolve(store.DEFAULT_CHAT_MODEL)))
     if mode == "lora":
         apply_lora(model, LoraConfig(rank=8, alpha=16))
     model.train()

@@ -1,0 +1,347 @@
+"""Pretraining and fine-tuning runs: a folder that holds everything, resumable and loadable.
+
+    RUN/run.json             the recipe: kind, data, model shape, training settings, base, LoRA
+    RUN/tokenizer.json ...   the tokenizer (+ tokenizer_config.json, chat_template.jinja), from the start
+    RUN/data/                token shards (train/data.py)
+    RUN/checkpoints/         atomic checkpoints (train/checkpoint.py)
+    RUN/log.csv, log.jsonl, loss.png
+    RUN/config.json + model.safetensors     written when the run finishes: RUN is then a Hugging Face
+                                            folder, so `llmos.load(RUN)` and `llmos generate --model RUN` work
+    RUN/adapter.safetensors + adapter_config.json   LoRA runs without --merge: the adapter alone
+
+`pretrain(data, out, size=..., arch=...)` trains a preset from scratch (training a byte-level BPE
+tokenizer on the data first unless one is given); `finetune(base, data, out, lora=...)` trains a
+store model, GGUF file or Hugging Face folder (dequantized to fp32), fully or with LoRA;
+`resume(run)` continues either from its newest complete checkpoint. Under torchrun every rank calls
+the same function; rank 0 prepares data and writes files, the others read them, so on several
+machines the run folder must be on a shared filesystem. `load_model(ref)` loads a run (finished, or
+from its newest checkpoint) or any model reference for evaluation and export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from llmos import store
+from llmos.config import ModelConfig
+from llmos.errors import LlmosError
+from llmos.models.lora import (
+    ADAPTER_WEIGHTS,
+    LoraConfig,
+    apply_lora,
+    load_lora_state_dict,
+    merge_lora,
+    read_adapter_config,
+    save_adapter,
+)
+from llmos.tokenizer import Tokenizer
+from llmos.train import checkpoint, distributed
+from llmos.train.bpe import load_tokenizer, train_tokenizer
+from llmos.train.data import Shards, Windows, list_files, prepare_data
+from llmos.train.loop import TrainConfig, train
+from llmos.train.presets import init_weights, model_config
+from llmos.weights.export import save_hf, save_tokenizer
+from llmos.weights.gguf import GGUFFile
+from llmos.weights.load import build_model, load_gguf, load_hf, open_gguf_config, read_hf_config
+
+RUN_FILE = "run.json"
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    tokenizer: Tokenizer
+    config: ModelConfig
+    name: str
+
+
+# --- entry points -------------------------------------------------------------------------------
+
+def pretrain(
+    data: list[str | Path],
+    out: str | Path,
+    *,
+    size: str = "tiny",
+    arch: str = "llama",
+    tokenizer: str | Path | None = None,
+    vocab_size: int = 4096,
+    model_overrides: dict[str, Any] | None = None,
+    cfg: TrainConfig | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> Path:
+    """Train a `size` model in `arch` shape from scratch on `data`; returns the run folder."""
+    cfg = cfg or TrainConfig()
+    recipe = {"kind": "pretrain", "data": _abs(data), "size": size, "arch": arch, "train": asdict(cfg),
+              "tokenizer": str(tokenizer) if tokenizer else None, "vocab_size": vocab_size,
+              "model_overrides": model_overrides or {}}
+    return _execute(Path(out), recipe, resume=False, device=device, progress=progress)
+
+
+def finetune(
+    base: str | Path,
+    data: list[str | Path],
+    out: str | Path,
+    *,
+    lora: LoraConfig | None = None,
+    merge: bool = False,
+    cfg: TrainConfig | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> Path:
+    """Fine-tune `base` on `data` (all weights, or a LoRA adapter); returns the run folder."""
+    base_path = store.resolve(str(base))
+    if cfg is None:
+        context = base_config(base_path).max_seq_len
+        cfg = TrainConfig(lr=2e-4 if lora else 3e-5, steps=200, warmup=10, seq_len=min(256, context))
+    recipe = {"kind": "finetune", "data": _abs(data), "base": str(base_path), "base_name": str(base),
+              "train": asdict(cfg), "lora": _lora_dict(lora) if lora else None, "merge": merge}
+    return _execute(Path(out), recipe, resume=False, device=device, progress=progress)
+
+
+def resume(run: str | Path, *, steps: int | None = None, device: str = "auto", progress: bool = True) -> Path:
+    """Continue `run` from its newest complete checkpoint (to `steps`, if given, else the recipe's)."""
+    run = Path(run)
+    recipe = read_recipe(run)
+    checkpoint.require_latest(run)
+    if steps is not None:
+        recipe["train"]["steps"] = steps
+    return _execute(run, recipe, resume=True, device=device, progress=progress)
+
+
+def read_recipe(run: str | Path) -> dict[str, Any]:
+    path = Path(run) / RUN_FILE
+    if not path.is_file():
+        raise LlmosError(f"{run} is not a training run (no {RUN_FILE}); give the --out folder of a pretrain or finetune")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise LlmosError(f"{path} is damaged ({exc})") from None
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+def _abs(paths: list[str | Path]) -> list[str]:
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    list_files(paths)  # fail early, naming the path, before any folder is made
+    return [str(Path(p).resolve()) for p in paths]
+
+
+def _lora_dict(lora: LoraConfig) -> dict[str, Any]:
+    return {**asdict(lora), "targets": list(lora.targets)}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _execute(run: Path, recipe: dict[str, Any], *, resume: bool, device: str, progress: bool) -> Path:
+    world = distributed.init(device)
+    created = not resume and world.main and not run.exists()
+    try:
+        cfg = TrainConfig.from_dict(recipe["train"])
+        try:
+            failure: Exception | None = None
+            if world.main:
+                try:
+                    _prepare(run, recipe, cfg, resume)
+                except Exception as exc:
+                    failure = exc
+            if not distributed.all_ok(failure is None):
+                raise failure or LlmosError("rank 0 could not prepare the run; its error says why")
+            recipe = read_recipe(run) if not resume else recipe
+            tokenizer = Tokenizer.from_dir(run)
+            shards = Shards.open(run / "data")
+            model, config = _build(recipe, cfg)
+            if cfg.seq_len > config.max_seq_len:
+                raise LlmosError(f"--seq-len {cfg.seq_len} is longer than the model's context ({config.max_seq_len})")
+            train_w = Windows(shards.tokens("train"), shards.mask("train"), cfg.seq_len, cfg.seed)
+            val_w = Windows(shards.tokens("val"), shards.mask("val"), cfg.seq_len, cfg.seed)
+        except Exception:
+            # Bad data or settings, found before the first step: leave no half-made run behind
+            # that a corrected command would refuse to overwrite.
+            if created:
+                shutil.rmtree(run, ignore_errors=True)
+            raise
+        start = checkpoint.require_latest(run) if resume else None
+        extra = {"kind": recipe["kind"]}
+        metrics = train(model, train_w, val_w, cfg, run, world, resume_from=start, progress=progress, extra_state=extra)
+        if world.main:
+            _finish(run, recipe, model, config, tokenizer, metrics)
+        distributed.barrier()
+    finally:
+        distributed.shutdown()
+    return run
+
+
+def _prepare(run: Path, recipe: dict[str, Any], cfg: TrainConfig, resume: bool) -> None:
+    """Rank 0: recipe, tokenizer and token shards in the run folder."""
+    if not resume:
+        if (run / RUN_FILE).exists():
+            raise LlmosError(f"{run} already holds a run; continue it with --resume {run}, or choose another --out")
+        run.mkdir(parents=True, exist_ok=True)
+        tokenizer, config = _first_tokenizer(recipe)
+        save_tokenizer(tokenizer, run, config.max_seq_len)
+        recipe["model"] = asdict(config)
+        recipe["finished"] = False
+        _write_json(run / RUN_FILE, recipe)
+    else:
+        _write_json(run / RUN_FILE, {**recipe, "finished": False})
+        if (run / "data" / "meta.json").is_file():
+            return  # the run's data is fixed at its start, even if the source files changed since
+    tokenizer = Tokenizer.from_dir(run)
+    prepare_data(recipe["data"], tokenizer, run / "data", val_fraction=cfg.val_fraction, seed=cfg.seed,
+                 min_tokens=cfg.seq_len + 1)
+
+
+def _first_tokenizer(recipe: dict[str, Any]) -> tuple[Tokenizer, ModelConfig]:
+    """The run's tokenizer (the base's, the given one, or one trained on the data) and model shape."""
+    if recipe["kind"] == "finetune":
+        tokenizer, config = _base_tokenizer_and_config(recipe["base"])
+        return tokenizer, config
+    if recipe.get("tokenizer"):
+        tokenizer = load_tokenizer(recipe["tokenizer"])
+    else:
+        tokenizer = train_tokenizer(recipe["data"], recipe["vocab_size"])
+    config = model_config(recipe["size"], recipe["arch"], tokenizer.vocab_size, **recipe["model_overrides"])
+    return tokenizer, config
+
+
+def base_config(base: str | Path) -> ModelConfig:
+    """The ModelConfig of a store name, GGUF file or Hugging Face folder (headers only: no weights)."""
+    path = store.resolve(str(base))
+    if path.is_file():
+        with GGUFFile(path) as gguf:
+            return open_gguf_config(gguf)
+    return read_hf_config(path)
+
+
+def _base_tokenizer_and_config(base: str) -> tuple[Tokenizer, ModelConfig]:
+    path = Path(base)
+    if path.is_file():
+        with GGUFFile(path) as gguf:
+            return Tokenizer.from_gguf(gguf.metadata), open_gguf_config(gguf)
+    return Tokenizer.from_dir(path), read_hf_config(path)
+
+
+def load_for_training(base: str | Path) -> tuple[nn.Module, ModelConfig]:
+    """A GGUF file or Hugging Face folder as an fp32 model that owns its memory (dequantized)."""
+    path = Path(base)
+    if not path.exists():
+        raise LlmosError(f"the base model of this run, {base}, is gone; put it back to resume or export the run")
+    if path.is_file():
+        with GGUFFile(path) as gguf:
+            config = open_gguf_config(gguf)
+            model = load_gguf(gguf, config, torch.float32)
+    else:
+        config = read_hf_config(path)
+        model = load_hf(path, config, torch.float32)
+    # The loaders hand out memory-mapped tensors; training writes into them, so own the memory.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.clone()
+    model.tie_weights()
+    return model, config
+
+
+def _build(recipe: dict[str, Any], cfg: TrainConfig) -> tuple[nn.Module, ModelConfig]:
+    """The model a run trains, before any checkpoint is applied (same on every rank)."""
+    if recipe["kind"] == "pretrain":
+        config = ModelConfig(**recipe["model"])
+        torch.manual_seed(cfg.seed)
+        model = build_model(config, "cpu")
+        init_weights(model, config.n_layers)
+        model.tie_weights()
+        return model, config
+    model, config = load_for_training(recipe["base"])
+    if recipe.get("lora"):
+        lora = recipe["lora"]
+        torch.manual_seed(cfg.seed)
+        apply_lora(model, LoraConfig(rank=lora["rank"], alpha=lora["alpha"], dropout=lora["dropout"],
+                                     targets=tuple(lora["targets"])), config.arch)
+    return model, config
+
+
+def _finish(run: Path, recipe: dict[str, Any], model: nn.Module, config: ModelConfig, tokenizer: Tokenizer,
+            metrics: dict[str, Any]) -> None:
+    """Rank 0: make the run folder a Hugging Face model folder (merged weights), plus the adapter."""
+    model = model.cpu()
+    lora = recipe.get("lora")
+    if lora and not recipe.get("merge"):
+        save_adapter(model, run, LoraConfig(rank=lora["rank"], alpha=lora["alpha"], dropout=lora["dropout"],
+                                            targets=tuple(lora["targets"])), base=recipe.get("base_name", ""))
+    if lora and recipe.get("merge"):
+        merge_lora(model)
+    save_hf(model, config, tokenizer, run)  # merges on the fly when adapters are still in place
+    _write_json(run / RUN_FILE, {**recipe, "finished": True, "final": metrics})
+
+
+# --- loading runs and models --------------------------------------------------------------------
+
+def is_run(path: str | Path) -> bool:
+    return (Path(path) / RUN_FILE).is_file()
+
+
+def load_run(run: str | Path) -> Loaded:
+    """A run's model: the finished Hugging Face folder, else its newest complete checkpoint."""
+    run = Path(run)
+    recipe = read_recipe(run)
+    tokenizer = Tokenizer.from_dir(run)
+    if recipe.get("finished") and (run / "config.json").is_file() and (run / "model.safetensors").is_file():
+        config = read_hf_config(run)
+        return Loaded(load_hf(run, config, torch.float32), tokenizer, config, str(run))
+    folder = checkpoint.require_latest(run)
+    tensors, _ = checkpoint.load(folder)
+    model, config = _build(recipe, TrainConfig.from_dict(recipe["train"]))
+    saved = tensors["model.safetensors"]
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(saved) != set(params):
+        raise LlmosError(f"{folder} does not match the run's model")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name])
+    return Loaded(model.eval(), tokenizer, config, f"{run} ({folder.name})")
+
+
+def load_base(run: str | Path) -> Loaded | None:
+    """The model a fine-tuning run started from (None for pretraining runs)."""
+    recipe = read_recipe(run)
+    if recipe["kind"] != "finetune":
+        return None
+    model, config = load_for_training(recipe["base"])
+    tokenizer, _ = _base_tokenizer_and_config(recipe["base"])
+    return Loaded(model.eval(), tokenizer, config, recipe.get("base_name") or recipe["base"])
+
+
+def load_model(ref: str | Path) -> Loaded:
+    """A run folder, or any model llmos runs (store name, GGUF file, Hugging Face folder), in fp32."""
+    if is_run(ref):
+        return load_run(ref)
+    path = store.resolve(str(ref))
+    model, config = load_for_training(str(path))
+    tokenizer, _ = _base_tokenizer_and_config(str(path))
+    return Loaded(model.eval(), tokenizer, config, str(ref))
+
+
+def load_adapter_run(run: str | Path) -> Loaded:
+    """An unmerged LoRA run as base + adapter modules (for comparing merged and unmerged)."""
+    run = Path(run)
+    recipe = read_recipe(run)
+    if not (run / ADAPTER_WEIGHTS).is_file():
+        raise LlmosError(f"{run} has no adapter (not a LoRA run, or merged with --merge)")
+    model, config = load_for_training(recipe["base"])
+    apply_lora(model, read_adapter_config(run), config.arch)
+    load_lora_state_dict(model, load_file(str(run / ADAPTER_WEIGHTS)))
+    return Loaded(model.eval(), Tokenizer.from_dir(run), config, f"{run} (adapter)")

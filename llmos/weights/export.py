@@ -1,0 +1,367 @@
+"""Model -> files other tools load: a Hugging Face folder, or a GGUF file (F16 or Q8_0).
+
+The inverse of weights/load.py, built from the same name tables: the model's state dict (merged
+first if it carries LoRA adapters) has its fused projections split back (wqkv -> q/k/v, w13 ->
+gate/up), is renamed by the inverted table of names.py, and gets the inverse transforms (GPT-2's
+Conv1D transpose for Hugging Face; llama.cpp's q/k row permutation for GGUF arch "llama").
+
+Contract:
+- `save_hf(model, config, tokenizer, folder)` writes config.json, model.safetensors (unfused Hugging
+  Face names), tokenizer.json, tokenizer_config.json, chat_template.jinja and generation_config.json.
+  transformers' `AutoModelForCausalLM.from_pretrained(folder)` gives the same logits as the model,
+  and so does `llmos.load(folder)`. model.safetensors is renamed into place before config.json, so a
+  folder that has a config.json has complete weights.
+- `save_gguf(model, config, tokenizer, path, qtype="f16"|"q8_0")` writes one GGUF file (with the
+  tokenizer and chat template inside) that `llmos.load(path)` runs. Q8_0 applies to 2-D weights whose
+  rows split into 32-value blocks; other 2-D weights are F16 and 1-D tensors (norms, biases) F32, as
+  llama.cpp does. Only byte-level BPE tokenizers can be written (GGUF tokenizer model "gpt2").
+Both write to a temporary name in the destination folder, fsync and rename: a crash leaves either
+the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from llmos.config import ModelConfig
+from llmos.errors import LlmosError
+from llmos.models.lora import merged_state_dict
+from llmos.tokenizer import Tokenizer
+from llmos.weights import names
+from llmos.weights.load import LLAMA_FUSIONS
+
+GGUF_QTYPES = ("f16", "q8_0")
+
+
+# --- named transforms (inverses of load.py's) ---------------------------------------------------
+
+def permute_gguf_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """llama.cpp's q/k row permutation (Hugging Face rotate-half -> interleaved RoPE pairs);
+    the inverse of load.unpermute_gguf_qk."""
+    shape = w.shape
+    # (H, 2, D/2, ...) -> (H, D/2, 2, ...): halves become interleaved pairs.
+    return w.reshape(n_heads, 2, shape[0] // n_heads // 2, *shape[1:]).transpose(1, 2).reshape(shape)
+
+
+def split_fused(state: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Canonical state with fused projections split into their parts (the inverse of load.fuse)."""
+    if config.arch != "llama":
+        return dict(state)
+    hd = config.head_size
+    sizes = {
+        "attn.wqkv": [config.n_heads * hd, config.n_kv_heads * hd, config.n_kv_heads * hd],
+        "mlp.w13": [config.ffn_dim, config.ffn_dim],
+    }
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        for fused, parts in LLAMA_FUSIONS:
+            if key.endswith(fused):
+                prefix = key[: -len(fused)]
+                pieces = value.split(sizes[fused.rsplit(".", 1)[0]], dim=0)
+                out.update({prefix + p: t for p, t in zip(parts, pieces)})
+                break
+        else:
+            out[key] = value
+    return out
+
+
+class _Inverse:
+    """An inverted names.py table: canonical name -> source-format name."""
+
+    def __init__(self, table: dict[str, str], prefix: str = "") -> None:
+        self._rules = [(re.compile(re.escape(dst).replace(r"\{i\}", r"(\d+)")), src) for src, dst in table.items()]
+        self.prefix = prefix
+
+    def rename(self, name: str) -> str:
+        for pattern, src in self._rules:
+            m = pattern.fullmatch(name)
+            if m:
+                return self.prefix + (src.replace("{i}", m.group(1)) if m.groups() else src)
+        raise LlmosError(f"no export name for parameter {name!r}")
+
+
+def _plain_state(model: nn.Module, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Model parameters (merged, detached, fp32 on CPU) without the tied head."""
+    state = {k: v.detach().float().cpu() for k, v in merged_state_dict(model).items()}
+    if config.tie_embeddings:
+        state.pop("output.weight", None)
+    return state
+
+
+# --- Hugging Face -------------------------------------------------------------------------------
+
+def hf_model_type(config: ModelConfig) -> str:
+    if config.arch == "gpt2":
+        return "gpt2"
+    if config.sliding_window is not None:
+        return "mistral"
+    return "qwen2" if config.qkv_bias else "llama"
+
+
+def hf_config(config: ModelConfig, tokenizer: Tokenizer | None = None) -> dict[str, Any]:
+    """config.json for `config`, read back identically by ModelConfig.from_hf_json."""
+    ids = {}
+    if tokenizer is not None:
+        ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+    if config.arch == "gpt2":
+        return {
+            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+            "vocab_size": config.vocab_size, "n_embd": config.dim, "n_layer": config.n_layers,
+            "n_head": config.n_heads, "n_inner": config.ffn_dim, "n_positions": config.max_seq_len,
+            "n_ctx": config.max_seq_len, "layer_norm_epsilon": config.norm_eps,
+            "activation_function": config.act, "tie_word_embeddings": True,
+            # llmos trains without dropout; say so, so fine-tuning elsewhere starts alike.
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+            "torch_dtype": "float32", **ids,
+        }
+    model_type = hf_model_type(config)
+    arch_name = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[model_type]
+    out: dict[str, Any] = {
+        "architectures": [arch_name], "model_type": model_type,
+        "vocab_size": config.vocab_size, "hidden_size": config.dim, "intermediate_size": config.ffn_dim,
+        "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads,
+        "max_position_embeddings": config.max_seq_len, "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta, "hidden_act": "silu",
+        "tie_word_embeddings": config.tie_embeddings, "attention_bias": False,
+        "torch_dtype": "float32", **ids,
+    }
+    if config.head_dim is not None:
+        out["head_dim"] = config.head_dim
+    if config.rope_scaling is not None:
+        out["rope_scaling"] = dict(config.rope_scaling)
+    if model_type == "mistral":
+        out["sliding_window"] = config.sliding_window
+    if model_type == "qwen2":
+        out["use_sliding_window"] = False
+    return out
+
+
+def hf_state_dict(model: nn.Module, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The model's weights under Hugging Face names and layouts (unfused; GPT-2 in Conv1D (in, out))."""
+    state = split_fused(_plain_state(model, config), config)
+    if config.arch == "gpt2":
+        inverse = _Inverse(names.HF_GPT2, prefix="transformer.")
+    else:
+        inverse = _Inverse(names.HF_LLAMA)
+    out = {}
+    for key, value in state.items():
+        if config.arch == "gpt2" and key.endswith(names.HF_GPT2_CONV1D):
+            value = value.t()
+        out[inverse.rename(key)] = value.contiguous()
+    return out
+
+
+def save_tokenizer(tokenizer: Tokenizer, folder: str | Path, max_len: int | None = None) -> None:
+    """tokenizer.json, tokenizer_config.json, chat_template.jinja and generation_config.json."""
+    folder = Path(folder)
+    backend = tokenizer._backend  # the tokenizers.Tokenizer: its JSON is the portable format
+    _atomic_write_text(folder / "tokenizer.json", backend.to_str())
+    cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+    for name, i in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id), ("pad_token", tokenizer.pad_id)):
+        if i is not None:
+            cfg[name] = backend.id_to_token(i)
+    if max_len:
+        cfg["model_max_length"] = max_len
+    _atomic_write_text(folder / "tokenizer_config.json", json.dumps(cfg, indent=2, ensure_ascii=False))
+    if tokenizer.chat_template:
+        _atomic_write_text(folder / "chat_template.jinja", tokenizer.chat_template)
+    # Every id that ends a turn, so llmos and transformers both stop on them.
+    stops = ([tokenizer.eos_id] if tokenizer.eos_id is not None else []) + sorted(tokenizer.stop_ids - {tokenizer.eos_id})
+    gen = {"bos_token_id": tokenizer.bos_id, "eos_token_id": stops or None}
+    _atomic_write_text(folder / "generation_config.json", json.dumps({k: v for k, v in gen.items() if v is not None}, indent=2))
+
+
+def save_hf(model: nn.Module, config: ModelConfig, tokenizer: Tokenizer | None, folder: str | Path) -> Path:
+    """Write a Hugging Face model folder; returns it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, folder, config.max_seq_len)
+    tmp = folder / f".model.safetensors.tmp-{os.getpid()}"
+    save_file(hf_state_dict(model, config), str(tmp), metadata={"format": "pt"})
+    _commit(tmp, folder / "model.safetensors")
+    _atomic_write_text(folder / "config.json", json.dumps(hf_config(config, tokenizer), indent=2))
+    return folder
+
+
+# --- GGUF ---------------------------------------------------------------------------------------
+
+def gguf_arch(config: ModelConfig) -> str:
+    if config.arch == "gpt2":
+        return "gpt2"
+    if config.sliding_window is not None:
+        raise LlmosError("GGUF export of sliding-window (Mistral) models is not supported; export --format hf")
+    if config.rope_scaling is not None and config.rope_scaling.get("rope_type") != "linear":
+        raise LlmosError(f"GGUF export of {config.rope_scaling.get('rope_type')} rope scaling is not supported; export --format hf")
+    # llama.cpp's "qwen2" is llama with q/k/v biases and without the q/k permutation.
+    return "qwen2" if config.qkv_bias else "llama"
+
+
+def gguf_tensors(model: nn.Module, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """(GGUF name, fp32 tensor in PyTorch (rows, cols) order), q/k permuted for arch "llama"."""
+    arch = gguf_arch(config)
+    state = split_fused(_plain_state(model, config), config)
+    inverse = _Inverse(names.GGUF_GPT2 if config.arch == "gpt2" else names.GGUF_LLAMA)
+    for key, value in state.items():
+        if arch == "llama" and key.endswith(("attn.q.weight", "attn.q.bias")):
+            value = permute_gguf_qk(value, config.n_heads)
+        elif arch == "llama" and key.endswith(("attn.k.weight", "attn.k.bias")):
+            value = permute_gguf_qk(value, config.n_kv_heads)
+        yield inverse.rename(key), value
+
+
+def save_gguf(model: nn.Module, config: ModelConfig, tokenizer: Tokenizer, path: str | Path, qtype: str = "f16") -> Path:
+    """Write one GGUF file; returns its path."""
+    import gguf
+
+    qtype = qtype.lower()
+    if qtype not in GGUF_QTYPES:
+        raise LlmosError(f"GGUF type must be one of {', '.join(GGUF_QTYPES)}, got {qtype!r}")
+    arch = gguf_arch(config)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    writer.add_name(config.name or "llmos")
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if qtype == "q8_0" else gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_context_length(config.max_seq_len)
+    writer.add_embedding_length(config.dim)
+    writer.add_block_count(config.n_layers)
+    writer.add_feed_forward_length(config.ffn_dim)
+    writer.add_head_count(config.n_heads)
+    writer.add_vocab_size(config.vocab_size)
+    if config.arch == "gpt2":
+        writer.add_layer_norm_eps(config.norm_eps)
+    else:
+        writer.add_head_count_kv(config.n_kv_heads)
+        writer.add_layer_norm_rms_eps(config.norm_eps)
+        writer.add_rope_freq_base(config.rope_theta)
+        writer.add_rope_dimension_count(config.head_size)
+        if config.head_dim is not None and config.head_dim != config.dim // config.n_heads:
+            writer.add_key_length(config.head_dim)
+            writer.add_value_length(config.head_dim)
+        if config.rope_scaling is not None:
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(float(config.rope_scaling["factor"]))
+    _add_gguf_tokenizer(writer, tokenizer, config.vocab_size)
+    for name, tensor in gguf_tensors(model, config):
+        data = tensor.numpy()
+        if data.ndim == 1:
+            writer.add_tensor(name, data.astype(np.float32))
+        elif qtype == "q8_0" and data.shape[-1] % 32 == 0:
+            q = gguf.quants.quantize(data.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(name, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(name, data.astype(np.float16))
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    _commit(tmp, path)
+    return path
+
+
+def _add_gguf_tokenizer(writer: Any, tokenizer: Tokenizer, vocab_size: int) -> None:
+    import gguf
+
+    spec = json.loads(tokenizer._backend.to_str())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+        raise LlmosError("only byte-level BPE tokenizers can be written into GGUF; export --format hf instead")
+    vocab = tokenizer._backend.get_vocab(with_added_tokens=True)
+    tokens: list[str | None] = [None] * max(vocab_size, len(vocab))
+    for piece, i in vocab.items():
+        tokens[i] = piece
+    added = {a["id"]: a for a in spec.get("added_tokens") or []}
+    types = []
+    for i, piece in enumerate(tokens):
+        if piece is None:  # the model's vocabulary is larger than the tokenizer's (padding rows)
+            tokens[i] = f"[PAD{i}]"
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            types.append(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_gguf_pre_name(spec))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for add, i in ((writer.add_bos_token_id, tokenizer.bos_id), (writer.add_eos_token_id, tokenizer.eos_id),
+                   (writer.add_pad_token_id, tokenizer.pad_id)):
+        if i is not None:
+            add(i)
+    post = spec.get("post_processor") or {}
+    single = post.get("single") or [] if post.get("type") == "TemplateProcessing" else []
+    writer.add_add_bos_token(bool(single) and "SpecialToken" in single[0])
+    writer.add_add_eos_token(bool(single) and "SpecialToken" in single[-1])
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def _gguf_pre_name(spec: dict[str, Any]) -> str:
+    """The `tokenizer.ggml.pre` whose split regexes are this tokenizer's (llmos.tokenizer's table)."""
+    from llmos.tokenizer import _GGUF_PRE  # the same table the reader uses, so the round trip holds
+
+    pre = spec.get("pre_tokenizer") or {}
+    ignore_merges = bool((spec.get("model") or {}).get("ignore_merges", False))
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        splits: tuple[str, ...] = (_GGUF_PRE["gpt-2"]["splits"][0],)
+    elif pre.get("type") == "Sequence":
+        parts = pre.get("pretokenizers") or []
+        splits = tuple((p.get("pattern") or {}).get("Regex", "") for p in parts if p.get("type") == "Split")
+    else:
+        splits = ()
+    for name, entry in _GGUF_PRE.items():
+        if entry["splits"] == splits and entry["ignore_merges"] == ignore_merges:
+            return name
+    raise LlmosError("this tokenizer's pre-tokenizer has no GGUF equivalent llmos knows; export --format hf instead")
+
+
+# --- files --------------------------------------------------------------------------------------
+
+def _commit(tmp: Path, final: Path) -> None:
+    """fsync `tmp`, rename it over `final`, fsync the folder: `final` is the old or the new file."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make renames in `folder` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
