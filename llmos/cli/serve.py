@@ -1,0 +1,88 @@
+"""`llmos serve`: the OpenAI-compatible API and the web chat page on http://127.0.0.1:8000.
+
+Safe by default: binds the loopback interface; refuses any other address unless an API key is set
+(--api-key-file, or the LLMOS_API_KEY environment variable); CORS is off unless origins are listed;
+the model must already be in the store or on disk (the server never downloads anything).
+SIGTERM or Ctrl-C stops accepting connections, lets in-flight requests finish, then exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+from pathlib import Path
+
+from llmos.errors import LlmosError
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP API and web chat page")
+    p.add_argument("--model", "-m", default="smollm2-135m-instruct", help="store name, .gguf file or Hugging Face folder")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "int8", "int4"])
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (non-loopback needs an API key)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key-file", default=None, help="file holding the API key (else $LLMOS_API_KEY)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser requests from this origin (repeatable); off by default")
+    p.add_argument("--max-active", type=int, default=16, help="generations interleaved at once")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 503")
+    p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="request body size cap")
+    p.add_argument("--default-max-tokens", type=int, default=1024, help="completion length when a request sets none")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=run_serve)
+
+
+def read_api_key(path: str | None) -> str | None:
+    if path:
+        try:
+            key = Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise LlmosError(f"cannot read the API key file {path}: {exc.strerror}") from None
+        if not key:
+            raise LlmosError(f"the API key file {path} is empty")
+        return key
+    return os.environ.get("LLMOS_API_KEY", "").strip() or None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from llmos import store
+
+    key = read_api_key(args.api_key_file)
+    if not is_loopback(args.host) and key is None:
+        raise LlmosError(f"refusing to serve on {args.host} without an API key: pass --api-key-file FILE or set "
+                         "LLMOS_API_KEY (or bind 127.0.0.1)")
+    limits = (("--max-active", args.max_active, 1), ("--max-queue", args.max_queue, 0),
+              ("--max-body-bytes", args.max_body_bytes, 1024), ("--default-max-tokens", args.default_max_tokens, 1))
+    for name, value, low in limits:
+        if value < low:
+            raise LlmosError(f"{name} must be at least {low}, got {value}")
+    store.resolve(args.model, pull_missing=False)  # fail now, in the terminal, and never download
+    try:
+        import uvicorn
+
+        from llmos.serve.app import ServeConfig, create_app
+    except ImportError as exc:
+        raise LlmosError(f"the server needs its extra dependencies ({exc.name}): pip install 'llmos[serve]'") from None
+    config = ServeConfig(model=args.model, dtype=args.dtype, api_key=key, cors_origins=tuple(args.cors_origin),
+                         max_active=args.max_active, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
+                         default_max_tokens=args.default_max_tokens, threads=args.threads)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"llmos serve: {config.served_name} on http://{shown}:{args.port}/ (API at /v1"
+          f"{', key required' if key else ''}); loading the model...", file=sys.stderr, flush=True)
+    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level,
+                server_header=False, forwarded_allow_ips="")
+    return 0

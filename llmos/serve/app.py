@@ -1,0 +1,799 @@
+"""The OpenAI-compatible HTTP API and the web chat page, as one Starlette application.
+
+    app = create_app(ServeConfig(model="smollm2-135m-instruct", api_key="..."))   # run with uvicorn
+
+Routes: POST /v1/chat/completions, /v1/completions, /v1/embeddings; GET /v1/models[/{id}];
+POST /tokenize, /detokenize; GET /health (503 while the model loads), /metrics (Prometheus),
+/openapi.json; the page at / and its files under /static/.
+
+Contract:
+- Every error, on every route, is the OpenAI envelope {"error": {"message", "type", "param", "code"}}:
+  400 for any invalid request (also malformed JSON and prompts over the context, code
+  "context_length_exceeded"), 401 without the right key, 404 for an unknown model or route, 413 for a
+  body over the cap, 503 + Retry-After while loading or when the queue is full, 500 (logged) for a bug.
+  A failure after a stream began is sent as an error event, then `data: [DONE]`.
+- Requests are validated and budgeted before anything is queued or streamed.
+- With an API key, every route except /health and the page's files needs `Authorization: Bearer KEY`
+  (compared in constant time; the key is never logged). CORS is off unless origins are listed.
+- Model names in requests are compared with the served model's names only; none reaches the
+  filesystem. Nothing is ever fetched: a model that is not in the store is an error, not a download.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from llmos import __version__, store
+from llmos.errors import LlmosError
+from llmos.generation import Delta, TokenLogprob, parse_controls
+from llmos.serve import schema as S
+from llmos.serve.json_constraint import OBJECT, JsonConstraint, TokenTexts, check_output, check_schema, compile_schema
+from llmos.serve.metrics import Metrics
+from llmos.serve.stream import DONE, EventStream, merged, sse, wait_disconnect
+from llmos.serve.worker import QueueFull, Ticket, Worker, WorkerError
+
+log = logging.getLogger("llmos.serve")
+
+# OpenAI's sampling defaults (not llmos's free-text defaults): temperature 1, no top-k / top-p.
+OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
+FINISH = {"eos": "stop", "stop": "stop", "repetition": "stop", "length": "length"}
+STATIC = ("index.html", "app.js", "style.css")
+PUBLIC_PATHS = {"/health", "/", "/index.html"} | {f"/static/{name}" for name in STATIC}
+PAGE_HEADERS = {
+    "content-security-policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+}
+RETRY_AFTER = "2"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str = store.DEFAULT_CHAT_MODEL
+    dtype: str = "auto"
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    max_active: int = 16  # generations interleaved at once
+    max_queue: int = 64  # requests waiting beyond those
+    max_body_bytes: int = 4 << 20
+    default_max_tokens: int = 1024  # when a request sets no max_tokens (capped by the context)
+    embed_model: str = store.DEFAULT_EMBED_MODEL
+    threads: int | None = None
+
+    @property
+    def served_name(self) -> str:
+        """The model's id in the API: its store name, or the file/folder name of a path."""
+        looks_like_path = any(c in self.model for c in "/\\") or self.model.lower().endswith(".gguf")
+        return Path(self.model).name if looks_like_path or Path(self.model).exists() else self.model
+
+
+class Server:
+    """What the routes share: the model (loaded in the background), the worker, metrics, settings."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.name = config.served_name
+        self.names = {self.name, config.model}
+        self.status, self.error = "loading", None
+        self.llm: Any = None
+        self.worker: Worker | None = None
+        self.texts: TokenTexts | None = None
+        self.embedder: Any = None
+        self._embed_lock = asyncio.Lock()
+        self._token_bytes: dict[int, list[int]] = {}
+        self.metrics = Metrics()
+        self.created = int(time.time())
+        self.fingerprint = f"llmos-{__version__}"
+        self._key_digest = hashlib.sha256(config.api_key.encode()).digest() if config.api_key else None
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def start_loading(self) -> threading.Thread:
+        thread = threading.Thread(target=self._load, name="llmos-load", daemon=True)
+        thread.start()
+        return thread
+
+    def _load(self) -> None:
+        try:
+            import llmos
+
+            if self.config.threads:
+                import torch
+
+                torch.set_num_threads(self.config.threads)
+            path = store.resolve(self.config.model, pull_missing=False)  # never a download
+            llm = llmos.load(path, dtype=self.config.dtype)
+            self.texts = TokenTexts(llm.tokenizer)
+            self.worker = Worker(llm, max_active=self.config.max_active, max_queue=self.config.max_queue)
+            self.fingerprint = f"llmos-{__version__}-{llm.dtype}"
+            self.llm, self.status = llm, "ok"
+            log.info("model %s loaded (%s); serving", self.name, llm.dtype)
+        except Exception as exc:
+            self.status, self.error = "error", str(exc)
+            log.exception("could not load model %s", self.config.model)
+
+    def shutdown(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+
+    # --- checks ---------------------------------------------------------------------------------
+    def authorized(self, scope: Scope) -> bool:
+        if self._key_digest is None:
+            return True
+        header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        given = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).digest()
+        return scheme.lower() == "bearer" and hmac.compare_digest(given, self._key_digest)
+
+    def ready(self) -> Any:
+        if self.status == "loading":
+            raise S.ApiError(503, "the model is still loading; try again shortly", code="model_loading",
+                             headers={"Retry-After": "5"})
+        if self.status == "error":
+            raise S.ApiError(503, f"the model could not be loaded: {self.error}", code="model_unavailable")
+        return self.llm
+
+    def chat_model(self, name: str | None) -> Any:
+        """The loaded LLM if `name` is the served model (or omitted)."""
+        if name is not None and name not in self.names:
+            if name == self.config.embed_model:
+                raise S.invalid(f"'{name}' is an embedding model: use /v1/embeddings", "model", "model_not_supported")
+            raise S.ApiError(404, f"the model '{name}' does not exist; this server serves '{self.name}'",
+                             param="model", code="model_not_found")
+        return self.ready()
+
+    def submit(self, ids: list[int], controls: dict[str, Any], param: str) -> Ticket:
+        llm = self.ready()
+        try:
+            return self.worker.submit(ids, controls, OPENAI_DEFAULTS, default_new=self.config.default_max_tokens)
+        except QueueFull as exc:
+            raise S.ApiError(503, f"{exc}; retry later", code="server_overloaded",
+                             headers={"Retry-After": RETRY_AFTER}) from None
+        except LlmosError as exc:
+            raise self._controls_error(exc, len(ids), controls, param, llm.config.max_seq_len) from None
+
+    def validate(self, controls: dict[str, Any], param: str) -> Any:
+        try:
+            return parse_controls(controls, OPENAI_DEFAULTS)
+        except LlmosError as exc:
+            raise self._controls_error(exc, 0, controls, param, 0) from None
+
+    @staticmethod
+    def _controls_error(exc: LlmosError, n_prompt: int, controls: dict[str, Any], param: str, context: int) -> S.ApiError:
+        message = str(exc)
+        if "context" in message and context:
+            asked = controls.get("max_new_tokens")
+            if asked is None:
+                text = (f"This model's maximum context length is {context} tokens. However, your prompt is "
+                        f"{n_prompt} tokens, which leaves no room for a completion. Please shorten it.")
+            else:
+                text = (f"This model's maximum context length is {context} tokens. However, you requested "
+                        f"{n_prompt + asked} tokens ({n_prompt} in the prompt, {asked} in the completion). "
+                        "Please reduce the length of the prompt or the completion (max_tokens).")
+            return S.invalid(text, param, "context_length_exceeded")
+        if "prompt is empty" in message:
+            return S.invalid(message, param)
+        first = message.split(" ", 1)[0].strip(":,")
+        names = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "n": "n", "stop": "stop",
+                 "logprobs": "top_logprobs"}
+        known = names.get(first, first if first in S._Sampling.model_fields else None)
+        return S.invalid(message, known)
+
+    async def get_embedder(self) -> Any:
+        async with self._embed_lock:
+            if self.embedder is None:
+                name = self.config.embed_model
+                try:
+                    path = store.resolve(name, pull_missing=False)
+                except LlmosError as exc:
+                    raise S.ApiError(404, f"the embedding model '{name}' is not available: {exc}", param="model",
+                                     code="model_not_found") from None
+                from llmos.tasks.embed import Embedder
+
+                self.embedder = await asyncio.to_thread(Embedder.load, path)
+            return self.embedder
+
+    def token_bytes(self, token: int, text: str) -> list[int]:
+        """The raw bytes of a token (byte-level BPE pieces map back to bytes exactly)."""
+        out = self._token_bytes.get(token)
+        if out is None:
+            piece = self.llm.tokenizer.id_to_token(token)
+            decoder = _byte_decoder()
+            if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
+                out = [int(piece[3:5], 16)]
+            elif all(c in decoder for c in piece):
+                out = [decoder[c] for c in piece]
+            else:
+                out = list(text.encode("utf-8"))
+            self._token_bytes[token] = out
+        return out
+
+
+_BYTE_DECODER: dict[str, int] = {}
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte."""
+    if not _BYTE_DECODER:
+        bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+        cs = bs[:]
+        n = 0
+        for b in range(256):
+            if b not in bs:
+                bs.append(b)
+                cs.append(256 + n)
+                n += 1
+        _BYTE_DECODER.update({chr(c): b for b, c in zip(bs, cs)})
+    return _BYTE_DECODER
+
+
+def _server(request: Request) -> Server:
+    return request.app.state.server
+
+
+async def read_json(request: Request) -> Any:
+    cap = _server(request).config.max_body_bytes
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > cap:
+            raise _too_large(cap)
+    return S.decode_body(bytes(body))
+
+
+def _too_large(cap: int) -> S.ApiError:
+    return S.ApiError(413, f"the request body is larger than this server's limit of {cap} bytes",
+                      code="request_too_large")
+
+
+# --- generation results -------------------------------------------------------------------------------------
+
+
+class _Choice:
+    """One choice's output gathered from its deltas."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.tokens = 0
+        self.logprobs: list[TokenLogprob] = []
+        self.finish: str | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+class _Run:
+    """The deltas of one request's tickets, numbered as OpenAI choices (prompt k, sample i -> k*n+i)."""
+
+    def __init__(self, server: Server, tickets: Sequence[Ticket], n: int, started: float) -> None:
+        self.server, self.tickets, self.n, self.started = server, list(tickets), n, started
+        self.choices = [_Choice() for _ in range(len(tickets) * n)]
+        self.first = False
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(t.prompt_tokens for t in self.tickets)
+
+    @property
+    def completion_tokens(self) -> int:
+        # A finished run's choices hold every token; deltas skip tokens that added no text yet.
+        total = 0
+        for k, ticket in enumerate(self.tickets):
+            done = ticket.run.choices
+            total += (sum(len(c.token_ids) for c in done) if done
+                      else sum(c.tokens for c in self.choices[k * self.n:(k + 1) * self.n]))
+        return total
+
+    def usage(self) -> dict[str, int]:
+        p, c = self.prompt_tokens, self.completion_tokens
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    async def deltas(self) -> AsyncIterator[tuple[int, Delta]]:
+        try:
+            async for k, delta in merged(self.tickets):
+                index = k * self.n + delta.index
+                choice = self.choices[index]
+                if delta.token_ids and not self.first:
+                    self.first = True
+                    self.server.metrics.first_token(time.perf_counter() - self.started)
+                choice.tokens += len(delta.token_ids)
+                choice.parts.append(delta.text)
+                choice.logprobs.extend(delta.logprobs)
+                if delta.finish_reason:
+                    choice.finish = FINISH.get(delta.finish_reason, "stop")
+                yield index, delta
+        finally:
+            self.server.metrics.tokens(self.prompt_tokens, self.completion_tokens)
+
+    async def collect(self, request: Request) -> bool:
+        """Run to the end; False when the client went away first (its tickets are then cancelled)."""
+
+        async def drain() -> None:
+            async for _ in self.deltas():
+                pass
+
+        task = asyncio.create_task(drain())
+        watch = asyncio.create_task(wait_disconnect(request.receive))
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        watch.cancel()
+        if task not in done:
+            for ticket in self.tickets:
+                ticket.cancel()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            return False
+        try:
+            task.result()
+        except WorkerError as exc:
+            raise S.ApiError(500, f"generation failed: {exc}", code="internal_error") from None
+        return True
+
+
+def _chat_logprobs(server: Server, lps: Sequence[TokenLogprob]) -> dict[str, Any]:
+    def entry(token: str, token_id: int, lp: float) -> dict[str, Any]:
+        return {"token": token, "logprob": _finite(lp), "bytes": server.token_bytes(token_id, token)}
+
+    return {"content": [{**entry(t.token, t.id, t.logprob), "top_logprobs": [entry(*top) for top in t.top]}
+                        for t in lps], "refusal": None}
+
+
+def _completion_logprobs(lps: Sequence[TokenLogprob], offset: int) -> dict[str, Any]:
+    offsets = []
+    for t in lps:
+        offsets.append(offset)
+        offset += len(t.token)
+    return {"tokens": [t.token for t in lps], "token_logprobs": [_finite(t.logprob) for t in lps],
+            "top_logprobs": [{text: _finite(lp) for text, _, lp in t.top} for t in lps], "text_offset": offsets}
+
+
+def _finite(x: float) -> float:
+    return max(float(x), -9999.0)  # -inf is not JSON; OpenAI reports impossible tokens as -9999
+
+
+# --- routes ---------------------------------------------------------------------------------------------------
+
+
+async def chat_completions(request: Request) -> Any:
+    started = time.perf_counter()
+    server = _server(request)
+    req: S.ChatCompletionRequest = S.parse(S.ChatCompletionRequest, await read_json(request))
+    llm = server.chat_model(req.model)
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+    try:
+        ids = llm._chat_ids(messages)
+    except LlmosError as exc:
+        raise S.invalid(str(exc), "messages") from None
+    controls = req.controls(llm.config.vocab_size)
+    schema = _json_mode(server, req, controls, len(ids))
+    ticket = server.submit(ids, controls, "messages")
+    run = _Run(server, [ticket], req.n, started)
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if req.stream:
+        usage = bool(req.stream_options and req.stream_options.include_usage)
+        return EventStream(_chat_events(server, run, rid, created, usage, schema), [ticket])
+    if not await run.collect(request):
+        return Response(status_code=499)
+    choices = []
+    for i, c in enumerate(run.choices):
+        _check_json(schema, c)
+        choices.append({"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
+                        "logprobs": _chat_logprobs(server, c.logprobs) if req.logprobs else None,
+                        "finish_reason": c.finish or "stop"})
+    return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": server.name,
+                         "system_fingerprint": server.fingerprint, "choices": choices, "usage": run.usage()})
+
+
+def _json_mode(server: Server, req: S.ChatCompletionRequest, controls: dict[str, Any], prompt_len: int) -> Any:
+    """Add the JSON constraint for response_format; returns the schema to check the output against
+    (None for json_object, False when the format is plain text)."""
+    rf = req.response_format
+    if rf is None or rf.type == "text":
+        return False
+    schema = rf.json_schema.schema_ if rf.type == "json_schema" else None
+    node = OBJECT
+    if schema is not None:
+        try:
+            check_schema(schema)
+            node = compile_schema(schema)
+        except LlmosError as exc:
+            raise S.invalid(str(exc), "response_format.json_schema.schema") from None
+    params = server.validate(controls, "response_format").params
+    # The warpers run inside the constraint, after its mask (see json_constraint's docstring).
+    controls.update(top_k=0, top_p=1.0, min_p=0.0)
+    controls["processors"] = (JsonConstraint(server.texts, node, prompt_len, server.llm.tokenizer.stop_ids,
+                                             greedy=params.greedy, top_k=params.top_k, top_p=params.top_p,
+                                             min_p=params.min_p),)
+    return schema
+
+
+def _check_json(schema: Any, choice: _Choice) -> None:
+    if schema is not False and choice.finish == "stop":
+        problem = check_output(choice.text, schema)
+        if problem:
+            log.warning("constrained JSON output does not match the requested format: %s", problem)
+
+
+async def _chat_events(server: Server, run: _Run, rid: str, created: int, usage: bool, schema: Any) -> AsyncIterator[str]:
+    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.name,
+            "system_fingerprint": server.fingerprint}
+    extra = {"usage": None} if usage else {}
+
+    def chunk(index: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None) -> str:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return sse({**base, "choices": [choice], **extra})
+
+    for i in range(len(run.choices)):
+        yield chunk(i, {"role": "assistant", "content": ""})
+    want_lp = run.tickets[0].run.controls.logprobs is not None
+    try:
+        async for index, delta in run.deltas():
+            if delta.text or delta.logprobs:
+                yield chunk(index, {"content": delta.text}, _chat_logprobs(server, delta.logprobs) if want_lp else None)
+            if delta.finish_reason:
+                _check_json(schema, run.choices[index])
+                yield chunk(index, {}, None, run.choices[index].finish)
+    except WorkerError as exc:
+        yield sse(S.ApiError(500, f"generation failed: {exc}", code="internal_error").body())
+        yield DONE
+        return
+    if usage:
+        yield sse({**base, "choices": [], "usage": run.usage()})
+    yield DONE
+
+
+async def completions(request: Request) -> Any:
+    started = time.perf_counter()
+    server = _server(request)
+    req: S.CompletionRequest = S.parse(S.CompletionRequest, await read_json(request))
+    llm = server.chat_model(req.model)
+    prompts = req.prompts()
+    id_lists, texts = [], []
+    for k, p in enumerate(prompts):
+        if isinstance(p, str):
+            id_lists.append(llm.encode(p))
+            texts.append(p)
+        else:
+            bad = [t for t in p if not 0 <= t < llm.config.vocab_size]
+            if bad:
+                raise S.invalid(f"prompt token ids must be in [0, {llm.config.vocab_size - 1}], got {bad[:5]}", "prompt")
+            id_lists.append(list(p))
+            texts.append(llm.decode(p) if req.echo else "")
+    controls = req.controls(llm.config.vocab_size)
+    tickets: list[Ticket] = []
+    try:
+        for ids in id_lists:
+            tickets.append(server.submit(ids, controls, "prompt"))
+    except S.ApiError:
+        for t in tickets:
+            t.cancel()
+        raise
+    run = _Run(server, tickets, req.n, started)
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    echo = [texts[i // req.n] if req.echo else "" for i in range(len(run.choices))]
+    if req.stream:
+        usage = bool(req.stream_options and req.stream_options.include_usage)
+        return EventStream(_completion_events(server, run, rid, created, usage, echo, req.logprobs is not None), tickets)
+    if not await run.collect(request):
+        return Response(status_code=499)
+    choices = [{"index": i, "text": echo[i] + c.text,
+                "logprobs": _completion_logprobs(c.logprobs, len(echo[i])) if req.logprobs is not None else None,
+                "finish_reason": c.finish or "stop"} for i, c in enumerate(run.choices)]
+    return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": server.name,
+                         "system_fingerprint": server.fingerprint, "choices": choices, "usage": run.usage()})
+
+
+async def _completion_events(server: Server, run: _Run, rid: str, created: int, usage: bool, echo: list[str],
+                             want_lp: bool) -> AsyncIterator[str]:
+    base = {"id": rid, "object": "text_completion", "created": created, "model": server.name,
+            "system_fingerprint": server.fingerprint}
+    extra = {"usage": None} if usage else {}
+    offsets = [len(e) for e in echo]
+
+    def chunk(index: int, text: str, logprobs: Any = None, finish: str | None = None) -> str:
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        return sse({**base, "choices": [choice], **extra})
+
+    for i, e in enumerate(echo):
+        if e:
+            yield chunk(i, e)
+    try:
+        async for index, delta in run.deltas():
+            if delta.text or delta.logprobs:
+                lp = _completion_logprobs(delta.logprobs, offsets[index]) if want_lp else None
+                offsets[index] += sum(len(t.token) for t in delta.logprobs)
+                yield chunk(index, delta.text, lp)
+            if delta.finish_reason:
+                yield chunk(index, "", None, run.choices[index].finish)
+    except WorkerError as exc:
+        yield sse(S.ApiError(500, f"generation failed: {exc}", code="internal_error").body())
+        yield DONE
+        return
+    if usage:
+        yield sse({**base, "choices": [], "usage": run.usage()})
+    yield DONE
+
+
+async def embeddings(request: Request) -> Any:
+    server = _server(request)
+    req: S.EmbeddingRequest = S.parse(S.EmbeddingRequest, await read_json(request))
+    name = server.config.embed_model
+    if req.model is not None and req.model != name:
+        if req.model in server.names:
+            raise S.invalid(f"'{req.model}' is a chat model; the embedding model is '{name}'", "model",
+                            "model_not_supported")
+        raise S.ApiError(404, f"the model '{req.model}' does not exist; the embedding model is '{name}'",
+                         param="model", code="model_not_found")
+    texts = req.texts()
+    embedder = await server.get_embedder()
+    if req.dimensions is not None and req.dimensions != embedder.dim:
+        raise S.invalid(f"dimensions must be {embedder.dim} for {name} (it cannot shorten its vectors)", "dimensions")
+    async with server._embed_lock:  # one batch at a time beside the generation thread
+        out = await asyncio.to_thread(embedder.embed, texts)
+    data = []
+    for i, vector in enumerate(out.vectors):
+        value: Any = (base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+                      if req.encoding_format == "base64" else [float(x) for x in vector])
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    tokens = sum(min(n, embedder.max_tokens) for n in out.n_tokens)
+    server.metrics.tokens(tokens, 0)
+    return JSONResponse({"object": "list", "data": data, "model": name,
+                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+def _model_card(server: Server, name: str, capabilities: list[str]) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": server.created, "owned_by": "llmos", "capabilities": capabilities}
+
+
+def _models(server: Server) -> list[dict[str, Any]]:
+    return [_model_card(server, server.name, ["chat", "completions"]),
+            _model_card(server, server.config.embed_model, ["embeddings"])]
+
+
+async def list_models(request: Request) -> Any:
+    return JSONResponse({"object": "list", "data": _models(_server(request))})
+
+
+async def get_model(request: Request) -> Any:
+    server = _server(request)
+    name = request.path_params["model"]
+    for card in _models(server):
+        if card["id"] == name or (name in server.names and "chat" in card["capabilities"]):
+            return JSONResponse(card)
+    raise S.ApiError(404, f"the model '{name}' does not exist", param="model", code="model_not_found")
+
+
+async def tokenize(request: Request) -> Any:
+    server = _server(request)
+    req: S.TokenizeRequest = S.parse(S.TokenizeRequest, await read_json(request))
+    llm = server.chat_model(req.model)
+    if (req.prompt is None) == (req.messages is None):
+        raise S.invalid("give exactly one of prompt or messages", "prompt")
+    try:
+        if req.messages is not None:
+            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+            text = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
+            ids = llm.encode(text, add_special_tokens=False)
+        else:
+            ids = llm.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+    except LlmosError as exc:
+        raise S.invalid(str(exc), "messages" if req.messages is not None else "prompt") from None
+    return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": llm.config.max_seq_len})
+
+
+async def detokenize(request: Request) -> Any:
+    server = _server(request)
+    req: S.DetokenizeRequest = S.parse(S.DetokenizeRequest, await read_json(request))
+    llm = server.chat_model(req.model)
+    bad = [t for t in req.tokens if not 0 <= t < llm.config.vocab_size]
+    if bad:
+        raise S.invalid(f"token ids must be in [0, {llm.config.vocab_size - 1}], got {bad[:5]}", "tokens")
+    return JSONResponse({"prompt": llm.decode(req.tokens, skip_special_tokens=False)})
+
+
+async def health(request: Request) -> Any:
+    server = _server(request)
+    w = server.worker
+    body = {"status": server.status, "model": server.name, "active": w.active if w else 0,
+            "queue_depth": w.queue_depth if w else 0}
+    if server.error:
+        body["error"] = server.error
+    return JSONResponse(body, status_code=200 if server.status == "ok" else 503)
+
+
+async def metrics(request: Request) -> Any:
+    server = _server(request)
+    w = server.worker
+    text = server.metrics.render(queue_depth=w.queue_depth if w else 0, active=w.active if w else 0,
+                                 tokens_per_second=w.tokens_per_second() if w else 0.0, loaded=server.status == "ok")
+    return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def page(request: Request) -> Any:
+    name = request.path_params.get("name", "index.html")
+    if name not in STATIC:
+        raise HTTPException(404)
+    body = resources.files("llmos.serve").joinpath("static", name).read_bytes()
+    kind = {"html": "text/html", "js": "text/javascript", "css": "text/css"}[name.rsplit(".", 1)[1]]
+    return Response(body, media_type=f"{kind}; charset=utf-8", headers=PAGE_HEADERS)
+
+
+# --- OpenAPI --------------------------------------------------------------------------------------------------
+
+# (method, path, summary, request model, response model)
+API = (
+    ("post", "/v1/chat/completions", "Chat completion (stream=true for server-sent events)", S.ChatCompletionRequest,
+     S.ChatCompletion),
+    ("post", "/v1/completions", "Text completion", S.CompletionRequest, S.Completion),
+    ("post", "/v1/embeddings", "Sentence embeddings", S.EmbeddingRequest, S.EmbeddingList),
+    ("get", "/v1/models", "The served models", None, S.ModelList),
+    ("get", "/v1/models/{model}", "One model", None, S.Model),
+    ("post", "/tokenize", "Text or messages to token ids", S.TokenizeRequest, S.Tokens),
+    ("post", "/detokenize", "Token ids to text", S.DetokenizeRequest, S.Detokenized),
+    ("get", "/health", "200 when serving, 503 while the model loads", None, S.Health),
+)
+
+
+def openapi_document() -> dict[str, Any]:
+    from pydantic.json_schema import models_json_schema
+
+    models = {m for _, _, _, req, resp in API for m in (req, resp) if m is not None} | {S.Error}
+    _, defs = models_json_schema([(m, "validation") for m in sorted(models, key=lambda m: m.__name__)],
+                                 ref_template="#/components/schemas/{model}")
+    error = {"description": "OpenAI error envelope",
+             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    paths: dict[str, Any] = {}
+    for method, path, summary, req, resp in API:
+        op: dict[str, Any] = {"summary": summary, "responses": {"200": {"description": "OK", **_json_body(resp)},
+                                                                "default": error}}
+        if req is not None:
+            op["requestBody"] = {"required": True, **_json_body(req)}
+        if path != "/health":
+            op["security"] = [{"bearer": []}]
+        paths.setdefault(path, {})[method] = op
+    paths["/metrics"] = {"get": {"summary": "Prometheus metrics", "security": [{"bearer": []}],
+                                 "responses": {"200": {"description": "text/plain metrics"}}}}
+    return {"openapi": "3.1.0", "info": {"title": "llmos", "version": __version__,
+                                         "description": "OpenAI-compatible API of a local llmos server"},
+            "paths": paths, "components": {"schemas": defs.get("$defs", {}),
+                                           "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}}
+
+
+def _json_body(model: type) -> dict[str, Any]:
+    return {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+
+
+async def openapi(request: Request) -> Any:
+    return JSONResponse(request.app.state.openapi)
+
+
+# --- errors, auth, metrics --------------------------------------------------------------------------------------
+
+
+def _error_response(err: S.ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    return _error_response(exc)  # type: ignore[arg-type]
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    status = getattr(exc, "status_code", 500)
+    message = {404: f"no route {request.method} {request.url.path}", 405: f"method {request.method} is not allowed here"}
+    return _error_response(S.ApiError(status, message.get(status, str(getattr(exc, "detail", exc))),
+                                      code={404: "not_found", 405: "method_not_allowed"}.get(status)))
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+    return _error_response(S.ApiError(500, "internal server error (logged on the server)", code="internal_error"))
+
+
+ROUTE_LABELS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/tokenize", "/detokenize",
+                "/health", "/metrics", "/openapi.json", "/"}
+
+
+class Guard:
+    """Outermost app logic: API key, body size cap (by Content-Length), request metrics by route."""
+
+    def __init__(self, app: ASGIApp, server: Server) -> None:
+        self.app, self.server = app, server
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        route = path if path in ROUTE_LABELS else "/v1/models/{model}" if path.startswith("/v1/models/") else \
+            "/static" if path.startswith("/static/") else "other"
+        status = [500]
+
+        async def record(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            error = self._refuse(scope, path)
+            if error is not None:
+                await _error_response(error)(scope, receive, record)
+                return
+            await self.app(scope, receive, record)
+        finally:
+            self.server.metrics.request(route, status[0])
+
+    def _refuse(self, scope: Scope, path: str) -> S.ApiError | None:
+        if path not in PUBLIC_PATHS and not self.server.authorized(scope):
+            return S.ApiError(401, "missing or incorrect API key: send the header 'Authorization: Bearer <key>'",
+                              code="invalid_api_key")
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None:
+            try:
+                too_big = int(length) > self.server.config.max_body_bytes
+            except ValueError:
+                return S.invalid("invalid Content-Length header")
+            if too_big:
+                return _too_large(self.server.config.max_body_bytes)
+        return None
+
+
+def create_app(config: ServeConfig, *, load: bool = True) -> Starlette:
+    """The ASGI app; the model loads in a background thread once the app starts (load=False skips it)."""
+    server = Server(config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        server._embed_lock = asyncio.Lock()
+        if load:
+            server.start_loading()
+        yield
+        await asyncio.to_thread(server.shutdown)  # in-flight requests have finished: uvicorn waited for them
+
+    routes = [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/detokenize", detokenize, methods=["POST"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+        Route("/", page, methods=["GET"]),
+        Route("/index.html", page, methods=["GET"]),
+        Route("/static/{name}", page, methods=["GET"]),
+    ]
+    middleware = [Middleware(Guard, server=server)]
+    if config.cors_origins:  # outside the guard: preflight requests carry no key
+        middleware.insert(0, Middleware(CORSMiddleware, allow_origins=list(config.cors_origins),
+                                        allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"]))
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan, exception_handlers={
+        S.ApiError: _api_error, HTTPException: _http_error, Exception: _internal_error})
+    app.state.server = server
+    app.state.openapi = openapi_document()
+    return app
