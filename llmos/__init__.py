@@ -20,6 +20,13 @@ _EXPORTS = {
     "LlmosError": "llmos.errors",
     "AutoTokenizer": "llmos.auto",
     "AutoModelForCausalLM": "llmos.auto",
+    "pretrain": "llmos.train.run",
+    "finetune": "llmos.train.run",
+    "TrainConfig": "llmos.train.loop",
+    "LoraConfig": "llmos.models.lora",
+    "Index": "llmos.tasks.index",
+    "Embedder": "llmos.tasks.embed",
+    "ask": "llmos.tasks.qa",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -115,3 +115,44 @@ class NameMap:
 
 def _compile(pattern: str) -> re.Pattern[str]:
     return re.compile(re.escape(pattern).replace(r"\{i\}", r"(\d+)"))
+
+# BERT encoders (BertModel, as sentence-transformers saves them). Checkpoints saved from a task model
+# (BertForMaskedLM, ...) prefix these with "bert."; the loader strips it. The pooler and task heads
+# are not part of an encoder's hidden states, so sentence embeddings never read them.
+HF_BERT: dict[str, str] = {
+    "embeddings.word_embeddings.weight": "embeddings.embed.weight",
+    "embeddings.position_embeddings.weight": "embeddings.pos_embed.weight",
+    "embeddings.token_type_embeddings.weight": "embeddings.type_embed.weight",
+    "embeddings.LayerNorm.weight": "embeddings.norm.weight",
+    "embeddings.LayerNorm.bias": "embeddings.norm.bias",
+    "encoder.layer.{i}.attention.self.query.weight": "layers.{i}.attn.q.weight",
+    "encoder.layer.{i}.attention.self.query.bias": "layers.{i}.attn.q.bias",
+    "encoder.layer.{i}.attention.self.key.weight": "layers.{i}.attn.k.weight",
+    "encoder.layer.{i}.attention.self.key.bias": "layers.{i}.attn.k.bias",
+    "encoder.layer.{i}.attention.self.value.weight": "layers.{i}.attn.v.weight",
+    "encoder.layer.{i}.attention.self.value.bias": "layers.{i}.attn.v.bias",
+    "encoder.layer.{i}.attention.output.dense.weight": "layers.{i}.attn.wo.weight",
+    "encoder.layer.{i}.attention.output.dense.bias": "layers.{i}.attn.wo.bias",
+    "encoder.layer.{i}.attention.output.LayerNorm.weight": "layers.{i}.attn_norm.weight",
+    "encoder.layer.{i}.attention.output.LayerNorm.bias": "layers.{i}.attn_norm.bias",
+    "encoder.layer.{i}.intermediate.dense.weight": "layers.{i}.mlp.fc.weight",
+    "encoder.layer.{i}.intermediate.dense.bias": "layers.{i}.mlp.fc.bias",
+    "encoder.layer.{i}.output.dense.weight": "layers.{i}.mlp.proj.weight",
+    "encoder.layer.{i}.output.dense.bias": "layers.{i}.mlp.proj.bias",
+    "encoder.layer.{i}.output.LayerNorm.weight": "layers.{i}.mlp_norm.weight",
+    "encoder.layer.{i}.output.LayerNorm.bias": "layers.{i}.mlp_norm.bias",
+}
+HF_BERT_IGNORED = {
+    "embeddings.position_ids",
+    "pooler.dense.weight",
+    "pooler.dense.bias",
+    "cls.predictions.bias",
+    "cls.predictions.transform.dense.weight",
+    "cls.predictions.transform.dense.bias",
+    "cls.predictions.transform.LayerNorm.weight",
+    "cls.predictions.transform.LayerNorm.bias",
+    "cls.predictions.decoder.weight",
+    "cls.predictions.decoder.bias",
+    "cls.seq_relationship.weight",
+    "cls.seq_relationship.bias",
+}

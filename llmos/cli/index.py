@@ -1,0 +1,256 @@
+"""`llmos index add|list|remove|stats`, `llmos search`, `llmos ask`, `llmos embed`, `llmos eval retrieval`.
+
+Thin commands over `llmos.tasks.index.Index`, `llmos.tasks.qa.ask`, `llmos.tasks.embed.Embedder` and
+`llmos.tasks.evaluate_retrieval`. Every command takes `--index PATH` (default
+$LLMOS_HOME/indexes/default.sqlite); only `index add` creates an index.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from llmos import store
+from llmos.cli.generate import sampling_kwargs
+from llmos.errors import LlmosError
+
+MODES = ("vector", "keyword", "hybrid")
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("index", help="build and inspect a search index over your documents")
+    isub = p.add_subparsers(dest="index_command", metavar="ACTION", required=True)
+    a = isub.add_parser("add", help="index files and folders (txt, md, html, pdf); re-running adds only what changed")
+    a.add_argument("paths", nargs="+", metavar="PATH")
+    a.add_argument("--embed-model", default=None, help=f"embedding model for a new index (default {store.DEFAULT_EMBED_MODEL})")
+    a.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    a.set_defaults(func=cmd_add)
+    a = isub.add_parser("list", help="list the indexed documents")
+    a.set_defaults(func=cmd_list)
+    a = isub.add_parser("remove", help="drop documents (a folder drops everything under it)")
+    a.add_argument("paths", nargs="+", metavar="PATH")
+    a.set_defaults(func=cmd_remove)
+    a = isub.add_parser("stats", help="documents, chunks, model, size, and ANN recall@10")
+    a.add_argument("--check-ann", action="store_true", help="measure ANN recall@10 even below the ANN threshold")
+    a.add_argument("--json", action="store_true", help="print JSON")
+    a.set_defaults(func=cmd_stats)
+    for a in isub.choices.values():
+        _index_arg(a)
+
+    p = sub.add_parser("search", help="ranked passages for a query: score, file, line range, text")
+    p.add_argument("query")
+    p.add_argument("-k", type=int, default=5, help="passages to show")
+    p.add_argument("--mode", choices=MODES, default="hybrid")
+    p.add_argument("--json", action="store_true", help="print JSON lines")
+    _index_arg(p)
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("ask", help="answer a question from your indexed documents, citing them")
+    p.add_argument("question")
+    p.add_argument("-k", type=int, default=4, help="passages to retrieve")
+    p.add_argument("--mode", choices=MODES, default="hybrid")
+    p.add_argument("--no-index", action="store_true", help="plain chat question answering, no documents")
+    p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    p.add_argument("--model", "-m", default=store.DEFAULT_CHAT_MODEL, help="chat model: store name, .gguf file or HF folder")
+    p.add_argument("--max-new-tokens", "-n", type=int, default=256)
+    p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    _index_arg(p)
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("embed", help="print sentence embeddings as JSON lines")
+    p.add_argument("text", metavar="TEXT|FILE", help="a text, a file (one text per line), or '-' for stdin lines")
+    p.add_argument("--model", "-m", default=store.DEFAULT_EMBED_MODEL, help="BERT-family model: store name or HF folder")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=cmd_embed)
+
+    e = _eval_subparsers(sub).add_parser("retrieval", help="recall@1/5/10 and MRR per search mode on a question set")
+    e.add_argument("questions", nargs="?", default=None, metavar="QA.jsonl",
+                   help="question set (default: the shipped set over Python's pydoc topics, indexed on first use)")
+    e.add_argument("--index", default=None, help="index to evaluate (required with your own question set)")
+    e.add_argument("--modes", default=",".join(MODES), help="comma-separated modes")
+    e.set_defaults(func=cmd_eval_retrieval)
+
+
+def _eval_subparsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """The `llmos eval` group's subcommands, shared with other groups (`eval perplexity`)."""
+    parser = sub.choices.get("eval")
+    if parser is None:
+        parser = sub.add_parser("eval", help="evaluate models and retrieval")
+        return parser.add_subparsers(dest="eval_command", metavar="METRIC")
+    # argparse keeps a parser's subcommands in its actions; there is no public accessor.
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
+def _index_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--index", default=None, metavar="PATH", help="index file (default $LLMOS_HOME/indexes/default.sqlite)")
+
+
+def _open(path: str | None, *, create: bool = False, embedder: str | None = None):
+    from llmos.tasks.index import Index, default_index_path
+
+    file = Path(path).expanduser() if path else default_index_path()
+    if not create and not file.is_file():
+        raise LlmosError(f"no index at {file}: create one with `llmos index add PATH...`")
+    return Index(file, embedder)
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    index = _open(args.index, create=True, embedder=args.embed_model)
+    report = index.add(args.paths, progress=not args.quiet)
+    print(f"{len(report.added)} added, {len(report.updated)} updated, {len(report.unchanged)} unchanged, "
+          f"{len(report.removed)} removed; {report.embedded} chunks embedded")
+    if report.split_blocks:
+        print(f"{report.split_blocks} paragraphs were longer than the embedding model's {index.embedder.max_tokens} "
+              "tokens and were split at sentence boundaries")
+    if report.skipped:
+        print(f"{report.skipped} files of unsupported types skipped")
+    for path, reason in report.failed:
+        print(f"failed: {path}: {reason}", file=sys.stderr)
+    return 1 if report.failed else 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    docs = _open(args.index).documents()
+    if not docs:
+        print("the index is empty")
+    for d in docs:
+        print(f"{d.chunks:>6} chunks  {d.kind:<8}  {d.path}")
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    removed = _open(args.index).remove(args.paths)
+    for path in removed:
+        print(f"removed {path}")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    stats = _open(args.index).stats(check_ann=args.check_ann)
+    if args.json:
+        print(json.dumps(stats.as_dict(), indent=2))
+        return 0
+    recall = f"{stats.ann_recall_at_10:.3f}" if stats.ann_recall_at_10 is not None else "not measured (use --check-ann)"
+    for label, value in [("index", stats.path), ("documents", stats.documents), ("chunks", stats.chunks),
+                         ("embedding model", stats.embed_model or "-"), ("dimensions", stats.dim or "-"),
+                         ("file size", f"{stats.file_size / 1e6:.1f} MB"), ("split paragraphs", stats.split_blocks),
+                         ("vector search", f"{stats.ann} (ANN from {stats.ann_threshold} chunks)"),
+                         ("ANN recall@10", recall)]:
+        print(f"{label:<17} {value}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    results = _open(args.index).search(args.query, k=args.k, mode=args.mode)
+    if not results:
+        print("no results")
+    for r in results:
+        if args.json:
+            print(json.dumps({"rank": r.rank, "score": r.score, "similarity": r.similarity, "path": r.path,
+                              "line_start": r.line_start, "line_end": r.line_end, "page": r.page,
+                              "heading": list(r.heading), "text": r.text}))
+            continue
+        heading = f"  [{' > '.join(r.heading)}]" if r.heading else ""
+        print(f"{r.rank}. {r.score:.4f}  {r.location}{heading}")
+        print("   " + r.text.strip().replace("\n", "\n   "))
+        print()
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    import llmos
+    from llmos.tasks.index import default_index_path
+    from llmos.tasks.qa import ask
+
+    index = None
+    if not args.no_index:
+        if args.index is None and not default_index_path().is_file():
+            print(f"llmos: no index at {default_index_path()}; answering without documents", file=sys.stderr)
+        else:
+            index = _open(args.index)
+    llm = llmos.load(args.model, dtype=args.dtype)
+    controls = {**sampling_kwargs(args), "max_new_tokens": args.max_new_tokens}
+    result = ask(llm, args.question, index, k=args.k, mode=args.mode, stream=args.stream, **controls)
+    if args.stream:
+        for piece in result:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        answer = result.answer
+    else:
+        answer = result
+        print(answer)
+    _print_sources(answer)
+    return 0
+
+
+def _print_sources(answer) -> None:
+    if not answer.sources:
+        return
+    if answer.cited:
+        title = "Sources (matched by content: the model cited none):" if answer.citations_inferred else "Sources:"
+        shown = answer.cited
+    else:
+        title, shown = "Sources given to the model (none cited):", answer.sources
+    print("\n" + title)
+    for s in shown:
+        heading = f"  [{' > '.join(s.heading)}]" if s.heading else ""
+        print(f"[{s.number}] {s.location}{heading}")
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from llmos.tasks.embed import Embedder
+
+    if args.text == "-":
+        texts = [line for line in sys.stdin.read().splitlines() if line.strip()]
+    elif Path(args.text).is_file():
+        texts = [line for line in Path(args.text).read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        texts = [args.text]
+    if not texts:
+        raise LlmosError("nothing to embed: the input has no text")
+    embedder = Embedder.load(args.model)
+    out = embedder.embed(texts, batch_size=args.batch_size)
+    truncated = set(out.truncated)
+    for i, vector in enumerate(out.vectors):
+        print(json.dumps({"index": i, "tokens": out.n_tokens[i], "truncated": i in truncated,
+                          "embedding": [round(float(x), 7) for x in vector]}))
+    if truncated:
+        print(f"llmos: {len(truncated)} of {len(texts)} inputs were longer than {embedder.max_tokens} tokens "
+              "and were truncated to fit the model", file=sys.stderr)
+    return 0
+
+
+def cmd_eval_retrieval(args: argparse.Namespace) -> int:
+    from llmos.tasks import evaluate_retrieval as ev
+    from llmos.tasks.index import Index
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for mode in modes:
+        if mode not in MODES:
+            raise LlmosError(f"unknown search mode {mode!r}; use {', '.join(MODES)}")
+    if args.questions is None:
+        questions = ev.load_questions(ev.SHIPPED_QA)
+        if args.index is None:  # the shipped set's documents, written out and indexed once
+            corpus = ev.write_pydoc_corpus(store.home() / "eval" / "pydoc_topics")
+            index = Index(store.home() / "eval" / "pydoc_topics.sqlite")
+            report = index.add([corpus], progress=sys.stderr.isatty())
+            if report.embedded:
+                print(f"indexed {len(report.added) + len(report.updated)} pydoc topics ({report.embedded} chunks)", file=sys.stderr)
+        else:
+            index = _open(args.index)
+        name = "shipped pydoc topics set"
+    else:
+        questions = ev.load_questions(args.questions)
+        index = _open(args.index)
+        name = args.questions
+    scores = ev.evaluate(index, questions, modes)
+    print(f"{name}: {len(questions)} questions, index {index.path} ({len(index)} chunks)")
+    print(ev.format_table(scores))
+    return 0

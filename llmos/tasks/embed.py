@@ -1,0 +1,209 @@
+"""Sentence embeddings with llmos's own BERT-family encoder.
+
+    embedder = Embedder.load()                       # all-minilm-l6-v2, pulled on first use
+    out = embedder.embed(["first text", "second"])   # out.vectors: (N, D) float32 numpy
+    out.truncated                                    # indices of inputs cut to embedder.max_tokens
+
+A model is a Hugging Face BERT folder (config.json, *.safetensors, tokenizer.json). When it carries a
+sentence-transformers configuration, it is followed exactly: `sentence_bert_config.json` sets the
+maximum sequence length (256 for all-MiniLM-L6-v2, though the model has 512 positions), the Pooling
+module's config sets the pooling (mean, CLS, max or mean/sqrt(len)), and a Normalize module in
+`modules.json` makes vectors unit length. A plain BERT folder gets mean pooling, unnormalized, as
+sentence-transformers gives it.
+
+Contract: inputs longer than `max_tokens` (special tokens included) are truncated as
+sentence-transformers truncates them, and the result says which ones were (`Embeddings.truncated`):
+truncation is reported, never silent. Inputs are sorted by length and batched, so padding is minimal;
+the order of the output rows is the order of the inputs, and a text's vector does not depend on the
+batch it was computed in (beyond float rounding).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmos import store
+from llmos.errors import LlmosError
+from llmos.tokenizer import Tokenizer
+from llmos.weights.load import load_bert, read_hf_config
+
+POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """The result of `Embedder.embed`: one row per input, in input order."""
+
+    vectors: np.ndarray  # (N, D) float32
+    n_tokens: list[int]  # tokens per input before truncation, special tokens included
+    truncated: list[int]  # indices of inputs cut to the model's maximum length
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+
+@dataclass(frozen=True)
+class PoolingConfig:
+    mode: str = "mean"
+    normalize: bool = False
+    max_tokens: int | None = None  # sentence-transformers' max_seq_length, when the folder has one
+
+
+def read_pooling_config(folder: Path) -> PoolingConfig:
+    """Pooling, normalization and maximum length from a sentence-transformers folder's files."""
+    modules = _json(folder / "modules.json") or []
+    pooling_dir, normalize = "1_Pooling", False
+    for module in modules if isinstance(modules, list) else []:
+        kind = str(module.get("type", ""))
+        if kind.endswith(".Pooling"):
+            pooling_dir = module.get("path") or pooling_dir
+        elif kind.endswith(".Normalize"):
+            normalize = True
+        elif kind.endswith((".Dense", ".LayerNorm", ".WordEmbeddings", ".CNN", ".LSTM")):
+            raise LlmosError(f"{folder}: sentence-transformers module {kind} is not supported (Transformer, Pooling and Normalize are)")
+    pooling = _json(folder / pooling_dir / "config.json") or {}
+    mode = "mean"
+    if pooling:
+        chosen = [m for m in POOLING_MODES if pooling.get(f"pooling_mode_{m}_token" if m == "cls" else f"pooling_mode_{m}_tokens")]
+        if len(chosen) != 1:
+            raise LlmosError(f"{folder / pooling_dir}: exactly one pooling mode must be on ({', '.join(POOLING_MODES)}), got {chosen or 'none'}")
+        mode = chosen[0]
+    sbert = _json(folder / "sentence_bert_config.json") or {}
+    max_len = sbert.get("max_seq_length")
+    return PoolingConfig(mode=mode, normalize=normalize, max_tokens=int(max_len) if max_len else None)
+
+
+def _json(path: Path) -> Any:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise LlmosError(f"{path} is not valid JSON ({exc})") from exc
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Sentence vectors (B, C) from hidden states (B, T, C) over the real tokens (mask (B, T))."""
+    m = mask.to(hidden.dtype)[..., None]  # (B, T, 1)
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "max":
+        return hidden.masked_fill(m == 0, float("-inf")).amax(dim=1)
+    summed, counts = (hidden * m).sum(dim=1), m.sum(dim=1).clamp(min=1e-9)
+    return summed / counts if mode == "mean" else summed / counts.sqrt()
+
+
+class Embedder:
+    """A sentence-embedding model: `embed(texts) -> Embeddings`, `embed_query(text) -> (D,)`.
+
+    `name` is what it was loaded as (a store name or a path); `fingerprint` identifies its weights
+    and configuration, so an index can refuse vectors from another model.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, pooling: PoolingConfig, *,
+                 name: str, path: Path, fingerprint: str) -> None:
+        self.model, self.tokenizer, self.pooling = model, tokenizer, pooling
+        self.name, self.path, self.fingerprint = name, path, fingerprint
+        limit = model.config.max_seq_len
+        self.max_tokens: int = min(pooling.max_tokens or limit, limit)
+        self.dim: int = model.config.dim
+        self.pad_id: int = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+        # Special tokens `encode` puts after a text ([SEP] for BERT): truncation keeps them.
+        self.n_suffix: int = _suffix_length(tokenizer)
+
+    @classmethod
+    def load(cls, name_or_path: str | Path = store.DEFAULT_EMBED_MODEL, dtype: str = "fp32") -> Embedder:
+        if dtype not in DTYPES:
+            raise LlmosError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        path = store.resolve(str(name_or_path))
+        if path.is_file():
+            raise LlmosError(f"{path} is a GGUF file; embedding models are loaded from Hugging Face folders (config.json, *.safetensors, tokenizer.json)")
+        config = read_hf_config(path)
+        if config.arch != "bert":
+            raise LlmosError(f"{path} is a {config.arch} model; embeddings need a BERT-family encoder such as {store.DEFAULT_EMBED_MODEL}")
+        pooling = read_pooling_config(path)
+        model = load_bert(path, config, DTYPES[dtype])
+        tokenizer = Tokenizer.from_dir(path)
+        return cls(model, tokenizer, pooling, name=str(name_or_path), path=path, fingerprint=_fingerprint(path))
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens `text` takes as one input, special tokens included (compare with `max_tokens`)."""
+        return len(self.tokenizer.encode(text))
+
+    def embed(self, texts: str | Sequence[str], batch_size: int = 32) -> Embeddings:
+        """Embed `texts` (a str is one text) in length-sorted batches of `batch_size`."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if batch_size < 1:
+            raise LlmosError(f"batch_size must be at least 1, got {batch_size}")
+        ids, n_tokens, truncated = [], [], []
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise LlmosError(f"texts must be strings; item {i} is a {type(text).__name__}")
+            row = self.tokenizer.encode(text)
+            n_tokens.append(len(row))
+            if len(row) > self.max_tokens:
+                # As transformers truncates: keep the first tokens and the closing special token(s).
+                tail = row[len(row) - self.n_suffix:] if self.n_suffix else []
+                row = row[: self.max_tokens - len(tail)] + tail
+                truncated.append(i)
+            ids.append(row)
+        vectors = np.zeros((len(ids), self.dim), dtype=np.float32)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            vectors[batch] = self._embed_ids([ids[i] for i in batch])
+        return Embeddings(vectors=vectors, n_tokens=n_tokens, truncated=truncated)
+
+    def embed_query(self, text: str) -> np.ndarray:
+        """One text's vector (D,) float32; an error, not a truncation, for an empty query."""
+        if not text.strip():
+            raise LlmosError("the query is empty")
+        return self.embed([text]).vectors[0]
+
+    @torch.inference_mode()
+    def _embed_ids(self, rows: list[list[int]]) -> np.ndarray:
+        T = max(len(r) for r in rows)
+        tokens = torch.full((len(rows), T), self.pad_id, dtype=torch.long)  # (B, T)
+        mask = torch.zeros((len(rows), T), dtype=torch.long)  # (B, T)
+        for b, row in enumerate(rows):
+            tokens[b, : len(row)] = torch.tensor(row)
+            mask[b, : len(row)] = 1
+        hidden = self.model(tokens, mask).float()  # (B, T, C)
+        out = pool(hidden, mask, self.pooling.mode)
+        if self.pooling.normalize:
+            out = torch.nn.functional.normalize(out, p=2, dim=-1)
+        return out.numpy()
+
+    def __repr__(self) -> str:
+        return f"Embedder({self.name!r}, dim={self.dim}, max_tokens={self.max_tokens}, pooling={self.pooling.mode})"
+
+
+def _suffix_length(tokenizer: Tokenizer) -> int:
+    plain, full = tokenizer.encode("a", add_special_tokens=False), tokenizer.encode("a")
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return len(full) - start - len(plain)
+    return 0
+
+
+def _fingerprint(folder: Path) -> str:
+    """A short hash of what decides the vectors: config files and the weights' size and header."""
+    digest = hashlib.sha256()
+    for name in ("config.json", "tokenizer.json", "modules.json", "sentence_bert_config.json", "1_Pooling/config.json"):
+        path = folder / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0" + path.read_bytes())
+    for weights in sorted(folder.glob("*.safetensors")):
+        with open(weights, "rb") as f:
+            digest.update(weights.name.encode() + str(weights.stat().st_size).encode() + f.read(1 << 16))
+    return digest.hexdigest()[:16]

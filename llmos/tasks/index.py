@@ -1,0 +1,642 @@
+"""A search index over your documents: one SQLite file of documents, chunks, vectors and hashes.
+
+    index = Index("notes.sqlite")                  # created on first use; default: $LLMOS_HOME/indexes/default.sqlite
+    index.add(["~/notes", "manual.pdf"])           # extracts, chunks, embeds; re-running adds only what changed
+    index.search("how do I rotate the api key", k=5, mode="hybrid")   # -> [SearchResult]
+    index.remove(["~/notes/old.md"]); index.stats(); index.documents()
+
+Storage: SQLite in WAL mode with `synchronous=FULL`. Each document is written (its row, chunks,
+full-text entries and vectors, replacing any older version) in one transaction of its own, so a crash
+or `kill -9` in the middle of `add` leaves every completed document present and none half-written;
+the next `add` skips what is there (same sha256) and does the rest. Adding a folder again also drops
+documents that were deleted from it.
+
+The index records the embedding model (name, fingerprint, dimension) with its first document and
+refuses to mix in vectors from another model. Search modes:
+
+- "vector": cosine similarity, exactly (a matrix product over all vectors) until the collection has
+  `ann_threshold` chunks, then approximately with a usearch HNSW graph kept beside the file
+  (`PATH.usearch`, a cache rebuilt or synced from the database when stale);
+- "keyword": SQLite FTS5 BM25 (Porter stemming) over the chunks' text and heading paths;
+- "hybrid" (default): both lists fused by reciprocal-rank fusion (RRF, k=60).
+
+`stats(check_ann=True)` reports the ANN's recall@10 against exact search on sampled queries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from llmos import store
+from llmos.errors import LlmosError
+from llmos.tasks import ingest
+
+MODES = ("vector", "keyword", "hybrid")
+DEFAULT_ANN_THRESHOLD = 50_000  # exact search over 50k x 384 takes ~10 ms here; past it, ANN pays
+RRF_K = 60
+SCHEMA_VERSION = "1"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS documents (
+    id INTEGER PRIMARY KEY,
+    path TEXT NOT NULL UNIQUE,
+    kind TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    n_chunks INTEGER NOT NULL,
+    split_blocks INTEGER NOT NULL,
+    indexed_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    id INTEGER PRIMARY KEY,
+    doc_id INTEGER NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
+    ord INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    heading TEXT NOT NULL,
+    char_start INTEGER NOT NULL,
+    char_end INTEGER NOT NULL,
+    line_start INTEGER NOT NULL,
+    line_end INTEGER NOT NULL,
+    page INTEGER,
+    n_tokens INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS chunks_by_doc ON chunks(doc_id);
+CREATE TABLE IF NOT EXISTS vectors (
+    chunk_id INTEGER PRIMARY KEY REFERENCES chunks(id) ON DELETE CASCADE,
+    vector BLOB NOT NULL
+);
+CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(text, heading, tokenize='porter unicode61 remove_diacritics 2');
+"""
+
+# Words too common to help a keyword query; BM25 would weigh them down anyway, but as OR terms
+# they would pull in every chunk.
+_STOPWORDS = frozenset(
+    "a an and are as at be by can do does for from how i in is it of on or that the this to was what "
+    "when where which who why will with you your my me we our they their there these those into".split()
+)
+
+
+def default_index_path() -> Path:
+    return store.home() / "indexes" / "default.sqlite"
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """One retrieved passage. `score` ranks within a mode (cosine, -BM25 or RRF); `similarity` is
+    the cosine with the query when vectors were consulted (vector and hybrid modes), else None."""
+
+    rank: int
+    score: float
+    similarity: float | None
+    path: str
+    text: str
+    heading: tuple[str, ...]
+    line_start: int
+    line_end: int
+    char_start: int
+    char_end: int
+    page: int | None
+    chunk_id: int
+
+    @property
+    def location(self) -> str:
+        """`path:12-20`, or `path p.3` for a PDF page."""
+        if self.page is not None:
+            return f"{self.path} p.{self.page}"
+        lines = f"{self.line_start}" if self.line_start == self.line_end else f"{self.line_start}-{self.line_end}"
+        return f"{self.path}:{lines}"
+
+
+@dataclass
+class AddReport:
+    """What `Index.add` did. `embedded`: chunks embedded in this run (0 when nothing changed)."""
+
+    added: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)  # deleted from disk under a folder that was added
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    skipped: int = 0  # files of unsupported types inside added folders
+    embedded: int = 0
+    split_blocks: int = 0  # paragraphs too long for one chunk, split at sentence/word boundaries
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A file read and chunked, waiting for its vectors."""
+
+    path: Path
+    sha256: str
+    size: int
+    chunked: ingest.ChunkedDocument
+    update: bool  # an older version is in the index
+
+
+@dataclass(frozen=True)
+class DocumentInfo:
+    path: str
+    kind: str
+    chunks: int
+    size: int
+    sha256: str
+    indexed_at: float
+
+
+@dataclass(frozen=True)
+class IndexStats:
+    path: str
+    documents: int
+    chunks: int
+    embed_model: str | None
+    dim: int | None
+    file_size: int
+    split_blocks: int
+    ann_threshold: int
+    ann: str  # "exact", "usearch", or why not ("usearch not installed")
+    ann_recall_at_10: float | None  # ANN vs exact on sampled queries, when measured
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Index:
+    """A document index in one SQLite file (created on first use).
+
+    `embedder` is an `Embedder`, a model name or path, or None: then the model the index was built
+    with (or the default embedding model, for a new index) is loaded the first time one is needed.
+    Keyword search, `documents()`, `stats()` and `remove()` never load a model.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, embedder: Any = None, *,
+                 ann_threshold: int = DEFAULT_ANN_THRESHOLD) -> None:
+        self.path = Path(path).expanduser() if path is not None else default_index_path()
+        if self.path.is_dir():
+            raise LlmosError(f"{self.path} is a folder; an index is a single file (e.g. {self.path / 'index.sqlite'})")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.ann_threshold = int(ann_threshold)
+        self._embedder = None
+        self._embedder_spec = embedder
+        self._matrix: tuple[int, np.ndarray, np.ndarray] | None = None  # (generation, ids, vectors)
+        self._ann_index: Any = None
+        self._ann_generation = -1
+        self._query_vectors: dict[str, np.ndarray] = {}  # recent queries: hybrid after vector embeds once
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=60.0)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            version = self._meta("schema") if self._has_meta() else None
+            if version is None:
+                tables = self._db.execute("SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0]
+                if tables:
+                    raise LlmosError(f"{self.path} is a SQLite file but not an llmos index")
+                self._db.executescript("BEGIN;" + _SCHEMA + "COMMIT;")
+                self._set_meta({"schema": SCHEMA_VERSION, "generation": "0"})
+            elif version != SCHEMA_VERSION:
+                raise LlmosError(f"{self.path} is an llmos index of schema {version}; this llmos reads schema {SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as exc:
+            raise LlmosError(f"{self.path} is not a usable index ({exc})") from exc
+        if embedder is not None and not isinstance(embedder, (str, os.PathLike)):
+            self._check_model(embedder)
+            self._embedder = embedder
+
+    # --- metadata ---------------------------------------------------------------------------------
+
+    def _has_meta(self) -> bool:
+        return self._db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone() is not None
+
+    def _meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def _set_meta(self, values: dict[str, str]) -> None:
+        self._db.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", list(values.items()))
+
+    @property
+    def embed_model(self) -> str | None:
+        """The embedding model this index was built with (None until the first document)."""
+        return self._meta("embed_model")
+
+    def _generation(self) -> int:
+        return int(self._meta("generation") or 0)
+
+    def _check_model(self, embedder: Any) -> None:
+        recorded = self._meta("embed_fingerprint")
+        if recorded is not None and recorded != embedder.fingerprint:
+            raise LlmosError(
+                f"{self.path} was built with embedding model {self.embed_model!r}, not {embedder.name!r}: "
+                "use the same model, or a new index for this one"
+            )
+
+    @property
+    def embedder(self) -> Any:
+        """The embedding model, loaded on first use."""
+        if self._embedder is None:
+            from llmos.tasks.embed import Embedder
+
+            spec = self._embedder_spec or self.embed_model or store.DEFAULT_EMBED_MODEL
+            embedder = Embedder.load(spec)
+            self._check_model(embedder)
+            self._embedder = embedder
+        return self._embedder
+
+    # --- writing ----------------------------------------------------------------------------------
+
+    def add(self, paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *, progress: bool = False,
+            batch_size: int = 32) -> AddReport:
+        """Index files and folders (recursively; hidden entries skipped). Unchanged files are not
+        re-embedded; files deleted from an added folder are dropped. A named file that is missing or
+        of an unsupported type is an error before anything is written; a file that fails to read
+        inside a folder is reported in `failed` and the rest go on."""
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        report = AddReport()
+        files, folders = self._collect(paths, report)
+        if not files and not folders:
+            raise LlmosError("nothing to add: give files or folders")
+        embedder = self.embedder
+        # Small documents are embedded together (one batch serves many files), then each is still
+        # committed in its own transaction.
+        pending: list[_Prepared] = []
+        for file in tqdm(files, desc="indexing", unit="file", disable=not progress):
+            try:
+                prepared = self._prepare(file, embedder, report)
+            except LlmosError as exc:
+                report.failed.append((str(file), str(exc).removeprefix(f"{file}: ")))
+                continue
+            if prepared is not None:
+                pending.append(prepared)
+            if sum(len(p.chunked.chunks) for p in pending) >= batch_size:
+                self._embed_and_write(pending, embedder, report, batch_size)
+        self._embed_and_write(pending, embedder, report, batch_size)
+        present = {str(f) for f in files}
+        for folder in folders:  # files that are gone from an added folder
+            for path in self._paths_under(folder):
+                if path not in present and not Path(path).exists():
+                    self._delete_document(path)
+                    report.removed.append(path)
+        return report
+
+    def _collect(self, paths: Iterable[str | os.PathLike[str]], report: AddReport) -> tuple[list[Path], list[Path]]:
+        files: dict[Path, None] = {}
+        folders: list[Path] = []
+        for given in paths:
+            path = Path(given).expanduser()
+            if not path.exists():
+                raise LlmosError(f"no such file or folder: {given}")
+            path = path.resolve()
+            if path.is_dir():
+                folders.append(path)
+                for found in sorted(path.rglob("*")):
+                    if any(part.startswith(".") for part in found.relative_to(path).parts) or not found.is_file():
+                        continue
+                    if ingest.supported(found):
+                        files[found] = None
+                    else:
+                        report.skipped += 1
+            elif ingest.supported(path):
+                files[path] = None
+            else:
+                raise LlmosError(f"{given}: unsupported file type {path.suffix or '(none)'}; "
+                                 f"llmos indexes {', '.join(sorted(ingest.READERS))}")
+        return list(files), folders
+
+    def _prepare(self, path: Path, embedder: Any, report: AddReport) -> _Prepared | None:
+        """Read, hash and chunk one file; None when the index already has this exact content."""
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        row = self._db.execute("SELECT sha256 FROM documents WHERE path=?", (str(path),)).fetchone()
+        if row is not None and row[0] == digest:
+            report.unchanged.append(str(path))
+            return None
+        chunked = ingest.chunk(ingest.extract(path), embedder.count_tokens, embedder.max_tokens)
+        return _Prepared(path, digest, len(data), chunked, update=row is not None)
+
+    def _embed_and_write(self, pending: list[_Prepared], embedder: Any, report: AddReport, batch_size: int) -> None:
+        if not pending:
+            return
+        texts = [c.embed_text for p in pending for c in p.chunked.chunks]
+        out = embedder.embed(texts, batch_size=batch_size)
+        if out.truncated:  # the chunker measured every chunk with this tokenizer; this is a bug
+            raise RuntimeError(f"{len(out.truncated)} chunks exceed the embedding model's {embedder.max_tokens} tokens")
+        vectors = _normalized(out.vectors)
+        start = 0
+        for p in pending:
+            n = len(p.chunked.chunks)
+            self._write(p, vectors[start:start + n], embedder)
+            start += n
+            (report.updated if p.update else report.added).append(str(p.path))
+            report.embedded += n
+            report.split_blocks += p.chunked.split_blocks
+        pending.clear()
+
+    def _write(self, p: _Prepared, vectors: np.ndarray, embedder: Any) -> None:
+        """One document, replacing any older version of it, in one transaction."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if self._meta("embed_fingerprint") is None:
+                self._set_meta({"embed_model": _model_label(embedder), "embed_fingerprint": embedder.fingerprint,
+                                "dim": str(embedder.dim)})
+            self._check_model(embedder)
+            self._delete_rows(str(p.path))
+            doc_id = db.execute(
+                "INSERT INTO documents(path, kind, sha256, size, n_chunks, split_blocks, indexed_at) VALUES (?,?,?,?,?,?,?)",
+                (str(p.path), p.chunked.document.kind, p.sha256, p.size, len(p.chunked.chunks), p.chunked.split_blocks,
+                 time.time()),
+            ).lastrowid
+            for ord_, (c, vector) in enumerate(zip(p.chunked.chunks, vectors)):
+                cid = db.execute(
+                    "INSERT INTO chunks(doc_id, ord, text, heading, char_start, char_end, line_start, line_end, page, n_tokens)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (doc_id, ord_, c.text, json.dumps(c.heading), c.char_start, c.char_end, c.line_start, c.line_end,
+                     c.page, c.n_tokens),
+                ).lastrowid
+                db.execute("INSERT INTO chunks_fts(rowid, text, heading) VALUES (?,?,?)", (cid, c.text, " > ".join(c.heading)))
+                db.execute("INSERT INTO vectors(chunk_id, vector) VALUES (?,?)", (cid, vector.astype("<f4").tobytes()))
+            self._bump()
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def _bump(self) -> None:
+        self._db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='generation'")
+
+    def _delete_rows(self, path: str) -> bool:
+        row = self._db.execute("SELECT id FROM documents WHERE path=?", (path,)).fetchone()
+        if row is None:
+            return False
+        ids = "SELECT id FROM chunks WHERE doc_id=?"
+        self._db.execute(f"DELETE FROM chunks_fts WHERE rowid IN ({ids})", (row[0],))
+        self._db.execute(f"DELETE FROM vectors WHERE chunk_id IN ({ids})", (row[0],))
+        self._db.execute("DELETE FROM chunks WHERE doc_id=?", (row[0],))
+        self._db.execute("DELETE FROM documents WHERE id=?", (row[0],))
+        return True
+
+    def _delete_document(self, path: str) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            if self._delete_rows(path):
+                self._bump()
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def _paths_under(self, folder: Path) -> list[str]:
+        prefix = str(folder).rstrip(os.sep) + os.sep
+        rows = self._db.execute("SELECT path FROM documents WHERE substr(path, 1, ?) = ?", (len(prefix), prefix))
+        return [r[0] for r in rows]
+
+    def remove(self, paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[str]:
+        """Drop documents (a folder drops everything under it); returns the paths removed.
+        A path that matches nothing in the index is an error, and nothing is removed."""
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        targets: list[str] = []
+        for given in paths:
+            path = str(Path(given).expanduser().resolve())
+            exact = self._db.execute("SELECT path FROM documents WHERE path=?", (path,)).fetchone()
+            matched = [exact[0]] if exact else self._paths_under(Path(path))
+            if not matched:
+                raise LlmosError(f"not in the index: {given}")
+            targets.extend(matched)
+        for path in targets:
+            self._delete_document(path)
+        return targets
+
+    # --- reading ----------------------------------------------------------------------------------
+
+    def documents(self) -> list[DocumentInfo]:
+        rows = self._db.execute("SELECT path, kind, n_chunks, size, sha256, indexed_at FROM documents ORDER BY path")
+        return [DocumentInfo(*r) for r in rows]
+
+    def __len__(self) -> int:
+        """Number of chunks."""
+        return self._db.execute("SELECT count(*) FROM chunks").fetchone()[0]
+
+    def search(self, query: str, k: int = 5, mode: str = "hybrid", *, ann: bool | None = None) -> list[SearchResult]:
+        """The `k` best passages for `query`. `ann`: None picks by the collection's size, True/False force it."""
+        if not isinstance(query, str) or not query.strip():
+            raise LlmosError("the query is empty")
+        if mode not in MODES:
+            raise LlmosError(f"unknown search mode {mode!r}; use one of {', '.join(MODES)}")
+        if k < 1:
+            raise LlmosError(f"k must be at least 1, got {k}")
+        if len(self) == 0:
+            return []
+        pool = max(50, 4 * k)
+        qvec = None
+        ranked: list[tuple[int, float]]
+        if mode != "keyword":
+            qvec = self._query_vectors.get(query)
+            if qvec is None:
+                qvec = _normalized(self.embedder.embed_query(query)[None])[0]
+                if len(self._query_vectors) >= 256:
+                    self._query_vectors.pop(next(iter(self._query_vectors)))
+                self._query_vectors[query] = qvec
+            vec = self._vector_candidates(qvec, pool if mode == "hybrid" else k, ann)
+        if mode != "vector":
+            kw = self._keyword_candidates(query, pool if mode == "hybrid" else k)
+        if mode == "vector":
+            ranked = vec
+        elif mode == "keyword":
+            ranked = kw
+        else:
+            fused: dict[int, float] = {}
+            for candidates in (vec, kw):
+                for rank, (cid, _) in enumerate(candidates):
+                    fused[cid] = fused.get(cid, 0.0) + 1.0 / (RRF_K + rank + 1)
+            ranked = sorted(fused.items(), key=lambda item: -item[1])
+        return self._results(ranked[:k], qvec)
+
+    def _results(self, ranked: list[tuple[int, float]], qvec: np.ndarray | None) -> list[SearchResult]:
+        if not ranked:
+            return []
+        ids = [cid for cid, _ in ranked]
+        marks = ",".join("?" * len(ids))
+        rows = {r[0]: r for r in self._db.execute(
+            "SELECT c.id, d.path, c.text, c.heading, c.line_start, c.line_end, c.char_start, c.char_end, c.page, v.vector"
+            f" FROM chunks c JOIN documents d ON d.id = c.doc_id JOIN vectors v ON v.chunk_id = c.id WHERE c.id IN ({marks})",
+            ids,
+        )}
+        out = []
+        for rank, (cid, score) in enumerate(ranked, start=1):
+            r = rows[cid]
+            sim = float(np.frombuffer(r[9], dtype="<f4") @ qvec) if qvec is not None else None
+            out.append(SearchResult(rank, float(score), sim, r[1], r[2], tuple(json.loads(r[3])), r[4], r[5], r[6], r[7], r[8], cid))
+        return out
+
+    def _keyword_candidates(self, query: str, n: int) -> list[tuple[int, float]]:
+        words = [w for w in re.findall(r"\w+", query.lower())]
+        terms = [w for w in words if w not in _STOPWORDS] or words
+        if not terms:
+            return []
+        match = " OR ".join(f'"{w}"' for w in dict.fromkeys(terms))
+        rows = self._db.execute(
+            "SELECT rowid, bm25(chunks_fts) FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY bm25(chunks_fts) LIMIT ?",
+            (match, n),
+        )
+        return [(r[0], -float(r[1])) for r in rows]
+
+    def _vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids (N,), vectors (N, D)) of every chunk, cached until the index changes."""
+        generation = self._generation()
+        if self._matrix is None or self._matrix[0] != generation:
+            rows = self._db.execute("SELECT chunk_id, vector FROM vectors ORDER BY chunk_id").fetchall()
+            dim = int(self._meta("dim") or 0)
+            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), dim)
+            self._matrix = (generation, ids, matrix)
+        return self._matrix[1], self._matrix[2]
+
+    def _vector_candidates(self, qvec: np.ndarray, n: int, ann: bool | None) -> list[tuple[int, float]]:
+        ids, matrix = self._vectors()
+        use_ann = ann if ann is not None else len(ids) >= self.ann_threshold and _usearch_available()
+        if use_ann:
+            return self._ann_search(qvec[None], n)[0]
+        return exact_search(matrix, ids, qvec[None], n)[0]
+
+    # --- approximate search -----------------------------------------------------------------------
+
+    def _ann(self) -> Any:
+        """The usearch index, in sync with the database (loaded from PATH.usearch or rebuilt)."""
+        generation = self._generation()
+        if self._ann_index is not None and self._ann_generation == generation:
+            return self._ann_index
+        try:
+            from usearch.index import Index as USearchIndex
+        except ImportError:
+            raise LlmosError("approximate search needs usearch: pip install 'llmos[search]'") from None
+        ids, matrix = self._vectors()
+        file, sidecar = Path(f"{self.path}.usearch"), Path(f"{self.path}.usearch.json")
+        index = USearchIndex(ndim=matrix.shape[1], metric="ip", dtype="f32", connectivity=16,
+                             expansion_add=128, expansion_search=128)
+        saved = _read_json(sidecar)
+        if file.is_file() and saved.get("dim") == matrix.shape[1]:
+            try:
+                index.load(str(file))
+            except Exception:  # a torn or foreign cache file: rebuild from the database
+                index = USearchIndex(ndim=matrix.shape[1], metric="ip", dtype="f32", connectivity=16,
+                                     expansion_add=128, expansion_search=128)
+        if saved.get("generation") != generation or len(index) != len(ids):
+            have = np.asarray(index.keys, dtype=np.int64) if len(index) else np.zeros(0, dtype=np.int64)
+            stale = np.setdiff1d(have, ids)
+            if len(stale):
+                index.remove(stale)
+            missing = np.isin(ids, have, invert=True)
+            if missing.any():
+                index.add(ids[missing], np.ascontiguousarray(matrix[missing]))
+            tmp = Path(f"{file}.tmp")
+            index.save(str(tmp))
+            os.replace(tmp, file)
+            sidecar.write_text(json.dumps({"generation": generation, "dim": int(matrix.shape[1])}))
+        self._ann_index, self._ann_generation = index, generation
+        return index
+
+    def _ann_search(self, queries: np.ndarray, n: int) -> list[list[tuple[int, float]]]:
+        matches = self._ann().search(np.ascontiguousarray(queries, dtype=np.float32), n)
+        keys, dists = np.atleast_2d(matches.keys), np.atleast_2d(matches.distances)
+        # One query gives a `Matches` (no counts), several a `BatchMatches`.
+        counts = np.atleast_1d(matches.counts) if hasattr(matches, "counts") else np.array([len(matches.keys)])
+        # usearch's "ip" distance is 1 - dot; for unit vectors the similarity is 1 - distance.
+        return [[(int(keys[q, j]), 1.0 - float(dists[q, j])) for j in range(int(counts[q]))] for q in range(len(queries))]
+
+    def ann_recall(self, n_queries: int = 100, k: int = 10, seed: int = 0) -> float:
+        """Mean recall@k of the ANN against exact search, on queries halfway between stored vectors."""
+        ids, matrix = self._vectors()
+        if len(ids) < 2:
+            raise LlmosError("the index needs at least two chunks to measure ANN recall")
+        rng = np.random.default_rng(seed)
+        a, b = rng.integers(0, len(ids), n_queries), rng.integers(0, len(ids), n_queries)
+        queries = _normalized(matrix[a] + matrix[b])
+        exact = exact_search(matrix, ids, queries, k)
+        approx = self._ann_search(queries, k)
+        hits = [len({c for c, _ in e} & {c for c, _ in p}) / len(e) for e, p in zip(exact, approx)]
+        return float(np.mean(hits))
+
+    def stats(self, check_ann: bool = False) -> IndexStats:
+        """Counts, model, file size, and which vector search runs; `check_ann` (or an index past the
+        ANN threshold) measures the ANN's recall@10 against exact search."""
+        docs, split = self._db.execute("SELECT count(*), coalesce(sum(split_blocks), 0) FROM documents").fetchone()
+        chunks = len(self)
+        dim = self._meta("dim")
+        over = chunks >= self.ann_threshold
+        recall = None
+        if not _usearch_available():
+            ann = "exact (usearch not installed)"
+        else:
+            ann = "usearch" if over else "exact"
+            if (over or check_ann) and chunks >= 2:
+                recall = self.ann_recall()
+        size = sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())
+        return IndexStats(str(self.path), docs, chunks, self.embed_model, int(dim) if dim else None, size, split,
+                          self.ann_threshold, ann, recall)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Index({str(self.path)!r})"
+
+
+def exact_search(matrix: np.ndarray, ids: np.ndarray, queries: np.ndarray, n: int) -> list[list[tuple[int, float]]]:
+    """Top-n (id, cosine) per query by one matrix product; unit vectors in, best first."""
+    if len(ids) == 0:
+        return [[] for _ in queries]
+    scores = queries @ matrix.T  # (Q, N)
+    n = min(n, len(ids))
+    top = np.argpartition(-scores, n - 1, axis=1)[:, :n] if n < len(ids) else np.tile(np.arange(len(ids)), (len(queries), 1))
+    out = []
+    for q in range(len(queries)):
+        order = top[q][np.argsort(-scores[q, top[q]], kind="stable")]
+        out.append([(int(ids[i]), float(scores[q, i])) for i in order])
+    return out
+
+
+def _normalized(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def _usearch_available() -> bool:
+    try:
+        import usearch.index  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _model_label(embedder: Any) -> str:
+    """A store name stays a name; anything else is recorded as its absolute path."""
+    name = str(embedder.name)
+    return name if name in store.DEFAULT_MODELS or not Path(name).expanduser().exists() else str(embedder.path.resolve())
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
