@@ -6,10 +6,12 @@ The engine yields token ids; this layer turns them into text the way users expec
   refuses unknown ones, naming them.
 - Prompts that do not fit the context fail with both numbers, unless a truncation side is asked for;
   the result then says what was cut.
-- `stream_deltas` yields `Delta`s: UTF-8-safe text pieces per choice, with stop strings held back
+- `TextGeneration` yields `Delta`s: UTF-8-safe text pieces per choice, with stop strings held back
   until they are ruled out (a stop string never leaks, streamed or not), and a finish reason on each
   choice's last delta: "eos" (the model's end token), "stop" (a stop string), "length",
   or "repetition" (the optional loop guard).
+- `ChoiceState` is that text logic for one choice, fed one token at a time: `TextGeneration` runs it
+  over the engine's `Generation`, the server over its batch engine's events (one implementation).
 - `complete` gathers the same deltas into a `Completion`, so streamed and non-streamed text agree.
 """
 
@@ -274,8 +276,57 @@ class Completion(str):
 
 # --- the loop -----------------------------------------------------------------------------------
 
+class ChoiceState:
+    """One choice's text as its tokens arrive, whatever produces them (the engine's `Generation`
+    rows here, the server's batch engine there): UTF-8-safe detokenization, stop strings held back
+    until ruled out, logprobs, the optional loop guard, and why the choice finished.
+
+    `push` each generated token; once `finish_reason` is set (a stop string or a loop) the caller
+    stops producing tokens for it. If the token source ends first, `finish` with its reason ("eos"
+    or "length")."""
+
+    def __init__(self, index: int, tokenizer: Tokenizer, stop: Sequence[str], repetition_guard: bool = False,
+                 logprobs: bool = False) -> None:
+        self.index = index
+        self.decoder = tokenizer.decoder(skip_special_tokens=True)
+        self.matcher = StopMatcher(stop)
+        self.repetition_guard = repetition_guard
+        self.ids: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = [] if logprobs else None
+        self.finish_reason: str | None = None
+
+    def push(self, token: int, logprob: TokenLogprob | None = None) -> Delta | None:
+        """Take one generated token; returns the Delta to send, or None while its text is held back."""
+        self.ids.append(token)
+        new_lp = [logprob] if logprob is not None else []
+        if self.logprobs is not None:
+            self.logprobs.extend(new_lp)
+        text, stopped = self.matcher.feed(self.decoder.push(token))
+        if stopped:
+            self.finish_reason = "stop"
+        elif self.repetition_guard and repetition_loop(self.ids):
+            self.finish_reason = "repetition"
+        if text or new_lp or self.finish_reason:
+            return Delta(self.index, text, [token], new_lp, self.finish_reason)
+        return None
+
+    def finish(self, reason: str) -> Delta:
+        """End the choice because its token source ended: release what was held back (a stop string
+        found in that tail makes the reason "stop")."""
+        tail, stopped = self.matcher.feed(self.decoder.flush())
+        tail += "" if stopped else self.matcher.flush()
+        self.finish_reason = "stop" if stopped else reason
+        return Delta(self.index, tail, [], [], self.finish_reason)
+
+    def choice(self) -> Choice:
+        return Choice(self.index, self.matcher.text, self.ids, self.finish_reason or "length", self.logprobs)
+
+
 class TextGeneration:
-    """One request: runs the engine and yields Deltas. After exhaustion, `choices` holds the results."""
+    """One request: runs the engine and yields Deltas. After exhaustion, `choices` holds the results.
+
+    A caller that produces the tokens itself (the server's batch engine) builds the per-choice text
+    state with `choice_state` and sets `choices` from it when the choice ends."""
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, budget: Budget, controls: Controls,
                  cache: KVCache | None = None, cached: int = 0) -> None:
@@ -283,6 +334,10 @@ class TextGeneration:
         self.cache, self.cached = cache, cached
         self.choices: list[Choice] = []
         self.generation: Generation | None = None
+
+    def choice_state(self, index: int = 0) -> ChoiceState:
+        c = self.controls
+        return ChoiceState(index, self.tokenizer, c.stop, c.repetition_guard, c.logprobs is not None)
 
     def __iter__(self) -> Iterator[Delta]:
         if self.controls.num_beams > 1:
@@ -296,37 +351,21 @@ class TextGeneration:
             processors=c.processors,
         )
         self.generation = gen
-        decoders = [self.tokenizer.decoder(skip_special_tokens=True) for _ in range(c.n)]
-        matchers = [StopMatcher(c.stop) for _ in range(c.n)]
-        ids: list[list[int]] = [[] for _ in range(c.n)]
-        lps: list[list[TokenLogprob]] = [[] for _ in range(c.n)]
-        finish: list[str | None] = [None] * c.n
+        states = [self.choice_state(row) for row in range(c.n)]
         for step in gen:
             for row, token in enumerate(step):
-                if token is None or finish[row] is not None:
+                state = states[row]
+                if token is None or state.finish_reason is not None:
                     continue
-                ids[row].append(token)
-                new_lp = [self._logprob(gen, row, token)] if c.logprobs is not None else []
-                lps[row].extend(new_lp)
-                text, stopped = matchers[row].feed(decoders[row].push(token))
-                if stopped:
-                    finish[row] = "stop"
-                elif c.repetition_guard and repetition_loop(ids[row]):
-                    finish[row] = "repetition"
-                if text or new_lp or finish[row]:
-                    yield Delta(row, text, [token], new_lp, finish[row])
-            if all(f is not None for f in finish):
+                delta = state.push(token, self._logprob(gen, row, token) if c.logprobs is not None else None)
+                if delta is not None:
+                    yield delta
+            if all(s.finish_reason is not None for s in states):
                 break
-        for row in range(c.n):
-            if finish[row] is None:
-                tail, stopped = matchers[row].feed(decoders[row].flush())
-                tail += "" if stopped else matchers[row].flush()
-                finish[row] = "stop" if stopped else (gen.finish_reasons[row] or "length")
-                yield Delta(row, tail, [], [], finish[row])
-        self.choices = [
-            Choice(row, matchers[row].text, ids[row], finish[row] or "length", lps[row] if c.logprobs is not None else None)
-            for row in range(c.n)
-        ]
+        for row, state in enumerate(states):
+            if state.finish_reason is None:
+                yield state.finish(gen.finish_reasons[row] or "length")
+        self.choices = [s.choice() for s in states]
 
     def _logprob(self, gen: Generation, row: int, token: int) -> TokenLogprob:
         chosen, top_ids, top_vals = gen.last_logprobs

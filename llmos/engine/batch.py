@@ -159,12 +159,15 @@ class BatchEngine:
         tokens: list[int] = []
         for req in list(self.rows):
             logits = self.pending_logits.pop(req.id)[None]  # (1, V)
-            history = torch.tensor([req.prompt + req.output])
             params = req.params
+            needs_history = params.repetition_penalty != 1.0 or params.no_repeat_ngram_size
+            needs_output = bool(params.presence_penalty or params.frequency_penalty)
+            # Only built when a penalty reads it: a long prompt's ids cost a tensor per row per step.
+            history = torch.tensor([req.prompt + req.output]) if needs_history or needs_output else None  # (1, N)
             logits = process(
                 logits, params,
-                history if (params.repetition_penalty != 1.0 or params.no_repeat_ngram_size) else None,
-                history[:, len(req.prompt):] if (params.presence_penalty or params.frequency_penalty) else None,
+                history if needs_history else None,
+                history[:, len(req.prompt):] if needs_output else None,
                 suppress=req.stop if len(req.output) < req.min_new_tokens and req.stop.numel() else None,
             )
             token = int(sample(logits, params, req.generator)[0])
@@ -184,6 +187,8 @@ class BatchEngine:
         if live:
             tokens = [r.output[-1] for r in live]
             positions = torch.tensor([[len(r.prompt) + len(r.output) - 1] for r in live])  # (B, 1)
+            if len(live) == 1:  # alone: shared positions (T,) take the model's unmasked single-sequence path
+                positions = positions[0]  # (1,)
             view = self.cache.rows(0, len(live))
             hidden = self.model.hidden(torch.tensor(tokens)[:, None], positions, view)  # (B, 1, C)
             logits = self.model.output(hidden[:, 0]).float()  # (B, V)
@@ -198,18 +203,22 @@ class BatchEngine:
         last = len(self.rows) - 1
         if i != last:
             moved = self.rows[last]
-            self.cache.k[:, i] = self.cache.k[:, last]
-            self.cache.v[:, i] = self.cache.v[:, last]
+            self._move_row(last, i, len(moved.prompt) + len(moved.output))
             moved.row = i
             self.rows[i] = moved
         self.rows.pop()
         if self.prefilling is not None and self.prefilling.row != len(self.rows):
             # The prompt being prefilled sits right after the decoding rows: move it down too.
-            old = self.prefilling.row
-            self.cache.k[:, len(self.rows)] = self.cache.k[:, old]
-            self.cache.v[:, len(self.rows)] = self.cache.v[:, old]
+            self._move_row(self.prefilling.row, len(self.rows), self.prefilling.prefilled)
             self.prefilling.row = len(self.rows)
         req.row = -1
+
+    def _move_row(self, source: int, target: int, length: int) -> None:
+        """Copy a row's first `length` cached positions (all it has written) to another row; later
+        positions are masked out of attention, so a long slot costs no more to move than it holds."""
+        n = min(length, self.max_len)
+        self.cache.k[:, target, :, :n] = self.cache.k[:, source, :, :n]  # (L, H, n, D)
+        self.cache.v[:, target, :, :n] = self.cache.v[:, source, :, :n]
 
     def run(self, requests: Sequence[Request]) -> list[Request]:
         """Submit and run to completion (a convenience for offline batches and tests)."""

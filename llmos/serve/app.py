@@ -628,7 +628,8 @@ async def metrics(request: Request) -> Any:
     server = _server(request)
     w = server.worker
     text = server.metrics.render(queue_depth=w.queue_depth if w else 0, active=w.active if w else 0,
-                                 tokens_per_second=w.tokens_per_second() if w else 0.0, loaded=server.status == "ok")
+                                 tokens_per_second=w.tokens_per_second() if w else 0.0, loaded=server.status == "ok",
+                                 batch_sizes=w.batch_sizes() if w else None)
     return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 

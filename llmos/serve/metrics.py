@@ -1,16 +1,19 @@
 """Server metrics in the Prometheus text format (no client library needed).
 
 Counters: requests by route and status, prompt and completion tokens. Gauges: queue depth, active
-generations, completion tokens per second over the last 10 seconds. Histogram: time to first token
-(from the request's arrival to its first generated token, streamed or not).
+generations, completion tokens per second over the last 10 seconds. Histograms: time to first token
+(from the request's arrival to its first generated token, streamed or not), and batch size (the
+sequences each step of the batch engine decoded in one forward pass).
 """
 
 from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Mapping
 
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class Metrics:
@@ -37,7 +40,9 @@ class Metrics:
             self.ttft_counts[i] += 1
             self.ttft_sum += seconds
 
-    def render(self, *, queue_depth: int, active: int, tokens_per_second: float, loaded: bool) -> str:
+    def render(self, *, queue_depth: int, active: int, tokens_per_second: float, loaded: bool,
+               batch_sizes: Mapping[int, int] | None = None) -> str:
+        """`batch_sizes`: batch-engine decode steps by the number of sequences they decoded."""
         with self._lock:
             lines = [
                 "# HELP llmos_requests_total HTTP requests by route and status.",
@@ -76,5 +81,16 @@ class Metrics:
                 f'llmos_time_to_first_token_seconds_bucket{{le="+Inf"}} {cumulative}',
                 f"llmos_time_to_first_token_seconds_sum {self.ttft_sum:.6f}",
                 f"llmos_time_to_first_token_seconds_count {cumulative}",
+                "# HELP llmos_batch_size Sequences decoded together per batch-engine step.",
+                "# TYPE llmos_batch_size histogram",
             ]
+        sizes = dict(batch_sizes or {})
+        for bound in BATCH_BUCKETS:
+            up_to = sum(n for size, n in sizes.items() if size <= bound)
+            lines.append(f'llmos_batch_size_bucket{{le="{bound}"}} {up_to}')
+        lines += [
+            f'llmos_batch_size_bucket{{le="+Inf"}} {sum(sizes.values())}',
+            f"llmos_batch_size_sum {sum(size * n for size, n in sizes.items())}",
+            f"llmos_batch_size_count {sum(sizes.values())}",
+        ]
         return "\n".join(lines) + "\n"
