@@ -29,16 +29,26 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, D)
         if cache is not None:
             k, v = cache.update(layer, positions, k, v)  # (B, H, S, D)
-        S = k.shape[2]
-        if positions.dim() == 1 and T == S and int(positions[0]) == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif positions.dim() == 1 and T == 1:
-            y = F.scaled_dot_product_attention(q, k, v)
+        if positions.dim() == 2 and T == 1:
+            # Batched decode: each row attends over exactly its own keys, as it would alone.
+            ends = (positions[:, 0] + 1).tolist()
+            y = torch.cat([attend(q[b:b + 1], k[b:b + 1, :, :e], v[b:b + 1, :, :e], positions[b])
+                           for b, e in enumerate(ends)])
         else:
-            mask = torch.arange(S, device=x.device) <= positions[..., None]  # (T, S) or (B, T, S)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask if positions.dim() == 1 else mask[:, None])
+            y = attend(q, k, v, positions)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.wo(y)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Causal scaled dot-product attention of q (B, H, T, D) over k, v (B, H, S, D)."""
+    T, S = q.shape[2], k.shape[2]
+    if positions.dim() == 1 and T == S and int(positions[0]) == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if positions.dim() == 1 and T == 1:
+        return F.scaled_dot_product_attention(q, k, v)
+    mask = torch.arange(S, device=q.device) <= positions[..., None]  # (T, S) or (B, T, S)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask if positions.dim() == 1 else mask[:, None])
 
 
 class MLP(nn.Module):

@@ -105,16 +105,28 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, positions, k, v)  # (B, Hkv, S, D)
-        S = k.shape[2]
-        if T == S and self.window is None and positions.dim() == 1 and int(positions[0]) == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
-        elif T == 1 and self.window is None and positions.dim() == 1:
-            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.n_kv != self.n_heads)
+        if positions.dim() == 2 and T == 1:
+            # Batched decode, rows of different lengths: each row attends over exactly its own
+            # keys, the same computation as decoding it alone, so batching never changes a token
+            # (attention over masked padding differs in the last bits).
+            ends = (positions[:, 0] + 1).tolist()
+            y = torch.cat([self.attend(q[b:b + 1], k[b:b + 1, :, :e], v[b:b + 1, :, :e], positions[b])
+                           for b, e in enumerate(ends)])
         else:
-            mask = attention_mask(positions, S, self.window)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+            y = self.attend(q, k, v, positions)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)  # (B, T, H*D)
         return self.wo(y)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Scaled dot-product attention of q (B, H, T, D) over k, v (B, Hkv, S, D)."""
+        T, S = q.shape[2], k.shape[2]
+        gqa = self.n_kv != self.n_heads
+        if T == S and self.window is None and positions.dim() == 1 and int(positions[0]) == 0:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if T == 1 and self.window is None and positions.dim() == 1:
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        mask = attention_mask(positions, S, self.window)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 class MLP(nn.Module):

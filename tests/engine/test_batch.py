@@ -90,3 +90,17 @@ def test_prefix_sharing_gives_identical_outputs(model):
     BatchEngine(model, max_batch=4, max_len=128, share_prefixes=False).run(plain)
     assert [r.output for r in reqs] == [r.output for r in plain]
     assert all(r.output == alone(model, r.prompt, 8) for r in reqs)
+
+
+def test_batched_default_model_matches_solo_greedy(fast_llm):
+    """On the real model in its fast form, rows of different lengths decoded together give exactly
+    the tokens each gives alone."""
+    texts = ["The capital of France is", "Write a haiku about autumn leaves falling slowly:", "1, 2, 3,",
+             "def add(a, b):\n    return"]
+    reqs = [Request(fast_llm.encode(t), 40, min_new_tokens=40) for t in texts]
+    engine = BatchEngine(fast_llm.model, max_batch=4, max_len=256)
+    engine.run(reqs)
+    for r in reqs:
+        solo = list(Generation(fast_llm.model, r.prompt, max_new_tokens=40, min_new_tokens=40,
+                               params=SamplingParams(temperature=0.0)).tokens())
+        assert r.output == solo
