@@ -4,7 +4,8 @@
   library): total seconds, chunks per level, prompt tokens read, tokens generated, and generation
   speed (decode tokens/s, timed from each call's first generated token to its last).
 - Translate the 50 sentences of the shipped translation set (en->fr/de/es, fr/de->en) with
-  beams 1 and 4: seconds, sentences/s, and chrF/BLEU against the references.
+  beams 1 and 4: seconds, sentences/s, output tokens/s (of the chosen beam, end to end), and
+  chrF/BLEU against the references.
 
 `python -m bench.text` prints a table and writes bench/results/text-DATE.json; `run()` returns the dict.
 """
@@ -35,7 +36,7 @@ def pydoc_document(llm: Any, tokens: int) -> str:
         part = f"## {name}\n\n{topics[name].strip()}"
         n = len(llm.encode(part, add_special_tokens=False))
         if total + n > tokens:
-            break
+            continue  # a smaller topic may still fit
         parts.append(part)
         total += n
     return "# Python language reference topics\n\n" + "\n\n".join(parts)
@@ -95,15 +96,23 @@ def bench_translate(llm: Any, beams: int) -> dict[str, Any]:
     from llmos.tasks import evaluate_text as ev
 
     items = ev.load_items(ev.shipped("translate"), "translate")[:50]
-    t0 = time.perf_counter()
-    report = ev.evaluate_translations(llm, items, beams=beams, progress=sys.stderr.isatty())
-    seconds = time.perf_counter() - t0
+    timed = TimedChat(llm)
+    llm.chat = timed
+    try:
+        t0 = time.perf_counter()
+        report = ev.evaluate_translations(llm, items, beams=beams, progress=sys.stderr.isatty())
+        seconds = time.perf_counter() - t0
+    finally:
+        del llm.chat
+    generated = sum(c["tokens"] for c in timed.calls)  # of the best beam
     return {"sentences": len(items), "beams": beams, "seconds": seconds, "sentences_per_s": len(items) / seconds,
+            "prompts": len(timed.calls), "generated_tokens": generated, "output_tokens_per_s": generated / seconds,
             "chrf": report["scores"]["chrf"], "bleu": report["scores"]["bleu"], "pairs": report["pairs"],
             "outputs": report["outputs"]}
 
 
-def run(tokens: int = 20_000, beams: tuple[int, ...] = (1, 4), threads: int | None = None) -> dict[str, Any]:
+def run(tokens: int = 20_000, beams: tuple[int, ...] = (1, 4), threads: int | None = None,
+        parts: tuple[str, ...] = ("summarize", "translate")) -> dict[str, Any]:
     import llmos
     from llmos import store
 
@@ -113,26 +122,34 @@ def run(tokens: int = 20_000, beams: tuple[int, ...] = (1, 4), threads: int | No
     results: dict[str, Any] = {
         "date": date.today().isoformat(), "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "model": llm.path.name, "dtype": llm.dtype,
-        "summarize": bench_summarize(llm, tokens),
-        "translate": [bench_translate(llm, b) for b in beams],
     }
+    if "summarize" in parts:
+        results["summarize"] = bench_summarize(llm, tokens)
+    if "translate" in parts:
+        results["translate"] = [bench_translate(llm, b) for b in beams]
     return results
 
 
 def table(results: dict[str, Any]) -> str:
-    s = results["summarize"]
-    lines = [
-        f"summarize {s['input_tokens']} tokens ({results['model']}, {results['dtype']}, {results['threads']} threads)",
-        f"  chunks per level      {s['levels']}  ({s['calls']} calls)",
-        f"  total                 {s['seconds']:.1f} s",
-        f"  prompt tokens read    {s['prompt_tokens']}  ({s['prefill_tps']:.0f} tok/s prefill)",
-        f"  tokens generated      {s['generated_tokens']}  ({s['generation_tps']:.1f} tok/s decode)",
-        "",
-        f"{'translate 50 sentences':<24}{'seconds':>9}{'sent/s':>9}{'chrF':>8}{'BLEU':>8}",
+    lines = [f"{results['model']}, {results['dtype']}, {results['threads']} threads", ""]
+    if "summarize" in results:
+        s = results["summarize"]
+        lines += [
+            f"summarize {s['input_tokens']} tokens",
+            f"  chunks per level      {s['levels']}  ({s['calls']} calls)",
+            f"  total                 {s['seconds']:.1f} s",
+            f"  prompt tokens read    {s['prompt_tokens']}  ({s['prefill_tps']:.0f} tok/s prefill)",
+            f"  tokens generated      {s['generated_tokens']}  ({s['generation_tps']:.1f} tok/s decode)",
+            "",
+        ]
+    if "translate" not in results:
+        return "\n".join(lines)
+    lines += [
+        f"{'translate 50 sentences':<24}{'seconds':>9}{'sent/s':>9}{'out tok/s':>11}{'chrF':>8}{'BLEU':>8}",
     ]
     for t in results["translate"]:
         lines.append(f"{'beams ' + str(t['beams']):<24}{t['seconds']:>9.1f}{t['sentences_per_s']:>9.2f}"
-                     f"{t['chrf']:>8.2f}{t['bleu']:>8.2f}")
+                     f"{t['output_tokens_per_s']:>11.1f}{t['chrf']:>8.2f}{t['bleu']:>8.2f}")
     return "\n".join(lines)
 
 
@@ -141,11 +158,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=20_000, help="document length to summarize")
     parser.add_argument("--beams", default="1,4", help="beam widths to translate with")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--parts", default="summarize,translate", help="what to measure")
     args = parser.parse_args()
-    results = run(args.tokens, tuple(int(b) for b in args.beams.split(",")), args.threads)
+    results = run(args.tokens, tuple(int(b) for b in args.beams.split(",")), args.threads,
+                  tuple(p.strip() for p in args.parts.split(",")))
     print(table(results))
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"text-{results['date']}.json"
+    partial = "" if {"summarize", "translate"} <= results.keys() else "-" + "-".join(sorted(
+        k for k in ("summarize", "translate") if k in results))
+    out = RESULTS / f"text{partial}-{results['date']}.json"
     out.write_text(json.dumps(results, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out}")
 
