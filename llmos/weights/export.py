@@ -35,6 +35,7 @@ from torch import nn
 
 from llmos.config import ModelConfig
 from llmos.errors import LlmosError
+from llmos.files import fsync_dir
 from llmos.models.lora import merged_state_dict
 from llmos.tokenizer import Tokenizer
 from llmos.weights import names
@@ -352,16 +353,3 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
-
-def fsync_dir(folder: Path) -> None:
-    """Make renames in `folder` durable (POSIX; a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
