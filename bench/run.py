@@ -155,7 +155,7 @@ def beam(gguf: Path) -> dict:
     import llmos
     from llmos.engine.beam import beam_search
 
-    llm = llmos.load(str(gguf), dtype="fp32")
+    llm = llmos.load(str(gguf))  # the form users get (auto)
     ids = llm.encode("Translate to French: Where is the train station?")
     t0 = time.perf_counter()
     beam_search(llm.model, ids, num_beams=4, max_new_tokens=32, stop_ids=frozenset())
@@ -221,6 +221,11 @@ def main() -> None:
                 results[module] = {"error": str(exc)}
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"bench-{date.today()}.json"
+    if out.exists() and only:  # a partial run updates the day's file instead of replacing it
+        try:
+            results = {**json.loads(out.read_text()), **results}
+        except ValueError:
+            pass
     out.write_text(json.dumps(results, indent=2, default=str))
     png = chart(results, RESULTS / f"bench-{date.today()}.png")
     print(f"\nwritten {out}" + (f" and {png}" if png else ""))
