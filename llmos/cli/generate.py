@@ -12,7 +12,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default="smollm2-135m-instruct", help="store name, .gguf file or Hugging Face folder")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "int8", "int4"],
                    help="weight form; auto picks the fastest within 2%% of fp32 perplexity")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores other work leaves idle)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -31,7 +31,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 503")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="request body size cap")
     p.add_argument("--default-max-tokens", type=int, default=1024, help="completion length when a request sets none")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores other work leaves idle)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run_serve)
 
