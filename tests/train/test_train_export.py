@@ -134,3 +134,19 @@ def test_hf_config_round_trips(tiny):
         config = _config(kind, tiny)
         back = ModelConfig.from_hf_json(hf_config(config))
         assert dataclasses.replace(back, name=config.name) == config
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_gguf_export_loads_in_transformers(kind, tmp_path, tok, tiny):
+    """An outside reader agrees: transformers' GGUF loader gives the logits llmos gives on the same
+    F16 file (this also checks llmos's GGUF GPT-2 and Llama loading against a reference)."""
+    config = _config(kind, tiny)
+    if kind == "gpt2":  # transformers' GGUF reader ignores gpt2.context_length and assumes 1024
+        config = dataclasses.replace(config, max_seq_len=1024)
+    path = save_gguf(_model(config), config, tok, tmp_path / f"{kind}.gguf", "f16")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    ids = tok.encode(TEXT)
+    ours = llmos.load(str(path), dtype="fp32").logits(ids)
+    with torch.no_grad():
+        theirs = ref(torch.tensor([ids])).logits[0]
+    assert (ours - theirs).abs().max().item() < 1e-4
