@@ -55,18 +55,21 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 
 def rope_tables(config: ModelConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables (S, D) for positions 0..length-1."""
+    """cos and signed sin tables (S, D) for positions 0..length-1.
+
+    The sin table carries the sign of the "rotate half" layout, (-sin, +sin) over the two halves,
+    so a rotation is `x * cos + roll(x, D/2) * sin`: the same products as rotate_half, fewer ops."""
     t = torch.arange(length, dtype=torch.float32)
     freqs = torch.outer(t, rope_inv_freq(config))  # (S, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (S, D)
-    return emb.cos(), emb.sin()
+    half = freqs.shape[-1]
+    sign = torch.cat((-torch.ones(half), torch.ones(half)))
+    return emb.cos(), emb.sin() * sign
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, D) rotated by cos/sin (T, D), "rotate half" layout."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos + rotated * sin
+    """x (..., D) rotated by cos and signed sin (broadcastable to x), "rotate half" layout."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin
 
 
 def attention_mask(q_pos: torch.Tensor, n_keys: int, window: int | None) -> torch.Tensor:
@@ -98,11 +101,11 @@ class Attention(nn.Module):
         layer: int,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.wqkv(x).split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
-        q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, D)
-        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.wqkv(x).view(B, T, self.n_heads + 2 * self.n_kv, self.hd)  # (B, T, H + 2 Hkv, D)
+        qk = apply_rope(qkv[:, :, : self.n_heads + self.n_kv], cos, sin)  # q and k rotated in one go
+        q = qk[:, :, : self.n_heads].transpose(1, 2)  # (B, H, T, D)
+        k = qk[:, :, self.n_heads :].transpose(1, 2)  # (B, Hkv, T, D)
+        v = qkv[:, :, self.n_heads + self.n_kv :].transpose(1, 2)  # (B, Hkv, T, D)
         if cache is not None:
             k, v = cache.update(layer, positions, k, v)  # (B, Hkv, S, D)
         if positions.dim() == 2 and T == 1:
@@ -175,9 +178,8 @@ class Llama(nn.Module):
             size = min(max(need, 2 * (0 if self._rope is None else self._rope[0].shape[0]), 256), self.config.max_seq_len)
             self._rope = rope_tables(self.config, max(size, need))
         cos, sin = self._rope
-        if positions.dim() == 2:  # per-row positions: (B, 1, T, D), broadcast over heads
-            return cos[positions][:, None], sin[positions][:, None]
-        return cos[positions], sin[positions]  # (T, D)
+        # (T, 1, D) or per row (B, T, 1, D): broadcast over the heads of a (B, T, heads, D) tensor.
+        return cos[positions].unsqueeze(-2), sin[positions].unsqueeze(-2)
 
     def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Final normed hidden states (B, T, C); the engine applies `output` to the rows it needs."""
