@@ -81,7 +81,7 @@ def _family(names: str, **spec: Any) -> dict[str, dict[str, Any]]:
 
 # `tokenizer.ggml.pre` -> how to split; `add_bos` is llama.cpp's default when the file has no
 # `tokenizer.ggml.add_bos_token`. A missing `pre` means "default", as in llama.cpp.
-_GGUF_PRE: dict[str, dict[str, Any]] = {
+GGUF_PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
     "default": _pre((r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]")),
     **_family("gpt-2 phi-2 mpt olmo jais exaone4 jina-es jina-de gigachat mellum trillion", splits=(_GPT2,)),
     **_family("starcoder refact command-r smollm codeshell exaone minerva-7b", splits=(r"\p{N}", _GPT2)),
@@ -300,6 +300,15 @@ class Tokenizer:
         """The id of a raw vocabulary piece, or None when the vocabulary lacks it."""
         return self._backend.token_to_id(piece)
 
+    @property
+    def backend(self) -> _Backend:
+        """The underlying `tokenizers.Tokenizer` (for export: its JSON is the portable format)."""
+        return self._backend
+
+    def to_json(self) -> str:
+        """The tokenizer as Hugging Face `tokenizer.json` text."""
+        return self._backend.to_str()
+
     def decoder(self, skip_special_tokens: bool = False) -> IncrementalDecoder:
         """A fresh streaming detokenizer for one generated sequence."""
         return IncrementalDecoder(self, skip_special_tokens=skip_special_tokens)
@@ -394,10 +403,10 @@ def _byte_level_bpe(metadata: Mapping[str, Any], vocab: dict[str, int]) -> tuple
     """GPT-2-style byte-level BPE: split by `tokenizer.ggml.pre`'s regexes, map bytes to the
     printable alphabet, merge by the file's ranked merges. Returns (backend, default add_bos)."""
     pre_name = str(metadata.get("tokenizer.ggml.pre") or "default")
-    spec = _GGUF_PRE.get(pre_name)
+    spec = GGUF_PRE_TOKENIZERS.get(pre_name)
     if spec is None:
         raise TokenizerError(
-            f"GGUF pre-tokenizer {pre_name!r} is not supported; supported: {', '.join(sorted(_GGUF_PRE))}. "
+            f"GGUF pre-tokenizer {pre_name!r} is not supported; supported: {', '.join(sorted(GGUF_PRE_TOKENIZERS))}. "
             "Load the model's Hugging Face folder with tokenizer.json instead"
         )
     merges = _merges(metadata)

@@ -236,7 +236,7 @@ def fingerprint(files: list[Path], tokenizer: Tokenizer, val_fraction: float, se
     for f in files:
         st = f.stat()
         h.update(f"{f.resolve()} {st.st_size} {st.st_mtime_ns}\n".encode())
-    h.update(tokenizer._backend.to_str().encode())  # same files, other tokenizer: other ids
+    h.update(tokenizer.to_json().encode())  # same files, other tokenizer: other ids
     h.update(str(tokenizer.chat_template).encode())
     return h.hexdigest()
 

@@ -166,7 +166,7 @@ def hf_state_dict(model: nn.Module, config: ModelConfig) -> dict[str, torch.Tens
 def save_tokenizer(tokenizer: Tokenizer, folder: str | Path, max_len: int | None = None) -> None:
     """tokenizer.json, tokenizer_config.json, chat_template.jinja and generation_config.json."""
     folder = Path(folder)
-    backend = tokenizer._backend  # the tokenizers.Tokenizer: its JSON is the portable format
+    backend = tokenizer.backend  # the tokenizers.Tokenizer: its JSON is the portable format
     _atomic_write_text(folder / "tokenizer.json", backend.to_str())
     cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
     for name, i in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id), ("pad_token", tokenizer.pad_id)):
@@ -279,11 +279,11 @@ def save_gguf(model: nn.Module, config: ModelConfig, tokenizer: Tokenizer, path:
 def _add_gguf_tokenizer(writer: Any, tokenizer: Tokenizer, vocab_size: int) -> None:
     import gguf
 
-    spec = json.loads(tokenizer._backend.to_str())
+    spec = json.loads(tokenizer.to_json())
     model = spec.get("model") or {}
     if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
         raise LlmosError("only byte-level BPE tokenizers can be written into GGUF; export --format hf instead")
-    vocab = tokenizer._backend.get_vocab(with_added_tokens=True)
+    vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
     tokens: list[str | None] = [None] * max(vocab_size, len(vocab))
     for piece, i in vocab.items():
         tokens[i] = piece
@@ -317,18 +317,18 @@ def _add_gguf_tokenizer(writer: Any, tokenizer: Tokenizer, vocab_size: int) -> N
 
 def _gguf_pre_name(spec: dict[str, Any]) -> str:
     """The `tokenizer.ggml.pre` whose split regexes are this tokenizer's (llmos.tokenizer's table)."""
-    from llmos.tokenizer import _GGUF_PRE  # the same table the reader uses, so the round trip holds
+    from llmos.tokenizer import GGUF_PRE_TOKENIZERS  # the same table the reader uses, so the round trip holds
 
     pre = spec.get("pre_tokenizer") or {}
     ignore_merges = bool((spec.get("model") or {}).get("ignore_merges", False))
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        splits: tuple[str, ...] = (_GGUF_PRE["gpt-2"]["splits"][0],)
+        splits: tuple[str, ...] = (GGUF_PRE_TOKENIZERS["gpt-2"]["splits"][0],)
     elif pre.get("type") == "Sequence":
         parts = pre.get("pretokenizers") or []
         splits = tuple((p.get("pattern") or {}).get("Regex", "") for p in parts if p.get("type") == "Split")
     else:
         splits = ()
-    for name, entry in _GGUF_PRE.items():
+    for name, entry in GGUF_PRE_TOKENIZERS.items():
         if entry["splits"] == splits and entry["ignore_merges"] == ignore_merges:
             return name
     raise LlmosError("this tokenizer's pre-tokenizer has no GGUF equivalent llmos knows; export --format hf instead")

@@ -38,9 +38,9 @@ def build_tiny_model(folder: Path) -> Path:
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                          tie_word_embeddings=True, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
     LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
-    tok._backend.save(str(folder / "tokenizer.json"))
+    tok.backend.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": tok._backend.id_to_token(tok.bos_id), "eos_token": tok._backend.id_to_token(tok.eos_id),
+        "bos_token": tok.backend.id_to_token(tok.bos_id), "eos_token": tok.backend.id_to_token(tok.eos_id),
         "chat_template": tok.chat_template}))
     return folder
 

@@ -29,7 +29,7 @@ def tiny_model_dir(tmp_path_factory, default_model_name):
         num_key_value_heads=1, max_position_embeddings=CONTEXT, tie_word_embeddings=True,
         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, initializer_range=0.2)  # varied greedy text
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    tok._backend.save(str(folder / "tokenizer.json"))
+    tok.backend.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "chat_template": tok.chat_template, "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
         "pad_token": "<|im_end|>", "add_bos_token": False}))
