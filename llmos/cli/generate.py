@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Any
+
+from llmos.files import fsync_dir
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -127,8 +131,11 @@ def chat_command(session, line: str) -> bool:
         session.reset(rest or None)
         print("system prompt set; history cleared" if rest else "system prompt removed; history cleared")
     elif cmd == "/save" and rest:
-        with open(rest, "w", encoding="utf-8") as f:
-            json.dump(session.save(), f, ensure_ascii=False, indent=2)
+        try:
+            save_atomically(Path(rest), json.dumps(session.save(), ensure_ascii=False, indent=2))
+        except OSError as exc:
+            print(f"could not save to {rest}: {exc}")
+            return False
         print(f"saved {len(session.messages)} messages to {rest}")
     elif cmd == "/load" and rest:
         try:
@@ -144,6 +151,17 @@ def chat_command(session, line: str) -> bool:
     else:
         print(CHAT_HELP)
     return False
+
+
+def save_atomically(path: Path, text: str) -> None:
+    """Write `text` so that a crash leaves either the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent.resolve())
 
 
 def _system_of(session) -> str | None:
