@@ -74,9 +74,7 @@ def parse_controls(controls: dict[str, Any], defaults: dict[str, Any] | None = N
             f"unknown generation argument(s): {', '.join(unknown)}; known: {', '.join(sorted(_SAMPLING | _OTHER))}"
         )
     params = SamplingParams(**{k: merged.pop(k) for k in list(merged) if k in _SAMPLING})
-    n = merged.pop("n", merged.pop("num_return_sequences", 1))
-    if "num_return_sequences" in merged:
-        merged.pop("num_return_sequences")
+    n = merged.pop("n", merged.pop("num_return_sequences", 1))  # the alias is popped either way
     stop = merged.pop("stop", ())
     if isinstance(stop, str):
         stop = (stop,)

@@ -38,7 +38,7 @@ def load_form(path: Path, form: str, use_cache: bool = True) -> tuple[torch.nn.M
     """Model, config and tokenizer of a GGUF file or HF folder with its linears in `form`.
 
     A converted model is cached in the store (weights/converted.py) and read back on later loads."""
-    hook = None if form == "fp32" else quant.linear_hook(form)
+    hook = quant.linear_hook(form)
     cache = _model_key_file(path, "converted", f"-{form}.safetensors") if form != "fp32" and use_cache else None
     if path.is_file():
         with GGUFFile(path) as gguf:

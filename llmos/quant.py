@@ -1,6 +1,6 @@
-"""Weight formats for speed: linear layers swapped from outside the model files.
+"""Weight formats for speed: linear layers swapped in from outside the model files.
 
-`convert(model, form)` replaces every nn.Linear of a loaded model with one of:
+`linear_hook(form)` gives the loader (weights/load.py) a function that builds each Linear as:
 
 - `bf16`: weights in bfloat16 (half the bytes of fp32).
 - `int8`: weight-only int8, one symmetric scale per output channel, on PyTorch's packed CPU kernel
@@ -100,25 +100,18 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def _dense(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    linear.weight = nn.Parameter(weight, requires_grad=False)
-    if bias is not None:
-        linear.bias = nn.Parameter(bias, requires_grad=False)
-    return linear
-
-
 def linear_hook(form: str):
-    """A loader hook (weights/load.py) that builds each Linear directly in `form`.
+    """A loader hook (weights/load.py) that builds each Linear directly in `form`; None for fp32,
+    which keeps the model's own nn.Linear layers.
 
     The vocabulary head goes to int8 in both quantized forms: it is as fast as int4 there and keeps
     the 8-bit precision of the embedding table it usually shares."""
     if form not in FORMS:
         raise LlmosError(f"dtype must be one of {', '.join(FORMS)} (or auto), got {form!r}")
+    if form == "fp32":
+        return None
 
     def hook(name: str, weight: torch.Tensor, bias: torch.Tensor | None, exact: tuple[torch.Tensor, ...] | None) -> nn.Module:
-        if form == "fp32":
-            return _dense(weight, bias)
         if form == "bf16":
             return BF16Linear(weight, bias)
         if form == "int8" or name == "output":
@@ -132,15 +125,23 @@ def linear_hook(form: str):
     return hook
 
 
-def convert(model: nn.Module, form: str) -> nn.Module:
-    """Swap an already loaded model's nn.Linear layers for `form`, in place (the embedding stays)."""
-    hook = linear_hook(form)
-    if form == "fp32":
-        return model
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear):
-            parent, _, child = name.rpartition(".")
-            w = module.weight.detach()
-            b = None if module.bias is None else module.bias.detach()
-            setattr(model.get_submodule(parent) if parent else model, child, hook(name, w, b, None))
-    return model
+KINDS: dict[str, type[nn.Module]] = {"BF16Linear": BF16Linear, "Int8Linear": Int8Linear, "Int4Linear": Int4Linear}
+
+
+def restore(kind: str, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """A layer of `kind` from its saved state (weights/converted.py), without re-quantizing:
+    parameters for weight and bias, buffers for the packed forms, sizes read off the tensors."""
+    module = KINDS[kind].__new__(KINDS[kind])
+    nn.Module.__init__(module)
+    module.bias = None
+    for leaf, tensor in tensors.items():
+        if leaf in ("weight", "bias"):
+            setattr(module, leaf, nn.Parameter(tensor, requires_grad=False))
+        else:
+            module.register_buffer(leaf, tensor)
+    if kind == "Int8Linear":
+        module.out_features, module.in_features = module.qweight.shape
+    elif kind == "Int4Linear":
+        module.out_features = module.scales_zeros.shape[1]
+        module.in_features = module.scales_zeros.shape[0] * GROUP
+    return module

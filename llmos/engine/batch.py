@@ -160,8 +160,7 @@ class BatchEngine:
         for req in list(self.rows):
             logits = self.pending_logits.pop(req.id)[None]  # (1, V)
             params = req.params
-            needs_history = params.repetition_penalty != 1.0 or params.no_repeat_ngram_size
-            needs_output = bool(params.presence_penalty or params.frequency_penalty)
+            needs_history, needs_output = params.needs_history, params.needs_output
             # Only built when a penalty reads it: a long prompt's ids cost a tensor per row per step.
             history = torch.tensor([req.prompt + req.output]) if needs_history or needs_output else None  # (1, N)
             logits = process(

@@ -99,7 +99,7 @@ def beam_search(
     params = params or SamplingParams(temperature=0.0)
     _check(model, prompt, num_beams, max_new_tokens, length_penalty, early_stopping, num_return_sequences, min_new_tokens)
     processors = replace(params, temperature=0.0)  # greedy params: process() stops before the warpers
-    needs_output = bool(params.presence_penalty or params.frequency_penalty)
+    needs_output = params.needs_output
     K, T = num_beams, len(prompt)
     total = T + max_new_tokens
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long)

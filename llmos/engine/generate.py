@@ -100,8 +100,7 @@ class Generation:
         n, T = self.n, len(self.prompt)
         history = torch.empty(n, T + self.max_new_tokens, dtype=torch.long)
         history[:, :T] = torch.tensor(self.prompt)
-        needs_history = self.params.repetition_penalty != 1.0 or self.params.no_repeat_ngram_size
-        needs_output = bool(self.params.presence_penalty or self.params.frequency_penalty)
+        needs_history, needs_output = self.params.needs_history, self.params.needs_output
         stop = torch.tensor(sorted(self.stop_ids), dtype=torch.long)
         done = torch.zeros(n, dtype=torch.bool)
         if self.max_new_tokens == 0:

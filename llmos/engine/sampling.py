@@ -60,6 +60,16 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def needs_history(self) -> bool:
+        """Whether a penalty reads the prompt and output ids (repetition, no-repeat n-grams)."""
+        return self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0
+
+    @property
+    def needs_output(self) -> bool:
+        """Whether a penalty reads the output ids (OpenAI presence/frequency)."""
+        return bool(self.presence_penalty or self.frequency_penalty)
+
 
 def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)

@@ -22,14 +22,11 @@ from llmos import quant
 from llmos.config import ModelConfig
 from llmos.weights.load import _set_module, build_model
 
-KINDS: dict[str, type[nn.Module]] = {
-    "Linear": nn.Linear, "BF16Linear": quant.BF16Linear, "Int8Linear": quant.Int8Linear, "Int4Linear": quant.Int4Linear,
-}
 FORMAT = "llmos-converted-1"
 
 
 def save(model: nn.Module, path: Path) -> None:
-    modules = {name: type(m).__name__ for name, m in model.named_modules() if type(m).__name__ in KINDS}
+    modules = {name: type(m).__name__ for name, m in model.named_modules() if type(m).__name__ in quant.KINDS}
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if getattr(model.output, "weight", None) is model.embed.weight:
         state.pop("output.weight", None)  # shared with the embedding: stored once
@@ -105,29 +102,14 @@ def load(path: Path, config: ModelConfig) -> nn.Module | None:
     if meta.get("format") != FORMAT:
         return None
     modules = json.loads(meta["modules"])
+    per_module: dict[str, dict[str, torch.Tensor]] = {name: {} for name in modules}
+    for key in list(state):
+        owner, _, leaf = key.rpartition(".")
+        if owner in per_module:
+            per_module[owner][leaf] = state.pop(key)
     model = build_model(config)
     for name, kind in modules.items():
-        module = KINDS[kind].__new__(KINDS[kind])
-        nn.Module.__init__(module)
-        prefix = name + "."
-        for key in [k for k in state if k.startswith(prefix) and "." not in k[len(prefix):]]:
-            leaf, tensor = key[len(prefix):], state.pop(key)
-            if kind in ("Linear", "BF16Linear") or leaf == "bias":
-                setattr(module, leaf, nn.Parameter(tensor, requires_grad=False))
-            else:
-                module.register_buffer(leaf, tensor)
-        if kind == "Linear":
-            module.in_features, module.out_features = module.weight.shape[1], module.weight.shape[0]
-            if not hasattr(module, "bias"):
-                module.bias = None
-        elif not hasattr(module, "bias") or "bias" not in module._parameters:
-            module.bias = None
-        if kind == "Int8Linear":
-            module.out_features, module.in_features = module.qweight.shape
-        elif kind == "Int4Linear":
-            module.out_features = module.scales_zeros.shape[1]
-            module.in_features = module.scales_zeros.shape[0] * quant.GROUP
-        _set_module(model, name, module)
+        _set_module(model, name, quant.restore(kind, per_module[name]))
     model.load_state_dict(state, assign=True, strict=False)
     if "output" not in modules:
         model.tie_weights()

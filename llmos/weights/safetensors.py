@@ -12,8 +12,8 @@ import torch
 from safetensors import safe_open
 
 from llmos.errors import LlmosError
+from llmos.files import PICKLE_SUFFIXES
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
 def refuse_pickle(path: Path) -> None:
