@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import hmac
 import logging
@@ -49,7 +50,7 @@ from llmos import __version__, store
 from llmos.errors import LlmosError
 from llmos.generation import Delta, TokenLogprob, parse_controls
 from llmos.serve import schema as S
-from llmos.serve.json_constraint import OBJECT, JsonConstraint, TokenTexts, check_output, check_schema, compile_schema
+from llmos.serve.json_constraint import OBJECT, JsonConstraint, TokenTexts, check_output, check_schema
 from llmos.serve.metrics import Metrics
 from llmos.serve.stream import DONE, EventStream, merged, sse, wait_disconnect
 from llmos.serve.worker import QueueFull, Ticket, Worker, WorkerError
@@ -349,7 +350,7 @@ class _Run:
         try:
             task.result()
         except WorkerError as exc:
-            raise S.ApiError(500, f"generation failed: {exc}", code="internal_error") from None
+            raise _generation_failed(exc) from None
         return True
 
 
@@ -382,9 +383,8 @@ async def chat_completions(request: Request) -> Any:
     server = _server(request)
     req: S.ChatCompletionRequest = S.parse(S.ChatCompletionRequest, await read_json(request))
     llm = server.chat_model(req.model)
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
     try:
-        ids = llm._chat_ids(messages)
+        ids = llm._chat_ids([m.turn() for m in req.messages])
     except LlmosError as exc:
         raise S.invalid(str(exc), "messages") from None
     controls = req.controls(llm.config.vocab_size)
@@ -393,8 +393,8 @@ async def chat_completions(request: Request) -> Any:
     run = _Run(server, [ticket], req.n, started)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if req.stream:
-        usage = bool(req.stream_options and req.stream_options.include_usage)
-        return EventStream(_chat_events(server, run, rid, created, usage, schema), [ticket])
+        return _event_stream(run, _envelope(server, rid, "chat.completion.chunk", created), req.include_usage,
+                             _chat_chunks(server, run, schema))
     if not await run.collect(request):
         return Response(status_code=499)
     choices = []
@@ -403,8 +403,8 @@ async def chat_completions(request: Request) -> Any:
         choices.append({"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
                         "logprobs": _chat_logprobs(server, c.logprobs) if req.logprobs else None,
                         "finish_reason": c.finish or "stop"})
-    return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": server.name,
-                         "system_fingerprint": server.fingerprint, "choices": choices, "usage": run.usage()})
+    return JSONResponse({**_envelope(server, rid, "chat.completion", created), "choices": choices,
+                         "usage": run.usage()})
 
 
 def _json_mode(server: Server, req: S.ChatCompletionRequest, controls: dict[str, Any], prompt_len: int) -> Any:
@@ -417,8 +417,7 @@ def _json_mode(server: Server, req: S.ChatCompletionRequest, controls: dict[str,
     node = OBJECT
     if schema is not None:
         try:
-            check_schema(schema)
-            node = compile_schema(schema)
+            node = check_schema(schema)
         except LlmosError as exc:
             raise S.invalid(str(exc), "response_format.json_schema.schema") from None
     params = server.validate(controls, "response_format").params
@@ -437,32 +436,49 @@ def _check_json(schema: Any, choice: _Choice) -> None:
             log.warning("constrained JSON output does not match the requested format: %s", problem)
 
 
-async def _chat_events(server: Server, run: _Run, rid: str, created: int, usage: bool, schema: Any) -> AsyncIterator[str]:
-    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.name,
+def _envelope(server: Server, rid: str, kind: str, created: int) -> dict[str, Any]:
+    """The fields every completion response and stream chunk starts with."""
+    return {"id": rid, "object": kind, "created": created, "model": server.name,
             "system_fingerprint": server.fingerprint}
+
+
+def _generation_failed(exc: WorkerError) -> S.ApiError:
+    return S.ApiError(500, f"generation failed: {exc}", code="internal_error")
+
+
+def _event_stream(run: _Run, base: dict[str, Any], usage: bool, choices: AsyncIterator[dict[str, Any]]) -> EventStream:
+    """The SSE response of a streamed request: a chunk per choice update from `choices`, then the usage
+    chunk (when asked for) and [DONE]; a failure after the stream began is an error event, then [DONE]."""
     extra = {"usage": None} if usage else {}
 
-    def chunk(index: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None) -> str:
-        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        return sse({**base, "choices": [choice], **extra})
+    async def events() -> AsyncIterator[str]:
+        try:
+            async with contextlib.aclosing(choices):
+                async for choice in choices:
+                    yield sse({**base, "choices": [choice], **extra})
+        except WorkerError as exc:
+            yield sse(_generation_failed(exc).body())
+        else:
+            if usage:
+                yield sse({**base, "choices": [], "usage": run.usage()})
+        yield DONE
+
+    return EventStream(events(), run.tickets)
+
+
+async def _chat_chunks(server: Server, run: _Run, schema: Any) -> AsyncIterator[dict[str, Any]]:
+    def choice(index: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None) -> dict[str, Any]:
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
     for i in range(len(run.choices)):
-        yield chunk(i, {"role": "assistant", "content": ""})
+        yield choice(i, {"role": "assistant", "content": ""})
     want_lp = run.tickets[0].run.controls.logprobs is not None
-    try:
-        async for index, delta in run.deltas():
-            if delta.text or delta.logprobs:
-                yield chunk(index, {"content": delta.text}, _chat_logprobs(server, delta.logprobs) if want_lp else None)
-            if delta.finish_reason:
-                _check_json(schema, run.choices[index])
-                yield chunk(index, {}, None, run.choices[index].finish)
-    except WorkerError as exc:
-        yield sse(S.ApiError(500, f"generation failed: {exc}", code="internal_error").body())
-        yield DONE
-        return
-    if usage:
-        yield sse({**base, "choices": [], "usage": run.usage()})
-    yield DONE
+    async for index, delta in run.deltas():
+        if delta.text or delta.logprobs:
+            yield choice(index, {"content": delta.text}, _chat_logprobs(server, delta.logprobs) if want_lp else None)
+        if delta.finish_reason:
+            _check_json(schema, run.choices[index])
+            yield choice(index, {}, None, run.choices[index].finish)
 
 
 async def completions(request: Request) -> Any:
@@ -477,9 +493,7 @@ async def completions(request: Request) -> Any:
             id_lists.append(llm.encode(p))
             texts.append(p)
         else:
-            bad = [t for t in p if not 0 <= t < llm.config.vocab_size]
-            if bad:
-                raise S.invalid(f"prompt token ids must be in [0, {llm.config.vocab_size - 1}], got {bad[:5]}", "prompt")
+            _check_ids(p, llm.config.vocab_size, "prompt", "prompt token ids")
             id_lists.append(list(p))
             texts.append(llm.decode(p) if req.echo else "")
     controls = req.controls(llm.config.vocab_size)
@@ -495,46 +509,39 @@ async def completions(request: Request) -> Any:
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     echo = [texts[i // req.n] if req.echo else "" for i in range(len(run.choices))]
     if req.stream:
-        usage = bool(req.stream_options and req.stream_options.include_usage)
-        return EventStream(_completion_events(server, run, rid, created, usage, echo, req.logprobs is not None), tickets)
+        return _event_stream(run, _envelope(server, rid, "text_completion", created), req.include_usage,
+                             _completion_chunks(run, echo, req.logprobs is not None))
     if not await run.collect(request):
         return Response(status_code=499)
     choices = [{"index": i, "text": echo[i] + c.text,
                 "logprobs": _completion_logprobs(c.logprobs, len(echo[i])) if req.logprobs is not None else None,
                 "finish_reason": c.finish or "stop"} for i, c in enumerate(run.choices)]
-    return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": server.name,
-                         "system_fingerprint": server.fingerprint, "choices": choices, "usage": run.usage()})
+    return JSONResponse({**_envelope(server, rid, "text_completion", created), "choices": choices,
+                         "usage": run.usage()})
 
 
-async def _completion_events(server: Server, run: _Run, rid: str, created: int, usage: bool, echo: list[str],
-                             want_lp: bool) -> AsyncIterator[str]:
-    base = {"id": rid, "object": "text_completion", "created": created, "model": server.name,
-            "system_fingerprint": server.fingerprint}
-    extra = {"usage": None} if usage else {}
+async def _completion_chunks(run: _Run, echo: list[str], want_lp: bool) -> AsyncIterator[dict[str, Any]]:
     offsets = [len(e) for e in echo]
 
-    def chunk(index: int, text: str, logprobs: Any = None, finish: str | None = None) -> str:
-        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
-        return sse({**base, "choices": [choice], **extra})
+    def choice(index: int, text: str, logprobs: Any = None, finish: str | None = None) -> dict[str, Any]:
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
     for i, e in enumerate(echo):
         if e:
-            yield chunk(i, e)
-    try:
-        async for index, delta in run.deltas():
-            if delta.text or delta.logprobs:
-                lp = _completion_logprobs(delta.logprobs, offsets[index]) if want_lp else None
-                offsets[index] += sum(len(t.token) for t in delta.logprobs)
-                yield chunk(index, delta.text, lp)
-            if delta.finish_reason:
-                yield chunk(index, "", None, run.choices[index].finish)
-    except WorkerError as exc:
-        yield sse(S.ApiError(500, f"generation failed: {exc}", code="internal_error").body())
-        yield DONE
-        return
-    if usage:
-        yield sse({**base, "choices": [], "usage": run.usage()})
-    yield DONE
+            yield choice(i, e)
+    async for index, delta in run.deltas():
+        if delta.text or delta.logprobs:
+            lp = _completion_logprobs(delta.logprobs, offsets[index]) if want_lp else None
+            offsets[index] += sum(len(t.token) for t in delta.logprobs)
+            yield choice(index, delta.text, lp)
+        if delta.finish_reason:
+            yield choice(index, "", None, run.choices[index].finish)
+
+
+def _check_ids(ids: Sequence[int], vocab_size: int, param: str, what: str = "token ids") -> None:
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise S.invalid(f"{what} must be in [0, {vocab_size - 1}], got {bad[:5]}", param)
 
 
 async def embeddings(request: Request) -> Any:
@@ -594,8 +601,8 @@ async def tokenize(request: Request) -> Any:
         raise S.invalid("give exactly one of prompt or messages", "prompt")
     try:
         if req.messages is not None:
-            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-            text = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
+            text = llm.tokenizer.apply_chat_template([m.turn() for m in req.messages],
+                                                     add_generation_prompt=req.add_generation_prompt)
             ids = llm.encode(text, add_special_tokens=False)
         else:
             ids = llm.encode(req.prompt, add_special_tokens=req.add_special_tokens)
@@ -608,9 +615,7 @@ async def detokenize(request: Request) -> Any:
     server = _server(request)
     req: S.DetokenizeRequest = S.parse(S.DetokenizeRequest, await read_json(request))
     llm = server.chat_model(req.model)
-    bad = [t for t in req.tokens if not 0 <= t < llm.config.vocab_size]
-    if bad:
-        raise S.invalid(f"token ids must be in [0, {llm.config.vocab_size - 1}], got {bad[:5]}", "tokens")
+    _check_ids(req.tokens, llm.config.vocab_size, "tokens")
     return JSONResponse({"prompt": llm.decode(req.tokens, skip_special_tokens=False)})
 
 
@@ -637,9 +642,15 @@ async def page(request: Request) -> Any:
     name = request.path_params.get("name", "index.html")
     if name not in STATIC:
         raise HTTPException(404)
-    body = resources.files("llmos.serve").joinpath("static", name).read_bytes()
+    body, kind = _static_file(name)
+    return Response(body, media_type=kind, headers=PAGE_HEADERS)
+
+
+@functools.cache
+def _static_file(name: str) -> tuple[bytes, str]:
+    """A page file's bytes and media type (read once: they ship with the package)."""
     kind = {"html": "text/html", "js": "text/javascript", "css": "text/css"}[name.rsplit(".", 1)[1]]
-    return Response(body, media_type=f"{kind}; charset=utf-8", headers=PAGE_HEADERS)
+    return resources.files("llmos.serve").joinpath("static", name).read_bytes(), f"{kind}; charset=utf-8"
 
 
 # --- OpenAPI --------------------------------------------------------------------------------------------------

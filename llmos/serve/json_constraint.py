@@ -444,6 +444,7 @@ class JsonConstraint:
                  candidates: int = CANDIDATES) -> None:
         self.texts, self.schema, self.prompt_len = texts, schema, prompt_len
         self.stop_ids = sorted(stop_ids)
+        self._stops = frozenset(stop_ids)  # for membership tests, per token tried
         self.greedy, self.top_k, self.top_p, self.min_p = greedy, top_k, top_p, min_p
         self.candidates = candidates
         self.rows: dict[int, tuple[int, State | None]] = {}  # row -> (tokens consumed, state; None once ended)
@@ -453,7 +454,7 @@ class JsonConstraint:
         for token in ids[consumed:]:
             if state is None:
                 break
-            state = None if token in self.stop_ids else feed_text(state, self.texts[token])
+            state = None if token in self._stops else feed_text(state, self.texts[token])
         self.rows[row] = (len(ids), state)
         return state
 
@@ -484,7 +485,7 @@ class JsonConstraint:
         return found
 
     def _fits(self, state: State, tokens: list[int]) -> list[int]:
-        stops = self.stop_ids
+        stops = self._stops
         out = []
         for t in tokens:
             text = self.texts[t]
@@ -511,8 +512,8 @@ class JsonConstraint:
         return out
 
 
-def check_schema(schema: Any) -> None:
-    """Raise LlmosError when `schema` is not a usable JSON schema."""
+def check_schema(schema: Any) -> Node:
+    """`schema` compiled for the automaton; LlmosError when it is not a usable JSON schema."""
     if not isinstance(schema, dict):
         raise LlmosError(f"response_format.json_schema.schema must be an object, got {type(schema).__name__}")
     try:
@@ -524,7 +525,7 @@ def check_schema(schema: Any) -> None:
             jsonschema.validators.validator_for(schema).check_schema(schema)
         except jsonschema.SchemaError as exc:
             raise LlmosError(f"response_format.json_schema.schema is not a valid JSON schema: {exc.message}") from exc
-    compile_schema(schema)
+    return compile_schema(schema)
 
 
 def check_output(text: str, schema: dict[str, Any] | None) -> str | None:

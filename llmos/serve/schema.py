@@ -70,6 +70,10 @@ class ChatMessage(_Strict):
             return self.content
         return "\n".join(part.text for part in self.content)
 
+    def turn(self) -> dict[str, str]:
+        """The message as a chat-template turn ("developer" is OpenAI's newer name for "system")."""
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+
 
 class StreamOptions(_Strict):
     include_usage: bool = False
@@ -111,13 +115,21 @@ class _Sampling(_Strict):
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)
     min_tokens: int | None = Field(default=None, ge=0)
 
+    @property
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk (stream_options.include_usage)."""
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def _stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
     def check(self) -> None:
         if self.stream_options is not None and not self.stream:
             raise invalid("stream_options is only allowed when stream is true", "stream_options")
-        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
-            raise invalid(f"at most {MAX_STOP} stop strings are allowed, got {len(self.stop)}", "stop")
-        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
-        if any(s == "" for s in stops):
+        stops = self._stops()
+        if len(stops) > MAX_STOP:
+            raise invalid(f"at most {MAX_STOP} stop strings are allowed, got {len(stops)}", "stop")
+        if "" in stops:
             raise invalid("stop strings must not be empty", "stop")
 
     def controls(self, vocab_size: int) -> dict[str, Any]:
@@ -134,7 +146,7 @@ class _Sampling(_Strict):
         if self.min_tokens:
             c["min_new_tokens"] = self.min_tokens
         if self.stop:
-            c["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+            c["stop"] = self._stops()
         if self.seed is not None:
             c["seed"] = self.seed & SEED_MASK
         if self.logit_bias:

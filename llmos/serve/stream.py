@@ -70,10 +70,11 @@ async def merged(tickets: Sequence[Ticket]) -> AsyncIterator[tuple[int, Delta]]:
 class EventStream:
     """An SSE response over `events`; cancels `tickets` when the client disconnects or it ends."""
 
-    def __init__(self, events: AsyncIterator[str], tickets: Sequence[Ticket], headers: dict[str, str] | None = None) -> None:
+    HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+               (b"x-accel-buffering", b"no")]
+
+    def __init__(self, events: AsyncIterator[str], tickets: Sequence[Ticket]) -> None:
         self.events, self.tickets = events, list(tickets)
-        self.headers = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache",
-                        "x-accel-buffering": "no", **(headers or {})}
         self.gone = False
 
     async def _watch(self, receive: Receive) -> None:
@@ -83,8 +84,7 @@ class EventStream:
             ticket.cancel()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(k.encode(), v.encode()) for k, v in self.headers.items()]})
+        await send({"type": "http.response.start", "status": 200, "headers": list(self.HEADERS)})  # middleware may add
         watch = asyncio.create_task(self._watch(receive))
         try:
             async for event in self.events:

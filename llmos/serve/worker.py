@@ -137,7 +137,6 @@ class Worker:
         self._cond = threading.Condition()
         self._accepting = True
         self._stopping = False
-        self.tokens_generated = 0  # completion tokens produced, all requests
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) over the last WINDOW seconds
         self._thread = threading.Thread(target=self._run, name="llmos-worker", daemon=True)
         self._thread.start()
@@ -161,10 +160,8 @@ class Worker:
 
     def tokens_per_second(self) -> float:
         """Completion tokens per second over the last WINDOW seconds, all requests together."""
-        now = time.monotonic()
         with self._cond:
-            while self._recent and self._recent[0][0] < now - self.WINDOW:
-                self._recent.popleft()
+            self._prune(time.monotonic())
             return sum(n for _, n in self._recent) / self.WINDOW
 
     def submit(self, ids: list[int], controls: dict[str, Any], defaults: dict[str, Any] | None = None,
@@ -226,8 +223,8 @@ class Worker:
                 while self._pending and len(self._active) < self.max_active:
                     self._active.append(self._pending.popleft())
                 # Drop what was cancelled while waiting in the queue, too.
-                for t in [t for t in self._pending if t.cancelled]:
-                    self._pending.remove(t)
+                if any(t.cancelled for t in self._pending):
+                    self._pending = deque(t for t in self._pending if not t.cancelled)
                 turn = list(self._active)
             for ticket in turn:
                 if ticket._request is None:
@@ -337,9 +334,12 @@ class Worker:
             self._retire(ticket)
 
     def _count(self, n: int) -> None:
-        self.tokens_generated += n
         now = time.monotonic()
         with self._cond:
             self._recent.append((now, n))
-            while self._recent[0][0] < now - self.WINDOW:
-                self._recent.popleft()
+            self._prune(now)
+
+    def _prune(self, now: float) -> None:
+        """Forget counts older than WINDOW seconds (caller holds the lock)."""
+        while self._recent and self._recent[0][0] < now - self.WINDOW:
+            self._recent.popleft()
