@@ -351,7 +351,8 @@ class Index:
             if self._meta("embed_fingerprint") is None:
                 self._set_meta({"embed_model": _model_label(embedder), "embed_fingerprint": embedder.fingerprint,
                                 "dim": str(embedder.dim)})
-            self._check_model(embedder)
+            else:
+                self._check_model(embedder)
             self._delete_rows(str(p.path))
             doc_id = db.execute(
                 "INSERT INTO documents(path, kind, sha256, size, n_chunks, split_blocks, indexed_at) VALUES (?,?,?,?,?,?,?)",
@@ -482,7 +483,7 @@ class Index:
         return out
 
     def _keyword_candidates(self, query: str, n: int) -> list[tuple[int, float]]:
-        words = [w for w in re.findall(r"\w+", query.lower())]
+        words = re.findall(r"\w+", query.lower())
         terms = [w for w in words if w not in _STOPWORDS] or words
         if not terms:
             return []
@@ -524,15 +525,18 @@ class Index:
             raise LlmosError("approximate search needs usearch: pip install 'llmos[search]'") from None
         ids, matrix = self._vectors()
         file, sidecar = Path(f"{self.path}.usearch"), Path(f"{self.path}.usearch.json")
-        index = USearchIndex(ndim=matrix.shape[1], metric="ip", dtype="f32", connectivity=16,
-                             expansion_add=128, expansion_search=128)
+
+        def new_index() -> Any:
+            return USearchIndex(ndim=matrix.shape[1], metric="ip", dtype="f32", connectivity=16,
+                                expansion_add=128, expansion_search=128)
+
+        index = new_index()
         saved = _read_json(sidecar)
         if file.is_file() and saved.get("dim") == matrix.shape[1]:
             try:
                 index.load(str(file))
             except Exception:  # a torn or foreign cache file: rebuild from the database
-                index = USearchIndex(ndim=matrix.shape[1], metric="ip", dtype="f32", connectivity=16,
-                                     expansion_add=128, expansion_search=128)
+                index = new_index()
         if saved.get("generation") != generation or len(index) != len(ids):
             have = np.asarray(index.keys, dtype=np.int64) if len(index) else np.zeros(0, dtype=np.int64)
             stale = np.setdiff1d(have, ids)

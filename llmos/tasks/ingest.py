@@ -91,9 +91,13 @@ def embed_text(heading: tuple[str, ...], text: str) -> str:
 
 
 def read_source(path: Path) -> str:
-    data = path.read_bytes()
+    return decode(path.read_bytes(), f"{path} looks like a binary file, not text")
+
+
+def decode(data: bytes, binary_error: str) -> str:
+    """Bytes as text: UTF-8 (BOM dropped), else cp1252; `binary_error` when they look binary."""
     if b"\0" in data[:8192]:
-        raise LlmosError(f"{path} looks like a binary file, not text")
+        raise LlmosError(binary_error)
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -331,14 +335,16 @@ def chunk(document: Document, count_tokens: Callable[[str], int], max_tokens: in
     group: list[Block] = []
     group_tokens = 0
 
+    def joined(blocks: list[Block]) -> str:
+        if all(b.exact for b in blocks):
+            return document.text[blocks[0].char_start:blocks[-1].char_end]
+        return "\n\n".join(b.text for b in blocks)
+
     def emit() -> None:
         if not group:
             return
         first, last = group[0], group[-1]
-        if all(b.exact for b in group):
-            text = document.text[first.char_start:last.char_end]
-        else:
-            text = "\n\n".join(b.text for b in group)
+        text = joined(group)
         chunks.append(Chunk(
             text=text, heading=first.heading, char_start=first.char_start, char_end=last.char_end,
             line_start=document.line_of(first.char_start), line_end=document.line_of(max(last.char_end - 1, first.char_start)),
@@ -350,10 +356,7 @@ def chunk(document: Document, count_tokens: Callable[[str], int], max_tokens: in
         if group and (block.heading != group[0].heading or block.page != group[0].page):
             emit()
         if group:
-            candidate = [*group, block]
-            text = document.text[group[0].char_start:block.char_end] if all(b.exact for b in candidate) else \
-                "\n\n".join(b.text for b in candidate)
-            tokens = count_tokens(embed_text(block.heading, text))
+            tokens = count_tokens(embed_text(block.heading, joined([*group, block])))
             if tokens <= max_tokens:
                 group.append(block)
                 group_tokens = tokens

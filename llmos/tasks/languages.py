@@ -182,8 +182,9 @@ _STOPWORDS: dict[str, set[str]] = {
 
 
 def _heuristic(text: str) -> Language:
+    need = max(3, 0.2 * sum(ch.isalpha() for ch in text))
     for code, chars in _SCRIPTS:
-        if len(re.findall(f"[{chars}]", text)) >= max(3, 0.2 * sum(ch.isalpha() for ch in text)):
+        if len(re.findall(f"[{chars}]", text)) >= need:
             return language(code)
     words = re.findall(r"[^\W\d_]+", unicodedata.normalize("NFC", text.casefold()))
     scores = {code: sum(w in stop for w in words) for code, stop in _STOPWORDS.items()}
@@ -235,8 +236,9 @@ def _declared_languages(path_str: str, mtime_ns: int, size: int) -> tuple[str, .
             continue
     if codes:
         return tuple(dict.fromkeys(codes))
+    words = family.replace("-", " ").replace("_", " ")
     for name, langs in KNOWN_MODELS.items():
-        if re.search(rf"\b{name}\b", family.replace("-", " ").replace("_", " ")) or family.startswith(name):
+        if re.search(rf"\b{name}\b", words) or family.startswith(name):
             return langs
     return None
 

@@ -151,8 +151,7 @@ def pack(llm: LLM, question: str, results: list[SearchResult], budget: int) -> l
     too long for what is left is skipped and shorter ones after it may still fit)."""
 
     def n_tokens(sources: list[Source]) -> int:
-        text = llm.tokenizer.apply_chat_template(build_messages(question, sources), add_generation_prompt=True)
-        return len(llm.encode(text, add_special_tokens=False))
+        return len(llm._chat_ids(build_messages(question, sources)))
 
     base = n_tokens([])
     if base >= budget:

@@ -114,7 +114,7 @@ def summarize(llm: Any, text: str, *, words: int = 150, style: str = "paragraph"
     map_words = min(max(words, 60), 150)
     map_new = min(run.new_tokens(map_words), max(16, (ctx - run.overhead("part") - MARGIN) // 4))
     levels: list[int] = []
-    level_text, kind = text, "part"
+    level_text, level_tokens, kind = text, input_tokens, "part"
     while True:
         budget = min(cap, run.room(kind, map_new))
         if budget < MIN_CHUNK_TOKENS:
@@ -132,10 +132,10 @@ def summarize(llm: Any, text: str, *, words: int = 150, style: str = "paragraph"
         joined_tokens = run.count(joined)
         if joined_tokens <= min(cap, run.room(f"final-{style}", final_new)):
             break
-        if len(levels) >= MAX_LEVELS or joined_tokens >= run.count(level_text):
+        if len(levels) >= MAX_LEVELS or joined_tokens >= level_tokens:
             raise LlmosError(f"the summaries of the parts do not get shorter ({joined_tokens} tokens after "
                              f"{len(levels)} levels): try fewer --words or another model")
-        level_text, kind = joined, "combine"
+        level_text, level_tokens, kind = joined, joined_tokens, "combine"
     summary = run.call(f"final-{style}", joined, words, final_new)
     return _result(summary, style, words, run, tuple(levels), input_tokens)
 
@@ -176,9 +176,8 @@ class _Run:
         return max(8, min(tokens, self.llm.config.max_seq_len // 4))
 
     def call(self, kind: str, text: str, words: int, new_tokens: int) -> str:
-        messages = self.messages(kind, text, words)
-        self.max_prompt = max(self.max_prompt, len(self.llm._chat_ids(messages)))
-        out = self.llm.chat(messages, **self.controls, max_new_tokens=new_tokens)
+        out = self.llm.chat(self.messages(kind, text, words), **self.controls, max_new_tokens=new_tokens)
+        self.max_prompt = max(self.max_prompt, out.prompt_tokens)  # the chat call tokenized it already
         self.calls += 1
         self.generated += out.completion_tokens
         return str(out)

@@ -48,13 +48,7 @@ def blocks_as_text(blocks: list[ingest.Block]) -> str:
 def read_stdin(stream: BinaryIO | None = None) -> str:
     """All of standard input as text (UTF-8, or cp1252 for legacy text); binary data is refused."""
     data = (stream or sys.stdin.buffer).read()
-    if b"\0" in data[:8192]:
-        raise LlmosError("standard input looks like binary data, not text")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        text = data.decode("cp1252", errors="replace")
-    return require_text(text, "standard input")
+    return require_text(ingest.decode(data, "standard input looks like binary data, not text"), "standard input")
 
 
 def read_input(arg: str) -> str:

@@ -82,7 +82,7 @@ def translate(llm: Any, text: str, *, to: str | Language, source: str | Language
     if not units:  # nothing but code and markup
         return Translation(text, source=src or target, target=target, segments=0, kept=0, note=None)
     if src is None:
-        src = detect_source(text)
+        src = _detect(units, text)
     note = languages.support_note(llm, src, target)
     if src == target:
         return Translation(text, source=src, target=target, segments=0, kept=0, note=note)
@@ -97,8 +97,11 @@ def translate(llm: Any, text: str, *, to: str | Language, source: str | Language
 
 def detect_source(text: str) -> Language:
     """The language of the text's translatable parts (code and markup are left out)."""
-    units = [p.text for p in parse_markdown(text) if isinstance(p, Unit)]
-    return languages.detect(" \n".join(_plain(u) for u in units) or text)
+    return _detect([p for p in parse_markdown(text) if isinstance(p, Unit)], text)
+
+
+def _detect(units: list[Unit], text: str) -> Language:
+    return languages.detect(" \n".join(_plain(u.text) for u in units) or text)
 
 
 # --- Markdown structure ---------------------------------------------------------------------------------
