@@ -260,7 +260,7 @@ class Tokenizer:
         added = backend.get_added_tokens_decoder()
         special_ids = frozenset(i for i, token in added.items() if token.special)
         stop_ids = {i for i in gen_eos_ids if 0 <= i < backend.get_vocab_size(with_added_tokens=True)}
-        stop_ids |= {backend.token_to_id(t) for t in _END_OF_TURN if backend.token_to_id(t) in special_ids}
+        stop_ids |= {i for t in _END_OF_TURN if (i := backend.token_to_id(t)) in special_ids}
         return cls(
             backend,
             bos_id=bos_id,
@@ -362,10 +362,9 @@ class IncrementalDecoder:
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
-        self._ids: list[int] = []  # only the window: ids before `_prefix` are dropped
-        self._prefix = 0  # window start: context for the ids after `_read`
-        self._read = 0  # ids before this have been emitted
-        self._prefix_text: str | None = None  # decode of ids[_prefix:_read], cached
+        self._ids: list[int] = []  # only the window: emitted context ids, then those not emitted yet
+        self._read = 0  # ids before this have been emitted (the window's context)
+        self._prefix_text: str | None = None  # decode of ids[:_read], cached
 
     def push(self, token_id: int) -> str:
         """Add one id; return the text it completes (possibly "")."""
@@ -385,13 +384,13 @@ class IncrementalDecoder:
     def _window(self) -> tuple[str, str]:
         decode = self._tokenizer.decode
         if self._prefix_text is None:
-            self._prefix_text = decode(self._ids[self._prefix : self._read], self._skip)
-        return self._prefix_text, decode(self._ids[self._prefix :], self._skip)
+            self._prefix_text = decode(self._ids[: self._read], self._skip)
+        return self._prefix_text, decode(self._ids, self._skip)
 
     def _advance(self, piece: str) -> str:
         # The emitted ids become the next window's context; older ids are no longer needed.
         del self._ids[: self._read]
-        self._prefix, self._read = 0, len(self._ids)
+        self._read = len(self._ids)
         self._prefix_text = None
         return piece
 

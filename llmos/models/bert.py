@@ -94,7 +94,7 @@ class Bert(nn.Module):
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        B, T = tokens.shape
+        T = tokens.shape[1]
         if T > self.config.max_seq_len:
             raise ValueError(f"{T} tokens exceed this model's {self.config.max_seq_len} positions; truncate first")
         if token_type_ids is None:

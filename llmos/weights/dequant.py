@@ -247,19 +247,21 @@ def _k_nibbles(qs: torch.Tensor) -> torch.Tensor:
     return q.view(n, 8, 32)  # (n, sub-block, 32)
 
 
-def _fill_q4_k(b: torch.Tensor, out: torch.Tensor) -> None:
+def _k_factors(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K per-sub-block factors: (d * scale, dmin * min), each (n, 8, 1) f32."""
     sc, mn = _k_scales(b[:, 4:16])
-    d = (_f16(b, 0) * sc).unsqueeze(-1)  # (n, 8, 1)
-    dm = (_f16(b, 2) * mn).unsqueeze(-1)  # (n, 8, 1)
+    return (_f16(b, 0) * sc).unsqueeze(-1), (_f16(b, 2) * mn).unsqueeze(-1)
+
+
+def _fill_q4_k(b: torch.Tensor, out: torch.Tensor) -> None:
+    d, dm = _k_factors(b)
     o = out.view(-1, 8, 32)  # (n, sub-block, 32)
     o.copy_(_k_nibbles(b[:, 16:144]))
     o.mul_(d).sub_(dm)
 
 
 def _fill_q5_k(b: torch.Tensor, out: torch.Tensor) -> None:
-    sc, mn = _k_scales(b[:, 4:16])
-    d = (_f16(b, 0) * sc).unsqueeze(-1)  # (n, 8, 1)
-    dm = (_f16(b, 2) * mn).unsqueeze(-1)  # (n, 8, 1)
+    d, dm = _k_factors(b)
     high = (b[:, 16:48].unsqueeze(1) >> _BIT_SHIFTS.view(1, 8, 1)) & 1  # (n, sub-block, 32)
     o = out.view(-1, 8, 32)  # (n, sub-block, 32)
     o.copy_(_k_nibbles(b[:, 48:176]) | (high << 4))

@@ -118,14 +118,12 @@ class GGUFFile:
 
     def raw(self, name: str) -> np.ndarray:
         """The stored bytes of tensor `name` as a uint8 view into the map (no copy)."""
-        info = self._info(name)
-        assert self._mm is not None
-        return np.frombuffer(self._mm, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+        return self._raw(self._info(name))
 
     def tensor(self, name: str) -> torch.Tensor:
         """Tensor `name` dequantized to float32, in `info.shape` (PyTorch order)."""
         info = self._info(name)
-        return dequantize(self.raw(name), info.qtype, info.shape)
+        return dequantize(self._raw(info), info.qtype, info.shape)
 
     def close(self) -> None:
         """Release the map. Views handed out earlier keep their pages mapped until they are freed."""
@@ -148,6 +146,10 @@ class GGUFFile:
 
     def __repr__(self) -> str:
         return f"GGUFFile({str(self.path)!r}, version={self.version}, tensors={len(self.tensors)})"
+
+    def _raw(self, info: GGUFTensorInfo) -> np.ndarray:
+        assert self._mm is not None  # _info refuses a closed file
+        return np.frombuffer(self._mm, dtype=np.uint8, count=info.nbytes, offset=info.offset)
 
     def _info(self, name: str) -> GGUFTensorInfo:
         if self._mm is None:
