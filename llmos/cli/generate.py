@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from llmos.files import fsync_dir
+from llmos.files import write_atomically
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -132,7 +131,7 @@ def chat_command(session, line: str) -> bool:
         print("system prompt set; history cleared" if rest else "system prompt removed; history cleared")
     elif cmd == "/save" and rest:
         try:
-            save_atomically(Path(rest), json.dumps(session.save(), ensure_ascii=False, indent=2))
+            write_atomically(Path(rest), json.dumps(session.save(), ensure_ascii=False, indent=2))
         except OSError as exc:
             print(f"could not save to {rest}: {exc}")
             return False
@@ -151,17 +150,6 @@ def chat_command(session, line: str) -> bool:
     else:
         print(CHAT_HELP)
     return False
-
-
-def save_atomically(path: Path, text: str) -> None:
-    """Write `text` so that a crash leaves either the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent.resolve())
 
 
 def _system_of(session) -> str | None:

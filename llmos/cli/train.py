@@ -112,6 +112,11 @@ def _say(message: str) -> None:
         print(message, file=sys.stderr)
 
 
+def _finished(run: Path) -> int:
+    _say(f"run {run} finished: llmos generate --model {run} \"...\"")
+    return 0
+
+
 def run_tokenizer_train(args: argparse.Namespace) -> int:
     from llmos.train.bpe import train_tokenizer
 
@@ -124,8 +129,7 @@ def _resume(args: argparse.Namespace) -> int:
     from llmos.train.run import resume
 
     run = resume(args.resume, steps=args.steps, device=args.device, progress=not args.quiet)
-    _say(f"run {run} finished: llmos generate --model {run} \"...\"")
-    return 0
+    return _finished(run)
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
@@ -140,8 +144,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
                    vocab_size=args.vocab, model_overrides=overrides,
                    cfg=_train_config(args, args.lr, overrides["max_seq_len"] or _preset_context(args.size)),
                    device=args.device, progress=not args.quiet)
-    _say(f"run {run} finished: llmos generate --model {run} \"...\"")
-    return 0
+    return _finished(run)
 
 
 def _preset_context(size: str) -> int | None:
@@ -156,7 +159,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     if not args.base or not args.data or not args.out:
         raise LlmosError("finetune needs BASE, --data FILES and --out RUN (or --resume RUN)")
     from llmos.models.lora import LoraConfig
-    from llmos.train.run import finetune
+    from llmos.train.run import base_config, finetune
 
     lora = None
     if args.lora:
@@ -164,14 +167,11 @@ def run_finetune(args: argparse.Namespace) -> int:
         lora = LoraConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=targets)
     elif args.merge or args.targets:
         raise LlmosError("--merge and --targets apply to LoRA: add --lora")
-    from llmos.train.run import base_config
-
     lr = args.lr if args.lr is not None else (2e-4 if lora else 3e-5)
     cfg = _train_config(args, lr, base_config(args.base).max_seq_len)
     run = finetune(args.base, args.data, args.out, lora=lora, merge=args.merge, cfg=cfg,
                    device=args.device, progress=not args.quiet)
-    _say(f"run {run} finished: llmos generate --model {run} \"...\"")
-    return 0
+    return _finished(run)
 
 
 def run_eval(args: argparse.Namespace) -> int:

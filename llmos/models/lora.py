@@ -22,6 +22,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -59,6 +60,15 @@ class LoraConfig:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (targets as a list); `from_dict` reads them back."""
+        return {**asdict(self), "targets": list(self.targets)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LoraConfig:
+        return cls(rank=int(d["rank"]), alpha=float(d["alpha"]), dropout=float(d["dropout"]),
+                   targets=tuple(d.get("targets") or ()))
 
 
 class LoRALinear(nn.Module):
@@ -118,10 +128,13 @@ def apply_lora(model: nn.Module, config: LoraConfig, arch: str | None = None) ->
     for p in model.parameters():
         p.requires_grad_(False)
     for name in chosen:
-        parent, _, child = name.rpartition(".")
-        holder = model.get_submodule(parent) if parent else model
-        setattr(holder, child, LoRALinear(linears[name], config.rank, config.alpha, config.dropout))
+        _set_module(model, name, LoRALinear(linears[name], config.rank, config.alpha, config.dropout))
     return chosen
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -134,8 +147,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for name, module in lora_modules(model).items():
         base = module.base
         base.weight.add_(module.delta().to(base.weight.dtype))
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, base)
+        _set_module(model, name, base)
     return model
 
 
@@ -170,7 +182,7 @@ def save_adapter(model: nn.Module, folder: str | Path, config: LoraConfig, base:
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
     save_file(tensors, str(folder / ADAPTER_WEIGHTS))
-    meta = {**asdict(config), "targets": list(config.targets), "modules": sorted(lora_modules(model)), "base_model": base}
+    meta = {**config.to_dict(), "modules": sorted(lora_modules(model)), "base_model": base}
     (folder / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
 
 
@@ -178,16 +190,14 @@ def read_adapter_config(folder: str | Path) -> LoraConfig:
     path = Path(folder) / ADAPTER_CONFIG
     try:
         meta = json.loads(path.read_text())
-        return LoraConfig(rank=int(meta["rank"]), alpha=float(meta["alpha"]), dropout=float(meta["dropout"]),
-                          targets=tuple(meta.get("modules") or meta.get("targets") or ()))
+        return LoraConfig.from_dict({**meta, "targets": meta.get("modules") or meta.get("targets")})
     except (OSError, ValueError, KeyError) as exc:
         raise LlmosError(f"cannot read LoRA adapter config {path}: {exc}") from exc
 
 
-def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
+def load_adapter(model: nn.Module, folder: str | Path, arch: str | None = None) -> nn.Module:
     """Wrap `model` with the adapter saved in `folder` (unmerged; call merge_lora to fold it)."""
-    config = read_adapter_config(folder)
-    apply_lora(model, config)
+    apply_lora(model, read_adapter_config(folder), arch)
     load_lora_state_dict(model, load_file(str(Path(folder) / ADAPTER_WEIGHTS)))
     return model
 

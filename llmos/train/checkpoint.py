@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llmos.errors import LlmosError
-from llmos.files import fsync_dir
+from llmos.files import commit, fsync_dir, write_atomically
 
 FOLDER = "checkpoints"
 MARKER = "COMPLETE"
@@ -38,18 +38,11 @@ _NAME = re.compile(r"step-(\d{8})")
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    commit(tmp, path)
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(data, indent=1))
 
 
 def save(run: Path, step: int, files: dict[str, dict[str, torch.Tensor]], state: dict[str, Any], keep: int = 2) -> Path:
@@ -63,15 +56,13 @@ def save(run: Path, step: int, files: dict[str, dict[str, torch.Tensor]], state:
     tmp.mkdir()
     for name, tensors in files.items():
         _write_tensors(tmp / name, tensors)
-    _write_json(tmp / "state.json", state)
-    fsync_dir(tmp)
+    _write_json(tmp / "state.json", state)  # fsyncs `tmp`, so the tensor files' entries too
     if final.exists():  # an incomplete folder from a killed run that reached this step before
         shutil.rmtree(final)
     os.rename(tmp, final)
     fsync_dir(root)
     sizes = {p.name: p.stat().st_size for p in sorted(final.iterdir())}
     _write_json(final / MARKER, {"step": step, "files": sizes})
-    fsync_dir(final)
     _prune(root, keep)
     return final
 

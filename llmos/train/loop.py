@@ -204,7 +204,8 @@ class _Trainer:
             _set_rng(rng, self.world.device)
         else:  # another number of processes: still seeded, though not the stream the run had
             torch.manual_seed(self.cfg.seed * 7919 + self.world.rank + 104729 * self.step)
-        random.setstate(tuple(state["python_rng"][0:1]) + (tuple(state["python_rng"][1]),) + tuple(state["python_rng"][2:]))
+        version, internal, gauss = state["python_rng"]  # JSON turned random.getstate()'s tuples into lists
+        random.setstate((version, tuple(internal), gauss))
 
     def save(self) -> Path | None:
         rngs = distributed.all_gather(_rng_tensor(self.world.device))  # every rank takes part
@@ -280,8 +281,8 @@ def train(
                 loss_sum += loss.detach()
             grad_norm = None
             if cfg.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainer.opt.param_groups[0]["params"]
-                                                                 + trainer.opt.param_groups[1]["params"], cfg.grad_clip))
+                params = [p for group in trainer.opt.param_groups for p in group["params"]]
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
             lr = trainer.opt.param_groups[0]["lr"]
             trainer.opt.step()
             trainer.sched.step()

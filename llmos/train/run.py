@@ -21,26 +21,24 @@ from its newest checkpoint) or any model reference for evaluation and export.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from llmos import store
 from llmos.config import ModelConfig
 from llmos.errors import LlmosError
+from llmos.files import write_atomically
 from llmos.models.lora import (
     ADAPTER_WEIGHTS,
     LoraConfig,
     apply_lora,
-    load_lora_state_dict,
+    load_adapter,
     merge_lora,
-    read_adapter_config,
     save_adapter,
 )
 from llmos.tokenizer import Tokenizer
@@ -104,7 +102,7 @@ def finetune(
         context = base_config(base_path).max_seq_len
         cfg = TrainConfig(lr=2e-4 if lora else 3e-5, steps=200, warmup=10, seq_len=min(256, context))
     recipe = {"kind": "finetune", "data": _abs(data), "base": str(base_path), "base_name": str(base),
-              "train": asdict(cfg), "lora": _lora_dict(lora) if lora else None, "merge": merge}
+              "train": asdict(cfg), "lora": lora.to_dict() if lora else None, "merge": merge}
     return _execute(Path(out), recipe, resume=False, device=device, progress=progress)
 
 
@@ -137,14 +135,8 @@ def _abs(paths: list[str | Path]) -> list[str]:
     return [str(Path(p).resolve()) for p in paths]
 
 
-def _lora_dict(lora: LoraConfig) -> dict[str, Any]:
-    return {**asdict(lora), "targets": list(lora.targets)}
-
-
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(data, indent=2))
 
 
 def _execute(run: Path, recipe: dict[str, Any], *, resume: bool, device: str, progress: bool) -> Path:
@@ -209,8 +201,7 @@ def _prepare(run: Path, recipe: dict[str, Any], cfg: TrainConfig, resume: bool) 
 def _first_tokenizer(recipe: dict[str, Any]) -> tuple[Tokenizer, ModelConfig]:
     """The run's tokenizer (the base's, the given one, or one trained on the data) and model shape."""
     if recipe["kind"] == "finetune":
-        tokenizer, config = _base_tokenizer_and_config(recipe["base"])
-        return tokenizer, config
+        return _base_tokenizer_and_config(recipe["base"])
     if recipe.get("tokenizer"):
         tokenizer = load_tokenizer(recipe["tokenizer"])
     else:
@@ -267,10 +258,8 @@ def _build(recipe: dict[str, Any], cfg: TrainConfig) -> tuple[nn.Module, ModelCo
         return model, config
     model, config = load_for_training(recipe["base"])
     if recipe.get("lora"):
-        lora = recipe["lora"]
         torch.manual_seed(cfg.seed)
-        apply_lora(model, LoraConfig(rank=lora["rank"], alpha=lora["alpha"], dropout=lora["dropout"],
-                                     targets=tuple(lora["targets"])), config.arch)
+        apply_lora(model, LoraConfig.from_dict(recipe["lora"]), config.arch)
     return model, config
 
 
@@ -280,8 +269,7 @@ def _finish(run: Path, recipe: dict[str, Any], model: nn.Module, config: ModelCo
     model = model.cpu()
     lora = recipe.get("lora")
     if lora and not recipe.get("merge"):
-        save_adapter(model, run, LoraConfig(rank=lora["rank"], alpha=lora["alpha"], dropout=lora["dropout"],
-                                            targets=tuple(lora["targets"])), base=recipe.get("base_name", ""))
+        save_adapter(model, run, LoraConfig.from_dict(lora), base=recipe.get("base_name", ""))
     if lora and recipe.get("merge"):
         merge_lora(model)
     save_hf(model, config, tokenizer, run)  # merges on the fly when adapters are still in place
@@ -342,6 +330,5 @@ def load_adapter_run(run: str | Path) -> Loaded:
     if not (run / ADAPTER_WEIGHTS).is_file():
         raise LlmosError(f"{run} has no adapter (not a LoRA run, or merged with --merge)")
     model, config = load_for_training(recipe["base"])
-    apply_lora(model, read_adapter_config(run), config.arch)
-    load_lora_state_dict(model, load_file(str(run / ADAPTER_WEIGHTS)))
+    load_adapter(model, run, config.arch)
     return Loaded(model.eval(), Tokenizer.from_dir(run), config, f"{run} (adapter)")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from torch import nn
 
 from llmos.config import ModelConfig
 from llmos.errors import LlmosError
-from llmos.files import fsync_dir
+from llmos.files import commit, write_atomically
 from llmos.models.lora import merged_state_dict
 from llmos.tokenizer import Tokenizer
 from llmos.weights import names
@@ -77,18 +76,17 @@ def split_fused(state: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[
 
 
 class _Inverse:
-    """An inverted names.py table: canonical name -> source-format name."""
+    """An inverted names.py table (canonical name -> source-format name), compiled by names.NameMap."""
 
     def __init__(self, table: dict[str, str], prefix: str = "") -> None:
-        self._rules = [(re.compile(re.escape(dst).replace(r"\{i\}", r"(\d+)")), src) for src, dst in table.items()]
+        self._map = names.NameMap({dst: src for src, dst in table.items()})
         self.prefix = prefix
 
     def rename(self, name: str) -> str:
-        for pattern, src in self._rules:
-            m = pattern.fullmatch(name)
-            if m:
-                return self.prefix + (src.replace("{i}", m.group(1)) if m.groups() else src)
-        raise LlmosError(f"no export name for parameter {name!r}")
+        try:
+            return self.prefix + self._map.rename(name)
+        except KeyError:
+            raise LlmosError(f"no export name for parameter {name!r}") from None
 
 
 def _plain_state(model: nn.Module, config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -167,20 +165,20 @@ def save_tokenizer(tokenizer: Tokenizer, folder: str | Path, max_len: int | None
     """tokenizer.json, tokenizer_config.json, chat_template.jinja and generation_config.json."""
     folder = Path(folder)
     backend = tokenizer.backend  # the tokenizers.Tokenizer: its JSON is the portable format
-    _atomic_write_text(folder / "tokenizer.json", backend.to_str())
+    write_atomically(folder / "tokenizer.json", backend.to_str())
     cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
     for name, i in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id), ("pad_token", tokenizer.pad_id)):
         if i is not None:
             cfg[name] = backend.id_to_token(i)
     if max_len:
         cfg["model_max_length"] = max_len
-    _atomic_write_text(folder / "tokenizer_config.json", json.dumps(cfg, indent=2, ensure_ascii=False))
+    write_atomically(folder / "tokenizer_config.json", json.dumps(cfg, indent=2, ensure_ascii=False))
     if tokenizer.chat_template:
-        _atomic_write_text(folder / "chat_template.jinja", tokenizer.chat_template)
+        write_atomically(folder / "chat_template.jinja", tokenizer.chat_template)
     # Every id that ends a turn, so llmos and transformers both stop on them.
     stops = ([tokenizer.eos_id] if tokenizer.eos_id is not None else []) + sorted(tokenizer.stop_ids - {tokenizer.eos_id})
     gen = {"bos_token_id": tokenizer.bos_id, "eos_token_id": stops or None}
-    _atomic_write_text(folder / "generation_config.json", json.dumps({k: v for k, v in gen.items() if v is not None}, indent=2))
+    write_atomically(folder / "generation_config.json", json.dumps({k: v for k, v in gen.items() if v is not None}, indent=2))
 
 
 def save_hf(model: nn.Module, config: ModelConfig, tokenizer: Tokenizer | None, folder: str | Path) -> Path:
@@ -191,8 +189,8 @@ def save_hf(model: nn.Module, config: ModelConfig, tokenizer: Tokenizer | None, 
         save_tokenizer(tokenizer, folder, config.max_seq_len)
     tmp = folder / f".model.safetensors.tmp-{os.getpid()}"
     save_file(hf_state_dict(model, config), str(tmp), metadata={"format": "pt"})
-    _commit(tmp, folder / "model.safetensors")
-    _atomic_write_text(folder / "config.json", json.dumps(hf_config(config, tokenizer), indent=2))
+    commit(tmp, folder / "model.safetensors")
+    write_atomically(folder / "config.json", json.dumps(hf_config(config, tokenizer), indent=2))
     return folder
 
 
@@ -272,7 +270,7 @@ def save_gguf(model: nn.Module, config: ModelConfig, tokenizer: Tokenizer, path:
         writer.write_tensors_to_file()
     finally:
         writer.close()
-    _commit(tmp, path)
+    commit(tmp, path)
     return path
 
 
@@ -332,24 +330,3 @@ def _gguf_pre_name(spec: dict[str, Any]) -> str:
         if entry["splits"] == splits and entry["ignore_merges"] == ignore_merges:
             return name
     raise LlmosError("this tokenizer's pre-tokenizer has no GGUF equivalent llmos knows; export --format hf instead")
-
-
-# --- files --------------------------------------------------------------------------------------
-
-def _commit(tmp: Path, final: Path) -> None:
-    """fsync `tmp`, rename it over `final`, fsync the folder: `final` is the old or the new file."""
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
