@@ -39,6 +39,31 @@ def test_int8_row_kernel_equals_dense_path():
     assert _rel_err(rows, dense) < 0.01
 
 
+def test_int4_unpacks_exactly_what_the_kernel_computes():
+    """The dense path unpacks PyTorch's int4pack layout itself: the kernel applied to the identity
+    matrix returns the weights it uses, and `dequantized()` must equal them."""
+    torch.manual_seed(2)
+    for n, k in ((64, 32), (128, 96), (192, 160)):
+        layer = quant.Int4Linear.from_float(torch.randn(n, k), None)
+        eye = torch.eye(k, dtype=torch.bfloat16)
+        kernel_weights = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, layer.packed, quant.GROUP, layer.scales_zeros).t()
+        ulp = kernel_weights.float().abs() * 2 ** -7  # one bf16 rounding step apart at most
+        assert ((layer.dequantized().float() - kernel_weights.float()).abs() <= ulp + 1e-6).all(), (n, k)
+
+
+def test_int4_row_kernel_equals_dense_path():
+    torch.manual_seed(3)
+    layer = quant.Int4Linear.from_float(torch.randn(128, 256), torch.randn(128))
+    x = torch.randn(quant.INT4_DENSE_ROWS, 256)
+    dense = layer(x)  # >= INT4_DENSE_ROWS rows: unpacked bf16 matmul
+    rows = torch.cat([layer(x[i:i + 1]) for i in range(x.shape[0])])  # the int4 row kernel
+    assert _rel_err(rows, dense) < 0.01
+    # An output size the unpacking does not cover (not a multiple of 64) keeps the row kernel.
+    w = torch.randn(96, 256)
+    odd = quant.Int4Linear.from_float(w, None)
+    assert _rel_err(odd(x), x @ w.T) < 0.12
+
+
 def test_int4_runs_q4_1_blocks_as_they_are():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((64, 128)).astype(np.float32)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmos.config import ModelConfig
+from llmos.models import attention
 from llmos.models.kv_cache import KVCache
 
 
@@ -21,7 +22,8 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(config.dim, 3 * config.dim)
         self.wo = nn.Linear(config.dim, config.dim)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None, layer: int,
+                how: attention.Plan) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.wqkv(x).split(C, dim=-1)
         q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, D)
@@ -29,26 +31,8 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, D)
         if cache is not None:
             k, v = cache.update(layer, positions, k, v)  # (B, H, S, D)
-        if positions.dim() == 2 and T == 1:
-            # Batched decode: each row attends over exactly its own keys, as it would alone.
-            ends = (positions[:, 0] + 1).tolist()
-            y = torch.cat([attend(q[b:b + 1], k[b:b + 1, :, :e], v[b:b + 1, :, :e], positions[b])
-                           for b, e in enumerate(ends)])
-        else:
-            y = attend(q, k, v, positions)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        y = attention.attend(q, k, v, how).transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.wo(y)
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Causal scaled dot-product attention of q (B, H, T, D) over k, v (B, H, S, D)."""
-    T, S = q.shape[2], k.shape[2]
-    if positions.dim() == 1 and T == S and int(positions[0]) == 0:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if positions.dim() == 1 and T == 1:
-        return F.scaled_dot_product_attention(q, k, v)
-    mask = torch.arange(S, device=q.device) <= positions[..., None]  # (T, S) or (B, T, S)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask if positions.dim() == 1 else mask[:, None])
 
 
 class MLP(nn.Module):
@@ -70,8 +54,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.dim, eps=config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), positions, cache, layer)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None, layer: int,
+                how: attention.Plan) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), positions, cache, layer, how)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -94,8 +79,9 @@ class GPT2(nn.Module):
         if int(positions.max()) >= self.config.max_seq_len:
             raise ValueError(f"position {int(positions.max())} is beyond GPT-2's {self.config.max_seq_len} learned positions")
         x = self.embed(tokens) + self.pos_embed(positions)  # (B, T, C)
+        how = attention.plan(positions, positions.shape[-1] if cache is None else cache.begin(positions))
         for i, block in enumerate(self.layers):
-            x = block(x, positions, cache, i)
+            x = block(x, positions, cache, i, how)
         return self.norm(x)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:

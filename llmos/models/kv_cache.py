@@ -28,6 +28,7 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.length = 0
+        self._step: tuple = (None,)
 
     @classmethod
     def for_model(cls, config, batch: int, max_len: int, dtype: torch.dtype = torch.float32) -> KVCache:
@@ -39,29 +40,44 @@ class KVCache:
         """A cache over rows start..stop-1 that shares this one's storage (writes go through)."""
         view = KVCache.__new__(KVCache)
         view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
-        view.max_len, view.length = self.max_len, self.length
+        view.max_len, view.length, view._step = self.max_len, self.length, (None,)
         return view
+
+    def begin(self, positions: torch.Tensor) -> int:
+        """Plan the writes of one forward at `positions` (T,) or per row (B, T), once for all layers;
+        return how many keys each layer will read back."""
+        end = int(positions.max()) + 1
+        if end > self.max_len:
+            raise ValueError(f"position {end - 1} is beyond the KV cache size ({self.max_len})")
+        n = max(self.length, end)
+        if positions.dim() == 2:  # per-row positions: scatter each row's entries
+            B, T = positions.shape
+            where = (torch.arange(B)[:, None].expand(B, T), slice(None), positions)
+            n = end
+        else:
+            start = int(positions[0])
+            # A contiguous run is a slice copy, cheaper than index_copy.
+            where = slice(start, end) if end - start == positions.numel() else positions
+        self._step = (positions, where, end, self.k[:, :, :, :n], self.v[:, :, :, :n])
+        return n
 
     def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, H, T, D) at `positions` (T,) or per row (B, T); return the keys and
         values (B, H, S, D) up to the furthest position written."""
-        end = int(positions.max()) + 1
-        if end > self.max_len:
-            raise ValueError(f"position {end - 1} is beyond the KV cache size ({self.max_len})")
-        if positions.dim() == 2:  # per-row positions: scatter each row's entries
-            B, T = positions.shape
-            rows = torch.arange(B)[:, None].expand(B, T)
-            self.k[layer][rows, :, positions] = k.transpose(1, 2)  # (B, T, H, D)
-            self.v[layer][rows, :, positions] = v.transpose(1, 2)
-            return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-        start = int(positions[0])
-        if end - start == positions.numel():  # contiguous run: a slice copy is cheaper than index_copy
-            self.k[layer, :, :, start:end] = k
-            self.v[layer, :, :, start:end] = v
+        if getattr(self, "_step", (None,))[0] is not positions:
+            self.begin(positions)
+        _, where, end, keys, values = self._step
+        if isinstance(where, tuple):
+            self.k[layer][where] = k.transpose(1, 2)  # (B, T, H, D)
+            self.v[layer][where] = v.transpose(1, 2)
+        elif isinstance(where, slice):
+            self.k[layer, :, :, where] = k
+            self.v[layer, :, :, where] = v
         else:
-            self.k[layer].index_copy_(2, positions, k)
-            self.v[layer].index_copy_(2, positions, v)
+            self.k[layer].index_copy_(2, where, k)
+            self.v[layer].index_copy_(2, where, v)
         if layer == self.k.shape[0] - 1:
-            self.length = max(self.length, end)
-        n = max(self.length, end)
-        return self.k[layer, :, :, :n], self.v[layer, :, :, :n]
+            if not isinstance(where, tuple):  # per-row writes leave `length` to the batched engine
+                self.length = max(self.length, end)
+            self._step = (None,)
+        return keys[layer], values[layer]

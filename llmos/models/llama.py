@@ -9,6 +9,10 @@ Contract: `forward(tokens (B, T), positions (T,) or (B, T), cache=None) -> logit
 weights' dtype. `positions` are absolute; with a cache the model attends to every cached position up
 to the query's own. Per-row positions (B, T) let a batch hold sequences of different lengths (the
 batched engine); each row then sees only its own cached keys up to its position.
+
+Submodules are called through `.forward` directly: `nn.Module.__call__` costs a few microseconds a
+call, ~10% of a batch-1 decode step over 30 layers of 9 calls each (measured 7.56 -> 6.84 ms/token).
+Hooks registered on a block's submodules therefore do not fire; hooks on the model itself do.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmos.config import ModelConfig
+from llmos.models import attention
 from llmos.models.kv_cache import KVCache
 
 
@@ -72,64 +77,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin
 
 
-def attention_mask(q_pos: torch.Tensor, n_keys: int, window: int | None) -> torch.Tensor:
-    """Boolean mask (T, S), or (B, 1, T, S) for per-row positions (B, T): a query at q_pos may see
-    key k when k <= q_pos (and within the sliding window)."""
-    k_pos = torch.arange(n_keys, device=q_pos.device)
-    q = q_pos[..., None]  # (..., T, 1)
-    mask = k_pos <= q
-    if window is not None:
-        mask &= k_pos > q - window
-    return mask if q_pos.dim() == 1 else mask[:, None]
-
-
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.hd = config.n_heads, config.n_kv_heads, config.head_size
-        self.window = config.sliding_window
         self.wqkv = nn.Linear(config.dim, (self.n_heads + 2 * self.n_kv) * self.hd, bias=config.qkv_bias)
         self.wo = nn.Linear(self.n_heads * self.hd, config.dim, bias=False)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        positions: torch.Tensor,
-        cache: KVCache | None,
-        layer: int,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                cache: KVCache | None, layer: int, how: attention.Plan) -> torch.Tensor:
         B, T, _ = x.shape
-        qkv = self.wqkv(x).view(B, T, self.n_heads + 2 * self.n_kv, self.hd)  # (B, T, H + 2 Hkv, D)
+        qkv = self.wqkv.forward(x).view(B, T, self.n_heads + 2 * self.n_kv, self.hd)  # (B, T, H + 2 Hkv, D)
         qk = apply_rope(qkv[:, :, : self.n_heads + self.n_kv], cos, sin)  # q and k rotated in one go
         q = qk[:, :, : self.n_heads].transpose(1, 2)  # (B, H, T, D)
         k = qk[:, :, self.n_heads :].transpose(1, 2)  # (B, Hkv, T, D)
         v = qkv[:, :, self.n_heads + self.n_kv :].transpose(1, 2)  # (B, Hkv, T, D)
         if cache is not None:
             k, v = cache.update(layer, positions, k, v)  # (B, Hkv, S, D)
-        if positions.dim() == 2 and T == 1:
-            # Batched decode, rows of different lengths: each row attends over exactly its own
-            # keys, the same computation as decoding it alone, so batching never changes a token
-            # (attention over masked padding differs in the last bits).
-            ends = (positions[:, 0] + 1).tolist()
-            y = torch.cat([self.attend(q[b:b + 1], k[b:b + 1, :, :e], v[b:b + 1, :, :e], positions[b])
-                           for b, e in enumerate(ends)])
-        else:
-            y = self.attend(q, k, v, positions)
+        y = attention.attend(q, k, v, how)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)  # (B, T, H*D)
-        return self.wo(y)
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Scaled dot-product attention of q (B, H, T, D) over k, v (B, Hkv, S, D)."""
-        T, S = q.shape[2], k.shape[2]
-        gqa = self.n_kv != self.n_heads
-        if T == S and self.window is None and positions.dim() == 1 and int(positions[0]) == 0:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        if T == 1 and self.window is None and positions.dim() == 1:
-            return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-        mask = attention_mask(positions, S, self.window)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.wo.forward(y)
 
 
 class MLP(nn.Module):
@@ -139,8 +106,8 @@ class MLP(nn.Module):
         self.w2 = nn.Linear(config.ffn_dim, config.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        gate, up = self.w13.forward(x).chunk(2, dim=-1)
+        return self.w2.forward(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -151,9 +118,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, positions, cache, layer) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, positions, cache, layer)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x, cos, sin, positions, cache, layer, how) -> torch.Tensor:
+        x = x + self.attn.forward(self.attn_norm.forward(x), cos, sin, positions, cache, layer, how)
+        return x + self.mlp.forward(self.mlp_norm.forward(x))
 
 
 class Llama(nn.Module):
@@ -186,8 +153,10 @@ class Llama(nn.Module):
         x = self.embed(tokens)  # (B, T, C)
         cos, sin = self.rope(positions)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        n_keys = positions.shape[-1] if cache is None else cache.begin(positions)
+        how = attention.plan(positions, n_keys, self.config.sliding_window)
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, positions, cache, i)
+            x = block.forward(x, cos, sin, positions, cache, i, how)
         return self.norm(x)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
