@@ -15,6 +15,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e .
+	$(BIN)/python -m llmos.engine.native  # compile the native decode step once (g++, ~20 s); optional
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed

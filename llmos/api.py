@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from llmos import quality, store
+from llmos.engine import native
 from llmos.config import ModelConfig
 from llmos.errors import LlmosError
 from llmos.generation import Completion, TextGeneration, complete, fit_prompt, parse_controls
@@ -43,6 +44,7 @@ class LLM:
             raise LlmosError(f"{path} is an encoder (BERT) model: use llmos.Embedder for embeddings, not text generation")
         form = quality.auto_form(path) if dtype == "auto" else DTYPES[dtype]
         model, config, tokenizer = quality.load_form(path, form)
+        native.build()  # the C++ decode step: compiled on the first load on a machine, imported after
         llm = cls(model, tokenizer, config, path)
         llm.dtype = form
         return llm

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from llmos.engine import native
 from llmos.engine.generate import new_generator
 from llmos.engine.sampling import SamplingParams, process, sample
 from llmos.errors import LlmosError
@@ -188,9 +189,7 @@ class BatchEngine:
             positions = torch.tensor([[len(r.prompt) + len(r.output) - 1] for r in live])  # (B, 1)
             if len(live) == 1:  # alone: shared positions (T,) take the model's unmasked single-sequence path
                 positions = positions[0]  # (1,)
-            view = self.cache.rows(0, len(live))
-            hidden = self.model.hidden(torch.tensor(tokens)[:, None], positions, view)  # (B, 1, C)
-            logits = self.model.output(hidden[:, 0]).float()  # (B, V)
+            logits = native.decode(self.model, torch.tensor(tokens), positions, self.cache.rows(0, len(live)))  # (B, V)
             for r, row_logits in zip(live, logits):
                 self.pending_logits[r.id] = row_logits
         return events

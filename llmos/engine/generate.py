@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from llmos.engine import native
 from llmos.engine.sampling import SamplingParams, process, sample
 from llmos.errors import LlmosError
 from llmos.models.kv_cache import KVCache
@@ -41,11 +42,9 @@ def prefill(model: nn.Module, tokens: torch.Tensor, start: int, cache: KVCache, 
     return model.output(hidden[:, -1]).float()
 
 
-@torch.inference_mode()
 def decode_one(model: nn.Module, token: torch.Tensor, position: int, cache: KVCache) -> torch.Tensor:
     """One decode step for tokens (B,) at `position`; logits (B, V) fp32."""
-    hidden = model.hidden(token[:, None], torch.tensor([position]), cache)
-    return model.output(hidden[:, -1]).float()
+    return native.decode(model, token, torch.tensor([position]), cache)
 
 
 class Generation:

@@ -61,6 +61,13 @@ class KVCache:
         self._step = (positions, where, end, self.k[:, :, :, :n], self.v[:, :, :, :n])
         return n
 
+    def wrote(self, end: int, per_row: bool = False) -> None:
+        """Close a step whose writes up to `end` were made outside `update` (the native decode step),
+        as `update` closes its own."""
+        if not per_row:  # per-row writes leave `length` to the batched engine
+            self.length = max(self.length, end)
+        self._step = (None,)
+
     def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, H, T, D) at `positions` (T,) or per row (B, T); return the keys and
         values (B, H, S, D) up to the furthest position written."""
@@ -77,7 +84,5 @@ class KVCache:
             self.k[layer].index_copy_(2, where, k)
             self.v[layer].index_copy_(2, where, v)
         if layer == self.k.shape[0] - 1:
-            if not isinstance(where, tuple):  # per-row writes leave `length` to the batched engine
-                self.length = max(self.length, end)
-            self._step = (None,)
+            self.wrote(end, per_row=isinstance(where, tuple))
         return keys[layer], values[layer]

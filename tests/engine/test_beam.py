@@ -175,6 +175,7 @@ def test_beam_rows_share_one_prefill(tiny_pair, monkeypatch):
         return original(tokens, positions, cache)
 
     monkeypatch.setattr(model, "hidden", spy)
+    monkeypatch.setenv("LLMOS_NATIVE", "0")  # the Python step, whose forwards the spy sees
     beam_search(model, PROMPT, num_beams=4, max_new_tokens=6)
     assert shapes[0] == (1, len(PROMPT))
     assert shapes[1:] == [(4, 1)] * 5

@@ -194,8 +194,9 @@ def in_process(tiny_model, **config):
     return app, server
 
 
-def test_errors_inside_generation(tiny_model):
+def test_errors_inside_generation(tiny_model, monkeypatch):
     """A failure inside the engine: 500 envelope before streaming, an error event then [DONE] after."""
+    monkeypatch.setenv("LLMOS_NATIVE", "0")  # the Python step, where the failure is injected
     app, server = in_process(tiny_model)
     real_hidden = server.llm.model.hidden
     calls = {"n": 0}
