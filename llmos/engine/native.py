@@ -138,10 +138,11 @@ def stepper(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, KVCache],
         if tokens.shape[0] >= dense_rows:  # the Python layers switch to their dense path there
             return None
         n_keys = cache.begin(positions)
-        x = model.embed(tokens[:, None])
-        cos, sin = model.rope(positions)
+        x = model.embed(tokens)  # (B, C)
+        cos, sin = model.rope(positions)  # rows of (D,) for the shared position or each row's
         per_row = positions.dim() == 2
-        logits = module.decode_step(x, positions.flatten().tolist(), per_row, n_keys, cos.to(x.dtype), sin.to(x.dtype),
+        D = cos.shape[-1]
+        logits = module.decode_step(x, positions.flatten().tolist(), per_row, n_keys, cos.reshape(-1, D), sin.reshape(-1, D),
                                     cache.k, cache.v, norms, kinds, tensors, heads, kv_heads, head_dim, eps)
         cache.wrote(int(positions.max()) + 1, per_row)
         return logits

@@ -17,90 +17,151 @@ namespace {
 
 constexpr int64_t kGroup = 32;
 
-torch::Tensor linear(int64_t kind, const torch::Tensor& a, const torch::Tensor& b, const c10::optional<torch::Tensor>& bias,
-                     const torch::Tensor& x) {
-  if (kind == 0) {
-    return at::linear(x, a, bias);
-  }
+
+// A linear layer's raw output (B, N): fp32 (nn.Linear, bias already in) or bf16 (the bf16/int8/int4
+// kernels, whose bias the Python layers add after casting to fp32). `at` reads element (b, j) as the
+// Python layer returns it: float(y) + bias, one IEEE operation each, so the loops below give the
+// bits the Python ops give.
+struct Out {
   torch::Tensor y;
-  auto shape = x.sizes().vec();
-  if (kind == 1) {
-    y = at::linear(x.to(at::kBFloat16), a).to(x.scalar_type());
-  } else {
-    auto rows = x.reshape({-1, x.size(-1)}).to(at::kBFloat16);
-    if (kind == 2) {
-      y = at::_weight_int8pack_mm(rows, a, b);
-      shape.back() = a.size(0);
-    } else {
-      y = at::_weight_int4pack_mm_for_cpu(rows, a, kGroup, b);
-      shape.back() = b.size(1);
-    }
-    y = y.reshape(shape).to(x.scalar_type());
+  const float* bias = nullptr;
+  int64_t n = 0;
+  bool bf16 = false;
+  const void* p = nullptr;
+  Out(torch::Tensor t, const c10::optional<torch::Tensor>& b, int64_t kind) : y(t.contiguous()) {
+    n = y.size(-1);
+    bf16 = y.scalar_type() == at::kBFloat16;
+    p = y.data_ptr();
+    if (kind != 0 && b.has_value()) bias = b->data_ptr<float>();
   }
-  return bias.has_value() ? y + *bias : y;
+  inline float at(int64_t row, int64_t j) const {
+    float v = bf16 ? static_cast<float>(static_cast<const c10::BFloat16*>(p)[row * n + j]) : static_cast<const float*>(p)[row * n + j];
+    return bias ? v + bias[j] : v;
+  }
+};
+
+// The raw output of linear `i` for input rows x (B, K) already in the layer's input dtype.
+torch::Tensor raw_linear(int64_t kind, const torch::Tensor& a, const torch::Tensor& b, const c10::optional<torch::Tensor>& bias,
+                         const torch::Tensor& x) {
+  if (kind == 0) return at::linear(x, a, bias);
+  if (kind == 1) return at::linear(x, a);
+  if (kind == 2) return at::_weight_int8pack_mm(x, a, b);
+  return at::_weight_int4pack_mm_for_cpu(x, a, kGroup, b);
 }
 
 }  // namespace
 
-// x: (B, 1, C) embeddings; cos, sin: rope rows broadcastable to (B, 1, heads, D); kc, vc: (L, B, Hkv, S, D)
-// caches. positions: each row's position; per_row: rows at their own positions, each attending over
-// exactly its own keys (the batched engine), else one shared position (positions[0]) for all rows,
-// attending over n_keys keys. norms: 2 per layer (attention, MLP) then the final one. kinds/tensors:
-// 4 linears per layer (wqkv, wo, w13, w2) then the head, 3 tensors each (None where unused).
-// Returns the logits (B, V) in fp32.
+// x: (B, C) embeddings; cos, sin: (B or 1, D) rope rows; kc, vc: (L, B, Hkv, S, D) caches (views allowed).
+// positions: each row's position; per_row: rows at their own positions, each attending over exactly its
+// own keys (the batched engine), else one shared position (positions[0]) for all rows, attending over
+// n_keys keys. norms: 2 per layer (attention, MLP) then the final one. kinds/tensors: 4 linears per
+// layer (wqkv, wo, w13, w2) then the head, 3 tensors each (None where unused). Returns logits (B, V) fp32.
+//
+// Per layer this issues the two norms, four matmuls, attention and the casts into the matmuls; the
+// rotary embedding with the cache writes, the residual adds and the SwiGLU product are plain loops
+// with the same arithmetic as the Python ops (no fused multiply-add: built without -mfma/-march).
 torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions, bool per_row, int64_t n_keys,
                           const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& kc, const torch::Tensor& vc,
                           const std::vector<torch::Tensor>& norms, const std::vector<int64_t>& kinds,
                           const std::vector<c10::optional<torch::Tensor>>& tensors, int64_t n_heads, int64_t n_kv,
                           int64_t head_dim, double eps) {
   torch::NoGradGuard no_grad;
-  const int64_t L = kc.size(0), B = x.size(0), C = x.size(-1), H = n_heads;
+  const int64_t L = kc.size(0), B = x.size(0), C = x.size(-1), H = n_heads, D = head_dim, half = D / 2;
   const bool gqa = n_kv != n_heads;
   static const torch::Tensor none;
+  x = x.reshape({B, C}).contiguous();
+  float* xp = x.data_ptr<float>();
+  auto input = [&](int64_t i, const torch::Tensor& t) { return kinds[i] == 0 ? t : t.to(at::kBFloat16); };
   auto lin = [&](int64_t i, const torch::Tensor& in) {
     const auto& b = tensors[3 * i + 1];
-    return linear(kinds[i], *tensors[3 * i], b.has_value() ? *b : none, tensors[3 * i + 2], in);
+    return Out(raw_linear(kinds[i], *tensors[3 * i], b.has_value() ? *b : none, tensors[3 * i + 2], in), tensors[3 * i + 2], kinds[i]);
   };
+  auto residual = [&](const Out& o) {
+    for (int64_t r = 0; r < B; ++r)
+      for (int64_t c = 0; c < C; ++c) xp[r * C + c] = xp[r * C + c] + o.at(r, c);
+  };
+  const auto cos_c = cos.contiguous(), sin_c = sin.contiguous();
+  const float* cp = cos_c.data_ptr<float>();
+  const float* sp = sin_c.data_ptr<float>();
+  const int64_t rope_stride = cos_c.size(0) == 1 ? 0 : D;
+  auto q = torch::empty({B, H, 1, D}, x.options());
+  float* qp = q.data_ptr<float>();
+  const auto ks = kc.strides(), vs = vc.strides();
+  float* kbase = kc.data_ptr<float>();
+  float* vbase = vc.data_ptr<float>();
   for (int64_t layer = 0; layer < L; ++layer) {
-    auto h = at::rms_norm(x, {C}, norms[2 * layer], eps);
-    auto qkv = lin(4 * layer, h).view({B, 1, H + 2 * n_kv, head_dim});
-    auto qk_in = qkv.slice(2, 0, H + n_kv);
-    auto qk = qk_in * cos + at::roll(qk_in, {head_dim / 2}, {-1}) * sin;
-    auto q = qk.slice(2, 0, H).transpose(1, 2);
-    auto k = qk.slice(2, H).transpose(1, 2);
-    auto v = qkv.slice(2, H + n_kv).transpose(1, 2);
+    auto h = input(4 * layer, at::rms_norm(x, {C}, norms[2 * layer], eps));
+    Out qkv = lin(4 * layer, h);
+    // Rotary embedding of q and k (x * cos + roll(x, D/2) * sin), k and v written into the cache.
+    for (int64_t r = 0; r < B; ++r) {
+      const int64_t pos = per_row ? positions[r] : positions[0];
+      const float* c = cp + r * rope_stride;
+      const float* s = sp + r * rope_stride;
+      for (int64_t head = 0; head < H + 2 * n_kv; ++head) {
+        const int64_t base = head * D;
+        float* dst;
+        int64_t step = 1;
+        if (head < H) {
+          dst = qp + (r * H + head) * D;
+        } else {
+          const bool is_v = head >= H + n_kv;
+          const int64_t g = is_v ? head - H - n_kv : head - H;
+          const auto& st = is_v ? vs : ks;
+          dst = (is_v ? vbase : kbase) + layer * st[0] + r * st[1] + g * st[2] + pos * st[3];
+          step = st[4];
+          if (is_v) {
+            for (int64_t d = 0; d < D; ++d) dst[d * step] = qkv.at(r, base + d);
+            continue;
+          }
+        }
+        for (int64_t d = 0; d < D; ++d) {
+          const float a = qkv.at(r, base + d) * c[d];
+          const float b = qkv.at(r, base + (d + half) % D) * s[d];
+          dst[d * step] = a + b;
+        }
+      }
+    }
     const auto& k_layer = kc[layer];
     const auto& v_layer = vc[layer];
     torch::Tensor y;
     if (per_row) {
       std::vector<torch::Tensor> rows;
-      for (int64_t b = 0; b < B; ++b) {
-        const int64_t p = positions[b];
-        k_layer[b].slice(1, p, p + 1).copy_(k[b]);
-        v_layer[b].slice(1, p, p + 1).copy_(v[b]);
-      }
-      for (int64_t b = 0; b < B; ++b) {
-        const int64_t e = positions[b] + 1;
+      for (int64_t r = 0; r < B; ++r) {
+        const int64_t e = positions[r] + 1;
         rows.push_back(at::scaled_dot_product_attention(
-            q.slice(0, b, b + 1), k_layer.slice(0, b, b + 1).slice(2, 0, e), v_layer.slice(0, b, b + 1).slice(2, 0, e),
+            q.slice(0, r, r + 1), k_layer.slice(0, r, r + 1).slice(2, 0, e), v_layer.slice(0, r, r + 1).slice(2, 0, e),
             c10::nullopt, 0.0, false, c10::nullopt, gqa));
       }
       y = at::cat(rows);
     } else {
-      const int64_t p = positions[0];
-      k_layer.slice(2, p, p + 1).copy_(k);
-      v_layer.slice(2, p, p + 1).copy_(v);
       y = at::scaled_dot_product_attention(q, k_layer.slice(2, 0, n_keys), v_layer.slice(2, 0, n_keys), c10::nullopt, 0.0,
                                            false, c10::nullopt, gqa);
     }
-    y = y.transpose(1, 2).reshape({B, 1, H * head_dim});
-    x = x + lin(4 * layer + 1, y);
-    h = at::rms_norm(x, {C}, norms[2 * layer + 1], eps);
-    auto gate_up = lin(4 * layer + 2, h).chunk(2, -1);
-    x = x + lin(4 * layer + 3, at::silu(gate_up[0]) * gate_up[1]);
+    residual(lin(4 * layer + 1, input(4 * layer + 1, y.transpose(1, 2).reshape({B, H * D}))));
+    h = input(4 * layer + 2, at::rms_norm(x, {C}, norms[2 * layer + 1], eps));
+    Out gate_up = lin(4 * layer + 2, h);
+    const int64_t F = gate_up.n / 2;
+    // SwiGLU: silu(gate) * up, rounded to the down projection's input dtype.
+    auto gate = gate_up.y.slice(-1, 0, F).to(at::kFloat);
+    if (gate_up.bias) gate = gate + torch::from_blob(const_cast<float*>(gate_up.bias), {F}, x.options());
+    auto act = at::silu(gate).contiguous();
+    const float* ap = act.data_ptr<float>();
+    const bool down_bf16 = kinds[4 * layer + 3] != 0;
+    auto prod = torch::empty({B, F}, x.options().dtype(down_bf16 ? at::kBFloat16 : at::kFloat));
+    if (down_bf16) {
+      auto* pp = prod.data_ptr<c10::BFloat16>();
+      for (int64_t r = 0; r < B; ++r)
+        for (int64_t j = 0; j < F; ++j) pp[r * F + j] = c10::BFloat16(ap[r * F + j] * gate_up.at(r, F + j));
+    } else {
+      auto* pp = prod.data_ptr<float>();
+      for (int64_t r = 0; r < B; ++r)
+        for (int64_t j = 0; j < F; ++j) pp[r * F + j] = ap[r * F + j] * gate_up.at(r, F + j);
+    }
+    residual(lin(4 * layer + 3, prod));
   }
-  auto h = at::rms_norm(x, {C}, norms[2 * L], eps);
-  return lin(4 * L, h.select(1, -1)).to(at::kFloat);
+  auto h = input(4 * L, at::rms_norm(x, {C}, norms[2 * L], eps));
+  return raw_linear(kinds[4 * L], *tensors[4 * L * 3], tensors[4 * L * 3 + 1].has_value() ? *tensors[4 * L * 3 + 1] : none,
+                    tensors[4 * L * 3 + 2], h).to(at::kFloat);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
