@@ -106,7 +106,8 @@ def _linear_args(layer: nn.Module) -> tuple[int, list[torch.Tensor | None]] | No
 def stepper(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, KVCache], torch.Tensor | None] | None:
     """A function (tokens (B,), positions, cache) -> logits (B, V) fp32 that runs the C++ step (None
     for a batch too large for it), or None when this model (or this machine) cannot use it."""
-    if not enabled() or type(model) is not Llama or model.config.sliding_window is not None:
+    if not enabled() or type(model) is not Llama or model.config.sliding_window is not None \
+            or model.embed.weight.dtype != torch.float32:
         return None
     module = build()
     if module is None:
@@ -151,13 +152,15 @@ def stepper(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, KVCache],
 
 
 _steppers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_registrations = 0  # submodules registered anywhere since import: a stepper may hold a swapped-out layer
 
 
-def _layers(model: nn.Module) -> tuple[nn.Module, ...]:
-    """The modules a stepper captured: if any was swapped since (LoRA applied or merged), rebuild."""
-    blocks = getattr(model, "layers", ())
-    return tuple(m for b in blocks for m in (b.attn.wqkv, b.attn.wo, b.mlp.w13, b.mlp.w2)) + (model.output,) \
-        if type(model) is Llama else ()
+def _count_registration(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
+    global _registrations
+    _registrations += 1
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
 
 
 @torch.inference_mode()
@@ -166,9 +169,8 @@ def decode(model: nn.Module, tokens: torch.Tensor, positions: torch.Tensor, cach
     C++ step where it applies and `model.hidden` + `model.output` otherwise, with identical results."""
     if enabled():
         entry = _steppers.get(model)
-        layers = _layers(model)
-        if entry is None or entry[0] != layers:
-            entry = _steppers[model] = (layers, stepper(model))
+        if entry is None or entry[0] != _registrations:  # built, or rebuilt after LoRA swapped layers in
+            entry = _steppers[model] = (_registrations, stepper(model))
         if entry[1] is not None:
             logits = entry[1](tokens, positions, cache)
             if logits is not None:

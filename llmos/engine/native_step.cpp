@@ -57,9 +57,10 @@ torch::Tensor raw_linear(int64_t kind, const torch::Tensor& a, const torch::Tens
 // n_keys keys. norms: 2 per layer (attention, MLP) then the final one. kinds/tensors: 4 linears per
 // layer (wqkv, wo, w13, w2) then the head, 3 tensors each (None where unused). Returns logits (B, V) fp32.
 //
-// Per layer this issues the two norms, four matmuls, attention and the casts into the matmuls; the
-// rotary embedding with the cache writes, the residual adds and the SwiGLU product are plain loops
-// with the same arithmetic as the Python ops (no fused multiply-add: built without -mfma/-march).
+// Per layer this issues four matmuls, attention and the norms' mean and rsqrt to ATen; the norms'
+// products and casts, the rotary embedding with the cache writes, the residual adds and the SwiGLU
+// product are plain loops with the same arithmetic as the Python ops (no fused multiply-add: built
+// without -mfma/-march).
 torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions, bool per_row, int64_t n_keys,
                           const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& kc, const torch::Tensor& vc,
                           const std::vector<torch::Tensor>& norms, const std::vector<int64_t>& kinds,
@@ -71,6 +72,28 @@ torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions
   static const torch::Tensor none;
   x = x.reshape({B, C}).contiguous();
   float* xp = x.data_ptr<float>();
+  // RMSNorm of x into linear i's input dtype: x * rsqrt(mean(x * x) + eps) * w, the decomposition
+  // F.rms_norm computes (same bits), with ATen doing the mean and rsqrt and loops the products.
+  auto sq = torch::empty({B, C}, x.options());
+  auto norm_into = [&](int64_t i, const torch::Tensor& w) {
+    float* q = sq.data_ptr<float>();
+    for (int64_t j = 0; j < B * C; ++j) q[j] = xp[j] * xp[j];
+    auto r = sq.mean({-1}, true).add_(eps).rsqrt_();
+    const float* rp = r.data_ptr<float>();
+    const float* wp = w.data_ptr<float>();
+    const bool bf16 = kinds[i] != 0;
+    auto out = torch::empty({B, C}, x.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+    if (bf16) {
+      auto* o = out.data_ptr<c10::BFloat16>();
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t c = 0; c < C; ++c) o[b * C + c] = c10::BFloat16((xp[b * C + c] * rp[b]) * wp[c]);
+    } else {
+      auto* o = out.data_ptr<float>();
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t c = 0; c < C; ++c) o[b * C + c] = (xp[b * C + c] * rp[b]) * wp[c];
+    }
+    return out;
+  };
   auto input = [&](int64_t i, const torch::Tensor& t) { return kinds[i] == 0 ? t : t.to(at::kBFloat16); };
   auto lin = [&](int64_t i, const torch::Tensor& in) {
     const auto& b = tensors[3 * i + 1];
@@ -90,8 +113,7 @@ torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions
   float* kbase = kc.data_ptr<float>();
   float* vbase = vc.data_ptr<float>();
   for (int64_t layer = 0; layer < L; ++layer) {
-    auto h = input(4 * layer, at::rms_norm(x, {C}, norms[2 * layer], eps));
-    Out qkv = lin(4 * layer, h);
+    Out qkv = lin(4 * layer, norm_into(4 * layer, norms[2 * layer]));
     // Rotary embedding of q and k (x * cos + roll(x, D/2) * sin), k and v written into the cache.
     for (int64_t r = 0; r < B; ++r) {
       const int64_t pos = per_row ? positions[r] : positions[0];
@@ -138,8 +160,7 @@ torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions
                                            false, c10::nullopt, gqa);
     }
     residual(lin(4 * layer + 1, input(4 * layer + 1, y.transpose(1, 2).reshape({B, H * D}))));
-    h = input(4 * layer + 2, at::rms_norm(x, {C}, norms[2 * layer + 1], eps));
-    Out gate_up = lin(4 * layer + 2, h);
+    Out gate_up = lin(4 * layer + 2, norm_into(4 * layer + 2, norms[2 * layer + 1]));
     const int64_t F = gate_up.n / 2;
     // SwiGLU: silu(gate) * up, rounded to the down projection's input dtype.
     auto gate = gate_up.y.slice(-1, 0, F).to(at::kFloat);
@@ -159,7 +180,7 @@ torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions
     }
     residual(lin(4 * layer + 3, prod));
   }
-  auto h = input(4 * L, at::rms_norm(x, {C}, norms[2 * L], eps));
+  auto h = norm_into(4 * L, norms[2 * L]);
   return raw_linear(kinds[4 * L], *tensors[4 * L * 3], tensors[4 * L * 3 + 1].has_value() ? *tensors[4 * L * 3 + 1] : none,
                     tensors[4 * L * 3 + 2], h).to(at::kFloat);
 }
