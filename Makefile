@@ -36,6 +36,7 @@ bench: $(VENV)/.installed-test
 bench-deps: $(VENV)/.installed-test
 	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
 		$(BIN)/pip install --no-binary llama-cpp-python llama-cpp-python==0.3.36
+	$(BIN)/pip install uvicorn fastapi pydantic-settings sse-starlette "starlette-context>=0.3.6,<0.4" PyYAML  # its server
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -5,8 +5,9 @@ Both servers get the same GGUF (the default model), the same thread count and th
 each client sends its requests one after another. Reported per concurrency level: aggregate tokens/s
 (content chunks received, all clients, over the wall time of the level: both servers send one chunk
 per token, llmos fewer when several tokens make one character), p50 and p95 time to first token.
-The llama.cpp column appears when `llama_cpp.server` is importable (`make bench-deps`, plus its server
-extras); otherwise it is skipped. Results go to bench/results/serve-DATE.json.
+The llama.cpp column appears when `llama_cpp.server` is importable (`make bench-deps` installs it with
+its server extras); otherwise it is skipped. llama-cpp-python's server runs one request at a time
+(queued with --interrupt_requests False; by default a new request cuts off the one streaming). Results go to bench/results/serve-DATE.json.
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ def start(engine: str, gguf: Path, threads: int, port: int) -> subprocess.Popen:
                "--threads", str(threads), "--log-level", "warning"]
     else:
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-               "--n_threads", str(threads), "--n_ctx", "2048", "--chat_format", "chatml"]
+               "--n_threads", str(threads), "--n_ctx", "2048", "--chat_format", "chatml",
+               # By default a new request cuts off the one streaming (its stream just ends): queue them.
+               "--interrupt_requests", "False"]
     env = {**os.environ}
     env.pop("LLMOS_API_KEY", None)
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
