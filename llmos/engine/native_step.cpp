@@ -75,26 +75,26 @@ torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions
   // RMSNorm of x into linear i's input dtype: x * rsqrt(mean(x * x) + eps) * w, the decomposition
   // F.rms_norm computes (same bits), with ATen doing the mean and rsqrt and loops the products.
   auto sq = torch::empty({B, C}, x.options());
+  auto rstd = torch::empty({B, 1}, x.options());
+  auto normed_bf16 = torch::empty({B, C}, x.options().dtype(at::kBFloat16));
+  auto normed_f32 = torch::empty({B, C}, x.options());
   auto norm_into = [&](int64_t i, const torch::Tensor& w) {
     float* q = sq.data_ptr<float>();
     for (int64_t j = 0; j < B * C; ++j) q[j] = xp[j] * xp[j];
-    auto r = sq.mean({-1}, true).add_(eps).rsqrt_();
-    const float* rp = r.data_ptr<float>();
+    at::mean_out(rstd, sq, {-1}, true).add_(eps).rsqrt_();
+    const float* rp = rstd.data_ptr<float>();
     const float* wp = w.data_ptr<float>();
-    const bool bf16 = kinds[i] != 0;
-    auto out = torch::empty({B, C}, x.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
-    if (bf16) {
-      auto* o = out.data_ptr<c10::BFloat16>();
+    if (kinds[i] != 0) {
+      auto* o = normed_bf16.data_ptr<c10::BFloat16>();
       for (int64_t b = 0; b < B; ++b)
         for (int64_t c = 0; c < C; ++c) o[b * C + c] = c10::BFloat16((xp[b * C + c] * rp[b]) * wp[c]);
-    } else {
-      auto* o = out.data_ptr<float>();
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t c = 0; c < C; ++c) o[b * C + c] = (xp[b * C + c] * rp[b]) * wp[c];
+      return normed_bf16;
     }
-    return out;
+    auto* o = normed_f32.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t c = 0; c < C; ++c) o[b * C + c] = (xp[b * C + c] * rp[b]) * wp[c];
+    return normed_f32;
   };
-  auto input = [&](int64_t i, const torch::Tensor& t) { return kinds[i] == 0 ? t : t.to(at::kBFloat16); };
   auto lin = [&](int64_t i, const torch::Tensor& in) {
     const auto& b = tensors[3 * i + 1];
     return Out(raw_linear(kinds[i], *tensors[3 * i], b.has_value() ? *b : none, tensors[3 * i + 2], in), tensors[3 * i + 2], kinds[i]);
@@ -108,6 +108,9 @@ torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions
   const float* sp = sin_c.data_ptr<float>();
   const int64_t rope_stride = cos_c.size(0) == 1 ? 0 : D;
   auto q = torch::empty({B, H, 1, D}, x.options());
+  auto attn_bf16 = torch::empty({B, H * D}, x.options().dtype(at::kBFloat16));
+  auto attn_f32 = torch::empty({B, H * D}, x.options());
+  torch::Tensor gate, act, prod_bf16, prod_f32;  // (B, F), allocated at the first MLP
   float* qp = q.data_ptr<float>();
   const auto ks = kc.strides(), vs = vc.strides();
   float* kbase = kc.data_ptr<float>();
@@ -159,16 +162,35 @@ torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions
       y = at::scaled_dot_product_attention(q, k_layer.slice(2, 0, n_keys), v_layer.slice(2, 0, n_keys), c10::nullopt, 0.0,
                                            false, c10::nullopt, gqa);
     }
-    residual(lin(4 * layer + 1, input(4 * layer + 1, y.transpose(1, 2).reshape({B, H * D}))));
+    // (B, H, 1, D) -> (B, H * D) in wo's input dtype.
+    const bool wo_bf16 = kinds[4 * layer + 1] != 0;
+    auto& attn_in = wo_bf16 ? attn_bf16 : attn_f32;
+    const float* yp = y.data_ptr<float>();
+    const int64_t y0 = y.stride(0), y1 = y.stride(1), y3 = y.stride(3);
+    for (int64_t r = 0; r < B; ++r)
+      for (int64_t head = 0; head < H; ++head)
+        for (int64_t d = 0; d < D; ++d) {
+          const float v = yp[r * y0 + head * y1 + d * y3];
+          if (wo_bf16) attn_in.data_ptr<c10::BFloat16>()[(r * H + head) * D + d] = c10::BFloat16(v);
+          else attn_in.data_ptr<float>()[(r * H + head) * D + d] = v;
+        }
+    residual(lin(4 * layer + 1, attn_in));
     Out gate_up = lin(4 * layer + 2, norm_into(4 * layer + 2, norms[2 * layer + 1]));
     const int64_t F = gate_up.n / 2;
     // SwiGLU: silu(gate) * up, rounded to the down projection's input dtype.
-    auto gate = gate_up.y.slice(-1, 0, F).to(at::kFloat);
-    if (gate_up.bias) gate = gate + torch::from_blob(const_cast<float*>(gate_up.bias), {F}, x.options());
-    auto act = at::silu(gate).contiguous();
+    if (!gate.defined()) {
+      gate = torch::empty({B, F}, x.options());
+      act = torch::empty({B, F}, x.options());
+      prod_bf16 = torch::empty({B, F}, x.options().dtype(at::kBFloat16));
+      prod_f32 = torch::empty({B, F}, x.options());
+    }
+    float* gp = gate.data_ptr<float>();
+    for (int64_t r = 0; r < B; ++r)
+      for (int64_t j = 0; j < F; ++j) gp[r * F + j] = gate_up.at(r, j);
+    at::silu_out(act, gate);
     const float* ap = act.data_ptr<float>();
     const bool down_bf16 = kinds[4 * layer + 3] != 0;
-    auto prod = torch::empty({B, F}, x.options().dtype(down_bf16 ? at::kBFloat16 : at::kFloat));
+    auto& prod = down_bf16 ? prod_bf16 : prod_f32;
     if (down_bf16) {
       auto* pp = prod.data_ptr<c10::BFloat16>();
       for (int64_t r = 0; r < B; ++r)
