@@ -37,6 +37,13 @@ INT4_DENSE_ROWS = 128
 
 
 _local = threading.local()
+# Set by the native extension (engine/native.py) when it is built: int4 unpacking in one C++ pass.
+_native_unpack = None
+
+
+def use_native_unpack(fn) -> None:
+    global _native_unpack
+    _native_unpack = fn
 
 
 def _scratch(size: int) -> torch.Tensor:
@@ -119,6 +126,9 @@ class Int4Linear(nn.Module):
         computed in fp32 and rounded once, written straight into a (K, N) buffer: one pass per
         nibble, no intermediate copies."""
         N, K = self.out_features, self.in_features
+        if out is not None and _native_unpack is not None:  # the same values, one pass in C++
+            _native_unpack(self.packed, self.scales_zeros, out)
+            return out.view(K, N).t()
         blocks, groups = N // 64, K // GROUP
         nibbles = self.packed.view(blocks, groups, GROUP, 32).permute(1, 2, 0, 3)  # [k/32, k%32, block, r]
         scale, zero = self.scales_zeros.float().unbind(-1)  # (K/32, N) each

@@ -51,6 +51,20 @@ def test_int4_unpacks_exactly_what_the_kernel_computes():
         assert ((layer.dequantized().float() - kernel_weights.float()).abs() <= ulp + 1e-6).all(), (n, k)
 
 
+def test_native_int4_unpacking_equals_python(monkeypatch):
+    from llmos.engine import native
+
+    module = native.build(quiet=True)
+    assert module is not None, native.failure()
+    torch.manual_seed(4)
+    layer = quant.Int4Linear.from_float(torch.randn(192, 160), None)
+    python = layer.dequantized()  # no buffer given: the Python unpacking
+    buffer = torch.empty(192 * 160, dtype=torch.bfloat16)
+    assert torch.equal(layer.dequantized(buffer), python)
+    monkeypatch.setattr(quant, "_native_unpack", None)
+    assert torch.equal(layer.dequantized(buffer.clone()), python)
+
+
 def test_int4_row_kernel_equals_dense_path():
     torch.manual_seed(3)
     layer = quant.Int4Linear.from_float(torch.randn(128, 256), torch.randn(128))

@@ -38,8 +38,23 @@ def enabled() -> bool:
     return os.environ.get("LLMOS_NATIVE", "1") != "0"
 
 
+# Built for the CPU it runs on (-march=native) without contracting a * b + c into fused multiply-adds,
+# which would change the bits the loops must share with the Python ops.
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=off"]
+
+
+def _cpu_flags() -> bytes:
+    try:
+        return next((line for line in Path("/proc/cpuinfo").read_bytes().splitlines() if line.startswith(b"flags")), b"")
+    except OSError:
+        return b""
+
+
 def _build_dir() -> Path:
-    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    """Named by the source, the flags, PyTorch's version and the CPU's features: a store shared by
+    machines never hands one a binary built for another."""
+    key = SOURCE.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode() + _cpu_flags()
+    digest = hashlib.sha256(key).hexdigest()[:16]
     return home() / "native" / f"torch-{torch.__version__}-{digest}"
 
 
@@ -54,6 +69,7 @@ def build(quiet: bool = False):
         if built.exists():  # the folder is named by the source and torch version: up to date
             try:
                 _module = _import(built)
+                quant.use_native_unpack(_module.int4_unpack)
                 return _module
             except (ImportError, OSError):  # damaged by a crash mid-build: build it again
                 built.unlink()
@@ -68,7 +84,8 @@ def build(quiet: bool = False):
             print("llmos: compiling the native decode step (once, ~20 s)...", file=sys.stderr, flush=True)
         try:
             _module = load("llmos_native_step", [str(SOURCE)], build_directory=str(folder),
-                           extra_cflags=["-O2"], verbose=False)
+                           extra_cflags=CFLAGS, verbose=False)
+            quant.use_native_unpack(_module.int4_unpack)
         except Exception as e:  # a broken toolchain must not stop text generation
             _failed = f"building the native decode step failed ({str(e).strip().splitlines()[-1][:200]}) - using the Python decode step"
             if not quiet:

@@ -207,6 +207,41 @@ torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions
                     tensors[4 * L * 3 + 2], h).to(at::kFloat);
 }
 
+// An int4 layer's weights as bf16 for a dense matmul (quant.Int4Linear's prefill path): packed is PyTorch's
+// CPU int4pack layout (N/64, K/32, 32, 32) [block][group][k in group][row r: low nibble r, high r + 32],
+// scales_zeros (K/32, N, 2) bf16; out (K * N) bf16 receives W^T row-major, w = q * s + (z - 8 s) in fp32
+// rounded once, as Int4Linear.dequantized computes it. One pass over the packed bytes.
+void int4_unpack(const torch::Tensor& packed, const torch::Tensor& scales_zeros, torch::Tensor& out) {
+  const int64_t groups = scales_zeros.size(0), N = scales_zeros.size(1), blocks = N / 64;
+  const uint8_t* p = packed.data_ptr<uint8_t>();
+  const c10::BFloat16* sz = scales_zeros.data_ptr<c10::BFloat16>();
+  c10::BFloat16* o = out.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    std::vector<float> scale(N), base(N);
+    for (int64_t g = g0; g < g1; ++g) {
+      for (int64_t n = 0; n < N; ++n) {
+        const float s = static_cast<float>(sz[(g * N + n) * 2]);
+        const float z = static_cast<float>(sz[(g * N + n) * 2 + 1]);
+        scale[n] = s;
+        base[n] = z - 8.0f * s;
+      }
+      for (int64_t kk = 0; kk < kGroup; ++kk) {
+        c10::BFloat16* row = o + (g * kGroup + kk) * N;
+        for (int64_t nb = 0; nb < blocks; ++nb) {
+          const uint8_t* bytes = p + ((nb * groups + g) * kGroup + kk) * 32;
+          const int64_t n0 = nb * 64;
+          for (int64_t r = 0; r < 32; ++r) {
+            const float lo = static_cast<float>(bytes[r] & 15), hi = static_cast<float>(bytes[r] >> 4);
+            row[n0 + r] = c10::BFloat16(base[n0 + r] + lo * scale[n0 + r]);
+            row[n0 + 32 + r] = c10::BFloat16(base[n0 + 32 + r] + hi * scale[n0 + 32 + r]);
+          }
+        }
+      }
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int4_unpack", &int4_unpack, "Int4 packed weights to bf16 W^T (see native_step.cpp)");
   m.def("decode_step", &decode_step, "One Llama decode step (see native_step.cpp)");
 }
