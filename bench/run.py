@@ -18,6 +18,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -94,9 +95,11 @@ def core(gguf: Path, rounds: int, threads: int) -> dict:
     return {"medians": med, "cli_ttft_s": ttft, "runs": runs}
 
 
-def forms(gguf: Path) -> dict:
+def forms(gguf: Path, threads: int) -> dict:
+    # The thread count is pinned: left alone, the CLI takes fewer threads when the machine looks busy.
     out = subprocess.run([sys.executable, "-m", "llmos", "bench", "--model", str(gguf), "--quality", "--json"],
-                         capture_output=True, text=True, timeout=1800, check=True)
+                         capture_output=True, text=True, timeout=1800, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     result = json.loads(out.stdout)
     print(f"{'form':<6}{'prefill tok/s':>15}{'decode tok/s':>14}{'perplexity':>12}{'vs fp32':>10}{'top-1':>8}")
     for f, s in result["speed"].items():
@@ -203,7 +206,7 @@ def main() -> None:
     print(f"llmos bench {date.today()} on {platform.machine()} ({platform.processor() or 'cpu'}), "
           f"{args.threads} threads, {gguf.name}")
     results: dict = {"date": str(date.today()), "threads": args.threads, "model": gguf.name}
-    sections = {"core": lambda: core(gguf, args.rounds, args.threads), "forms": lambda: forms(gguf),
+    sections = {"core": lambda: core(gguf, args.rounds, args.threads), "forms": lambda: forms(gguf, args.threads),
                 "batch": lambda: batch(gguf), "chat": lambda: chat(gguf), "beam": lambda: beam(gguf)}
     for name, fn in sections.items():
         if not only or name in only:
