@@ -153,7 +153,7 @@ def stepper(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, KVCache],
     def step(tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
         """tokens (B,) at `positions`: (1,) shared by every row, or (B, 1) per row (the batched
         engine's rows, each attending over its own keys): as `model.hidden` then `model.output`."""
-        if tokens.shape[0] >= dense_rows:  # the Python layers switch to their dense path there
+        if tokens.shape[0] >= dense_rows or cache.k.dtype != torch.float32:  # the Python path covers these
             return None
         n_keys = cache.begin(positions)
         x = model.embed(tokens)  # (B, C)
