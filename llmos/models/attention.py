@@ -44,6 +44,12 @@ class Plan:
     chunks: tuple[tuple[int, int, int, torch.Tensor | None], ...] | None = None  # (start, stop, keys, mask)
 
 
+def additive(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean mask as the 0 / -inf float mask attention adds to its scores, built once per forward
+    instead of by every layer's attention call (the same values it would build)."""
+    return torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
+
+
 def plan(positions: torch.Tensor, n_keys: int, window: int | None = None) -> Plan:
     """The attention for queries at `positions` (T,) or per row (B, T) over `n_keys` keys."""
     T = positions.shape[-1]
@@ -58,7 +64,7 @@ def plan(positions: torch.Tensor, n_keys: int, window: int | None = None) -> Pla
             return Plan(causal=True)
         if T == 1:
             return Plan()
-    return Plan(mask=attention_mask(positions, n_keys, window))
+    return Plan(mask=additive(attention_mask(positions, n_keys, window)))
 
 
 def _chunks(positions: torch.Tensor) -> tuple[tuple[int, int, int, torch.Tensor | None], ...]:
@@ -70,20 +76,24 @@ def _chunks(positions: torch.Tensor) -> tuple[tuple[int, int, int, torch.Tensor 
         stop = min(start + CHUNK, T)
         keys = int(positions[stop - 1]) + 1
         causal = plain and start == 0
-        out.append((start, stop, keys, None if causal else attention_mask(positions[start:stop], keys, None)))
+        out.append((start, stop, keys, None if causal else additive(attention_mask(positions[start:stop], keys, None))))
     return tuple(out)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan) -> torch.Tensor:
     """Scaled dot-product attention of q (B, H, T, D) over k, v (B, Hkv, S, D), Hkv dividing H."""
     gqa = k.shape[1] != q.shape[1]
+
+    def cast(m: torch.Tensor | None) -> torch.Tensor | None:  # float masks are built in fp32
+        return m if m is None or m.dtype == torch.bool or m.dtype == q.dtype else m.to(q.dtype)
+
     if plan.chunks is not None:
         return torch.cat([
-            F.scaled_dot_product_attention(q[:, :, start:stop], k[:, :, :n], v[:, :, :n], attn_mask=m, is_causal=m is None,
-                                           enable_gqa=gqa)
+            F.scaled_dot_product_attention(q[:, :, start:stop], k[:, :, :n], v[:, :, :n], attn_mask=cast(m),
+                                           is_causal=m is None, enable_gqa=gqa)
             for start, stop, n, m in plan.chunks], dim=2)
     if plan.rows is not None:
         return torch.cat([
             F.scaled_dot_product_attention(q[b:b + 1], k[b:b + 1, :, :e], v[b:b + 1, :, :e], attn_mask=m, enable_gqa=gqa)
             for b, (e, m) in enumerate(plan.rows)])
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, is_causal=plan.causal, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=cast(plan.mask), is_causal=plan.causal, enable_gqa=gqa)
