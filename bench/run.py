@@ -18,7 +18,6 @@ import argparse
 import importlib
 import importlib.util
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -97,9 +96,8 @@ def core(gguf: Path, rounds: int, threads: int) -> dict:
 
 def forms(gguf: Path, threads: int) -> dict:
     # The thread count is pinned: left alone, the CLI takes fewer threads when the machine looks busy.
-    out = subprocess.run([sys.executable, "-m", "llmos", "bench", "--model", str(gguf), "--quality", "--json"],
-                         capture_output=True, text=True, timeout=1800, check=True,
-                         env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    out = subprocess.run([sys.executable, "-m", "llmos", "bench", "--model", str(gguf), "--quality", "--json",
+                          "--threads", str(threads)], capture_output=True, text=True, timeout=1800, check=True)
     result = json.loads(out.stdout)
     print(f"{'form':<6}{'prefill tok/s':>15}{'decode tok/s':>14}{'perplexity':>12}{'vs fp32':>10}{'top-1':>8}")
     for f, s in result["speed"].items():

@@ -14,6 +14,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--forms", default="fp32,bf16,int8,int4", help="comma-separated weight forms")
     p.add_argument("--quality", action="store_true", help="report perplexity and top-1 agreement per form")
     p.add_argument("--tokens", type=int, default=64, help="decode tokens to time")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores other work leaves idle)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
 
