@@ -120,11 +120,11 @@ class Int4Linear(nn.Module):
         return cls(q, d.float(), m.float() + 8 * d.float(), bias)
 
     def dequantized(self, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The weight (N, K) in bf16 (a transposed view, into `out` (N*K,) when given), unpacked from the CPU int4pack layout: for
-        each block of 64 output rows, byte [k // 2, (k % 2) * 32 + r] holds row r's weight k in its
-        low nibble and row r + 32's in its high nibble. Each weight is (q - 8) * scale + zero
-        computed in fp32 and rounded once, written straight into a (K, N) buffer: one pass per
-        nibble, no intermediate copies."""
+        """The weight (N, K) in bf16, as a transposed view of a (K, N) buffer (`out`, N*K elements,
+        when given), unpacked from the CPU int4pack layout: for each block of 64 output rows, byte
+        [k // 2, (k % 2) * 32 + r] holds row r's weight k in its low nibble and row r + 32's in its
+        high nibble. Each weight is (q - 8) * scale + zero computed in fp32 and rounded once: one
+        pass per nibble here, one pass in all with the native extension (same values)."""
         N, K = self.out_features, self.in_features
         if out is not None and _native_unpack is not None:  # the same values, one pass in C++
             _native_unpack(self.packed, self.scales_zeros, out)

@@ -1,8 +1,10 @@
-// One decode step of a Llama-family model, the same ATen calls in the same order as the Python model
-// file (models/llama.py, quant.py, kv_cache.py, models/attention.py) for one new token per row at one
-// shared position, issued from C++. The Python path spends ~40% of a batch-1 step of the default
-// model dispatching ~25 small ops per layer; here each costs a C++ call, and the results are the
-// same bits (tests/engine/test_native.py compares them with torch.equal).
+// One decode step of a Llama-family model (one new token per row), computing exactly what the Python
+// model file computes (models/llama.py, quant.py, kv_cache.py, models/attention.py): the same ATen
+// kernels for the matmuls, attention and the norms' reductions, and plain loops with the same IEEE
+// arithmetic for the element-wise work. The Python path spends ~40% of a batch-1 step of the default
+// model dispatching ~25 small ops per layer; here the results are the same bits in ~60% of the time
+// (tests/engine/test_native.py compares them with torch.equal). Also: int4 weight unpacking for the
+// quantized layers' dense prefill path (int4_unpack).
 //
 // A linear layer is three tensors and a kind:
 //   0 fp32 nn.Linear       (weight, unused, bias?)
@@ -16,7 +18,6 @@
 namespace {
 
 constexpr int64_t kGroup = 32;
-
 
 // A linear layer's raw output (B, N): fp32 (nn.Linear, bias already in) or bf16 (the bf16/int8/int4
 // kernels, whose bias the Python layers add after casting to fp32). `at` reads element (b, j) as the
@@ -60,7 +61,7 @@ torch::Tensor raw_linear(int64_t kind, const torch::Tensor& a, const torch::Tens
 // Per layer this issues four matmuls, attention and the norms' mean and rsqrt to ATen; the norms'
 // products and casts, the rotary embedding with the cache writes, the residual adds and the SwiGLU
 // product are plain loops with the same arithmetic as the Python ops (no fused multiply-add: built
-// without -mfma/-march).
+// with -ffp-contract=off).
 torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions, bool per_row, int64_t n_keys,
                           const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& kc, const torch::Tensor& vc,
                           const std::vector<torch::Tensor>& norms, const std::vector<int64_t>& kinds,
