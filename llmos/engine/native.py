@@ -78,15 +78,14 @@ def build(quiet: bool = False):
             return None
         from torch.utils.cpp_extension import load
 
-        folder = built.parent
-        folder.mkdir(parents=True, exist_ok=True)
         if not quiet:
             print("llmos: compiling the native decode step (once, ~20 s)...", file=sys.stderr, flush=True)
         try:
+            built.parent.mkdir(parents=True, exist_ok=True)
             _module = load("llmos_native_step", [str(SOURCE)], build_directory=str(folder),
                            extra_cflags=CFLAGS, verbose=False)
             quant.use_native_unpack(_module.int4_unpack)
-        except Exception as e:  # a broken toolchain must not stop text generation
+        except Exception as e:  # a broken toolchain or a read-only store must not stop text generation
             _failed = f"building the native decode step failed ({str(e).strip().splitlines()[-1][:200]}) - using the Python decode step"
             if not quiet:
                 print(f"llmos: {_failed}", file=sys.stderr)

@@ -112,3 +112,13 @@ def test_without_a_compiler_generation_still_works(tmp_path, monkeypatch):
     cache = KVCache.for_model(model.config, 1, 16)
     got = native.decode(model, torch.tensor([7]), torch.tensor([0]), cache)
     assert torch.equal(got, _python_step(model, torch.tensor([7]), torch.tensor([0]), KVCache.for_model(model.config, 1, 16)))
+
+
+def test_a_store_it_cannot_write_to_leaves_the_python_step(tmp_path, monkeypatch):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("LLMOS_HOME", str(blocked))  # the build folder cannot be created under a file
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setattr(native, "_failed", None)
+    assert native.build(quiet=True) is None
+    assert "failed" in native.failure()
