@@ -150,3 +150,16 @@ def test_damaged_converted_cache_is_rebuilt(default_gguf_path, tmp_path, monkeyp
     with torch.inference_mode():
         assert torch.isfinite(model(torch.tensor([ids]), torch.arange(len(ids)))).all()
     assert entry.stat().st_size > 1000  # rewritten
+
+
+def test_cli_bench_reports_each_form_and_the_decode_step(default_gguf_path):
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "llmos", "bench", "--model", default_gguf_path, "--forms", "int4",
+                          "--tokens", "4", "--threads", "1", "--json"], capture_output=True, text=True, timeout=600, check=True)
+    result = json.loads(out.stdout)
+    assert result["decode_step"] == "native (C++)"  # CI installs g++: the fast path must be the one measured
+    speed = result["speed"]["int4"]
+    assert speed["prefill_tps"] > 0 and speed["decode_tps"] > 0 and speed["load_s"] > 0

@@ -43,15 +43,19 @@ def speed(path, form: str, tokens: int) -> dict[str, float]:
 def run(args: argparse.Namespace) -> int:
     from llmos import quality, store
 
+    from llmos.engine import native
+
     path = store.resolve(args.model)
     forms = [f.strip() for f in args.forms.split(",") if f.strip()]
-    result: dict = {"model": str(path), "speed": {f: speed(path, f, args.tokens) for f in forms}}
+    decode_step = "native (C++)" if native.build() is not None else f"Python ({native.failure() or 'LLMOS_NATIVE=0'})"
+    result: dict = {"model": str(path), "decode_step": decode_step, "speed": {f: speed(path, f, args.tokens) for f in forms}}
     if args.quality:
         result["quality"] = quality.report(path, forms=tuple(forms))
         result["auto"] = quality.auto_form(path)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
+    print(f"decode step: {decode_step}")
     print(f"{'form':<6}{'load s':>9}{'prefill tok/s':>15}{'decode tok/s':>14}" + ("{:>12}{:>10}{:>8}".format("perplexity", "vs fp32", "top-1") if args.quality else ""))
     for f in forms:
         s = result["speed"][f]
