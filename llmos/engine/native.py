@@ -82,7 +82,7 @@ def build(quiet: bool = False):
             print("llmos: compiling the native decode step (once, ~20 s)...", file=sys.stderr, flush=True)
         try:
             built.parent.mkdir(parents=True, exist_ok=True)
-            _module = load("llmos_native_step", [str(SOURCE)], build_directory=str(folder),
+            _module = load("llmos_native_step", [str(SOURCE)], build_directory=str(built.parent),
                            extra_cflags=CFLAGS, verbose=False)
             quant.use_native_unpack(_module.int4_unpack)
         except Exception as e:  # a broken toolchain or a read-only store must not stop text generation

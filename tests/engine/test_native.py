@@ -122,3 +122,15 @@ def test_a_store_it_cannot_write_to_leaves_the_python_step(tmp_path, monkeypatch
     monkeypatch.setattr(native, "_failed", None)
     assert native.build(quiet=True) is None
     assert "failed" in native.failure()
+
+
+def test_the_extension_builds_from_source_into_an_empty_store(tmp_path):
+    """What a fresh machine does once (make run / the first llmos.load): compile, then import."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LLMOS_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "llmos.engine.native"], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "failed" not in out.stderr, out.stderr
+    assert list(tmp_path.glob("native/*/llmos_native_step.so"))
