@@ -1,8 +1,8 @@
 """The decode step in C++ (native_step.cpp): the Python model file's computation without Python's per-op
-cost. The matmuls, norms and element-wise work give the Python step's bits; attention runs in its own
-kernel (one thread per row and kv head, ~3e-7 from SDPA), so results do not depend on the thread
-count and a row decoded in a batch gets the bits it gets alone. 6.8 -> ~4.1 ms per token on the
-default model, and a 16-row step 31 -> 26.6 ms.
+cost. The matmuls and element-wise work give the Python step's bits; RMSNorm sums in double and
+attention runs in its own kernel (one thread per row and kv head, ~3e-7 from SDPA), so results do
+not depend on the thread count and a row decoded in a batch gets the bits it gets alone. 6.8 ->
+~4.0 ms per token on the default model, and a 16-row step 31 -> 26.6 ms.
 
 The extension is compiled once per PyTorch version and source (about 20 s with g++), into
 $LLMOS_HOME/native, by `build()`; `make run` and `make test` build it, and so does the first

@@ -1,8 +1,9 @@
 // One decode step of a Llama-family model (one new token per row), computing what the Python model file
 // computes (models/llama.py, quant.py, kv_cache.py, models/attention.py): the same ATen kernels for the
-// matmuls and the norms' reductions, plain loops with the same IEEE arithmetic for the element-wise
-// work, and an AVX-512 attention kernel in place of per-row SDPA calls (~3e-7 from SDPA, independent
-// of the thread count). The Python path spends ~40% of a batch-1 step of the default model
+// matmuls, plain loops with the same IEEE arithmetic for the element-wise work, RMSNorm's mean of
+// squares summed in double, and an AVX-512 attention kernel in place of per-row SDPA calls (~3e-7
+// from SDPA). Every row is computed on its own in a fixed order: results do not depend on the thread
+// count or on the other rows of a batch. The Python path spends ~40% of a batch-1 step of the default model
 // dispatching ~25 small ops per layer; this runs in ~60% of its time (tests/engine/test_native.py).
 // Also: int4 weight unpacking for the quantized layers' dense prefill path (int4_unpack).
 //
@@ -139,10 +140,9 @@ void decode_attention(const float* q, const float* k, const float* v, const int6
 // n_keys keys. norms: 2 per layer (attention, MLP) then the final one. kinds/tensors: 4 linears per
 // layer (wqkv, wo, w13, w2) then the head, 3 tensors each (None where unused). Returns logits (B, V) fp32.
 //
-// Per layer this issues four matmuls, attention and the norms' mean and rsqrt to ATen; the norms'
-// products and casts, the rotary embedding with the cache writes, the residual adds and the SwiGLU
-// product are plain loops with the same arithmetic as the Python ops (no fused multiply-add: built
-// with -ffp-contract=off).
+// Per layer this issues four matmuls to ATen; the norms, the rotary embedding with the cache writes,
+// attention, the residual adds and the SwiGLU product run here (no fused multiply-add outside the
+// attention kernel: built with -ffp-contract=off).
 torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions, bool per_row, int64_t n_keys,
                           const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& kc, const torch::Tensor& vc,
                           const std::vector<torch::Tensor>& norms, const std::vector<int64_t>& kinds,
@@ -153,17 +153,19 @@ torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions
   static const torch::Tensor none;
   x = x.reshape({B, C}).contiguous();
   float* xp = x.data_ptr<float>();
-  // RMSNorm of x into linear i's input dtype: x * rsqrt(mean(x * x) + eps) * w, the decomposition
-  // F.rms_norm computes (same bits), with ATen doing the mean and rsqrt and loops the products.
-  auto sq = torch::empty({B, C}, x.options());
+  // RMSNorm of x into linear i's input dtype: x * rsqrt(mean(x * x) + eps) * w, in F.rms_norm's order.
   auto rstd = torch::empty({B, 1}, x.options());
   auto normed_bf16 = torch::empty({B, C}, x.options().dtype(at::kBFloat16));
   auto normed_f32 = torch::empty({B, C}, x.options());
   auto norm_into = [&](int64_t i, const torch::Tensor& w) {
-    float* q = sq.data_ptr<float>();
-    for (int64_t j = 0; j < B * C; ++j) q[j] = xp[j] * xp[j];
-    at::mean_out(rstd, sq, {-1}, true).add_(eps).rsqrt_();
-    const float* rp = rstd.data_ptr<float>();
+    // The mean of squares summed in double: a row's value does not depend on the row's neighbours
+    // or the thread count, and is at least as accurate as ATen's float reduction (~1e-7 apart).
+    float* rp = rstd.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b) {
+      double total = 0.0;
+      for (int64_t c = 0; c < C; ++c) total += static_cast<double>(xp[b * C + c]) * xp[b * C + c];
+      rp[b] = 1.0f / std::sqrt(static_cast<float>(total / C) + static_cast<float>(eps));
+    }
     const float* wp = w.data_ptr<float>();
     if (kinds[i] != 0) {
       auto* o = normed_bf16.data_ptr<c10::BFloat16>();
