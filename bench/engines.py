@@ -14,13 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-PROMPT_TOKENS = 512
+from llmos.cli.bench import PROMPT_TOKENS, prompt_ids
+
 DECODE_TOKENS = 128
-
-
-def prompt_ids(vocab: int) -> list[int]:
-    # Deterministic ordinary-text-like ids away from the special tokens at the start of the vocab.
-    return [1000 + (i * 7919) % (vocab - 2000) for i in range(PROMPT_TOKENS)]
 
 
 def peak_rss_mb() -> float:
@@ -32,26 +28,12 @@ def run_llmos(path: Path, threads: int, dtype: str) -> dict:
 
     torch.set_num_threads(threads)
     import llmos
-    from llmos.engine.generate import Generation
-    from llmos.engine.sampling import SamplingParams
+    from llmos.cli.bench import timed
 
     t0 = time.perf_counter()
     llm = llmos.load(str(path), dtype=dtype)
-    load_form = llm.dtype
     load_s = time.perf_counter() - t0
-    ids = prompt_ids(llm.config.vocab_size)
-    greedy = SamplingParams(temperature=0.0)
-    for _ in range(2):  # the second run is timed
-        t0 = time.perf_counter()
-        list(Generation(llm.model, ids, max_new_tokens=1, params=greedy).tokens())
-        prefill_s = time.perf_counter() - t0
-    gen = Generation(llm.model, ids[:16], max_new_tokens=DECODE_TOKENS, params=greedy, min_new_tokens=DECODE_TOKENS)
-    it = gen.tokens()
-    next(it)
-    t0 = time.perf_counter()
-    n = sum(1 for _ in it)
-    decode_s = time.perf_counter() - t0
-    return {"load_s": load_s, "prefill_tps": PROMPT_TOKENS / prefill_s, "decode_tps": n / decode_s, "form": load_form}
+    return {"load_s": load_s, **timed(llm.model, llm.config.vocab_size, DECODE_TOKENS - 1), "form": llm.dtype}
 
 
 def run_transformers(path: Path, threads: int, dtype: str) -> dict:
