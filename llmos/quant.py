@@ -37,7 +37,8 @@ INT4_DENSE_ROWS = 128
 
 
 _local = threading.local()
-# Set by the native extension (engine/native.py) when it is built: int4 unpacking in one C++ pass.
+# Set by the native extension (engine/native.py): unpacks int4 weights in one C++ pass and returns True,
+# or returns False when the extension cannot be built.
 _native_unpack = None
 
 
@@ -126,9 +127,8 @@ class Int4Linear(nn.Module):
         high nibble. Each weight is (q - 8) * scale + zero computed in fp32 and rounded once: one
         pass per nibble here, one pass in all with the native extension (same values)."""
         N, K = self.out_features, self.in_features
-        if out is not None and _native_unpack is not None:  # the same values, one pass in C++
-            _native_unpack(self.packed, self.scales_zeros, out)
-            return out.view(K, N).t()
+        if out is not None and _native_unpack is not None and _native_unpack(self.packed, self.scales_zeros, out):
+            return out.view(K, N).t()  # the same values, one pass in C++
         blocks, groups = N // 64, K // GROUP
         nibbles = self.packed.view(blocks, groups, GROUP, 32).permute(1, 2, 0, 3)  # [k/32, k%32, block, r]
         scale, zero = self.scales_zeros.float().unbind(-1)  # (K/32, N) each

@@ -60,6 +60,8 @@ def test_native_int4_unpacking_equals_python(monkeypatch):
     layer = quant.Int4Linear.from_float(torch.randn(192, 160), None)
     python = layer.dequantized()  # no buffer given: the Python unpacking
     buffer = torch.empty(192 * 160, dtype=torch.bfloat16)
+    module.int4_unpack(layer.packed, layer.scales_zeros, buffer)  # the C++ pass itself
+    assert torch.equal(buffer.view(160, 192).t(), python)
     assert torch.equal(layer.dequantized(buffer), python)
     monkeypatch.setattr(quant, "_native_unpack", None)
     assert torch.equal(layer.dequantized(buffer.clone()), python)

@@ -64,7 +64,6 @@ class BatchEngine:
     def __init__(self, model: nn.Module, max_batch: int = 16, max_len: int | None = None, prefill_chunk: int = 256,
                  share_prefixes: bool = True) -> None:
         config = model.config
-        native.build()  # the C++ decode step and int4 unpacking, compiled once per machine
         self.model, self.max_batch, self.chunk = model, max_batch, prefill_chunk
         self.max_len = min(max_len or config.max_seq_len, config.max_seq_len)
         self.cache = KVCache.for_model(config, max_batch, self.max_len)

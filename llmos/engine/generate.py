@@ -33,7 +33,6 @@ def new_generator(seed: int | None) -> torch.Generator:
 @torch.inference_mode()
 def prefill(model: nn.Module, tokens: torch.Tensor, start: int, cache: KVCache, chunk: int = 512) -> torch.Tensor:
     """Run tokens (B, T) at positions start.. into the cache; return last-position logits (B, V) fp32."""
-    native.build()  # its int4 unpacking serves the quantized layers' dense prefill path
     T = tokens.shape[1]
     hidden = None
     for s in range(0, T, chunk):

@@ -73,7 +73,6 @@ def build(quiet: bool = False):
         if built.exists():  # the folder is named by the source and torch version: up to date
             try:
                 _module = _import(built)
-                quant.use_native_unpack(_module.int4_unpack)
                 return _module
             except (ImportError, OSError):  # damaged by a crash mid-build: build it again
                 built.unlink()
@@ -88,12 +87,23 @@ def build(quiet: bool = False):
             built.parent.mkdir(parents=True, exist_ok=True)
             _module = load("llmos_native_step", [str(SOURCE)], build_directory=str(built.parent),
                            extra_cflags=CFLAGS, verbose=False)
-            quant.use_native_unpack(_module.int4_unpack)
         except Exception as e:  # a broken toolchain or a read-only store must not stop text generation
             _failed = f"building the native decode step failed ({str(e).strip().splitlines()[-1][:200]}) - using the Python decode step"
             if not quiet:
                 print(f"llmos: {_failed}", file=sys.stderr)
         return _module
+
+
+def _unpack(packed: torch.Tensor, scales_zeros: torch.Tensor, out: torch.Tensor) -> bool:
+    """quant.Int4Linear's unpacking in one C++ pass; False when the extension is not available."""
+    module = build()
+    if module is None:
+        return False
+    module.int4_unpack(packed, scales_zeros, out)
+    return True
+
+
+quant.use_native_unpack(_unpack)
 
 
 def _import(path: Path):
