@@ -14,7 +14,7 @@ from pathlib import Path
 
 from llmos import store
 from llmos.cli.eval import get_eval_subparsers
-from llmos.cli.generate import sampling_kwargs
+from llmos.cli.generate import add_sampling_args, sampling_kwargs
 from llmos.errors import LlmosError
 
 MODES = ("vector", "keyword", "hybrid")
@@ -55,11 +55,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-index", action="store_true", help="plain chat question answering, no documents")
     p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     p.add_argument("--model", "-m", default=store.DEFAULT_CHAT_MODEL, help="chat model: store name, .gguf file or HF folder")
-    p.add_argument("--max-new-tokens", "-n", type=int, default=256)
-    p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 (default) is greedy")
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=None)
+    add_sampling_args(p)
+    p.set_defaults(temperature=0.0, max_new_tokens=256)  # greedy answers unless asked otherwise
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     _index_arg(p)
     p.set_defaults(func=cmd_ask)
@@ -166,8 +163,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         else:
             index = _open(args.index)
     llm = llmos.load(args.model, dtype=args.dtype)
-    controls = {**sampling_kwargs(args), "max_new_tokens": args.max_new_tokens}
-    result = ask(llm, args.question, index, k=args.k, mode=args.mode, stream=args.stream, **controls)
+    result = ask(llm, args.question, index, k=args.k, mode=args.mode, stream=args.stream, **sampling_kwargs(args))
     if args.stream:
         for piece in result:
             sys.stdout.write(piece)
