@@ -20,6 +20,11 @@ DECODE_TOKENS = 128
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident set size. Read from /proc (VmHWM) rather than getrusage: Linux
+    carries ru_maxrss across exec, so a benchmark subprocess would report at least its parent's size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

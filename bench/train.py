@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -25,13 +24,11 @@ import time
 from datetime import date
 from pathlib import Path
 
+from bench.engines import peak_rss_mb
+
 RESULTS = Path(__file__).parent / "results"
 VOCAB, BATCH, SEQ = 4096, 8, 256
 WARMUP, STEPS = 3, 12
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _tokens():
