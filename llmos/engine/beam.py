@@ -30,7 +30,6 @@ controls (`temperature`, `top_k`, `top_p`, `min_p`) are ignored, as transformers
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -38,7 +37,7 @@ import torch
 from torch import nn
 
 from llmos.engine.generate import decode_one, prefill
-from llmos.engine.sampling import SamplingParams, process
+from llmos.engine.sampling import SamplingParams, check_range, is_int, process
 from llmos.errors import LlmosError
 from llmos.models.kv_cache import KVCache
 
@@ -56,9 +55,6 @@ def _check(
     model: nn.Module, prompt: Sequence[int], num_beams: int, max_new_tokens: int, length_penalty: float,
     early_stopping: bool | str, num_return_sequences: int, min_new_tokens: int,
 ) -> None:
-    def is_int(x: object) -> bool:
-        return isinstance(x, int) and not isinstance(x, bool)
-
     if not prompt:
         raise LlmosError("the prompt is empty: give at least one token")
     if not is_int(num_beams) or num_beams < 1:
@@ -69,8 +65,7 @@ def _check(
         raise LlmosError(f"num_return_sequences must be an integer in [1, num_beams={num_beams}], got {num_return_sequences!r}")
     if not is_int(min_new_tokens) or not 0 <= min_new_tokens <= max_new_tokens:
         raise LlmosError(f"min_new_tokens must be an integer in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens!r}")
-    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) or not math.isfinite(length_penalty):
-        raise LlmosError(f"length_penalty must be a finite number, got {length_penalty!r}")
+    check_range("length_penalty", length_penalty, None, None, "a finite number")
     if early_stopping not in (True, False, "never") or not isinstance(early_stopping, (bool, str)):
         raise LlmosError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
     total, context = len(prompt) + max_new_tokens, model.config.max_seq_len

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llmos.errors import LlmosError
+from llmos.models import set_module
 
 # Hugging Face / PEFT target names -> the fused llmos module that holds them.
 HF_ALIASES: dict[str, str] = {
@@ -128,13 +129,8 @@ def apply_lora(model: nn.Module, config: LoraConfig, arch: str | None = None) ->
     for p in model.parameters():
         p.requires_grad_(False)
     for name in chosen:
-        _set_module(model, name, LoRALinear(linears[name], config.rank, config.alpha, config.dropout))
+        set_module(model, name, LoRALinear(linears[name], config.rank, config.alpha, config.dropout))
     return chosen
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -147,7 +143,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for name, module in lora_modules(model).items():
         base = module.base
         base.weight.add_(module.delta().to(base.weight.dtype))
-        _set_module(model, name, base)
+        set_module(model, name, base)
     return model
 
 

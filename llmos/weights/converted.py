@@ -20,7 +20,8 @@ from torch import nn
 
 from llmos import quant
 from llmos.config import ModelConfig
-from llmos.weights.load import _set_module, build_model
+from llmos.models import set_module
+from llmos.weights.load import build_model
 
 FORMAT = "llmos-converted-1"
 
@@ -109,7 +110,7 @@ def load(path: Path, config: ModelConfig) -> nn.Module | None:
             per_module[owner][leaf] = state.pop(key)
     model = build_model(config)
     for name, kind in modules.items():
-        _set_module(model, name, quant.restore(kind, per_module[name]))
+        set_module(model, name, quant.restore(kind, per_module[name]))
     model.load_state_dict(state, assign=True, strict=False)
     if "output" not in modules:
         model.tie_weights()

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from llmos.config import ModelConfig
+from llmos.models import set_module
 from llmos.errors import LlmosError
 from llmos.models.gpt2 import GPT2
 from llmos.models.llama import Llama
@@ -137,12 +138,12 @@ def _assemble(
                 exact = blocks(key)
                 weight = load(key)
                 bias = load(module_name + ".bias") if linears[module_name].bias is not None else None
-                _set_module(model, module_name, linear_hook(module_name, weight, bias, exact))
+                set_module(model, module_name, linear_hook(module_name, weight, bias, exact))
             continue
         state[key] = load(key)
     if tied and "output" in linears:
         # The head shares the embedding table; in a faster form it gets its own converted copy.
-        _set_module(model, "output", linear_hook("output", state["embed.weight"], None, None))
+        set_module(model, "output", linear_hook("output", state["embed.weight"], None, None))
         tied = False
     model.load_state_dict(state, assign=True, strict=False)
     if tied:
@@ -155,11 +156,6 @@ def _assemble(
     if missing:
         raise LlmosError(f"{origin}: tensors for {missing[:5]} are missing; the checkpoint is incomplete")
     return model.eval()
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def load_gguf(

@@ -16,7 +16,7 @@ from llmos.models.gpt2 import GPT2
 from llmos.models.kv_cache import KVCache
 from llmos.models.llama import Llama
 from llmos.models.lora import LoraConfig, apply_lora
-from llmos.weights.load import _set_module
+from llmos.models import set_module
 
 
 def _tiny(form: str = "fp32", **overrides) -> Llama:
@@ -30,7 +30,7 @@ def _tiny(form: str = "fp32", **overrides) -> Llama:
     hook = quant.linear_hook(form)
     if hook is not None:
         for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
-            _set_module(model, name, hook(name, layer.weight.detach(), None if layer.bias is None else layer.bias.detach(), None))
+            set_module(model, name, hook(name, layer.weight.detach(), None if layer.bias is None else layer.bias.detach(), None))
     return model
 
 
