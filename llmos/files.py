@@ -36,9 +36,5 @@ def write_atomically(path: Path, data: bytes | str) -> None:
     """Write `data` (str as UTF-8) so that a crash leaves either the old file or the new one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    commit(tmp, path)

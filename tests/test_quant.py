@@ -130,6 +130,7 @@ def test_converted_cache_gives_the_same_model(default_gguf_path, tmp_path, monke
     path = Path(default_gguf_path)
     fresh, _, tok = quality.load_form(path, form)  # converts and writes the cache
     assert list((tmp_path / "converted").glob(f"*-{form}.safetensors"))
+    monkeypatch.setattr(quality, "load_gguf", lambda *a, **k: pytest.fail("converted again instead of read back"))
     cached, _, _ = quality.load_form(path, form)  # reads it back
     assert type(cached.output) is type(fresh.output)
     ids = tok.encode("The capital of France is")

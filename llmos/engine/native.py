@@ -176,7 +176,7 @@ def stepper(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, KVCache],
         D = cos.shape[-1]
         logits = module.decode_step(x, positions.flatten().tolist(), per_row, n_keys, cos.reshape(-1, D), sin.reshape(-1, D),
                                     cache.k, cache.v, norms, kinds, tensors, heads, kv_heads, head_dim, eps)
-        cache.wrote(int(positions.max()) + 1, per_row)
+        cache.wrote()
         return logits
 
     return step

@@ -61,19 +61,20 @@ class KVCache:
         self._step = (positions, where, end, self.k[:, :, :, :n], self.v[:, :, :, :n])
         return n
 
-    def wrote(self, end: int, per_row: bool = False) -> None:
-        """Close a step whose writes up to `end` were made outside `update` (the native decode step),
-        as `update` closes its own."""
-        if not per_row:  # per-row writes leave `length` to the batched engine
+    def wrote(self) -> None:
+        """Close the step `begin` planned, once its writes are made (by `update` at the last layer, or
+        outside it by the native decode step)."""
+        _, where, end, _, _ = self._step
+        if not isinstance(where, tuple):  # per-row writes leave `length` to the batched engine
             self.length = max(self.length, end)
         self._step = (None,)
 
     def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, H, T, D) at `positions` (T,) or per row (B, T); return the keys and
         values (B, H, S, D) up to the furthest position written."""
-        if getattr(self, "_step", (None,))[0] is not positions:
+        if self._step[0] is not positions:
             self.begin(positions)
-        _, where, end, keys, values = self._step
+        _, where, _, keys, values = self._step
         if isinstance(where, tuple):
             self.k[layer][where] = k.transpose(1, 2)  # (B, T, H, D)
             self.v[layer][where] = v.transpose(1, 2)
@@ -84,5 +85,5 @@ class KVCache:
             self.k[layer].index_copy_(2, where, k)
             self.v[layer].index_copy_(2, where, v)
         if layer == self.k.shape[0] - 1:
-            self.wrote(end, per_row=isinstance(where, tuple))
+            self.wrote()
         return keys[layer], values[layer]

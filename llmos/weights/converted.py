@@ -20,6 +20,7 @@ from torch import nn
 
 from llmos import quant
 from llmos.config import ModelConfig
+from llmos.files import commit
 from llmos.models import set_module
 from llmos.weights.load import build_model
 
@@ -36,9 +37,7 @@ def save(model: nn.Module, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         _write_aligned(f, state, meta)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    commit(tmp, path)
 
 
 def _write_aligned(f, state: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
@@ -58,7 +57,7 @@ def _write_aligned(f, state: dict[str, torch.Tensor], meta: dict[str, str]) -> N
     f.write(len(raw).to_bytes(8, "little"))
     f.write(raw)
     for name in names:
-        f.write(state[name].contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        f.write(state[name].view(-1).view(torch.uint8).numpy())  # contiguous already (save)
 
 
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I8": torch.int8, "U8": torch.uint8,
