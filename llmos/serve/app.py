@@ -779,7 +779,6 @@ def create_app(config: ServeConfig, *, load: bool = True) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        server._embed_lock = asyncio.Lock()
         if load:
             server.start_loading()
         yield

@@ -65,16 +65,12 @@ class WorkerError(Exception):
 
 
 class Ticket:
-    """One submitted generation: `async for delta in ticket`, or `cancel()` it.
-
-    `prompt_tokens` and `max_new_tokens` are the budget the request was accepted with.
-    """
+    """One submitted generation: `async for delta in ticket`, or `cancel()` it. `prompt_tokens` is the
+    prompt the request was accepted with."""
 
     def __init__(self, run: TextGeneration, loop: asyncio.AbstractEventLoop) -> None:
         self.run = run
         self.prompt_tokens = len(run.budget.ids)
-        self.max_new_tokens = run.budget.max_new_tokens
-        self.n = run.controls.n
         self.cancelled = False
         self._loop = loop
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
