@@ -296,6 +296,18 @@ class Tokenizer:
 
     token_to_str = id_to_token
 
+    def token_bytes(self, i: int) -> bytes | None:
+        """The raw bytes of token `i` when its piece spells them: a byte-fallback piece "<0xNN>", or
+        any piece of a byte-level BPE vocabulary (GPT-2's alphabet maps back to bytes). None for
+        other pieces, whose bytes are those of the text they decode to."""
+        piece = self.id_to_token(i)
+        if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
+            return bytes([int(piece[3:5], 16)])
+        alphabet = _byte_alphabet()
+        if isinstance(self._backend.decoder, decoders.ByteLevel) and all(c in alphabet for c in piece):
+            return bytes(alphabet[c] for c in piece)
+        return None
+
     def token_to_id(self, piece: str) -> int | None:
         """The id of a raw vocabulary piece, or None when the vocabulary lacks it."""
         return self._backend.token_to_id(piece)
@@ -396,6 +408,19 @@ class IncrementalDecoder:
 
 
 # --- GGUF builders ------------------------------------------------------------------------------
+
+
+@functools.cache
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:  # bytes without a printable character take 256, 257, ...
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
 
 
 def _byte_level_bpe(metadata: Mapping[str, Any], vocab: dict[str, int]) -> tuple[_Backend, bool]:

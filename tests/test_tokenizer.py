@@ -240,8 +240,14 @@ def test_sentencepiece_gguf_matches_transformers(spm_fields: dict, tmp_path: Pat
         assert ids[0] == 1  # SentencePiece models add BOS by default, as in llama.cpp
         assert ours.decode(ids, skip_special_tokens=True) == reference.decode(ids, skip_special_tokens=True) == text
     # Characters the vocabulary lacks fall back to their UTF-8 bytes.
-    pieces = [ours.id_to_token(i) for i in ours.encode("日", add_special_tokens=False)]
+    ids = ours.encode("日", add_special_tokens=False)
+    pieces = [ours.id_to_token(i) for i in ids]
     assert pieces[-3:] == ["<0xE6>", "<0x97>", "<0xA5>"]
+    assert b"".join(ours.token_bytes(i) for i in ids[-3:]) == "日".encode()
+    # Other SentencePiece pieces have no byte spelling of their own, even when every character of
+    # the piece is also a character of GPT-2's byte alphabet ("é" is not the byte 0xE9 here).
+    accented = [i for i in range(ours.vocab_size) if "é" in ours.id_to_token(i)]
+    assert accented and all(ours.token_bytes(i) is None for i in accented)
 
 
 def test_sentencepiece_space_prefix_follows_llama_cpp(spm_fields: dict) -> None:

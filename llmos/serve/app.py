@@ -217,37 +217,13 @@ class Server:
             return self.embedder
 
     def token_bytes(self, token: int, text: str) -> list[int]:
-        """The raw bytes of a token (byte-level BPE pieces map back to bytes exactly)."""
+        """The raw bytes of a token: as its piece spells them (byte-level or byte-fallback pieces),
+        else the UTF-8 of its text."""
         out = self._token_bytes.get(token)
         if out is None:
-            piece = self.llm.tokenizer.id_to_token(token)
-            decoder = _byte_decoder()
-            if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
-                out = [int(piece[3:5], 16)]
-            elif all(c in decoder for c in piece):
-                out = [decoder[c] for c in piece]
-            else:
-                out = list(text.encode("utf-8"))
-            self._token_bytes[token] = out
+            raw = self.llm.tokenizer.token_bytes(token)
+            out = self._token_bytes[token] = list(raw if raw is not None else text.encode("utf-8"))
         return out
-
-
-_BYTE_DECODER: dict[str, int] = {}
-
-
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, character -> byte."""
-    if not _BYTE_DECODER:
-        bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-        cs = bs[:]
-        n = 0
-        for b in range(256):
-            if b not in bs:
-                bs.append(b)
-                cs.append(256 + n)
-                n += 1
-        _BYTE_DECODER.update({chr(c): b for b, c in zip(bs, cs)})
-    return _BYTE_DECODER
 
 
 def _server(request: Request) -> Server:
