@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 
 from llmos import quant, store
 from llmos.config import ModelConfig
+from llmos.files import write_atomically
 from llmos.tokenizer import Tokenizer
 from llmos.weights import converted
 from llmos.weights.gguf import GGUFFile
@@ -39,7 +39,7 @@ def load_form(path: Path, form: str, use_cache: bool = True) -> tuple[torch.nn.M
 
     A converted model is cached in the store (weights/converted.py) and read back on later loads."""
     hook = quant.linear_hook(form)
-    cache = _model_key_file(path, "converted", f"-{form}.safetensors") if form != "fp32" and use_cache else None
+    cache = _converted_file(path, form) if form != "fp32" and use_cache else None
     if path.is_file():
         with GGUFFile(path) as gguf:
             config = open_gguf_config(gguf)
@@ -70,7 +70,7 @@ def perplexity(logits: torch.Tensor, ids: list[int]) -> float:
 
 def report(path: Path, forms: tuple[str, ...] = SPEED_ORDER, stop_at_first_pass: bool = False) -> dict[str, Any]:
     """{form: {"perplexity", "ppl_increase", "top1_agreement", "passes"}} with fp32 as the reference."""
-    model, config, tokenizer = load_form(path, "fp32", use_cache=False)
+    model, config, tokenizer = load_form(path, "fp32")
     ids = tokenizer.encode(quality_text())[: config.max_seq_len]
     ref = _logits(model, ids)
     del model
@@ -89,6 +89,7 @@ def report(path: Path, forms: tuple[str, ...] = SPEED_ORDER, stop_at_first_pass:
             "passes": ppl / base - 1 <= MAX_PPL_INCREASE,
         }
         if stop_at_first_pass and out[form]["passes"]:
+            converted.save(model, _converted_file(path, form))  # what `auto` loads next: converted once
             break
     out["tokens"] = len(ids)
     return out
@@ -100,6 +101,10 @@ def _model_key_file(path: Path, folder: str, suffix: str) -> Path:
     st = weights.stat()
     key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
     return store.home() / folder / f"{key}{suffix}"
+
+
+def _converted_file(path: Path, form: str) -> Path:
+    return _model_key_file(path, "converted", f"-{form}.safetensors")
 
 
 def _cache_file(path: Path) -> Path:
@@ -117,7 +122,5 @@ def auto_form(path: Path) -> str:
     chosen = next(f for f in SPEED_ORDER if f in result and result[f]["passes"])
     result["auto"] = chosen
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, cache)
+    write_atomically(cache, json.dumps(result, indent=2))
     return chosen

@@ -115,6 +115,7 @@ def test_quality_report_and_auto_pick_a_passing_form(default_gguf_path, tmp_path
         assert result[form]["passes"] == (result[form]["ppl_increase"] <= 0.02)
         assert 0.5 < result[form]["top1_agreement"] <= 1.0
     chosen = quality.auto_form(path)
+    assert quality._converted_file(path, chosen).is_file()  # converted while measured, not again at load
     cached = quality._cache_file(path)
     assert cached.is_file()
     verdict = __import__("json").loads(cached.read_text())
