@@ -36,6 +36,7 @@ from typing import Any
 from tqdm import tqdm
 
 from llmos.errors import LlmosError
+from llmos.generation import complete
 from llmos.tasks import languages
 from llmos.tasks.languages import Language
 from llmos.tasks.textfiles import require_text
@@ -455,8 +456,7 @@ class _Translator:
         if self.max_new is not None:
             new = min(new, self.max_new)
         new = min(new, self.llm.config.max_seq_len - len(ids))
-        out = self.llm.chat([{"role": "system", "content": self.system}, {"role": "user", "content": text}],
-                            **self.controls, max_new_tokens=new)
+        out = complete(self.llm.start(ids, {**self.controls, "max_new_tokens": new}, default_new=512))  # LLM.chat on these ids
         self.segments += 1
         return _clean(str(out), text)
 

@@ -155,13 +155,13 @@ def test_long_paragraph_is_segmented_to_fit(tiny_llm, monkeypatch):
     sentence = "The quick brown fox jumps over the lazy dog near the `river` bank. "
     text = sentence * 20
     prompts = []
-    real = tiny_llm.chat
+    real = tiny_llm.start
 
-    def chat(messages, **controls):
-        prompts.append(len(tiny_llm._chat_ids(messages)) + controls["max_new_tokens"])
-        return real(messages, **controls)
+    def start(ids, controls, **kwargs):
+        prompts.append(len(ids) + controls["max_new_tokens"])
+        return real(ids, controls, **kwargs)
 
-    monkeypatch.setattr(tiny_llm, "chat", chat)
+    monkeypatch.setattr(tiny_llm, "start", start)
     out = translate(tiny_llm, text, to="de", source="en", beams=1)
     assert len(prompts) >= 5 and max(prompts) <= tiny_llm.config.max_seq_len
     assert out.count("`river`") == 20
