@@ -130,8 +130,8 @@ class LLM:
 
         return pieces()
 
-    def _chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    def _chat_ids(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
         # The template already wrote any BOS the model wants.
         return self.encode(text, add_special_tokens=False)
 

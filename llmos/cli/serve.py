@@ -15,13 +15,13 @@ import os
 import sys
 from pathlib import Path
 
+from llmos.cli.generate import add_model_args
 from llmos.errors import LlmosError
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP API and web chat page")
-    p.add_argument("--model", "-m", default="smollm2-135m-instruct", help="store name, .gguf file or Hugging Face folder")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "int8", "int4"])
+    add_model_args(p)  # --model, --dtype, --threads
     p.add_argument("--host", default="127.0.0.1", help="address to bind (non-loopback needs an API key)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key-file", default=None, help="file holding the API key (else $LLMOS_API_KEY)")
@@ -31,7 +31,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 503")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="request body size cap")
     p.add_argument("--default-max-tokens", type=int, default=1024, help="completion length when a request sets none")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores other work leaves idle)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run_serve)
 

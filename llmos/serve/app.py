@@ -577,9 +577,7 @@ async def tokenize(request: Request) -> Any:
         raise S.invalid("give exactly one of prompt or messages", "prompt")
     try:
         if req.messages is not None:
-            text = llm.tokenizer.apply_chat_template([m.turn() for m in req.messages],
-                                                     add_generation_prompt=req.add_generation_prompt)
-            ids = llm.encode(text, add_special_tokens=False)
+            ids = llm._chat_ids([m.turn() for m in req.messages], add_generation_prompt=req.add_generation_prompt)
         else:
             ids = llm.encode(req.prompt, add_special_tokens=req.add_special_tokens)
     except LlmosError as exc:
