@@ -47,6 +47,8 @@ class Request:
         self.prefilled = 0  # prompt tokens already in the cache
         self.row = -1
         self.stop = torch.tensor(sorted(self.stop_ids), dtype=torch.long)
+        # prompt + output ids, allocated once when a penalty first reads them (1, prompt + max new)
+        self.history: torch.Tensor | None = None
 
     @property
     def done(self) -> bool:
@@ -157,13 +159,17 @@ class BatchEngine:
 
     def _decode(self) -> list[Event]:
         events: list[Event] = []
-        tokens: list[int] = []
         for req in list(self.rows):
             logits = self.pending_logits.pop(req.id)[None]  # (1, V)
             params = req.params
             needs_history, needs_output = params.needs_history, params.needs_output
-            # Only built when a penalty reads it: a long prompt's ids cost a tensor per row per step.
-            history = torch.tensor([req.prompt + req.output]) if needs_history or needs_output else None  # (1, N)
+            history = None
+            if needs_history or needs_output:  # only when a penalty reads them
+                n = len(req.prompt) + len(req.output)
+                if req.history is None:
+                    req.history = torch.empty(1, len(req.prompt) + req.max_new_tokens, dtype=torch.long)
+                    req.history[0, :n] = torch.tensor(req.prompt + req.output)
+                history = req.history[:, :n]  # (1, N)
             logits = process(
                 logits, params,
                 history if needs_history else None,
@@ -177,6 +183,8 @@ class BatchEngine:
                 self._free(req)
                 continue
             req.output.append(token)
+            if req.history is not None:
+                req.history[0, len(req.prompt) + len(req.output) - 1] = token
             if len(req.output) >= req.max_new_tokens:
                 req.finish_reason = "length"
                 events.append(Event(req, token, True))

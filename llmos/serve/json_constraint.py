@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -449,13 +448,14 @@ class JsonConstraint:
         self.candidates = candidates
         self.rows: dict[int, tuple[int, State | None]] = {}  # row -> (tokens consumed, state; None once ended)
 
-    def _state(self, row: int, ids: Sequence[int]) -> State | None:
+    def _state(self, row: int, ids: torch.Tensor) -> State | None:
+        """The row's state after its generated ids (1-D); only the ids not consumed yet are read."""
         consumed, state = self.rows.get(row, (0, start(self.schema)))
-        for token in ids[consumed:]:
+        for token in ids[consumed:].tolist():
             if state is None:
                 break
             state = None if token in self._stops else feed_text(state, self.texts[token])
-        self.rows[row] = (len(ids), state)
+        self.rows[row] = (ids.shape[0], state)
         return state
 
     def allowed(self, state: State, logits: torch.Tensor) -> list[int]:
@@ -496,7 +496,7 @@ class JsonConstraint:
     def __call__(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         out = torch.full_like(logits, -math.inf)  # (B, V)
         for row in range(logits.shape[0]):
-            state = self._state(row, ids[row, self.prompt_len:].tolist())
+            state = self._state(row, ids[row, self.prompt_len:])
             if state is None:  # this row already ended: the engine ignores what it samples
                 out[row] = logits[row]
                 continue
