@@ -167,3 +167,41 @@ def test_cli_bench_reports_each_form_and_the_decode_step(default_gguf_path):
     assert result["decode_step"] == "native (C++)"  # CI installs g++: the fast path must be the one measured
     speed = result["speed"]["int4"]
     assert speed["prefill_tps"] > 0 and speed["decode_tps"] > 0 and speed["load_s"] > 0
+
+
+def test_native_int4_kernel_is_exact_and_row_independent():
+    """The decode step's own int4 matmul (native_step.cpp, int4_mm) reads the int4pack bytes as they are:
+    its result is the exact product of the bf16 activations and the int4 weights up to fp32 rounding
+    (ATen's kernel rounds to bf16), and each row's bits do not depend on the other rows or on threads."""
+    from llmos.engine import native
+
+    module = native.build(quiet=True)
+    assert module is not None, native.failure()
+    if not hasattr(module, "int4_mm"):
+        pytest.skip("this CPU lacks AVX512-BF16/VBMI: the decode step uses ATen's int4 kernel")
+    torch.manual_seed(5)
+    for n, k in ((64, 32), (192, 160), (960, 576)):
+        layer = quant.Int4Linear.from_float(torch.randn(n, k), None)
+        exact_weights = layer.dequantized().double()  # (q - 8) * scale + zero, rounded to bf16 ...
+        q_scale, q_zero = layer.scales_zeros.double().unbind(-1)  # ... so rebuild them in double
+        base = (q_zero - 8 * q_scale).t().repeat_interleave(quant.GROUP, 1)
+        scale = q_scale.t().repeat_interleave(quant.GROUP, 1)
+        q = ((exact_weights - base) / scale).round()
+        weights = q * scale + base  # (n, k) in double
+        for rows in (1, 5, 16, 31):
+            x = torch.randn(rows, k).to(torch.bfloat16)
+            y = module.int4_mm(x, layer.packed, layer.scales_zeros)
+            want = x.double() @ weights.t()
+            assert y.dtype == torch.float32 and y.shape == (rows, n)
+            assert (y.double() - want).abs().max().item() < 1e-5 * want.abs().max().item() + 1e-6, (n, k, rows)
+            aten = torch.ops.aten._weight_int4pack_mm_for_cpu(x, layer.packed, quant.GROUP, layer.scales_zeros).double()
+            assert (aten - want).abs().max().item() < 2 ** -7 * want.abs().max().item()  # ATen: one bf16 rounding
+            alone = torch.cat([module.int4_mm(x[i:i + 1], layer.packed, layer.scales_zeros) for i in range(rows)])
+            assert torch.equal(y, alone)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = module.int4_mm(x, layer.packed, layer.scales_zeros)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, y)

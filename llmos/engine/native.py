@@ -1,8 +1,9 @@
 """The decode step in C++ (native_step.cpp): the Python model file's computation without Python's per-op
-cost. The matmuls and element-wise work give the Python step's bits; RMSNorm sums in double and
-attention runs in its own kernel (one thread per row and kv head, ~3e-7 from SDPA), so results do
-not depend on the thread count and a row decoded in a batch gets the bits it gets alone. 6.8 ->
-~4.0 ms per token on the default model, and a 16-row step 31 -> 26.6 ms.
+cost. The element-wise work gives the Python step's bits; RMSNorm sums in double, attention runs in
+its own kernel (one thread per row and kv head, ~3e-7 from SDPA) and int4 layers in their own
+AVX512-BF16 matmul (exact products summed in fp32), so results do not depend on the thread count and
+a row decoded in a batch gets the bits it gets alone. 6.8 -> ~3.7 ms per token on the default
+model, and a 16-row step 31 -> ~15 ms.
 
 The extension is compiled once per PyTorch version and source (about 20 s with g++), into
 $LLMOS_HOME/native, by `build()`; `make run` and `make test` build it, and so does the first
@@ -43,8 +44,10 @@ def enabled() -> bool:
 
 
 # Built for the CPU it runs on (-march=native) without contracting a * b + c into fused multiply-adds,
-# which would change the bits the loops must share with the Python ops.
-CFLAGS = ["-O3", "-march=native", "-ffp-contract=off"]
+# which would change the bits the loops must share with the Python ops; with OpenMP, without which
+# at::parallel_for in an extension runs on one thread (the process then shares PyTorch's own libgomp,
+# loaded first under the same name).
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
 
 
 def _cpu_flags() -> bytes:
@@ -86,7 +89,7 @@ def build(quiet: bool = False):
         try:
             built.parent.mkdir(parents=True, exist_ok=True)
             _module = load("llmos_native_step", [str(SOURCE)], build_directory=str(built.parent),
-                           extra_cflags=CFLAGS, verbose=False)
+                           extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as e:  # a broken toolchain or a read-only store must not stop text generation
             _failed = f"building the native decode step failed ({str(e).strip().splitlines()[-1][:200]}) - using the Python decode step"
             if not quiet:
