@@ -2,9 +2,10 @@
 
 A `BatchEngine` owns one KV cache with `max_batch` rows. Active sequences occupy rows 0..n-1 (kept
 compact: a finished sequence's row is refilled by moving the last row into it), so every decode step
-is one forward over a contiguous view of the cache with per-row positions. A new request is
-admitted between steps: its prompt is prefilled into a free row in chunks of `prefill_chunk` tokens,
-one chunk per step, so a long prompt never stalls the sequences already decoding. Requests that share
+is one forward over a contiguous view of the cache with per-row positions. New requests are
+admitted between steps: each step prefills up to `prefill_chunk` prompt tokens into free rows (a long
+prompt over several steps, several short ones in one), so a long prompt never stalls the sequences
+already decoding for more than one chunk, and a burst of short requests starts decoding together. Requests that share
 a prompt prefix with a live sequence copy that prefix's keys/values instead of recomputing them.
 
 Each request samples from its own seeded generator with its own controls, so it gets exactly the
@@ -121,24 +122,29 @@ class BatchEngine:
         return events
 
     def _prefill_chunk(self) -> None:
-        if self.prefilling is None:
-            if not self.waiting or len(self.rows) >= self.max_batch:
-                return
-            req = self.waiting.popleft()
-            req.row = len(self.rows)
-            self.prefilling = req
-            if self.share_prefixes:
-                self._reuse_prefix(req)
-        req = self.prefilling
-        row = self.cache.rows(req.row, req.row + 1)
-        start = req.prefilled
-        part = req.prompt[start:start + self.chunk]
-        hidden = self.model.hidden(torch.tensor([part]), torch.arange(start, start + len(part)), row)
-        req.prefilled += len(part)
-        if req.prefilled == len(req.prompt):
-            self.pending_logits[req.id] = self.model.output(hidden[0, -1]).float()
-            self.rows.append(req)
-            self.prefilling = None
+        """Prefill up to `self.chunk` prompt tokens: the request being prefilled, then waiting ones
+        while rows are free."""
+        budget = self.chunk
+        while budget > 0:
+            if self.prefilling is None:
+                if not self.waiting or len(self.rows) >= self.max_batch:
+                    return
+                req = self.waiting.popleft()
+                req.row = len(self.rows)
+                self.prefilling = req
+                if self.share_prefixes:
+                    self._reuse_prefix(req)
+            req = self.prefilling
+            row = self.cache.rows(req.row, req.row + 1)
+            start = req.prefilled
+            part = req.prompt[start:start + budget]
+            hidden = self.model.hidden(torch.tensor([part]), torch.arange(start, start + len(part)), row)
+            req.prefilled += len(part)
+            budget -= len(part)
+            if req.prefilled == len(req.prompt):
+                self.pending_logits[req.id] = self.model.output(hidden[0, -1]).float()
+                self.rows.append(req)
+                self.prefilling = None
 
     def _reuse_prefix(self, req: Request) -> None:
         """Copy the longest shared prompt prefix from a running sequence's row."""

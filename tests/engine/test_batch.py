@@ -49,6 +49,26 @@ def test_staggered_requests_match_solo_greedy(model):
         assert r.output == alone(model, r.prompt, r.max_new_tokens)
 
 
+def test_a_step_prefills_up_to_its_token_budget(model):
+    """Short prompts that fit one step's budget all start decoding together; a long one is spread
+    over steps of at most `prefill_chunk` tokens while the others keep decoding."""
+    short = [Request(p[:5], max_new_tokens=6) for p in prompts(3, seed=7) if len(p) >= 5][:2]
+    engine = BatchEngine(model, max_batch=4, max_len=128, prefill_chunk=12)
+    for r in short:
+        engine.submit(r)
+    engine.step()
+    assert len(engine.rows) == 2 and all(len(r.output) == 1 for r in short)
+    long = Request(list(range(3, 33)), max_new_tokens=4)  # 30 tokens: 12 + 12 + 6
+    engine.submit(long)
+    for expected in (12, 24, 30):
+        engine.step()
+        assert long.prefilled == expected
+    while not engine.idle:
+        engine.step()
+    for r in short + [long]:
+        assert r.output == alone(model, r.prompt, r.max_new_tokens)
+
+
 def test_seeded_sampling_matches_solo(model):
     params = SamplingParams(temperature=0.9, top_k=20)
     reqs = [Request(p, max_new_tokens=12, params=params, seed=100 + i) for i, p in enumerate(prompts(5, seed=2))]
