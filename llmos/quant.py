@@ -7,9 +7,10 @@
   `_weight_int8pack_mm`. Activations enter the kernel as bfloat16 (the kernel is ~20x slower with
   fp32 activations) and leave in the caller's dtype, so the residual stream stays fp32.
 - `int4`: weight-only int4, groups of 32 along the input with a scale and a zero point each, on
-  `_weight_int4pack_mm_for_cpu`. GGUF Q4_1 blocks map onto it exactly (scale = d,
+  `_weight_int4pack_mm_for_cpu`'s packed layout. GGUF Q4_1 blocks map onto it exactly (scale = d,
   zero = m + 8 d, since the kernel computes (q - 8) * scale + zero), so a Q4_1 model runs its own
-  4-bit weights without requantization.
+  4-bit weights without requantization. With the native extension (engine/native.py) the rows run
+  its own kernel over the same bytes (exact products, fp32 out; ATen's rounds to bf16), else ATen's.
 
 A decode step has one row per sequence, where these kernels read 4-8x fewer bytes than fp32. Prefill
 has hundreds of rows, where bf16 matmul is fastest: the quantized layers then dequantize their weight
@@ -30,21 +31,24 @@ from llmos.errors import LlmosError
 FORMS = ("fp32", "bf16", "int8", "int4")
 GROUP = 32
 # Rows at or above which a quantized layer dequantizes to bf16 and uses a dense matmul. The int4 row
-# kernel stays ahead for longer (3072 x 576, 2 threads: 0.65 ms vs 1.1 ms at 64 rows, 5.2 ms vs 2.7 ms
-# at 512 rows).
+# kernel stays ahead for longer (3072 x 576, 2 threads, native kernel vs unpack + bf16 matmul: 0.33
+# vs 0.46 ms at 64 rows, 0.65 vs 0.69 at 128, 2.5 vs 2.4 at 512; ATen's int4 kernel 0.69 / 1.4 / 6.3).
 DENSE_ROWS = 32
 INT4_DENSE_ROWS = 128
 
 
 _local = threading.local()
-# Set by the native extension (engine/native.py): unpacks int4 weights in one C++ pass and returns True,
-# or returns False when the extension cannot be built.
+# Set by the native extension (engine/native.py), each returning None when the extension cannot be
+# built: `_native_unpack(packed, scales_zeros, out)` unpacks int4 weights in one C++ pass (True when
+# done); `_native_int4_mm(x, packed, scales_zeros)` is the decode step's int4 matmul (fp32 out, exact
+# products), 1.3-2x faster than ATen's int4 kernel from 1 to 127 rows.
 _native_unpack = None
+_native_int4_mm = None
 
 
-def use_native_unpack(fn) -> None:
-    global _native_unpack
-    _native_unpack = fn
+def use_native(unpack, int4_mm) -> None:
+    global _native_unpack, _native_int4_mm
+    _native_unpack, _native_int4_mm = unpack, int4_mm
 
 
 def _scratch(size: int) -> torch.Tensor:
@@ -141,9 +145,12 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (M, K)
+        y = None
         if rows.shape[0] >= INT4_DENSE_ROWS and self.out_features % 64 == 0:
             y = F.linear(rows, self.dequantized(_scratch(self.out_features * self.in_features)))
-        else:
+        elif _native_int4_mm is not None and not rows.requires_grad and self.out_features % 64 == 0:
+            y = _native_int4_mm(rows, self.packed, self.scales_zeros)
+        if y is None:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP, self.scales_zeros)
         y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias

@@ -106,7 +106,15 @@ def _unpack(packed: torch.Tensor, scales_zeros: torch.Tensor, out: torch.Tensor)
     return True
 
 
-quant.use_native_unpack(_unpack)
+def _int4_mm(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor | None:
+    """quant.Int4Linear's row kernel: the decode step's int4 matmul; None where it is not built."""
+    module = build()
+    if module is None or not hasattr(module, "int4_mm"):
+        return None
+    return module.int4_mm(x, packed, scales_zeros)
+
+
+quant.use_native(_unpack, _int4_mm)
 
 
 def _import(path: Path):
