@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from llmos import quant
+from llmos.models import attention
 from llmos.models.kv_cache import KVCache
 from llmos.models.llama import Llama
 from llmos.store import home
@@ -114,7 +115,17 @@ def _int4_mm(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor) 
     return module.int4_mm(x, packed, scales_zeros)
 
 
+def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor | None:
+    """models/attention.py's prompt attention; None where the extension is not built."""
+    module = build() if enabled() else None
+    if module is None or not hasattr(module, "causal_attention") or k.dtype != torch.float32 or v.dtype != torch.float32 \
+            or k.stride(-1) != 1 or v.stride(-1) != 1:
+        return None
+    return module.causal_attention(q, k, v, start)
+
+
 quant.use_native(_unpack, _int4_mm)
+attention.use_native(_causal)
 
 
 def _import(path: Path):

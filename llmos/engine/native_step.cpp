@@ -427,6 +427,56 @@ void decode_attention(const float* q, const float* k, const float* v, const int6
 
 #endif
 
+
+#if defined(__AVX512F__)
+// Rows r0..r0+NR-1 (NR <= 8; a head's queries q, D apart) against keys 0..e-1 of kt (D x stride, keys
+// transposed): scores * scale into p (8 x stride), 32 keys at a time (the last block reads the
+// zero padding of kt).
+inline void causal_scores(const float* q, const float* kt, int64_t stride, int64_t D, int64_t e, int NR, float scale, float* p) {
+  const float* rows[8];
+  for (int i = 0; i < 8; ++i) rows[i] = q + std::min(i, NR - 1) * D;  // spare lanes repeat the last row
+  for (int64_t j = 0; j < e; j += 32) {
+    __m512 acc[8][2];
+    for (int i = 0; i < 8; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; ++d) {
+      const __m512 k0 = _mm512_loadu_ps(kt + d * stride + j), k1 = _mm512_loadu_ps(kt + d * stride + j + 16);
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) {
+        const __m512 qi = _mm512_set1_ps(rows[i][d]);
+        acc[i][0] = _mm512_fmadd_ps(qi, k0, acc[i][0]);
+        acc[i][1] = _mm512_fmadd_ps(qi, k1, acc[i][1]);
+      }
+    }
+    const __m512 sc = _mm512_set1_ps(scale);
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      _mm512_storeu_ps(p + i * stride + j, _mm512_mul_ps(acc[i][0], sc));
+      _mm512_storeu_ps(p + i * stride + j + 16, _mm512_mul_ps(acc[i][1], sc));
+    }
+  }
+}
+
+// out rows (8, D apart) += p (8 x stride, keys 0..e-1) @ v (keys vstride apart), NZ x 16 columns from dc.
+template <int NZ>
+inline void causal_values(const float* p, int64_t stride, const float* v, int64_t vstride, int64_t e, int64_t dc, float* acc_out) {
+  __m512 acc[8][NZ];
+  for (int i = 0; i < 8; ++i)
+    for (int z = 0; z < NZ; ++z) acc[i][z] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < e; ++s) {
+    __m512 vv[NZ];
+    for (int z = 0; z < NZ; ++z) vv[z] = _mm512_loadu_ps(v + s * vstride + dc + 16 * z);
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      const __m512 w = _mm512_set1_ps(p[i * stride + s]);
+      for (int z = 0; z < NZ; ++z) acc[i][z] = _mm512_fmadd_ps(w, vv[z], acc[i][z]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i)
+    for (int z = 0; z < NZ; ++z) _mm512_storeu_ps(acc_out + i * 128 + 16 * z, acc[i][z]);
+}
+#endif
+
 }  // namespace
 
 // x: (B, C) embeddings; cos, sin: (B or 1, D) rope rows; kc, vc: (L, B, Hkv, S, D) caches (views allowed).
@@ -607,11 +657,92 @@ void int4_unpack(const torch::Tensor& packed, const torch::Tensor& scales_zeros,
   });
 }
 
+#if defined(__AVX512F__)
+// Causal attention of a run of consecutive query positions p0..p0+T-1 (a prompt, or a chunk of one
+// after p0 cached positions): q (B, H, T, D), k and v (B, Hkv, S >= p0 + T, D) with D contiguous;
+// returns (B, H, T, D). Query t sees keys 0..p0+t. Blocks of 8 queries: their scores against the keys
+// up to the block's last query (so the masked triangle is skipped but for the block's own corner),
+// softmax in place, then the weighted sum of values, all in fp32 with fused multiply-adds (~1e-6 from
+// SDPA). A query's result depends only on its own row and keys, in a fixed order: prefilling a prompt
+// whole or in chunks, with any thread count, gives the same bits. 2-3x faster than PyTorch's CPU
+// flash attention on 512-token prompts (which computes the whole masked triangle per block of keys).
+torch::Tensor causal_attention(const torch::Tensor& q_in, const torch::Tensor& k, const torch::Tensor& v, int64_t p0) {
+  TORCH_CHECK(q_in.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q_in.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat
+              && v.scalar_type() == at::kFloat && k.stride(3) == 1 && v.stride(3) == 1, "causal_attention: fp32 (B, H, T, D) tensors");
+  const auto q = q_in.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1), rep = H / Hkv;
+  const int64_t E = p0 + T, stride = (E + 31) / 32 * 32;
+  TORCH_CHECK(D % 16 == 0 && H % Hkv == 0 && k.size(2) >= E && v.size(2) >= E, "causal_attention: shapes do not match");
+  auto out = torch::empty({B, H, T, D}, q.options());
+  // Keys transposed per (row, kv head): (D, stride), zero-padded past E.
+  auto kt = torch::zeros({B, Hkv, D, stride}, q.options());
+  float* ktp = kt.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* src = kp + (t / Hkv) * k.stride(0) + (t % Hkv) * k.stride(1);
+      float* dst = ktp + t * D * stride;
+      for (int64_t s = 0; s < E; ++s)
+        for (int64_t d = 0; d < D; ++d) dst[d * stride + s] = src[s * k.stride(2) + d];
+    }
+  });
+  const int64_t blocks = (T + 7) / 8;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const float* qp = q.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  // Tasks (row, head, block), blocks ordered 0, n-1, 1, n-2, ... so that both threads' halves hold
+  // as many long blocks as short ones.
+  at::parallel_for(0, B * H * blocks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> pbuf(8 * stride);
+    alignas(64) float acc[8 * 128];
+    float* p = pbuf.data();
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t bh = t / blocks, i = t % blocks, b = bh / H, h = bh % H, g = h / rep;
+      const int64_t blk = i % 2 == 0 ? i / 2 : blocks - 1 - i / 2;
+      const int64_t r0 = blk * 8;
+      const int NR = static_cast<int>(std::min<int64_t>(8, T - r0));
+      const int64_t e = p0 + r0 + NR;  // keys the block's last query sees
+      const float* qrow = qp + (bh * T + r0) * D;
+      causal_scores(qrow, ktp + (b * Hkv + g) * D * stride, stride, D, e, NR, scale, p);
+      float inv[8];
+      for (int r = 0; r < 8; ++r) {
+        float* pr = p + r * stride;
+        const int64_t n = std::min<int64_t>(p0 + r0 + r + 1, e);  // this query's keys
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (int64_t s = 0; s < n; s += 16) mx = _mm512_mask_max_ps(mx, lanes(n - s), mx, _mm512_loadu_ps(pr + s));
+        const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t s = 0; s < e; s += 16) {  // exp below n, 0 from n on (the block's later keys)
+          const __m512 ex = _mm512_maskz_mov_ps(s < n ? lanes(n - s) : 0, exp512(_mm512_sub_ps(_mm512_loadu_ps(pr + s), m)));
+          _mm512_storeu_ps(pr + s, ex);
+          sum = _mm512_add_ps(sum, ex);
+        }
+        inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
+      }
+      const float* vbase = vp + b * v.stride(0) + g * v.stride(1);
+      for (int64_t dc = 0; dc < D; dc += 32) {
+        const bool two = dc + 32 <= D;
+        if (two) causal_values<2>(p, stride, vbase, v.stride(2), e, dc, acc);
+        else causal_values<1>(p, stride, vbase, v.stride(2), e, dc, acc);
+        for (int r = 0; r < NR; ++r)
+          for (int z = 0; z < (two ? 2 : 1); ++z)
+            _mm512_storeu_ps(op + (bh * T + r0 + r) * D + dc + 16 * z, _mm512_mul_ps(_mm512_load_ps(acc + r * 128 + 16 * z), _mm512_set1_ps(inv[r])));
+      }
+    }
+  });
+  return out;
+}
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef LLMOS_BF16_KERNELS
   m.def("int4_mm", &int4_mm, "x (M, K) bf16 @ int4 weights^T -> (M, N) fp32 (see native_step.cpp)");
   m.def("int8_mm", &int8_mm, "x (M, K) bf16 @ int8 weights^T -> (M, N) fp32 (see native_step.cpp)");
   m.def("int8_pack", &int8_pack, "int8 (N, K) weights in int8_mm's layout (see native_step.cpp)");
+#endif
+#if defined(__AVX512F__)
+  m.def("causal_attention", &causal_attention, "Causal attention of consecutive query positions (see native_step.cpp)");
 #endif
   m.def("int4_unpack", &int4_unpack, "Int4 packed weights to bf16 W^T (see native_step.cpp)");
   m.def("decode_step", &decode_step, "One Llama decode step (see native_step.cpp)");
