@@ -18,7 +18,7 @@ from llmos.engine import native
 from llmos.config import ModelConfig
 from llmos.errors import LlmosError
 from llmos.generation import Completion, TextGeneration, complete, fit_prompt, parse_controls
-from llmos.models.kv_cache import KVCache
+from llmos.models.kv_cache import KVCache, cache_dtype
 from llmos.tokenizer import Tokenizer
 from llmos.weights.gguf import GGUFFile
 from llmos.weights.load import read_hf_config
@@ -190,7 +190,7 @@ class ChatSession:
         if self.cache is not None and self.cache.max_len >= need:
             return self.cache
         size = min(config.max_seq_len, max(need, 2 * (self.cache.max_len if self.cache else 512)))
-        fresh = KVCache.for_model(config, 1, size)
+        fresh = KVCache.for_model(config, 1, size, cache_dtype(self.llm.model))
         if self.cache is not None:  # keep what is cached
             n = self.cache.length
             fresh.k[:, :, :, :n] = self.cache.k[:, :, :, :n]

@@ -37,7 +37,15 @@ def quality_text() -> str:
 def load_form(path: Path, form: str, use_cache: bool = True) -> tuple[torch.nn.Module, ModelConfig, Tokenizer]:
     """Model, config and tokenizer of a GGUF file or HF folder with its linears in `form`.
 
-    A converted model is cached in the store (weights/converted.py) and read back on later loads."""
+    A converted model is cached in the store (weights/converted.py) and read back on later loads.
+    The quantized forms keep their KV cache in fp16 (models/kv_cache.py)."""
+    model, config, tokenizer = _load_form(path, form, use_cache)
+    if form != "fp32":
+        model.kv_dtype = torch.float16
+    return model, config, tokenizer
+
+
+def _load_form(path: Path, form: str, use_cache: bool) -> tuple[torch.nn.Module, ModelConfig, Tokenizer]:
     hook = quant.linear_hook(form)
     cache = _converted_file(path, form) if form != "fp32" and use_cache else None
     if path.is_file():

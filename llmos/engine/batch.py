@@ -27,7 +27,7 @@ from llmos.engine import native
 from llmos.engine.generate import new_generator
 from llmos.engine.sampling import SamplingParams, process, sample
 from llmos.errors import LlmosError
-from llmos.models.kv_cache import KVCache
+from llmos.models.kv_cache import KVCache, cache_dtype
 
 
 @dataclass
@@ -69,7 +69,7 @@ class BatchEngine:
         config = model.config
         self.model, self.max_batch, self.chunk = model, max_batch, prefill_chunk
         self.max_len = min(max_len or config.max_seq_len, config.max_seq_len)
-        self.cache = KVCache.for_model(config, max_batch, self.max_len)
+        self.cache = KVCache.for_model(config, max_batch, self.max_len, cache_dtype(model))
         self.rows: list[Request] = []  # decoding, in row order 0..n-1
         self.prefilling: Request | None = None  # the one request being prefilled, in row len(rows)
         self.waiting: deque[Request] = deque()

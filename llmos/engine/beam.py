@@ -39,7 +39,7 @@ from torch import nn
 from llmos.engine.generate import decode_one, prefill
 from llmos.engine.sampling import SamplingParams, check_range, is_int, process
 from llmos.errors import LlmosError
-from llmos.models.kv_cache import KVCache
+from llmos.models.kv_cache import KVCache, cache_dtype
 
 NEG = -1.0e9  # transformers' "impossible" score: large but finite, so sums stay comparable
 
@@ -102,7 +102,7 @@ def beam_search(
     in_top_k = torch.arange(n_keep) < K  # only these may become finished hypotheses
 
     # Prefill once at batch 1, then copy the prompt's keys/values into every beam's row.
-    dtype = next(model.parameters()).dtype
+    dtype = cache_dtype(model)
     one = KVCache.for_model(model.config, 1, T, dtype)
     logits = prefill(model, torch.tensor([list(prompt)]), 0, one)  # (1, V)
     cache = KVCache.for_model(model.config, K, total, dtype)

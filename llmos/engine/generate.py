@@ -21,7 +21,7 @@ from torch import nn
 from llmos.engine import native
 from llmos.engine.sampling import SamplingParams, process, sample
 from llmos.errors import LlmosError
-from llmos.models.kv_cache import KVCache
+from llmos.models.kv_cache import KVCache, cache_dtype
 
 
 def new_generator(seed: int | None) -> torch.Generator:
@@ -86,8 +86,7 @@ class Generation:
         self.stop_ids = frozenset(stop_ids)
         self.generator = new_generator(seed)
         if cache is None or cache.max_len < total or cache.k.shape[1] != n:
-            dtype = next(model.parameters()).dtype
-            cache, cached = KVCache.for_model(model.config, n, total, dtype), 0
+            cache, cached = KVCache.for_model(model.config, n, total, cache_dtype(model)), 0
         self.cache, self.cached = cache, min(cached, len(prompt) - 1)  # at least one token to prefill
         self.finish_reasons: list[str | None] = [None] * n
         self.stop_tokens: list[int | None] = [None] * n  # the stop id each row ended on

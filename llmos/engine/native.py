@@ -118,8 +118,8 @@ def _int4_mm(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor) 
 def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor | None:
     """models/attention.py's prompt attention; None where the extension is not built."""
     module = build() if enabled() else None
-    if module is None or not hasattr(module, "causal_attention") or k.dtype != torch.float32 or v.dtype != torch.float32 \
-            or k.stride(-1) != 1 or v.stride(-1) != 1:
+    if module is None or not hasattr(module, "causal_attention") or k.dtype not in (torch.float32, torch.float16) \
+            or v.dtype != k.dtype or k.stride(-1) != 1 or v.stride(-1) != 1:
         return None
     return module.causal_attention(q, k, v, start)
 
@@ -194,7 +194,7 @@ def stepper(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, KVCache],
     def step(tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
         """tokens (B,) at `positions`: (1,) shared by every row, or (B, 1) per row (the batched
         engine's rows, each attending over its own keys): as `model.hidden` then `model.output`."""
-        if tokens.shape[0] >= dense_rows or cache.k.dtype != torch.float32:  # the Python path covers these
+        if tokens.shape[0] >= dense_rows or cache.k.dtype not in (torch.float32, torch.float16):  # the Python path covers these
             return None
         n_keys = cache.begin(positions)
         x = model.embed(tokens)  # (B, C)

@@ -244,6 +244,31 @@ inline void store_bf16(c10::BFloat16* dst, __m512 v, __mmask16 m) {
 }
 #endif
 
+// A KV cache holds fp32 or fp16 (engine/native.py, models/kv_cache.py); fp16 values widen exactly.
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+#endif
+
+// n values into a cache row (elements `step` apart), rounded to nearest even when the cache is fp16.
+inline void store_cache(void* dst, bool half, int64_t step, const float* src, int64_t n) {
+  if (!half) {
+    float* d = static_cast<float*>(dst);
+    if (step == 1) std::copy(src, src + n, d);
+    else for (int64_t j = 0; j < n; ++j) d[j * step] = src[j];
+    return;
+  }
+  c10::Half* d = static_cast<c10::Half*>(dst);
+#if defined(__AVX512F__)
+  if (step == 1 && n % 16 == 0) {
+    for (int64_t j = 0; j < n; j += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + j), _mm512_cvtps_ph(_mm512_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < n; ++j) d[j * step] = c10::Half(src[j]);
+}
+
 // dst[j] = o(r, off + j)
 inline void copy_out(const Out& o, int64_t r, int64_t off, int64_t n, float* dst) {
 #if defined(__AVX512F__)
@@ -374,7 +399,8 @@ inline __m512 exp512(__m512 x) {
 // depend on the thread count or on the other rows of the step: decoded in a batch it gets the bits it
 // gets alone. Replaces per-row SDPA calls (~20 us each with their setup; 16 rows x 30 layers were 35%
 // of a 16-row step); differs from SDPA by ~3e-7.
-void decode_attention(const float* q, const float* k, const float* v, const int64_t* ks, const int64_t* vs, const std::vector<int64_t>& keys,
+template <typename T>
+void decode_attention(const float* q, const T* k, const T* v, const int64_t* ks, const int64_t* vs, const std::vector<int64_t>& keys,
             int64_t B, int64_t H, int64_t n_kv, int64_t D, float* out) {
   const int64_t rep = H / n_kv, dv = D / 16;
   const float scale = 1.0f / std::sqrt((float)D);
@@ -382,17 +408,17 @@ void decode_attention(const float* q, const float* k, const float* v, const int6
     std::vector<float> p;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r = t / n_kv, g = t % n_kv, e = keys[r];
-      const float* kr = k + r * ks[0] + g * ks[1];
-      const float* vr = v + r * vs[0] + g * vs[1];
+      const T* kr = k + r * ks[0] + g * ks[1];
+      const T* vr = v + r * vs[0] + g * vs[1];
       p.assign(rep * ((e + 15) / 16 * 16), 0.0f);
       const int64_t stride = (e + 15) / 16 * 16;
       __m512 qv[8][8];  // up to 8 query heads per kv head, D up to 128
       for (int64_t h = 0; h < rep; ++h)
         for (int64_t j = 0; j < dv; ++j) qv[h][j] = _mm512_mul_ps(_mm512_loadu_ps(q + ((r * H + g * rep + h) * D) + 16 * j), _mm512_set1_ps(scale));
       for (int64_t s = 0; s < e; ++s) {
-        const float* ksr = kr + s * ks[2];
+        const T* ksr = kr + s * ks[2];
         __m512 kv[8];
-        for (int64_t j = 0; j < dv; ++j) kv[j] = _mm512_loadu_ps(ksr + 16 * j);
+        for (int64_t j = 0; j < dv; ++j) kv[j] = load16(ksr + 16 * j);
         for (int64_t h = 0; h < rep; ++h) {
           __m512 acc = _mm512_mul_ps(qv[h][0], kv[0]);
           for (int64_t j = 1; j < dv; ++j) acc = _mm512_fmadd_ps(qv[h][j], kv[j], acc);
@@ -415,8 +441,8 @@ void decode_attention(const float* q, const float* k, const float* v, const int6
         for (int64_t j = 0; j < dv; ++j) o[j] = _mm512_setzero_ps();
         for (s = 0; s < e; ++s) {
           const __m512 w = _mm512_set1_ps(ph[s]);
-          const float* vsr = vr + s * vs[2];
-          for (int64_t j = 0; j < dv; ++j) o[j] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vsr + 16 * j), o[j]);
+          const T* vsr = vr + s * vs[2];
+          for (int64_t j = 0; j < dv; ++j) o[j] = _mm512_fmadd_ps(w, load16(vsr + 16 * j), o[j]);
         }
         float* oh = out + (r * H + g * rep + h) * D;
         for (int64_t j = 0; j < dv; ++j) _mm512_storeu_ps(oh + 16 * j, _mm512_mul_ps(o[j], _mm512_set1_ps(inv)));
@@ -457,14 +483,14 @@ inline void causal_scores(const float* q, const float* kt, int64_t stride, int64
 }
 
 // out rows (8, D apart) += p (8 x stride, keys 0..e-1) @ v (keys vstride apart), NZ x 16 columns from dc.
-template <int NZ>
-inline void causal_values(const float* p, int64_t stride, const float* v, int64_t vstride, int64_t e, int64_t dc, float* acc_out) {
+template <int NZ, typename T>
+inline void causal_values(const float* p, int64_t stride, const T* v, int64_t vstride, int64_t e, int64_t dc, float* acc_out) {
   __m512 acc[8][NZ];
   for (int i = 0; i < 8; ++i)
     for (int z = 0; z < NZ; ++z) acc[i][z] = _mm512_setzero_ps();
   for (int64_t s = 0; s < e; ++s) {
     __m512 vv[NZ];
-    for (int z = 0; z < NZ; ++z) vv[z] = _mm512_loadu_ps(v + s * vstride + dc + 16 * z);
+    for (int z = 0; z < NZ; ++z) vv[z] = load16(v + s * vstride + dc + 16 * z);
 #pragma GCC unroll 8
     for (int i = 0; i < 8; ++i) {
       const __m512 w = _mm512_set1_ps(p[i * stride + s]);
@@ -535,8 +561,12 @@ torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions
   torch::Tensor gate, act, prod_bf16, prod_f32;  // (B, F), allocated at the first MLP
   float* qp = q.data_ptr<float>();
   const auto ks = kc.strides(), vs = vc.strides();
-  float* kbase = kc.data_ptr<float>();
-  float* vbase = vc.data_ptr<float>();
+  const bool half_cache = kc.scalar_type() == at::kHalf;
+  TORCH_CHECK(half_cache || kc.scalar_type() == at::kFloat, "decode_step: the KV cache must be fp32 or fp16");
+  char* kbase = static_cast<char*>(kc.data_ptr());
+  char* vbase = static_cast<char*>(vc.data_ptr());
+  const int64_t es = kc.element_size();
+  alignas(64) float kv_row[128];  // a rotated key or a value before it is stored in the cache
   for (int64_t layer = 0; layer < L; ++layer) {
     Out qkv = lin(4 * layer, norm_into(4 * layer, norms[2 * layer]));
     // Rotary embedding of q and k (x * cos + roll(x, D/2) * sin), k and v written into the cache.
@@ -546,31 +576,16 @@ torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions
       const float* s = sp + r * rope_stride;
       for (int64_t head = 0; head < H + 2 * n_kv; ++head) {
         const int64_t base = head * D;
-        float* dst;
-        int64_t step = 1;
         if (head < H) {
-          dst = qp + (r * H + head) * D;
-        } else {
-          const bool is_v = head >= H + n_kv;
-          const int64_t g = is_v ? head - H - n_kv : head - H;
-          const auto& st = is_v ? vs : ks;
-          dst = (is_v ? vbase : kbase) + layer * st[0] + r * st[1] + g * st[2] + pos * st[3];
-          step = st[4];
-          if (is_v) {
-            if (step == 1) copy_out(qkv, r, base, D, dst);
-            else for (int64_t d = 0; d < D; ++d) dst[d * step] = qkv.at(r, base + d);
-            continue;
-          }
-        }
-        if (step == 1) {
-          rope_head(qkv, r, base, c, s, D, dst);
+          rope_head(qkv, r, base, c, s, D, qp + (r * H + head) * D);
           continue;
         }
-        for (int64_t d = 0; d < D; ++d) {
-          const float a = qkv.at(r, base + d) * c[d];
-          const float b = qkv.at(r, base + (d + half) % D) * s[d];
-          dst[d * step] = a + b;
-        }
+        const bool is_v = head >= H + n_kv;
+        const int64_t g = is_v ? head - H - n_kv : head - H;
+        const auto& st = is_v ? vs : ks;
+        if (is_v) copy_out(qkv, r, base, D, kv_row);
+        else rope_head(qkv, r, base, c, s, D, kv_row);
+        store_cache((is_v ? vbase : kbase) + (layer * st[0] + r * st[1] + g * st[2] + pos * st[3]) * es, half_cache, st[4], kv_row, D);
       }
     }
     {
@@ -578,12 +593,17 @@ torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions
       for (int64_t r = 0; r < B; ++r) keys[r] = per_row ? positions[r] + 1 : n_keys;
       const int64_t kst[3] = {ks[1], ks[2], ks[3]}, vst[3] = {vs[1], vs[2], vs[3]};
 #if defined(__AVX512F__)
-      decode_attention(qp, kbase + layer * ks[0], vbase + layer * vs[0], kst, vst, keys, B, H, n_kv, D, y.data_ptr<float>());
+      if (half_cache)
+        decode_attention(qp, reinterpret_cast<const c10::Half*>(kbase) + layer * ks[0], reinterpret_cast<const c10::Half*>(vbase) + layer * vs[0],
+                         kst, vst, keys, B, H, n_kv, D, y.data_ptr<float>());
+      else
+        decode_attention(qp, reinterpret_cast<const float*>(kbase) + layer * ks[0], reinterpret_cast<const float*>(vbase) + layer * vs[0],
+                         kst, vst, keys, B, H, n_kv, D, y.data_ptr<float>());
 #else
       // Without AVX-512: SDPA per row over its own keys.
       for (int64_t r = 0; r < B; ++r)
-        y[r].copy_(at::scaled_dot_product_attention(q.slice(0, r, r + 1), kc[layer].slice(0, r, r + 1).slice(2, 0, keys[r]),
-                                                    vc[layer].slice(0, r, r + 1).slice(2, 0, keys[r]), c10::nullopt, 0.0,
+        y[r].copy_(at::scaled_dot_product_attention(q.slice(0, r, r + 1), kc[layer].slice(0, r, r + 1).slice(2, 0, keys[r]).to(at::kFloat),
+                                                    vc[layer].slice(0, r, r + 1).slice(2, 0, keys[r]).to(at::kFloat), c10::nullopt, 0.0,
                                                     false, c10::nullopt, n_kv != n_heads)[0].squeeze(1));
 #endif
     }
@@ -667,8 +687,10 @@ void int4_unpack(const torch::Tensor& packed, const torch::Tensor& scales_zeros,
 // whole or in chunks, with any thread count, gives the same bits. 2-3x faster than PyTorch's CPU
 // flash attention on 512-token prompts (which computes the whole masked triangle per block of keys).
 torch::Tensor causal_attention(const torch::Tensor& q_in, const torch::Tensor& k, const torch::Tensor& v, int64_t p0) {
-  TORCH_CHECK(q_in.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q_in.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat
-              && v.scalar_type() == at::kFloat && k.stride(3) == 1 && v.stride(3) == 1, "causal_attention: fp32 (B, H, T, D) tensors");
+  const bool half = k.scalar_type() == at::kHalf;
+  TORCH_CHECK(q_in.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q_in.scalar_type() == at::kFloat && k.scalar_type() == v.scalar_type()
+              && (half || k.scalar_type() == at::kFloat) && k.stride(3) == 1 && v.stride(3) == 1,
+              "causal_attention: q fp32 (B, H, T, D), k and v fp32 or fp16 (B, Hkv, S, D)");
   const auto q = q_in.contiguous();
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1), rep = H / Hkv;
   const int64_t E = p0 + T, stride = (E + 31) / 32 * 32;
@@ -677,19 +699,22 @@ torch::Tensor causal_attention(const torch::Tensor& q_in, const torch::Tensor& k
   // Keys transposed per (row, kv head): (D, stride), zero-padded past E.
   auto kt = torch::zeros({B, Hkv, D, stride}, q.options());
   float* ktp = kt.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const float* src = kp + (t / Hkv) * k.stride(0) + (t % Hkv) * k.stride(1);
-      float* dst = ktp + t * D * stride;
-      for (int64_t s = 0; s < E; ++s)
-        for (int64_t d = 0; d < D; ++d) dst[d * stride + s] = src[s * k.stride(2) + d];
-    }
-  });
+  auto transpose = [&](const auto* kp) {
+    at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const auto* src = kp + (t / Hkv) * k.stride(0) + (t % Hkv) * k.stride(1);
+        float* dst = ktp + t * D * stride;
+        for (int64_t s = 0; s < E; ++s)
+          for (int64_t d = 0; d < D; ++d) dst[d * stride + s] = static_cast<float>(src[s * k.stride(2) + d]);
+      }
+    });
+  };
+  if (half) transpose(k.data_ptr<c10::Half>());
+  else transpose(k.data_ptr<float>());
   const int64_t blocks = (T + 7) / 8;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const float* qp = q.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
+  const void* vp = v.data_ptr();
   float* op = out.data_ptr<float>();
   // Tasks (row, head, block), blocks ordered 0, n-1, 1, n-2, ... so that both threads' halves hold
   // as many long blocks as short ones.
@@ -720,11 +745,18 @@ torch::Tensor causal_attention(const torch::Tensor& q_in, const torch::Tensor& k
         }
         inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
       }
-      const float* vbase = vp + b * v.stride(0) + g * v.stride(1);
+      const int64_t voff = b * v.stride(0) + g * v.stride(1);
       for (int64_t dc = 0; dc < D; dc += 32) {
         const bool two = dc + 32 <= D;
-        if (two) causal_values<2>(p, stride, vbase, v.stride(2), e, dc, acc);
-        else causal_values<1>(p, stride, vbase, v.stride(2), e, dc, acc);
+        if (half) {
+          const c10::Half* vb = static_cast<const c10::Half*>(vp) + voff;
+          if (two) causal_values<2>(p, stride, vb, v.stride(2), e, dc, acc);
+          else causal_values<1>(p, stride, vb, v.stride(2), e, dc, acc);
+        } else {
+          const float* vb = static_cast<const float*>(vp) + voff;
+          if (two) causal_values<2>(p, stride, vb, v.stride(2), e, dc, acc);
+          else causal_values<1>(p, stride, vb, v.stride(2), e, dc, acc);
+        }
         for (int r = 0; r < NR; ++r)
           for (int z = 0; z < (two ? 2 : 1); ++z)
             _mm512_storeu_ps(op + (bh * T + r0 + r) * D + dc + 16 * z, _mm512_mul_ps(_mm512_load_ps(acc + r * 128 + 16 * z), _mm512_set1_ps(inv[r])));

@@ -103,6 +103,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan) -> tor
         y = _native_causal(q, k, v, plan.start)
         if y is not None:
             return y
+    if k.dtype != q.dtype:  # an fp16 cache (kv_cache.cache_dtype): attend in the queries' dtype
+        k, v = k.to(q.dtype), v.to(q.dtype)
     gqa = k.shape[1] != q.shape[1]
 
     def cast(m: torch.Tensor | None) -> torch.Tensor | None:  # float masks are built in fp32
