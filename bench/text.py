@@ -42,42 +42,53 @@ def pydoc_document(llm: Any, tokens: int) -> str:
     return "# Python language reference topics\n\n" + "\n\n".join(parts)
 
 
-class TimedChat:
-    """Stands in for llm.chat: same result, and per call the prefill and decode times."""
+class TimedRuns:
+    """Stands in for llm.start (under chat, summarize and translate alike): the same generations, with
+    each one's prompt and generated tokens and its prefill and decode times recorded as it is run."""
 
     def __init__(self, llm: Any) -> None:
-        self.llm, self.real = llm, llm.chat
+        self.real = llm.start
         self.calls: list[dict[str, float]] = []
 
-    def __call__(self, messages: list[dict[str, str]], **controls: Any):
-        from llmos.generation import Completion
+    def __call__(self, ids: list[int], controls: dict[str, Any], **kwargs: Any) -> Any:
+        return _TimedRun(self.real(ids, controls, **kwargs), self.calls)
 
-        run = self.llm.start(self.llm._chat_ids(messages), controls, default_new=512)
+
+class _TimedRun:
+    def __init__(self, run: Any, calls: list[dict[str, float]]) -> None:
+        self.run, self.calls = run, calls
+
+    def __getattr__(self, name: str) -> Any:  # choices, budget, ... of the real run
+        return getattr(self.run, name)
+
+    def __iter__(self):
         t0 = time.perf_counter()
         first = None
-        for _ in run:
+        for delta in self.run:
             if first is None:
                 first = time.perf_counter()
+            yield delta
         end = time.perf_counter()
-        out = Completion(run.choices, len(run.budget.ids), run.budget.truncated)
         first = first or end
+        from llmos.generation import Completion
+
+        out = Completion(self.run.choices, len(self.run.budget.ids), self.run.budget.truncated)
         self.calls.append({"prompt": out.prompt_tokens, "tokens": out.completion_tokens,
                            "prefill_s": first - t0, "decode_s": end - first})
-        return out
 
 
 def bench_summarize(llm: Any, tokens: int) -> dict[str, Any]:
     from llmos.tasks.summarize import summarize
 
     doc = pydoc_document(llm, tokens)
-    timed = TimedChat(llm)
-    llm.chat = timed
+    timed = TimedRuns(llm)
+    llm.start = timed
     try:
         t0 = time.perf_counter()
         summary = summarize(llm, doc, words=150, progress=sys.stderr.isatty())
         seconds = time.perf_counter() - t0
     finally:
-        del llm.chat
+        del llm.start
     calls = timed.calls
     decode_tokens = sum(max(c["tokens"] - 1, 0) for c in calls)  # the first token is timed with the prefill
     decode_s = sum(c["decode_s"] for c in calls)
@@ -96,14 +107,14 @@ def bench_translate(llm: Any, beams: int) -> dict[str, Any]:
     from llmos.tasks import evaluate_text as ev
 
     items = ev.load_items(ev.shipped("translate"), "translate")[:50]
-    timed = TimedChat(llm)
-    llm.chat = timed
+    timed = TimedRuns(llm)
+    llm.start = timed
     try:
         t0 = time.perf_counter()
         report = ev.evaluate_translations(llm, items, beams=beams, progress=sys.stderr.isatty())
         seconds = time.perf_counter() - t0
     finally:
-        del llm.chat
+        del llm.start
     generated = sum(c["tokens"] for c in timed.calls)  # of the best beam
     return {"sentences": len(items), "beams": beams, "seconds": seconds, "sentences_per_s": len(items) / seconds,
             "prompts": len(timed.calls), "generated_tokens": generated, "output_tokens_per_s": generated / seconds,

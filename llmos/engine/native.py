@@ -73,6 +73,7 @@ def build(quiet: bool = False):
     with _lock:
         if _module is not None or _failed is not None or not enabled():
             return _module
+        _keep_freed_memory()  # once, with the native kernels: the process is here to run a model
         built = _build_dir() / "llmos_native_step.so"
         if built.exists():  # the folder is named by the source and torch version: up to date
             try:
@@ -148,8 +149,6 @@ def _keep_freed_memory() -> None:
     mallopt(M_MMAP_THRESHOLD, 64 << 20)
     mallopt(M_TRIM_THRESHOLD, 256 << 20)
 
-
-_keep_freed_memory()
 
 
 def _import(path: Path):
