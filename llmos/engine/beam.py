@@ -101,15 +101,12 @@ def beam_search(
     n_keep = max(2, 1 + len(stop_ids)) * K  # candidates kept per step
     in_top_k = torch.arange(n_keep) < K  # only these may become finished hypotheses
 
-    # Prefill once at batch 1, then copy the prompt's keys/values into every beam's row.
-    dtype = cache_dtype(model)
-    one = KVCache.for_model(model.config, 1, T, dtype)
-    logits = prefill(model, torch.tensor([list(prompt)]), 0, one)  # (1, V)
-    cache = KVCache.for_model(model.config, K, total, dtype)
-    cache.k[:, :, :, :T] = one.k  # (L, K, H, T, D) <- (L, 1, H, T, D)
-    cache.v[:, :, :, :T] = one.v
+    # Prefill once, into beam 0's row, then copy the prompt's keys/values into the other rows.
+    cache = KVCache.for_model(model.config, K, total, cache_dtype(model))
+    logits = prefill(model, torch.tensor([list(prompt)]), 0, cache.rows(0, 1))  # (1, V)
+    cache.k[:, 1:, :, :T] = cache.k[:, :1, :, :T]  # (L, K-1, H, T, D) <- (L, 1, H, T, D)
+    cache.v[:, 1:, :, :T] = cache.v[:, :1, :, :T]
     cache.length = T
-    del one
     logits = logits.expand(K, -1)  # (K, V)
     V = logits.shape[-1]
 
