@@ -75,6 +75,8 @@ class BatchEngine:
         self.waiting: deque[Request] = deque()
         self.share_prefixes = share_prefixes
         self.pending_logits: dict[int, torch.Tensor] = {}  # request id -> logits (V,) of its next token
+        # request id -> argmax of those logits, taken for all plain greedy rows of a step at once
+        self.pending_argmax: dict[int, int] = {}
         self.prefix_tokens_reused = 0
 
     # --- admission ------------------------------------------------------------------------------
@@ -167,7 +169,12 @@ class BatchEngine:
         events: list[Event] = []
         for req in list(self.rows):
             logits = self.pending_logits.pop(req.id)[None]  # (1, V)
+            best = self.pending_argmax.pop(req.id, None)
             params = req.params
+            suppress = req.stop if len(req.output) < req.min_new_tokens and req.stop.numel() else None
+            if best is not None and suppress is None:  # plain greedy: process() would leave the logits as they are
+                events += self._accept(req, best)
+                continue
             needs_history, needs_output = params.needs_history, params.needs_output
             history = None
             if needs_history or needs_output:  # only when a penalty reads them
@@ -180,23 +187,9 @@ class BatchEngine:
                 logits, params,
                 history if needs_history else None,
                 history[:, len(req.prompt):] if needs_output else None,
-                suppress=req.stop if len(req.output) < req.min_new_tokens and req.stop.numel() else None,
+                suppress=suppress,
             )
-            token = int(sample(logits, params, req.generator)[0])
-            if token in req.stop_ids:
-                req.finish_reason = "eos"
-                events.append(Event(req, None, True))
-                self._free(req)
-                continue
-            req.output.append(token)
-            if req.history is not None:
-                req.history[0, len(req.prompt) + len(req.output) - 1] = token
-            if len(req.output) >= req.max_new_tokens:
-                req.finish_reason = "length"
-                events.append(Event(req, token, True))
-                self._free(req)
-                continue
-            events.append(Event(req, token, False))
+            events += self._accept(req, int(sample(logits, params, req.generator)[0]))
         live = self.rows
         if live:
             tokens = [r.output[-1] for r in live]
@@ -204,13 +197,34 @@ class BatchEngine:
             if len(live) == 1:  # alone: shared positions (T,) take the model's unmasked single-sequence path
                 positions = positions[0]  # (1,)
             logits = native.decode(self.model, torch.tensor(tokens), positions, self.cache.rows(0, len(live)))  # (B, V)
-            for r, row_logits in zip(live, logits):
+            plain = [r.params.greedy and not r.params.logit_bias and not r.params.needs_history and not r.params.needs_output
+                     for r in live]
+            best = logits.argmax(dim=-1).tolist() if any(plain) else []  # one call for the step's greedy rows
+            for i, (r, row_logits) in enumerate(zip(live, logits)):
                 self.pending_logits[r.id] = row_logits
+                if plain[i]:
+                    self.pending_argmax[r.id] = best[i]
         return events
+
+    def _accept(self, req: Request, token: int) -> list[Event]:
+        """Record a request's next token: it ends the request on a stop id or at its length."""
+        if token in req.stop_ids:
+            req.finish_reason = "eos"
+            self._free(req)
+            return [Event(req, None, True)]
+        req.output.append(token)
+        if req.history is not None:
+            req.history[0, len(req.prompt) + len(req.output) - 1] = token
+        if len(req.output) >= req.max_new_tokens:
+            req.finish_reason = "length"
+            self._free(req)
+            return [Event(req, token, True)]
+        return [Event(req, token, False)]
 
     def _free(self, req: Request) -> None:
         """Remove a decoding request, moving the last row into its place to keep rows compact."""
         self.pending_logits.pop(req.id, None)
+        self.pending_argmax.pop(req.id, None)
         i = self.rows.index(req)
         last = len(self.rows) - 1
         if i != last:

@@ -85,6 +85,21 @@ def test_stop_ids_end_a_request(model):
     assert r.finish_reason == "eos" and r.output == alone(model, p, 10, stop=stop)
 
 
+def test_min_new_tokens_bans_stop_ids_then_lets_them_end(model):
+    """Greedy rows take the step's batched argmax, except while min_new_tokens bans their stop ids."""
+    p = prompts(1, seed=8)[0]
+    free = alone(model, p, 12)
+    stop = frozenset([free[2], free[6]])
+    reqs = [Request(p, 12, stop_ids=stop, min_new_tokens=m) for m in (0, 4)]
+    BatchEngine(model, max_batch=2, max_len=128).run(reqs)
+    for r, m in zip(reqs, (0, 4)):
+        solo = list(Generation(model, p, max_new_tokens=12, min_new_tokens=m, params=SamplingParams(temperature=0.0),
+                               stop_ids=stop).tokens())
+        assert r.output == solo
+    assert reqs[0].finish_reason == "eos" and len(reqs[0].output) == free.index(min(stop, key=free.index))
+    assert len(reqs[1].output) >= 4 and not stop & set(reqs[1].output[:4])
+
+
 def test_cancel_frees_the_row(model):
     engine = BatchEngine(model, max_batch=2, max_len=128)
     a, b, c = (Request(p, 30) for p in prompts(3, seed=4))
