@@ -28,10 +28,11 @@ import functools
 import hashlib
 import hmac
 import logging
+import re
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -43,7 +44,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, compile_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llmos import __version__, store
@@ -61,7 +62,6 @@ log = logging.getLogger("llmos.serve")
 OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
 FINISH = {"eos": "stop", "stop": "stop", "repetition": "stop", "length": "length"}
 STATIC = ("index.html", "app.js", "style.css")
-PUBLIC_PATHS = {"/health", "/", "/index.html"} | {f"/static/{name}" for name in STATIC}
 PAGE_HEADERS = {
     "content-security-policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
                                "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
@@ -629,39 +629,72 @@ def _static_file(name: str) -> tuple[bytes, str]:
 
 # --- OpenAPI --------------------------------------------------------------------------------------------------
 
-# (method, path, summary, request model, response model)
-API = (
-    ("post", "/v1/chat/completions", "Chat completion (stream=true for server-sent events)", S.ChatCompletionRequest,
-     S.ChatCompletion),
-    ("post", "/v1/completions", "Text completion", S.CompletionRequest, S.Completion),
-    ("post", "/v1/embeddings", "Sentence embeddings", S.EmbeddingRequest, S.EmbeddingList),
-    ("get", "/v1/models", "The served models", None, S.ModelList),
-    ("get", "/v1/models/{model}", "One model", None, S.Model),
-    ("post", "/tokenize", "Text or messages to token ids", S.TokenizeRequest, S.Tokens),
-    ("post", "/detokenize", "Token ids to text", S.DetokenizeRequest, S.Detokenized),
-    ("get", "/health", "200 when serving, 503 while the model loads", None, S.Health),
+async def openapi(request: Request) -> Any:
+    return JSONResponse(request.app.state.openapi)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One route, in the one table everything reads: what Starlette dispatches, what /openapi.json
+    documents (when `summary` is set), the label /metrics counts its requests under, and whether it
+    is open without the API key."""
+
+    method: str
+    path: str  # a Starlette path template
+    handler: Callable[[Request], Awaitable[Any]]
+    summary: str | None = None
+    request: type | None = None
+    response: type | None = None  # JSON body of a 200; None: not JSON (or not documented)
+    public: bool = False
+
+    @property
+    def label(self) -> str:
+        """The path as OpenAPI and the metrics write it: "/v1/models/{model:path}" -> "/v1/models/{model}"."""
+        return re.sub(r"\{(\w+):\w+\}", r"{\1}", self.path)
+
+
+ENDPOINTS = (
+    Endpoint("POST", "/v1/chat/completions", chat_completions, "Chat completion (stream=true for server-sent events)",
+             S.ChatCompletionRequest, S.ChatCompletion),
+    Endpoint("POST", "/v1/completions", completions, "Text completion", S.CompletionRequest, S.Completion),
+    Endpoint("POST", "/v1/embeddings", embeddings, "Sentence embeddings", S.EmbeddingRequest, S.EmbeddingList),
+    Endpoint("GET", "/v1/models", list_models, "The served models", None, S.ModelList),
+    Endpoint("GET", "/v1/models/{model:path}", get_model, "One model", None, S.Model),
+    Endpoint("POST", "/tokenize", tokenize, "Text or messages to token ids", S.TokenizeRequest, S.Tokens),
+    Endpoint("POST", "/detokenize", detokenize, "Token ids to text", S.DetokenizeRequest, S.Detokenized),
+    Endpoint("GET", "/health", health, "200 when serving, 503 while the model loads", None, S.Health, public=True),
+    Endpoint("GET", "/metrics", metrics, "Prometheus metrics (text/plain)"),
+    Endpoint("GET", "/openapi.json", openapi),
+    Endpoint("GET", "/", page, public=True),
+    Endpoint("GET", "/index.html", page, public=True),
+    Endpoint("GET", "/static/{name}", page, public=True),
 )
+_MATCHERS = tuple((compile_path(e.path)[0], e) for e in ENDPOINTS)
+
+
+def endpoint_of(path: str) -> Endpoint | None:
+    """The endpoint a request path belongs to, whatever its method (None: no route)."""
+    return next((e for regex, e in _MATCHERS if regex.match(path)), None)
 
 
 def openapi_document() -> dict[str, Any]:
     from pydantic.json_schema import models_json_schema
 
-    models = {m for _, _, _, req, resp in API for m in (req, resp) if m is not None} | {S.Error}
+    documented = [e for e in ENDPOINTS if e.summary is not None]
+    models = {m for e in documented for m in (e.request, e.response) if m is not None} | {S.Error}
     _, defs = models_json_schema([(m, "validation") for m in sorted(models, key=lambda m: m.__name__)],
                                  ref_template="#/components/schemas/{model}")
     error = {"description": "OpenAI error envelope",
              "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
     paths: dict[str, Any] = {}
-    for method, path, summary, req, resp in API:
-        op: dict[str, Any] = {"summary": summary, "responses": {"200": {"description": "OK", **_json_body(resp)},
-                                                                "default": error}}
-        if req is not None:
-            op["requestBody"] = {"required": True, **_json_body(req)}
-        if path != "/health":
+    for e in documented:
+        ok = {"description": "OK", **(_json_body(e.response) if e.response is not None else {})}
+        op: dict[str, Any] = {"summary": e.summary, "responses": {"200": ok, "default": error}}
+        if e.request is not None:
+            op["requestBody"] = {"required": True, **_json_body(e.request)}
+        if not e.public:
             op["security"] = [{"bearer": []}]
-        paths.setdefault(path, {})[method] = op
-    paths["/metrics"] = {"get": {"summary": "Prometheus metrics", "security": [{"bearer": []}],
-                                 "responses": {"200": {"description": "text/plain metrics"}}}}
+        paths.setdefault(e.label, {})[e.method.lower()] = op
     return {"openapi": "3.1.0", "info": {"title": "llmos", "version": __version__,
                                          "description": "OpenAI-compatible API of a local llmos server"},
             "paths": paths, "components": {"schemas": defs.get("$defs", {}),
@@ -670,10 +703,6 @@ def openapi_document() -> dict[str, Any]:
 
 def _json_body(model: type) -> dict[str, Any]:
     return {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
-
-
-async def openapi(request: Request) -> Any:
-    return JSONResponse(request.app.state.openapi)
 
 
 # --- errors, auth, metrics --------------------------------------------------------------------------------------
@@ -699,10 +728,6 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return _error_response(S.ApiError(500, "internal server error (logged on the server)", code="internal_error"))
 
 
-ROUTE_LABELS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/tokenize", "/detokenize",
-                "/health", "/metrics", "/openapi.json", "/"}
-
-
 class Guard:
     """Outermost app logic: API key, body size cap (by Content-Length), request metrics by route."""
 
@@ -714,8 +739,8 @@ class Guard:
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        route = path if path in ROUTE_LABELS else "/v1/models/{model}" if path.startswith("/v1/models/") else \
-            "/static" if path.startswith("/static/") else "other"
+        endpoint = endpoint_of(path)
+        route = endpoint.label if endpoint is not None else "other"
         status = [500]
 
         async def record(message: dict[str, Any]) -> None:
@@ -724,7 +749,7 @@ class Guard:
             await send(message)
 
         try:
-            error = self._refuse(scope, path)
+            error = self._refuse(scope, endpoint is not None and endpoint.public)
             if error is not None:
                 await _error_response(error)(scope, receive, record)
                 return
@@ -732,8 +757,8 @@ class Guard:
         finally:
             self.server.metrics.request(route, status[0])
 
-    def _refuse(self, scope: Scope, path: str) -> S.ApiError | None:
-        if path not in PUBLIC_PATHS and not self.server.authorized(scope):
+    def _refuse(self, scope: Scope, public: bool) -> S.ApiError | None:
+        if not public and not self.server.authorized(scope):
             return S.ApiError(401, "missing or incorrect API key: send the header 'Authorization: Bearer <key>'",
                               code="invalid_api_key")
         length = dict(scope.get("headers") or []).get(b"content-length")
@@ -758,21 +783,7 @@ def create_app(config: ServeConfig, *, load: bool = True) -> Starlette:
         yield
         await asyncio.to_thread(server.shutdown)  # in-flight requests have finished: uvicorn waited for them
 
-    routes = [
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/completions", completions, methods=["POST"]),
-        Route("/v1/embeddings", embeddings, methods=["POST"]),
-        Route("/v1/models", list_models, methods=["GET"]),
-        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
-        Route("/tokenize", tokenize, methods=["POST"]),
-        Route("/detokenize", detokenize, methods=["POST"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-        Route("/openapi.json", openapi, methods=["GET"]),
-        Route("/", page, methods=["GET"]),
-        Route("/index.html", page, methods=["GET"]),
-        Route("/static/{name}", page, methods=["GET"]),
-    ]
+    routes = [Route(e.path, e.handler, methods=[e.method]) for e in ENDPOINTS]
     middleware = [Middleware(Guard, server=server)]
     if config.cors_origins:  # outside the guard: preflight requests carry no key
         middleware.insert(0, Middleware(CORSMiddleware, allow_origins=list(config.cors_origins),

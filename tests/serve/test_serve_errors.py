@@ -300,3 +300,18 @@ def test_sigterm_finishes_in_flight_streams_then_exits(tiny_model, tmp_path, ser
     assert server.proc.wait(60) in (0, -signal.SIGTERM)
     with pytest.raises(httpx.ConnectError):
         httpx.get(server.url + "/health", timeout=5)
+
+
+def test_one_route_table_drives_docs_auth_and_metrics(tiny_server, http):
+    """/openapi.json documents the JSON routes (all but /health behind the key), and /metrics counts
+    each route under its own label: the page at /index.html too, a model id under its template."""
+    doc = http.get("/openapi.json").json()
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/v1/models/{model}", "/tokenize",
+            "/detokenize", "/health", "/metrics"} <= set(doc["paths"])
+    assert "security" not in doc["paths"]["/health"]["get"] and doc["paths"]["/tokenize"]["post"]["security"]
+    bare = httpx.Client(base_url=tiny_server.url, timeout=30)
+    assert bare.get("/index.html").status_code == 200  # public, like / and the static files
+    http.get("/v1/models/some/name")
+    text = http.get("/metrics").text
+    assert 'llmos_requests_total{route="/index.html",status="200"}' in text
+    assert 'llmos_requests_total{route="/v1/models/{model}",status="404"}' in text
