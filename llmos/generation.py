@@ -27,7 +27,7 @@ from torch import nn
 
 from llmos.engine.generate import Generation
 from llmos.engine.sampling import SamplingParams
-from llmos.errors import LlmosError
+from llmos.errors import ContextLengthError, LlmosError
 from llmos.models.kv_cache import KVCache
 from llmos.tokenizer import Tokenizer
 
@@ -61,7 +61,7 @@ class Controls:
 def _int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
         allowed = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
-        raise LlmosError(f"{name} must be {allowed}, got {value!r}")
+        raise LlmosError(f"{name} must be {allowed}, got {value!r}", param=name.split(" ", 1)[0])
     return value
 
 
@@ -79,11 +79,11 @@ def parse_controls(controls: dict[str, Any], defaults: dict[str, Any] | None = N
     if isinstance(stop, str):
         stop = (stop,)
     if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
-        raise LlmosError(f"stop must be a string or a list of strings, got {stop!r}")
+        raise LlmosError(f"stop must be a string or a list of strings, got {stop!r}", param="stop")
     if any(s == "" for s in stop):
-        raise LlmosError("stop strings must not be empty")
+        raise LlmosError("stop strings must not be empty", param="stop")
     if len(stop) > MAX_STOP_STRINGS:
-        raise LlmosError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(stop)}")
+        raise LlmosError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(stop)}", param="stop")
     logprobs = merged.pop("logprobs", None)
     top = merged.pop("top_logprobs", None)
     if logprobs is True or (logprobs is None and top is not None):
@@ -94,13 +94,13 @@ def parse_controls(controls: dict[str, Any], defaults: dict[str, Any] | None = N
         logprobs = _int("logprobs", logprobs, 0, 20)
     truncate = merged.pop("truncate", None)
     if truncate not in (None, "left", "right"):
-        raise LlmosError(f"truncate must be 'left', 'right' or None, got {truncate!r}")
+        raise LlmosError(f"truncate must be 'left', 'right' or None, got {truncate!r}", param="truncate")
     early = merged.pop("early_stopping", False)
     if early not in (True, False, "never"):
-        raise LlmosError(f"early_stopping must be True, False or 'never', got {early!r}")
+        raise LlmosError(f"early_stopping must be True, False or 'never', got {early!r}", param="early_stopping")
     length_penalty = merged.pop("length_penalty", 1.0)
     if not isinstance(length_penalty, (int, float)) or not math.isfinite(length_penalty):
-        raise LlmosError(f"length_penalty must be a finite number, got {length_penalty!r}")
+        raise LlmosError(f"length_penalty must be a finite number, got {length_penalty!r}", param="length_penalty")
     c = Controls(
         params=params,
         max_new_tokens=None if merged.get("max_new_tokens") is None else _int("max_new_tokens", merged["max_new_tokens"], 0),
@@ -118,7 +118,7 @@ def parse_controls(controls: dict[str, Any], defaults: dict[str, Any] | None = N
         processors=tuple(merged.get("processors", ())),
     )
     if c.num_beams > 1 and c.n > c.num_beams:
-        raise LlmosError(f"n ({c.n}) must not exceed num_beams ({c.num_beams}) with beam search")
+        raise LlmosError(f"n ({c.n}) must not exceed num_beams ({c.num_beams}) with beam search", param="n")
     return c
 
 
@@ -134,12 +134,13 @@ class Budget:
 def fit_prompt(ids: list[int], controls: Controls, context: int, default_new: int) -> Budget:
     """Work out the token budget; never truncate silently."""
     if not ids:
-        raise LlmosError("the prompt is empty: give some text (or at least one token)")
+        raise LlmosError("the prompt is empty: give some text (or at least one token)", param="prompt")
     asked = controls.max_new_tokens
     if asked is None and controls.max_length is not None:
         asked = controls.max_length - len(ids)
         if asked < 0:
-            raise LlmosError(f"max_length ({controls.max_length}) is shorter than the prompt ({len(ids)} tokens)")
+            raise LlmosError(f"max_length ({controls.max_length}) is shorter than the prompt ({len(ids)} tokens)",
+                             param="max_length")
     if asked is None:  # nothing asked: use what is left, up to the default
         if len(ids) < context:
             return Budget(ids, min(default_new, context - len(ids)), None)
@@ -147,13 +148,14 @@ def fit_prompt(ids: list[int], controls: Controls, context: int, default_new: in
     if len(ids) + asked <= context:
         return Budget(ids, asked, None)
     if controls.truncate is None:
-        raise LlmosError(
+        raise ContextLengthError(
             f"the prompt ({len(ids)} tokens) plus max_new_tokens ({asked}) is {len(ids) + asked} tokens, more than "
-            f"the model's context of {context}; shorten the prompt, ask for fewer tokens, or pass truncate='left'|'right'"
-        )
+            f"the model's context of {context}; shorten the prompt, ask for fewer tokens, or pass truncate='left'|'right'",
+            prompt_tokens=len(ids), requested=controls.max_new_tokens, context=context)
     keep = context - asked
     if keep < 1:
-        raise LlmosError(f"max_new_tokens ({asked}) leaves no room for the prompt in a context of {context} tokens")
+        raise ContextLengthError(f"max_new_tokens ({asked}) leaves no room for the prompt in a context of {context} tokens",
+                                 prompt_tokens=len(ids), requested=controls.max_new_tokens, context=context)
     removed = len(ids) - keep
     kept = ids[removed:] if controls.truncate == "left" else ids[:keep]
     return Budget(kept, asked, {"side": controls.truncate, "removed_tokens": removed})

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from llmos.errors import LlmosError
-from llmos.generation import StopMatcher, repetition_loop
+from llmos.errors import ContextLengthError, LlmosError
+from llmos.generation import StopMatcher, fit_prompt, parse_controls, repetition_loop
 
 
 # --- pure pieces --------------------------------------------------------------------------------
@@ -166,3 +166,26 @@ def test_chat_cli_in_a_terminal(default_gguf_path, tmp_path):
     messages = json.loads(save.read_text())
     assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
     assert messages[1]["content"] and messages[3]["content"]
+
+
+@pytest.mark.parametrize("controls, param", [
+    ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": -2}, "top_k"),
+    ({"max_new_tokens": -1}, "max_new_tokens"), ({"n": 0}, "n"), ({"num_return_sequences": 500}, "n"),
+    ({"stop": ["a", ""]}, "stop"), ({"logit_bias": {"x": 1.0}}, "logit_bias"), ({"logprobs": 99}, "logprobs"),
+    ({"truncate": "middle"}, "truncate"), ({"n": 3, "num_beams": 2}, "n"),
+])
+def test_invalid_controls_name_the_argument(controls, param):
+    """Errors carry the argument at fault (the server maps it to OpenAI's name) besides saying it."""
+    with pytest.raises(LlmosError) as info:
+        parse_controls(controls)
+    assert info.value.param == param and param.split("_")[0] in str(info.value)
+
+
+def test_context_overflow_carries_its_numbers():
+    with pytest.raises(ContextLengthError) as info:
+        fit_prompt(list(range(90)), parse_controls({"max_new_tokens": 20}), 100, 16)
+    e = info.value
+    assert (e.prompt_tokens, e.requested, e.context, e.param) == (90, 20, 100, "max_new_tokens")
+    with pytest.raises(ContextLengthError) as info:
+        fit_prompt(list(range(100)), parse_controls({}), 100, 16)  # nothing asked, no room left
+    assert info.value.requested is None and info.value.param == "prompt"

@@ -34,27 +34,30 @@ class SamplingParams:
     def __post_init__(self) -> None:
         check_range("temperature", self.temperature, 0.0, None, "a finite number >= 0 (0 is greedy)")
         if not is_int(self.top_k) or self.top_k < 0:
-            raise LlmosError(f"top_k must be an integer >= 0 (0 turns it off), got {self.top_k!r}")
+            raise LlmosError(f"top_k must be an integer >= 0 (0 turns it off), got {self.top_k!r}", param="top_k")
         check_range("top_p", self.top_p, 0.0, 1.0, "a number in (0, 1] (1 turns it off)")
         if self.top_p == 0.0:
-            raise LlmosError(f"top_p must be a number in (0, 1] (1 turns it off), got {self.top_p!r}")
+            raise LlmosError(f"top_p must be a number in (0, 1] (1 turns it off), got {self.top_p!r}", param="top_p")
         check_range("min_p", self.min_p, 0.0, 1.0, "a number in [0, 1] (0 turns it off)")
         check_range("repetition_penalty", self.repetition_penalty, 0.0, None, "a finite number > 0 (1 turns it off)")
         if self.repetition_penalty == 0.0:
-            raise LlmosError(f"repetition_penalty must be a finite number > 0 (1 turns it off), got {self.repetition_penalty!r}")
+            raise LlmosError(f"repetition_penalty must be a finite number > 0 (1 turns it off), got {self.repetition_penalty!r}",
+                             param="repetition_penalty")
         check_range("presence_penalty", self.presence_penalty, -2.0, 2.0, "a number in [-2, 2]")
         check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0, "a number in [-2, 2]")
         if not is_int(self.no_repeat_ngram_size) or self.no_repeat_ngram_size < 0:
-            raise LlmosError(f"no_repeat_ngram_size must be an integer >= 0 (0 turns it off), got {self.no_repeat_ngram_size!r}")
+            raise LlmosError(f"no_repeat_ngram_size must be an integer >= 0 (0 turns it off), got {self.no_repeat_ngram_size!r}",
+                             param="no_repeat_ngram_size")
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
-                raise LlmosError(f"logit_bias must be a dict of token id -> bias, got {self.logit_bias!r}")
+                raise LlmosError(f"logit_bias must be a dict of token id -> bias, got {self.logit_bias!r}", param="logit_bias")
             for token, bias in self.logit_bias.items():
                 if not is_int(token) or token < 0:
-                    raise LlmosError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
+                    raise LlmosError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}", param="logit_bias")
                 # -inf is allowed: it bans the token; +inf or NaN would make every probability NaN.
                 if isinstance(bias, bool) or not isinstance(bias, (int, float)) or math.isnan(bias) or bias == math.inf:
-                    raise LlmosError(f"logit_bias values must be finite numbers (or -inf to ban), got {bias!r} for token {token}")
+                    raise LlmosError(f"logit_bias values must be finite numbers (or -inf to ban), got {bias!r} for token {token}",
+                                     param="logit_bias")
 
     @property
     def greedy(self) -> bool:
@@ -79,7 +82,7 @@ def check_range(name: str, value: object, lo: float | None, hi: float | None, al
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (lo is None or value >= lo) and (hi is None or value <= hi)
     if not ok:
-        raise LlmosError(f"{name} must be {allowed}, got {value!r}")
+        raise LlmosError(f"{name} must be {allowed}, got {value!r}", param=name)
 
 
 def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> torch.Tensor:
@@ -87,7 +90,8 @@ def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> torch.Tens
     vocab = logits.shape[-1]
     outside = sorted(t for t in bias if not 0 <= t < vocab)
     if outside:
-        raise LlmosError(f"logit_bias token ids must be in [0, {vocab - 1}] (the model's vocabulary), got {outside}")
+        raise LlmosError(f"logit_bias token ids must be in [0, {vocab - 1}] (the model's vocabulary), got {outside}",
+                         param="logit_bias")
     ids = torch.tensor(list(bias.keys()), dtype=torch.long)
     vals = torch.tensor(list(bias.values()), dtype=logits.dtype)
     return logits.index_add(-1, ids, vals.expand(logits.shape[0], -1))

@@ -48,7 +48,7 @@ from starlette.routing import Route, compile_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llmos import __version__, store
-from llmos.errors import LlmosError
+from llmos.errors import ContextLengthError, LlmosError
 from llmos.generation import Delta, TokenLogprob, parse_controls
 from llmos.serve import schema as S
 from llmos.serve.json_constraint import OBJECT, JsonConstraint, TokenTexts, check_output, check_schema
@@ -166,41 +166,40 @@ class Server:
         return self.ready()
 
     def submit(self, ids: list[int], controls: dict[str, Any], param: str) -> Ticket:
-        llm = self.ready()
+        self.ready()
         try:
             return self.worker.submit(ids, controls, OPENAI_DEFAULTS, default_new=self.config.default_max_tokens)
         except QueueFull as exc:
             raise S.ApiError(503, f"{exc}; retry later", code="server_overloaded",
                              headers={"Retry-After": RETRY_AFTER}) from None
         except LlmosError as exc:
-            raise self._controls_error(exc, len(ids), controls, param, llm.config.max_seq_len) from None
+            raise self._controls_error(exc, param) from None
 
     def validate(self, controls: dict[str, Any], param: str) -> Any:
         try:
             return parse_controls(controls, OPENAI_DEFAULTS)
         except LlmosError as exc:
-            raise self._controls_error(exc, 0, controls, param, 0) from None
+            raise self._controls_error(exc, param) from None
 
     @staticmethod
-    def _controls_error(exc: LlmosError, n_prompt: int, controls: dict[str, Any], param: str, context: int) -> S.ApiError:
-        message = str(exc)
-        if "context" in message and context:
-            asked = controls.get("max_new_tokens")
+    def _controls_error(exc: LlmosError, param: str) -> S.ApiError:
+        """An invalid request from llmos' own validation, in OpenAI's words and parameter names; `param`
+        is where this endpoint takes its prompt (messages or prompt)."""
+        if isinstance(exc, ContextLengthError):
+            n, asked = exc.prompt_tokens, exc.requested
             if asked is None:
-                text = (f"This model's maximum context length is {context} tokens. However, your prompt is "
-                        f"{n_prompt} tokens, which leaves no room for a completion. Please shorten it.")
+                text = (f"This model's maximum context length is {exc.context} tokens. However, your prompt is "
+                        f"{n} tokens, which leaves no room for a completion. Please shorten it.")
             else:
-                text = (f"This model's maximum context length is {context} tokens. However, you requested "
-                        f"{n_prompt + asked} tokens ({n_prompt} in the prompt, {asked} in the completion). "
+                text = (f"This model's maximum context length is {exc.context} tokens. However, you requested "
+                        f"{n + asked} tokens ({n} in the prompt, {asked} in the completion). "
                         "Please reduce the length of the prompt or the completion (max_tokens).")
             return S.invalid(text, param, "context_length_exceeded")
-        if "prompt is empty" in message:
-            return S.invalid(message, param)
-        first = message.split(" ", 1)[0].strip(":,")
-        names = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "n": "n", "stop": "stop",
-                 "logprobs": "top_logprobs"}
-        known = names.get(first, first if first in S._Sampling.model_fields else None)
-        return S.invalid(message, known)
+        if exc.param == "prompt":
+            return S.invalid(str(exc), param)
+        names = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "logprobs": "top_logprobs"}
+        known = names.get(exc.param or "", exc.param if exc.param in S._Sampling.model_fields or exc.param in ("n", "stop") else None)
+        return S.invalid(str(exc), known)
 
     async def get_embedder(self) -> Any:
         async with self._embed_lock:

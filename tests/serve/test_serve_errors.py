@@ -67,6 +67,8 @@ def test_unparseable_bodies_are_400(http, body, param):
     ({"max_tokens": 0}, "max_tokens"),
     ({"max_tokens": 1.5}, "max_tokens"),
     ({"top_p": -0.1}, "top_p"),
+    ({"top_p": 0}, "top_p"),                                                # refused by llmos' own validation
+    ({"stop": ["a", ""]}, "stop"),
     ({"n": 9}, "n"),                                                        # over the limit
     ({"top_logprobs": 3}, "top_logprobs"),                                  # needs logprobs
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
