@@ -32,6 +32,7 @@ from llmos.models.kv_cache import KVCache
 from llmos.tokenizer import Tokenizer
 
 MAX_STOP_STRINGS = 16
+MAX_LOGPROBS = 20  # alternatives reported per token
 _SAMPLING = set(SamplingParams.__dataclass_fields__)
 _OTHER = {
     "max_new_tokens", "max_length", "min_new_tokens", "stop", "seed", "n", "num_return_sequences",
@@ -91,7 +92,7 @@ def parse_controls(controls: dict[str, Any], defaults: dict[str, Any] | None = N
     elif logprobs is False:
         logprobs = None
     if logprobs is not None:
-        logprobs = _int("logprobs", logprobs, 0, 20)
+        logprobs = _int("logprobs", logprobs, 0, MAX_LOGPROBS)
     truncate = merged.pop("truncate", None)
     if truncate not in (None, "left", "right"):
         raise LlmosError(f"truncate must be 'left', 'right' or None, got {truncate!r}", param="truncate")

@@ -16,10 +16,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from llmos.generation import MAX_LOGPROBS, MAX_STOP_STRINGS
+
 MAX_N = 8  # choices per request
 MAX_PROMPTS = 16  # prompts in one /v1/completions request
-MAX_STOP = 16
-MAX_TOP_LOGPROBS = 20
+MAX_STOP = MAX_STOP_STRINGS  # llmos' own limits, checked here too so that a request fails before it queues
+MAX_TOP_LOGPROBS = MAX_LOGPROBS
 MAX_EMBED_INPUTS = 2048
 SEED_MASK = (1 << 63) - 1
 
