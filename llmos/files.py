@@ -1,9 +1,15 @@
-"""Durable file operations shared by everything that must not lose what a user saved."""
+"""File operations shared across llmos: durable writes for everything that must not lose what a user
+saved, and the JSON-lines reading of every data and evaluation set."""
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from llmos.errors import LlmosError
 
 # Checkpoint files whose loading unpickles, and so can run arbitrary code: llmos refuses them.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -38,3 +44,20 @@ def write_atomically(path: Path, data: bytes | str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
     commit(tmp, path)
+
+
+def json_lines(path: Path, text: str | None = None) -> Iterator[tuple[int, Any]]:
+    """(line number, value) for each non-blank line of a JSON-lines file (`text`: its contents, when
+    already read); a line that is not JSON is an LlmosError naming the file and line."""
+    if text is None:
+        if not Path(path).is_file():
+            raise LlmosError(f"no such file: {path}")
+        text = Path(path).read_text(encoding="utf-8")
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError as exc:
+            raise LlmosError(f"{path}:{number}: not valid JSON ({exc}); each line must be one JSON value") from None
+        yield number, value

@@ -16,13 +16,13 @@ as one text file each (`try.txt`, ...) so they can be indexed like any documents
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from llmos.errors import LlmosError
+from llmos.files import json_lines
 from llmos.tasks.index import MODES, Index, SearchResult
 
 SHIPPED_QA = Path(__file__).resolve().parent.parent / "data" / "pydoc_qa.jsonl"
@@ -49,16 +49,13 @@ def load_questions(path: str | os.PathLike[str] = SHIPPED_QA) -> list[Question]:
     if not path.is_file():
         raise LlmosError(f"no such question file: {path}")
     questions = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, row in json_lines(path):
         try:
-            row = json.loads(line)
             sources = row.get("sources", row.get("source"))
             sources = [sources] if isinstance(sources, str) else list(sources)
             if not isinstance(row["question"], str) or not row["question"].strip() or not sources:
                 raise ValueError("needs a non-empty question and at least one source")
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # fields missing or of the wrong kind
             raise LlmosError(f"{path}:{number}: not a question line ({exc}); expected "
                              '{"question": "...", "sources": ["file.txt"]}') from None
         questions.append(Question(row["question"], tuple(str(s) for s in sources)))

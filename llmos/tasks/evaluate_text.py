@@ -13,7 +13,6 @@ scores, the settings, and every item with its prediction, so the scores can be r
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from importlib import resources
@@ -23,6 +22,7 @@ from typing import Any
 from tqdm import tqdm
 
 from llmos.errors import LlmosError
+from llmos.files import json_lines
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 BLEU_TOKENIZE = {"zh": "zh", "ja": "char", "ko": "char", "th": "char"}
@@ -36,17 +36,9 @@ def shipped(task: str) -> Path:
 def load_items(path: str | Path, task: str) -> list[dict[str, Any]]:
     """The items of a JSON lines set, checked for the fields `task` needs."""
     path = Path(path)
-    if not path.is_file():
-        raise LlmosError(f"no such file: {path}")
     need = ("text", "summary") if task == "summarize" else ("text", "reference", "target")
     items = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LlmosError(f"{path}:{n}: not JSON ({exc.msg})") from None
+    for n, item in json_lines(path):
         missing = [k for k in need if not isinstance(item, dict) or not isinstance(item.get(k), str)]
         if missing:
             raise LlmosError(f"{path}:{n}: a {task} item needs {', '.join(need)} (missing or not text: {', '.join(missing)})")

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from llmos.errors import LlmosError
+from llmos.files import json_lines
 from llmos.tokenizer import Tokenizer, TokenizerError
 
 JSONL_SUFFIXES = (".jsonl",)
@@ -109,22 +110,15 @@ def _read_text(path: Path) -> Iterator[Document]:
 
 
 def _read_jsonl(path: Path) -> Iterator[Document]:
-    text = _decode(path, path.read_bytes())
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, obj in json_lines(path, _decode(path, path.read_bytes())):
         where = f"{path}:{n}"
-        try:
-            obj = json.loads(line)
-        except ValueError as exc:
-            raise LlmosError(f"{where}: not valid JSON ({exc}); each line must be one JSON object") from None
         if isinstance(obj, dict) and isinstance(obj.get("text"), str):
             if obj["text"].strip():
                 yield Document(where, text=obj["text"])
         elif isinstance(obj, dict) and isinstance(obj.get("messages"), list):
             yield Document(where, messages=_check_messages(obj["messages"], where))
         else:
-            raise LlmosError(f'{where}: expected {{"text": "..."}} or {{"messages": [...]}}, got {line[:80]!r}')
+            raise LlmosError(f'{where}: expected {{"text": "..."}} or {{"messages": [...]}}, got {json.dumps(obj)[:80]}')
 
 
 def _check_messages(messages: list[Any], where: str) -> list[dict[str, Any]]:

@@ -103,7 +103,7 @@ def test_bad_sets_are_one_clear_line(tmp_path):
     with pytest.raises(LlmosError, match=r"bad.jsonl:1: a summarize item needs text, summary"):
         ev.load_items(bad, "summarize")
     bad.write_text("not json\n")
-    with pytest.raises(LlmosError, match="not JSON"):
+    with pytest.raises(LlmosError, match="bad.jsonl:1: not valid JSON"):
         ev.load_items(bad, "translate")
     bad.write_text("\n")
     with pytest.raises(LlmosError, match="no items"):
