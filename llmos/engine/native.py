@@ -2,8 +2,8 @@
 cost. The element-wise work gives the Python step's bits; RMSNorm sums in double, attention runs in
 its own kernel (one thread per row and kv head, ~3e-7 from SDPA) and int4 layers in their own
 AVX512-BF16 matmul (exact products summed in fp32), so results do not depend on the thread count and
-a row decoded in a batch gets the bits it gets alone. 6.8 -> ~3.7 ms per token on the default
-model, and a 16-row step 31 -> ~15 ms.
+a row decoded in a batch gets the bits it gets alone (`make bench` and `LLMOS_NATIVE=0 llmos bench`
+show the speed with it and without it).
 
 The extension is compiled once per PyTorch version and source (about 20 s with g++), into
 $LLMOS_HOME/native, by `build()`; `make run` and `make test` build it, and so does the first
@@ -99,30 +99,32 @@ def build(quiet: bool = False):
         return _module
 
 
+def _kernel(name: str) -> Callable | None:
+    """The extension's function `name`; None where the extension is not built, lacks it (a CPU without
+    the instructions it needs) or LLMOS_NATIVE=0 says not to use it."""
+    return getattr(build(), name, None) if enabled() else None
+
+
 def _unpack(packed: torch.Tensor, scales_zeros: torch.Tensor, out: torch.Tensor) -> bool:
     """quant.Int4Linear's unpacking in one C++ pass; False when the extension is not available."""
-    module = build()
-    if module is None:
-        return False
-    module.int4_unpack(packed, scales_zeros, out)
-    return True
+    fn = _kernel("int4_unpack")
+    if fn is not None:
+        fn(packed, scales_zeros, out)
+    return fn is not None
 
 
 def _int4_mm(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor | None:
     """quant.Int4Linear's row kernel: the decode step's int4 matmul; None where it is not built."""
-    module = build()
-    if module is None or not hasattr(module, "int4_mm"):
-        return None
-    return module.int4_mm(x, packed, scales_zeros)
+    fn = _kernel("int4_mm")
+    return None if fn is None else fn(x, packed, scales_zeros)
 
 
 def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor | None:
-    """models/attention.py's prompt attention; None where the extension is not built."""
-    module = build() if enabled() else None
-    if module is None or not hasattr(module, "causal_attention") or k.dtype not in (torch.float32, torch.float16) \
-            or v.dtype != k.dtype or k.stride(-1) != 1 or v.stride(-1) != 1:
+    """models/attention.py's prompt attention; None where it is not built or the cache is not fp32/fp16."""
+    fn = _kernel("causal_attention")
+    if fn is None or k.dtype not in (torch.float32, torch.float16) or v.dtype != k.dtype or k.stride(-1) != 1 or v.stride(-1) != 1:
         return None
-    return module.causal_attention(q, k, v, start)
+    return fn(q, k, v, start)
 
 
 quant.use_native(_unpack, _int4_mm)
@@ -132,11 +134,11 @@ attention.use_native(_causal)
 def _keep_freed_memory() -> None:
     """Let glibc keep large freed blocks for reuse. With its defaults a prompt's multi-MB activations
     are mapped and unmapped (or trimmed off the heap) over and over, faulting in fresh pages: 6,000-
-    43,000 minor faults and ~25% of a 512-token prefill of the default model (the 6 MB MLP outputs
-    took 1.3 ms a layer to convert instead of 0.05). Blocks up to 64 MB now come from the heap and up
-    to 256 MB of free heap is kept: 0-300 faults a prefill, peak memory unchanged (bench/run.py
-    measures it). No-op outside glibc or with LLMOS_NATIVE=0."""
-    if not enabled() or not sys.platform.startswith("linux"):
+    43,000 minor faults a 512-token prefill of the default model. Blocks up to 64 MB now come from the
+    heap and up to 256 MB of free heap is kept: 0-300 faults (tests/engine/test_native.py), peak
+    memory unchanged (bench/run.py measures it). No-op outside glibc; `build` calls it once, unless
+    LLMOS_NATIVE=0."""
+    if not sys.platform.startswith("linux"):
         return
     import ctypes
 
@@ -148,7 +150,6 @@ def _keep_freed_memory() -> None:
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     mallopt(M_MMAP_THRESHOLD, 64 << 20)
     mallopt(M_TRIM_THRESHOLD, 256 << 20)
-
 
 
 def _import(path: Path):
@@ -206,7 +207,7 @@ def stepper(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, KVCache],
     if head[0] == 2 and hasattr(module, "int8_mm") and model.output.out_features % 64 == 0 \
             and model.output.in_features % 32 == 0:
         # The vocabulary head in int8_mm's layout: a second copy of its int8 weights (28 MB for the
-        # default model) for a head 2.7x faster at 16 rows and 1.4x at one.
+        # default model) for the faster kernel.
         head = 4, [module.int8_pack(model.output.qweight), model.output.scale, model.output.bias]
     kinds.append(head[0])
     tensors += head[1]

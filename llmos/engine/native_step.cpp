@@ -1,14 +1,14 @@
 // One decode step of a Llama-family model (one new token per row), computing what the Python model file
 // computes (models/llama.py, quant.py, kv_cache.py, models/attention.py): ATen's kernels for the fp32,
-// bf16 and int8 matmuls, an AVX512-BF16 kernel of its own for int4 layers (int4_mm: exact products
-// in fp32 where ATen's int4 kernel rounds to bf16; 1.5-1.7x faster at 16 rows, as fast at one),
-// vectorized loops with the scalar code's IEEE operations for the element-wise work, RMSNorm's
-// mean of squares summed in double, and an AVX-512 attention kernel in place of per-row SDPA calls
-// (~3e-7 from SDPA). Every row is computed on its own in a fixed order: results do not depend on
-// the thread count or on the other rows of a batch. The Python path spends ~40% of a batch-1 step
-// of the default model dispatching ~25 small ops per layer; this runs in ~55% of its time
-// (tests/engine/test_native.py), and a 16-row step in 15 ms where the Python path takes 31.
-// Also: int4 weight unpacking for the quantized layers' dense prefill path (int4_unpack).
+// bf16 and int8-layer matmuls, AVX512-BF16 kernels of its own for int4 layers and the int8 vocabulary
+// head (int4_mm, int8_mm: exact products summed in fp32, where ATen's kernels round to bf16),
+// vectorized loops with the scalar code's IEEE operations for the element-wise work, RMSNorm's mean
+// of squares summed in double, and an AVX-512 attention kernel in place of per-row SDPA calls (~3e-7
+// from SDPA). Every row is computed on its own in a fixed order: results do not depend on the thread
+// count or on the other rows of a batch. The Python path spends ~40% of a batch-1 step of the
+// default model dispatching ~25 small ops per layer.
+// Also: int4 weight unpacking for the quantized layers' dense prefill path (int4_unpack), and causal
+// attention for prompts (causal_attention, models/attention.py).
 //
 // A linear layer is three tensors and a kind:
 //   0 fp32 nn.Linear       (weight, unused, bias?)
@@ -31,12 +31,26 @@ namespace {
 
 constexpr int64_t kGroup = 32;
 
+// Ask for `bytes` from p to be brought into the cache ahead of use (a hint: never faults).
+inline void prefetch(const void* p, int64_t bytes) {
+  for (int64_t l = 0; l < bytes; l += 64) __builtin_prefetch(static_cast<const char*>(p) + l);
+}
+
+#if defined(__AVX512F__)
+// 16 bf16 values (as 16-bit lanes) widened exactly to fp32.
+inline __m512 widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+// 16 values of a KV cache row (fp32 or fp16; fp16 widens exactly).
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+#endif
+
 #if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
 #define LLMOS_BF16_KERNELS 1
-// The inner loops of the quantized matmuls (int4_mm, int8_mm): for one block of 64 outputs, `np` pairs
-// (NP, a compile-time count: the loop unrolls) of inputs starting at pair p0, weights already spread into bf16 pairs w[pair][4 x 16 outputs], each
-// row's dot products in fp32 (AVX512-BF16 pair dots, 4 x 16 outputs a row), handed to `epi(row, c,
-// dots, facc of that row's outputs 16c..16c+15)`. MT rows at a time share each weight register.
+// The inner loops of the quantized matmuls (int4_mm, int8_mm): for one block of 64 outputs and NP pairs
+// of inputs from pair p0 (a compile-time count: the loop unrolls), weights already spread into bf16
+// pairs w[pair][4 x 16 outputs], each row's dot products in fp32 (AVX512-BF16 pair dots, 4 x 16 outputs
+// a row), handed to `epi(row, c, dots, facc of that row's outputs 16c..16c+15)`. MT rows at a time
+// share each weight register.
 template <int MT, int NP, typename Epi>
 __attribute__((always_inline)) inline void pair_tile(const uint32_t* a, int64_t K2, int64_t m0, int64_t p0, const __m512i* w, float* facc, const Epi& epi) {
   __m512 d[MT][4];
@@ -67,10 +81,6 @@ __attribute__((always_inline)) inline void pair_tiles(int64_t M, const uint32_t*
     case 2: pair_tile<2, NP>(a, K2, m, p0, w, facc, epi); break;
     case 1: pair_tile<1, NP>(a, K2, m, p0, w, facc, epi); break;
   }
-}
-
-inline void prefetch(const void* p, int64_t bytes) {
-  for (int64_t l = 0; l < bytes; l += 64) _mm_prefetch(static_cast<const char*>(p) + l, _MM_HINT_T0);
 }
 
 // y (M, N) fp32 = x (M, K) bf16 @ W^T for an int4 layer kept in PyTorch's CPU int4pack layout (see
@@ -191,8 +201,7 @@ torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& packed, const
         });
       }
       for (int c = 0; c < 4; ++c) {
-        const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sp + nb * 64 + c * 16))), 16));
+        const __m512 s = widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sp + nb * 64 + c * 16)));
         for (int64_t r = 0; r < M; ++r)
           _mm512_storeu_ps(o + r * N + nb * 64 + c * 16, _mm512_mul_ps(_mm512_loadu_ps(facc.data() + r * 64 + c * 16), s));
       }
@@ -202,10 +211,10 @@ torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& packed, const
 }
 #endif
 
-// A linear layer's raw output (B, N): fp32 (nn.Linear, bias already in) or bf16 (the bf16/int8/int4
-// kernels, whose bias the Python layers add after casting to fp32). `at` reads element (b, j) as the
-// Python layer returns it: float(y) + bias, one IEEE operation each, so the loops below give the
-// bits the Python ops give.
+// A linear layer's raw output (B, N): fp32 (nn.Linear with its bias; int4_mm and int8_mm without) or
+// bf16 (ATen's bf16 and int8 kernels); the quantized layers' bias is added after the cast to fp32, as
+// the Python layers do. `at` reads element (b, j) as the Python layer returns it: float(y) + bias, one
+// IEEE operation each, so the loops below give the bits the Python ops give.
 struct Out {
   torch::Tensor y;
   const float* bias = nullptr;
@@ -230,8 +239,7 @@ struct Out {
 inline __mmask16 lanes(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
 // 16 values of o's row r from column j (masked), as `Out::at` reads them.
 inline __m512 out16(const Out& o, int64_t r, int64_t j, __mmask16 m) {
-  __m512 v = o.bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(
-                          m, static_cast<const c10::BFloat16*>(o.p) + r * o.n + j)), 16))
+  __m512 v = o.bf16 ? widen_bf16(_mm256_maskz_loadu_epi16(m, static_cast<const c10::BFloat16*>(o.p) + r * o.n + j))
                     : _mm512_maskz_loadu_ps(m, static_cast<const float*>(o.p) + r * o.n + j);
   return o.bias ? _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, o.bias + j)) : v;
 }
@@ -242,12 +250,6 @@ inline void store_bf16(c10::BFloat16* dst, __m512 v, __mmask16 m) {
   b = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
   _mm256_mask_storeu_epi16(dst, m, _mm512_cvtepi32_epi16(b));
 }
-#endif
-
-// A KV cache holds fp32 or fp16 (engine/native.py, models/kv_cache.py); fp16 values widen exactly.
-#if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 #endif
 
 // n values into a cache row (elements `step` apart), rounded to nearest even when the cache is fp16.
@@ -368,9 +370,7 @@ torch::Tensor raw_linear(int64_t kind, const torch::Tensor& a, const torch::Tens
   if (kind == 2) return at::_weight_int8pack_mm(x, a, b);
 #ifdef LLMOS_BF16_KERNELS
   if (kind == 4) return int8_mm(x, a, b);
-#endif
-#ifdef LLMOS_BF16_KERNELS
-  if (b.size(1) % 64 == 0) return int4_mm(x, a, b);
+  if (b.size(1) % 64 == 0) return int4_mm(x, a, b);  // kind 3
 #endif
   return at::_weight_int4pack_mm_for_cpu(x, a, kGroup, b);
 }
@@ -393,33 +393,60 @@ inline __m512 exp512(__m512 x) {
   return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
 }
 
+// Softmax in place over p[0..n), the row's scores: p[s] = exp(p[s] - max) for s < n and 0 for n <= s
+// < end (end rounded up to 16: later keys of a block of queries); returns 1 / the sum.
+inline float softmax_row(float* p, int64_t n, int64_t end) {
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  for (int64_t s = 0; s < n; s += 16) mx = _mm512_mask_max_ps(mx, lanes(n - s), mx, _mm512_loadu_ps(p + s));
+  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t s = 0; s < end; s += 16) {
+    const __m512 ex = _mm512_maskz_mov_ps(s < n ? lanes(n - s) : 0, exp512(_mm512_sub_ps(_mm512_loadu_ps(p + s), m)));
+    _mm512_storeu_ps(p + s, ex);
+    sum = _mm512_add_ps(sum, ex);
+  }
+  return 1.0f / _mm512_reduce_add_ps(sum);
+}
+
+// out[i] (rows out_stride apart, 16 * Z columns) = inv[i] * sum over keys s < e of p[i][s] * v[s] for
+// the first `nrows` of ROWS rows of weights (stride apart); v's rows vstride apart. Every row shares
+// each value row loaded, and ROWS x Z independent accumulators keep the multiply-adds busy; each sum
+// runs over s in order, so any ROWS gives the same bits.
+template <int ROWS, int Z, typename T>
+inline void weighted_rows(const float* p, int64_t stride, const T* v, int64_t vstride, int64_t e, const float* inv, int nrows,
+                          float* out, int64_t out_stride) {
+  __m512 o[ROWS][Z];
+  for (int i = 0; i < ROWS; ++i)
+    for (int z = 0; z < Z; ++z) o[i][z] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < e; ++s) {
+    __m512 vv[Z];
+    for (int z = 0; z < Z; ++z) vv[z] = load16(v + s * vstride + 16 * z);
+#pragma GCC unroll 8
+    for (int i = 0; i < ROWS; ++i) {
+      const __m512 w = _mm512_set1_ps(p[i * stride + s]);
+      for (int z = 0; z < Z; ++z) o[i][z] = _mm512_fmadd_ps(w, vv[z], o[i][z]);
+    }
+  }
+  for (int i = 0; i < nrows; ++i)
+    for (int z = 0; z < Z; ++z) _mm512_storeu_ps(out + i * out_stride + 16 * z, _mm512_mul_ps(o[i][z], _mm512_set1_ps(inv[i])));
+}
+
+// weighted_rows over D columns in passes of 32 (or 16): for shapes without a register-sized variant.
+template <int ROWS, typename T>
+inline void weighted_columns(const float* p, int64_t stride, const T* v, int64_t vstride, int64_t e, const float* inv, int nrows,
+                             float* out, int64_t D) {
+  for (int64_t dc = 0; dc < D; dc += 32) {
+    if (dc + 32 <= D) weighted_rows<ROWS, 2>(p, stride, v + dc, vstride, e, inv, nrows, out + dc, D);
+    else weighted_rows<ROWS, 1>(p, stride, v + dc, vstride, e, inv, nrows, out + dc, D);
+  }
+}
+
 // Decode attention: one query per (row, head) over that row's first keys[row] cached keys. q (B, H, D)
 // contiguous; k, v a layer's cache (B, Hkv, S, D) by strides (rows, heads, positions; D contiguous);
 // out (B, H, D). One thread computes a (row, kv head) pair in a fixed order, so a row's result does not
 // depend on the thread count or on the other rows of the step: decoded in a batch it gets the bits it
 // gets alone. Replaces per-row SDPA calls (~20 us each with their setup; 16 rows x 30 layers were 35%
 // of a 16-row step); differs from SDPA by ~3e-7.
-// out[h] = inv[h] * sum over keys s < e of p[h][s] * v[s], for the REP query heads of one kv head
-// (rows D = 16 * DV apart): every head's sums share each value row loaded, and REP x DV independent
-// accumulators keep the multiply-adds busy (one head at a time waits on 4-cycle chains). Each sum
-// runs over s in order, as the one-head loop does: the same bits.
-template <int REP, int DV, typename T>
-inline void weighted_values(const float* p, int64_t stride, const T* v, int64_t vstride, int64_t e, const float* inv, float* out) {
-  __m512 o[REP][DV];
-  for (int h = 0; h < REP; ++h)
-    for (int j = 0; j < DV; ++j) o[h][j] = _mm512_setzero_ps();
-  for (int64_t s = 0; s < e; ++s) {
-    __m512 vv[DV];
-    for (int j = 0; j < DV; ++j) vv[j] = load16(v + s * vstride + 16 * j);
-    for (int h = 0; h < REP; ++h) {
-      const __m512 w = _mm512_set1_ps(p[h * stride + s]);
-      for (int j = 0; j < DV; ++j) o[h][j] = _mm512_fmadd_ps(w, vv[j], o[h][j]);
-    }
-  }
-  for (int h = 0; h < REP; ++h)
-    for (int j = 0; j < DV; ++j) _mm512_storeu_ps(out + h * DV * 16 + 16 * j, _mm512_mul_ps(o[h][j], _mm512_set1_ps(inv[h])));
-}
-
 template <typename T>
 void decode_attention(const float* q, const T* k, const T* v, const int64_t* ks, const int64_t* vs, const std::vector<int64_t>& keys,
             int64_t B, int64_t H, int64_t n_kv, int64_t D, float* out) {
@@ -431,19 +458,15 @@ void decode_attention(const float* q, const T* k, const T* v, const int64_t* ks,
       const int64_t r = t / n_kv, g = t % n_kv, e = keys[r];
       const T* kr = k + r * ks[0] + g * ks[1];
       const T* vr = v + r * vs[0] + g * vs[1];
-      if (t + 1 < t1) {  // the next pair's keys and values, while this one computes: short streams
-        const int64_t rn = (t + 1) / n_kv, gn = (t + 1) % n_kv, en = keys[rn];  // from memory stall otherwise
-        for (int64_t s = 0; s < en; ++s) {
-          _mm_prefetch(reinterpret_cast<const char*>(k + rn * ks[0] + gn * ks[1] + s * ks[2]), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(v + rn * vs[0] + gn * vs[1] + s * vs[2]), _MM_HINT_T0);
-          if (D * sizeof(T) > 64) {
-            _mm_prefetch(reinterpret_cast<const char*>(k + rn * ks[0] + gn * ks[1] + s * ks[2]) + 64, _MM_HINT_T0);
-            _mm_prefetch(reinterpret_cast<const char*>(v + rn * vs[0] + gn * vs[1] + s * vs[2]) + 64, _MM_HINT_T0);
-          }
+      if (t + 1 < t1) {  // the next pair's keys and values while this one computes (short streams stall on memory)
+        const int64_t rn = (t + 1) / n_kv, gn = (t + 1) % n_kv;
+        for (int64_t s = 0; s < keys[rn]; ++s) {
+          prefetch(k + rn * ks[0] + gn * ks[1] + s * ks[2], D * sizeof(T));
+          prefetch(v + rn * vs[0] + gn * vs[1] + s * vs[2], D * sizeof(T));
         }
       }
-      p.assign(rep * ((e + 15) / 16 * 16), 0.0f);
       const int64_t stride = (e + 15) / 16 * 16;
+      p.assign(rep * stride, 0.0f);
       __m512 qv[8][8];  // up to 8 query heads per kv head, D up to 128
       for (int64_t h = 0; h < rep; ++h)
         for (int64_t j = 0; j < dv; ++j) qv[h][j] = _mm512_mul_ps(_mm512_loadu_ps(q + ((r * H + g * rep + h) * D) + 16 * j), _mm512_set1_ps(scale));
@@ -458,42 +481,22 @@ void decode_attention(const float* q, const T* k, const T* v, const int64_t* ks,
         }
       }
       float inv[8];
-      for (int64_t h = 0; h < rep; ++h) {
-        float* ph = p.data() + h * stride;
-        __m512 mx = _mm512_set1_ps(-INFINITY);
-        const __mmask16 tail = (__mmask16)((1u << (e % 16)) - 1);
-        int64_t s = 0;
-        for (; s + 16 <= e; s += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(ph + s));
-        if (s < e) mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_loadu_ps(ph + s));
-        const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-        __m512 sum = _mm512_setzero_ps();
-        for (s = 0; s + 16 <= e; s += 16) { __m512 ex = exp512(_mm512_sub_ps(_mm512_loadu_ps(ph + s), m)); _mm512_storeu_ps(ph + s, ex); sum = _mm512_add_ps(sum, ex); }
-        if (s < e) { __m512 ex = _mm512_maskz_mov_ps(tail, exp512(_mm512_sub_ps(_mm512_loadu_ps(ph + s), m))); _mm512_storeu_ps(ph + s, ex); sum = _mm512_add_ps(sum, ex); }
-        inv[h] = 1.0f / _mm512_reduce_add_ps(sum);
-      }
+      for (int64_t h = 0; h < rep; ++h) inv[h] = softmax_row(p.data() + h * stride, e, e);
       float* oh = out + (r * H + g * rep) * D;
-      if (rep == 3 && dv == 4) weighted_values<3, 4>(p.data(), stride, vr, vs[2], e, inv, oh);
-      else if (rep == 1 && dv == 4) weighted_values<1, 4>(p.data(), stride, vr, vs[2], e, inv, oh);
-      else if (rep == 2 && dv == 4) weighted_values<2, 4>(p.data(), stride, vr, vs[2], e, inv, oh);
-      else if (rep == 4 && dv == 4) weighted_values<4, 4>(p.data(), stride, vr, vs[2], e, inv, oh);
-      else if (rep == 1 && dv == 8) weighted_values<1, 8>(p.data(), stride, vr, vs[2], e, inv, oh);
-      else if (rep == 2 && dv == 8) weighted_values<2, 8>(p.data(), stride, vr, vs[2], e, inv, oh);
+      const int R = static_cast<int>(rep);
+      if (rep == 3 && dv == 4) weighted_rows<3, 4>(p.data(), stride, vr, vs[2], e, inv, R, oh, D);
+      else if (rep == 1 && dv == 4) weighted_rows<1, 4>(p.data(), stride, vr, vs[2], e, inv, R, oh, D);
+      else if (rep == 2 && dv == 4) weighted_rows<2, 4>(p.data(), stride, vr, vs[2], e, inv, R, oh, D);
+      else if (rep == 4 && dv == 4) weighted_rows<4, 4>(p.data(), stride, vr, vs[2], e, inv, R, oh, D);
+      else if (rep == 1 && dv == 8) weighted_rows<1, 8>(p.data(), stride, vr, vs[2], e, inv, R, oh, D);
+      else if (rep == 2 && dv == 8) weighted_rows<2, 8>(p.data(), stride, vr, vs[2], e, inv, R, oh, D);
       else
-        for (int64_t h = 0; h < rep; ++h) {  // one head at a time: the same sums, in the same order
-          __m512 o[8];
-          for (int64_t j = 0; j < dv; ++j) o[j] = _mm512_setzero_ps();
-          for (int64_t s = 0; s < e; ++s) {
-            const __m512 w = _mm512_set1_ps(p[h * stride + s]);
-            for (int64_t j = 0; j < dv; ++j) o[j] = _mm512_fmadd_ps(w, load16(vr + s * vs[2] + 16 * j), o[j]);
-          }
-          for (int64_t j = 0; j < dv; ++j) _mm512_storeu_ps(oh + h * D + 16 * j, _mm512_mul_ps(o[j], _mm512_set1_ps(inv[h])));
-        }
+        for (int64_t h = 0; h < rep; ++h) weighted_columns<1>(p.data() + h * stride, stride, vr, vs[2], e, inv + h, 1, oh + h * D, D);
     }
   });
 }
 
 #endif
-
 
 #if defined(__AVX512F__)
 // Rows r0..r0+NR-1 (NR <= 8; a head's queries q, D apart) against keys 0..e-1 of kt (D x stride, keys
@@ -523,25 +526,6 @@ inline void causal_scores(const float* q, const float* kt, int64_t stride, int64
   }
 }
 
-// out rows (8, D apart) += p (8 x stride, keys 0..e-1) @ v (keys vstride apart), NZ x 16 columns from dc.
-template <int NZ, typename T>
-inline void causal_values(const float* p, int64_t stride, const T* v, int64_t vstride, int64_t e, int64_t dc, float* acc_out) {
-  __m512 acc[8][NZ];
-  for (int i = 0; i < 8; ++i)
-    for (int z = 0; z < NZ; ++z) acc[i][z] = _mm512_setzero_ps();
-  for (int64_t s = 0; s < e; ++s) {
-    __m512 vv[NZ];
-    for (int z = 0; z < NZ; ++z) vv[z] = load16(v + s * vstride + dc + 16 * z);
-#pragma GCC unroll 8
-    for (int i = 0; i < 8; ++i) {
-      const __m512 w = _mm512_set1_ps(p[i * stride + s]);
-      for (int z = 0; z < NZ; ++z) acc[i][z] = _mm512_fmadd_ps(w, vv[z], acc[i][z]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i)
-    for (int z = 0; z < NZ; ++z) _mm512_storeu_ps(acc_out + i * 128 + 16 * z, acc[i][z]);
-}
 #endif
 
 }  // namespace
@@ -597,8 +581,6 @@ torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions
   auto q = torch::empty({B, H, 1, D}, x.options());
   auto y = torch::empty({B, H, D}, x.options());
   auto attn_bf16 = torch::empty({B, H * D}, x.options().dtype(at::kBFloat16));
-  auto attn_f32 = torch::empty({B, H * D}, x.options());
-  const std::vector<float> ones(H * D, 1.0f);  // x * 1 * 1 == x: scale_into as a plain bf16 rounding
   torch::Tensor gate, act, prod_bf16, prod_f32;  // (B, F), allocated at the first MLP
   float* qp = q.data_ptr<float>();
   const auto ks = kc.strides(), vs = vc.strides();
@@ -648,16 +630,9 @@ torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions
                                                     false, c10::nullopt, n_kv != n_heads)[0].squeeze(1));
 #endif
     }
-    // (B, H, 1, D) -> (B, H * D) in wo's input dtype.
-    const bool wo_bf16 = kinds[4 * layer + 1] != 0;
-    auto& attn_in = wo_bf16 ? attn_bf16 : attn_f32;
-    const float* yp = y.data_ptr<float>();
-    if (wo_bf16) {
-      for (int64_t r = 0; r < B; ++r) scale_into(yp + r * H * D, 1.0f, ones.data(), H * D, attn_bf16.data_ptr<c10::BFloat16>() + r * H * D);
-    } else {
-      std::copy(yp, yp + B * H * D, attn_f32.data_ptr<float>());
-    }
-    residual(lin(4 * layer + 1, attn_in));
+    // (B, H, D) -> (B, H * D) in wo's input dtype, cast as the Python layer casts it.
+    const auto attn = y.view({B, H * D});
+    residual(lin(4 * layer + 1, kinds[4 * layer + 1] != 0 ? attn_bf16.copy_(attn) : attn));
     Out gate_up = lin(4 * layer + 2, norm_into(4 * layer + 2, norms[2 * layer + 1]));
     const int64_t F = gate_up.n / 2;
     // SwiGLU: silu(gate) * up, rounded to the down projection's input dtype.
@@ -679,9 +654,7 @@ torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions
     }
     residual(lin(4 * layer + 3, prod));
   }
-  auto h = norm_into(4 * L, norms[2 * L]);
-  return raw_linear(kinds[4 * L], *tensors[4 * L * 3], tensors[4 * L * 3 + 1].has_value() ? *tensors[4 * L * 3 + 1] : none,
-                    tensors[4 * L * 3 + 2], h).to(at::kFloat);
+  return lin(4 * L, norm_into(4 * L, norms[2 * L])).y.to(at::kFloat);  // the head (Llama's has no bias)
 }
 
 // An int4 layer's weights as bf16 for a dense matmul (quant.Int4Linear's prefill path): packed is PyTorch's
@@ -761,7 +734,6 @@ torch::Tensor causal_attention(const torch::Tensor& q_in, const torch::Tensor& k
   // as many long blocks as short ones.
   at::parallel_for(0, B * H * blocks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> pbuf(8 * stride);
-    alignas(64) float acc[8 * 128];
     float* p = pbuf.data();
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / blocks, i = t % blocks, b = bh / H, h = bh % H, g = h / rep;
@@ -772,36 +744,11 @@ torch::Tensor causal_attention(const torch::Tensor& q_in, const torch::Tensor& k
       const float* qrow = qp + (bh * T + r0) * D;
       causal_scores(qrow, ktp + (b * Hkv + g) * D * stride, stride, D, e, NR, scale, p);
       float inv[8];
-      for (int r = 0; r < 8; ++r) {
-        float* pr = p + r * stride;
-        const int64_t n = std::min<int64_t>(p0 + r0 + r + 1, e);  // this query's keys
-        __m512 mx = _mm512_set1_ps(-INFINITY);
-        for (int64_t s = 0; s < n; s += 16) mx = _mm512_mask_max_ps(mx, lanes(n - s), mx, _mm512_loadu_ps(pr + s));
-        const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t s = 0; s < e; s += 16) {  // exp below n, 0 from n on (the block's later keys)
-          const __m512 ex = _mm512_maskz_mov_ps(s < n ? lanes(n - s) : 0, exp512(_mm512_sub_ps(_mm512_loadu_ps(pr + s), m)));
-          _mm512_storeu_ps(pr + s, ex);
-          sum = _mm512_add_ps(sum, ex);
-        }
-        inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
-      }
+      for (int r = 0; r < 8; ++r) inv[r] = softmax_row(p + r * stride, std::min<int64_t>(p0 + r0 + r + 1, e), e);  // its keys
+      float* orow = op + (bh * T + r0) * D;
       const int64_t voff = b * v.stride(0) + g * v.stride(1);
-      for (int64_t dc = 0; dc < D; dc += 32) {
-        const bool two = dc + 32 <= D;
-        if (half) {
-          const c10::Half* vb = static_cast<const c10::Half*>(vp) + voff;
-          if (two) causal_values<2>(p, stride, vb, v.stride(2), e, dc, acc);
-          else causal_values<1>(p, stride, vb, v.stride(2), e, dc, acc);
-        } else {
-          const float* vb = static_cast<const float*>(vp) + voff;
-          if (two) causal_values<2>(p, stride, vb, v.stride(2), e, dc, acc);
-          else causal_values<1>(p, stride, vb, v.stride(2), e, dc, acc);
-        }
-        for (int r = 0; r < NR; ++r)
-          for (int z = 0; z < (two ? 2 : 1); ++z)
-            _mm512_storeu_ps(op + (bh * T + r0 + r) * D + dc + 16 * z, _mm512_mul_ps(_mm512_load_ps(acc + r * 128 + 16 * z), _mm512_set1_ps(inv[r])));
-      }
+      if (half) weighted_columns<8>(p, stride, static_cast<const c10::Half*>(vp) + voff, v.stride(2), e, inv, NR, orow, D);
+      else weighted_columns<8>(p, stride, static_cast<const float*>(vp) + voff, v.stride(2), e, inv, NR, orow, D);
     }
   });
   return out;
