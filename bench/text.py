@@ -13,10 +13,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -42,16 +44,17 @@ def pydoc_document(llm: Any, tokens: int) -> str:
     return "# Python language reference topics\n\n" + "\n\n".join(parts)
 
 
-class TimedRuns:
-    """Stands in for llm.start (under chat, summarize and translate alike): the same generations, with
-    each one's prompt and generated tokens and its prefill and decode times recorded as it is run."""
-
-    def __init__(self, llm: Any) -> None:
-        self.real = llm.start
-        self.calls: list[dict[str, float]] = []
-
-    def __call__(self, ids: list[int], controls: dict[str, Any], **kwargs: Any) -> Any:
-        return _TimedRun(self.real(ids, controls, **kwargs), self.calls)
+@contextlib.contextmanager
+def timed_runs(llm: Any) -> Iterator[list[dict[str, float]]]:
+    """Within the block llm.start (under chat, summarize and translate alike) makes the same
+    generations, recording each one's prompt and generated tokens and its prefill and decode times
+    into the list it yields."""
+    real, calls = llm.start, []
+    llm.start = lambda ids, controls, **kwargs: _TimedRun(real(ids, controls, **kwargs), calls)
+    try:
+        yield calls
+    finally:
+        del llm.start
 
 
 class _TimedRun:
@@ -81,15 +84,10 @@ def bench_summarize(llm: Any, tokens: int) -> dict[str, Any]:
     from llmos.tasks.summarize import summarize
 
     doc = pydoc_document(llm, tokens)
-    timed = TimedRuns(llm)
-    llm.start = timed
-    try:
+    with timed_runs(llm) as calls:
         t0 = time.perf_counter()
         summary = summarize(llm, doc, words=150, progress=sys.stderr.isatty())
         seconds = time.perf_counter() - t0
-    finally:
-        del llm.start
-    calls = timed.calls
     decode_tokens = sum(max(c["tokens"] - 1, 0) for c in calls)  # the first token is timed with the prefill
     decode_s = sum(c["decode_s"] for c in calls)
     prefill_tokens = sum(c["prompt"] for c in calls)
@@ -107,17 +105,13 @@ def bench_translate(llm: Any, beams: int) -> dict[str, Any]:
     from llmos.tasks import evaluate_text as ev
 
     items = ev.load_items(ev.shipped("translate"), "translate")[:50]
-    timed = TimedRuns(llm)
-    llm.start = timed
-    try:
+    with timed_runs(llm) as calls:
         t0 = time.perf_counter()
         report = ev.evaluate_translations(llm, items, beams=beams, progress=sys.stderr.isatty())
         seconds = time.perf_counter() - t0
-    finally:
-        del llm.start
-    generated = sum(c["tokens"] for c in timed.calls)  # of the best beam
+    generated = sum(c["tokens"] for c in calls)  # of the best beam
     return {"sentences": len(items), "beams": beams, "seconds": seconds, "sentences_per_s": len(items) / seconds,
-            "prompts": len(timed.calls), "generated_tokens": generated, "output_tokens_per_s": generated / seconds,
+            "prompts": len(calls), "generated_tokens": generated, "output_tokens_per_s": generated / seconds,
             "chrf": report["scores"]["chrf"], "bleu": report["scores"]["bleu"], "pairs": report["pairs"],
             "outputs": report["outputs"]}
 

@@ -38,10 +38,15 @@ def commit(tmp: Path, final: Path) -> None:
     fsync_dir(final.parent)
 
 
+def temp_for(path: Path) -> Path:
+    """Where to write a file before `commit` puts it at `path`: beside it, hidden, per process."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
 def write_atomically(path: Path, data: bytes | str) -> None:
     """Write `data` (str as UTF-8) so that a crash leaves either the old file or the new one."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_for(path)
     tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
     commit(tmp, path)
 

@@ -56,7 +56,6 @@ def speed(path, form: str, tokens: int) -> dict[str, float]:
 
 def run(args: argparse.Namespace) -> int:
     from llmos import quality, store
-
     from llmos.engine import native
 
     path = store.resolve(args.model)

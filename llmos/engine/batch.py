@@ -5,8 +5,9 @@ compact: a finished sequence's row is refilled by moving the last row into it), 
 is one forward over a contiguous view of the cache with per-row positions. New requests are
 admitted between steps: each step prefills up to `prefill_chunk` prompt tokens into free rows (a long
 prompt over several steps, several short ones in one), so a long prompt never stalls the sequences
-already decoding for more than one chunk, and a burst of short requests starts decoding together. Requests that share
-a prompt prefix with a live sequence copy that prefix's keys/values instead of recomputing them.
+already decoding for more than one chunk, and a burst of short requests starts decoding together.
+Requests that share a prompt prefix with a live sequence copy that prefix's keys/values instead of
+recomputing them.
 
 Each request samples from its own seeded generator with its own controls, so it gets exactly the
 tokens it would get alone (given equal logits: greedy and same-seed sampling agree). The engine sees
@@ -118,12 +119,12 @@ class BatchEngine:
         """Prefill one chunk of a waiting prompt (if any) and decode one token for every running
         sequence. Returns what happened to each request this step."""
         events: list[Event] = []
-        self._prefill_chunk()
+        self._prefill()
         if self.rows:
             events += self._decode()
         return events
 
-    def _prefill_chunk(self) -> None:
+    def _prefill(self) -> None:
         """Prefill up to `self.chunk` prompt tokens: the request being prefilled, then waiting ones
         while rows are free."""
         budget = self.chunk
@@ -197,12 +198,10 @@ class BatchEngine:
             if len(live) == 1:  # alone: shared positions (T,) take the model's unmasked single-sequence path
                 positions = positions[0]  # (1,)
             logits = native.decode(self.model, torch.tensor(tokens), positions, self.cache.rows(0, len(live)))  # (B, V)
-            plain = [r.params.greedy and not r.params.logit_bias and not r.params.needs_history and not r.params.needs_output
-                     for r in live]
-            best = logits.argmax(dim=-1).tolist() if any(plain) else []  # one call for the step's greedy rows
+            best = logits.argmax(dim=-1).tolist() if any(r.params.plain_greedy for r in live) else []  # one call a step
             for i, (r, row_logits) in enumerate(zip(live, logits)):
                 self.pending_logits[r.id] = row_logits
-                if plain[i]:
+                if r.params.plain_greedy:
                     self.pending_argmax[r.id] = best[i]
         return events
 

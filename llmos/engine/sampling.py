@@ -64,6 +64,11 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that changes the logits first (bias, penalties): the token is their argmax."""
+        return self.greedy and not self.logit_bias and not self.needs_history and not self.needs_output
+
+    @property
     def needs_history(self) -> bool:
         """Whether a penalty reads the prompt and output ids (repetition, no-repeat n-grams)."""
         return self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0

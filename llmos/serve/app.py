@@ -198,7 +198,7 @@ class Server:
         if exc.param == "prompt":
             return S.invalid(str(exc), param)
         names = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "logprobs": "top_logprobs"}
-        known = names.get(exc.param or "", exc.param if exc.param in S._Sampling.model_fields or exc.param in ("n", "stop") else None)
+        known = names.get(exc.param or "", exc.param if exc.param in S._Sampling.model_fields else None)
         return S.invalid(str(exc), known)
 
     async def get_embedder(self) -> Any:

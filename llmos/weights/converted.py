@@ -20,7 +20,7 @@ from torch import nn
 
 from llmos import quant
 from llmos.config import ModelConfig
-from llmos.files import commit
+from llmos.files import commit, temp_for
 from llmos.models import set_module
 from llmos.weights.load import build_model
 
@@ -34,7 +34,7 @@ def save(model: nn.Module, path: Path) -> None:
         state.pop("output.weight", None)  # shared with the embedding: stored once
     meta = {"format": FORMAT, "modules": json.dumps(modules)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_for(path)
     with open(tmp, "wb") as f:
         _write_aligned(f, state, meta)
     commit(tmp, path)
