@@ -192,16 +192,19 @@ def test_the_extension_builds_from_source_into_an_empty_store(tmp_path):
 
 def test_native_causal_attention_equals_sdpa(built):
     """Prompt attention (models/attention.py's native route): queries at consecutive positions after
-    any number of cached keys, grouped-query heads, head sizes 16..80, within 1e-5 of SDPA."""
+    any number of cached keys, grouped-query heads, head sizes 16..80, an fp32 or fp16 cache, within
+    1e-5 of SDPA over the same (widened) keys and values."""
     torch.manual_seed(7)
     for B, H, Hkv, T, p0, D in ((1, 9, 3, 200, 0, 64), (2, 4, 2, 37, 5, 32), (1, 4, 4, 19, 0, 80), (1, 2, 1, 9, 20, 16)):
         q = torch.randn(B, H, T, D)
-        k, v = torch.randn(B, Hkv, p0 + T + 3, D), torch.randn(B, Hkv, p0 + T + 3, D)  # room past the keys used
-        got = built.causal_attention(q, k, v, p0)
-        mask = torch.arange(p0 + T)[None, :] <= torch.arange(p0, p0 + T)[:, None]
-        want = torch.nn.functional.scaled_dot_product_attention(q, k[:, :, :p0 + T], v[:, :, :p0 + T], attn_mask=mask,
-                                                                 enable_gqa=H != Hkv)
-        assert (got - want).abs().max().item() < 1e-5, (B, H, Hkv, T, p0, D)
+        for dtype in (torch.float32, torch.float16):
+            k = torch.randn(B, Hkv, p0 + T + 3, D).to(dtype)  # room past the keys used
+            v = torch.randn(B, Hkv, p0 + T + 3, D).to(dtype)
+            got = built.causal_attention(q, k, v, p0)
+            mask = torch.arange(p0 + T)[None, :] <= torch.arange(p0, p0 + T)[:, None]
+            want = torch.nn.functional.scaled_dot_product_attention(q, k[:, :, :p0 + T].float(), v[:, :, :p0 + T].float(),
+                                                                     attn_mask=mask, enable_gqa=H != Hkv)
+            assert (got - want).abs().max().item() < 1e-5, (B, H, Hkv, T, p0, D, dtype)
 
 
 def test_prompt_prefilled_in_chunks_gets_the_bits_of_one_prefill(built):

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from llmos.models import attention
+
+
+@pytest.fixture(autouse=True)
+def sdpa_only(monkeypatch):
+    """These tests are about the SDPA plans: without this, once engine/native.py is imported (by any
+    earlier test) a prompt takes the native kernel and the chunks under test never run."""
+    monkeypatch.setattr(attention, "_native_causal", None)
 
 
 def _qkv(T: int, S: int):
