@@ -5,6 +5,8 @@ Sections (each prints a table and adds to bench/results/bench-DATE.json):
   llama-cpp-python when installed (`make bench-deps`); each engine in its own process, rounds
   alternating between engines, medians reported; CLI time to first token.
 - forms: speed and quality (perplexity, top-1 agreement with fp32) of each weight form.
+- kv: perplexity through the decode path (one step per token) of fp32 and of int4 with an fp32 and
+  an fp16 KV cache: what the quantized forms' fp16 cache costs in quality.
 - batch: aggregate tokens/s of 1, 4 and 16 concurrent generations in the continuous-batching engine.
 - chat: a 10-turn chat with 200-token turns, with and without KV prefix reuse.
 - beam: beam search (4 beams) tokens/s beside transformers.
@@ -134,6 +136,37 @@ def batch(gguf: Path, rounds: int = 3) -> dict:
     return out
 
 
+def kv(gguf: Path, tokens: int = 400) -> dict:
+    """Perplexity of the quality text's first `tokens` tokens decoded one step at a time (teacher-forced,
+    as generation runs): the fp32 model, and the int4 form with an fp32 and with an fp16 KV cache."""
+    import math
+
+    import torch
+
+    from llmos import quality
+    from llmos.engine import native
+    from llmos.models.kv_cache import KVCache
+
+    def decode_ppl(model: torch.nn.Module, ids: list[int], dtype: torch.dtype) -> float:
+        cache = KVCache.for_model(model.config, 1, len(ids), dtype)
+        nll = 0.0
+        for i in range(len(ids) - 1):
+            logits = native.decode(model, torch.tensor([ids[i]]), torch.tensor([i]), cache)[0]
+            nll -= torch.log_softmax(logits.double(), -1)[ids[i + 1]].item()
+        return math.exp(nll / (len(ids) - 1))
+
+    fp32, _, tokenizer = quality.load_form(gguf, "fp32")
+    ids = tokenizer.encode(quality.quality_text())[:tokens]
+    out = {"tokens": len(ids), "fp32": decode_ppl(fp32, ids, torch.float32)}
+    del fp32
+    int4, _, _ = quality.load_form(gguf, "int4")
+    out["int4, fp32 cache"] = decode_ppl(int4, ids, torch.float32)
+    out["int4, fp16 cache"] = decode_ppl(int4, ids, torch.float16)
+    for name in ("fp32", "int4, fp32 cache", "int4, fp16 cache"):
+        print(f"  decode-path perplexity, {name:<16}: {out[name]:.3f} ({(out[name] / out['fp32'] - 1) * 100:+.2f}%)")
+    return out
+
+
 def chat(gguf: Path) -> dict:
     import llmos
 
@@ -203,7 +236,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only", default="", help="comma-separated sections: core,forms,batch,chat,beam,tasks")
+    parser.add_argument("--only", default="", help="comma-separated sections: core,forms,kv,batch,chat,beam,tasks")
     args = parser.parse_args()
     only = {s for s in args.only.split(",") if s}
     gguf = store.pull(store.DEFAULT_CHAT_MODEL)
@@ -211,7 +244,7 @@ def main() -> None:
           f"{args.threads} threads, {gguf.name}")
     results: dict = {"date": str(date.today()), "threads": args.threads, "model": gguf.name}
     sections = {"core": lambda: core(gguf, args.rounds, args.threads), "forms": lambda: forms(gguf, args.threads),
-                "batch": lambda: batch(gguf), "chat": lambda: chat(gguf), "beam": lambda: beam(gguf)}
+                "kv": lambda: kv(gguf), "batch": lambda: batch(gguf), "chat": lambda: chat(gguf), "beam": lambda: beam(gguf)}
     for name, fn in sections.items():
         if not only or name in only:
             print(f"\n== {name}")
