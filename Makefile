@@ -1,5 +1,5 @@
 # make run   - create .venv, install llmos, fetch the default model once, generate text
-# make test  - same set-up plus test dependencies, then the whole test suite
+# make test  - same set-up plus system packages (scripts/system-deps.sh) and test dependencies, then the whole test suite
 # make bench - llmos beside its peers, printed as ratios and written to bench/results/
 PYTHON ?= python3
 VENV := .venv
@@ -8,13 +8,13 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test bench bench-deps clean
+.PHONY: run test bench bench-deps clean system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e ".[all]"
 	$(BIN)/python -m llmos.engine.native  # compile the native decode step once (g++, ~20 s); optional
 	touch $@
 
@@ -26,7 +26,11 @@ run: $(VENV)/.installed
 	$(BIN)/llmos pull smollm2-135m-instruct
 	$(BIN)/llmos generate "LLMOS is a" --max-new-tokens 50
 
-test: $(VENV)/.installed-test
+# chromium, g++ and python3-dev from apt-get when root and missing; names them otherwise
+system-deps:
+	PYTHON=$(PYTHON) scripts/system-deps.sh
+
+test: system-deps $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.installed-test

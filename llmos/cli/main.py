@@ -17,7 +17,10 @@ _GROUPS = ("llmos.cli.store", "llmos.cli.generate", "llmos.cli.bench", "llmos.cl
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from llmos import __version__
+
     parser = argparse.ArgumentParser(prog="llmos", description="Run, adapt and serve open LLMs offline.")
+    parser.add_argument("--version", action="version", version=f"llmos {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in _GROUPS:
         importlib.import_module(module).add_parsers(sub)

@@ -74,7 +74,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
         from llmos.serve.app import ServeConfig, create_app
     except ImportError as exc:
-        raise LlmosError(f"the server needs its extra dependencies ({exc.name}): pip install 'llmos[serve]'") from None
+        raise LlmosError(f"the server needs {exc.name}, a dependency of llmos that is missing here: "
+                         f"pip install {exc.name}") from None
     config = ServeConfig(model=args.model, dtype=args.dtype, api_key=key, cors_origins=tuple(args.cors_origin),
                          max_active=args.max_active, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                          default_max_tokens=args.default_max_tokens, threads=args.threads)

@@ -56,7 +56,9 @@ def _import(name: str) -> Any:
     try:
         return __import__(name, fromlist=["_"])
     except ImportError:
-        raise LlmosError(f"this evaluation needs {name.split('.')[0]}: pip install 'llmos[text]'") from None
+        package = {"rouge_score": "rouge-score"}.get(name.split(".")[0], name.split(".")[0])
+        raise LlmosError(f"this evaluation needs {package}, a dependency of llmos that is missing here: "
+                         f"pip install {package}") from None
 
 
 def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:

@@ -522,7 +522,7 @@ class Index:
         try:
             from usearch.index import Index as USearchIndex
         except ImportError:
-            raise LlmosError("approximate search needs usearch: pip install 'llmos[search]'") from None
+            raise LlmosError("approximate search needs usearch, a dependency of llmos that is missing here: pip install usearch") from None
         ids, matrix = self._vectors()
         file, sidecar = Path(f"{self.path}.usearch"), Path(f"{self.path}.usearch.json")
 

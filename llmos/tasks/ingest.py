@@ -271,7 +271,7 @@ def read_pdf(path: Path) -> Document:
         from pypdf import PdfReader
         from pypdf.errors import PdfReadError
     except ImportError:
-        raise LlmosError("reading PDF files needs pypdf: pip install 'llmos[search]'") from None
+        raise LlmosError("reading PDF files needs pypdf, a dependency of llmos that is missing here: pip install pypdf") from None
     try:
         reader = PdfReader(path)
         if reader.is_encrypted:

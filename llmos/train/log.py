@@ -1,7 +1,7 @@
 """The run's log: one row per logged step in log.csv and log.jsonl, and a loss curve in loss.png.
 
 On resume, rows past the checkpoint's step are dropped first, so the log reads as if the run had
-never stopped. The PNG needs matplotlib (`pip install llmos[train]`); without it the curve is
+never stopped. The PNG needs matplotlib (`pip install 'llmos[all]'`, which `make run` installs); without it the curve is
 skipped and the CSV has the same numbers.
 """
 
