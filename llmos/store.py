@@ -120,8 +120,22 @@ class ModelInfo:
 
 
 def home() -> Path:
-    """The store's root folder: `$LLMOS_HOME`, default `~/.cache/llmos`."""
-    return Path(os.environ.get("LLMOS_HOME") or Path.home() / ".cache" / "llmos").expanduser()
+    """The store's root folder: `$LLMOS_HOME`, default `~/.cache/llmos`, created on first use.
+
+    An LlmosError naming LLMOS_HOME when it is a file or cannot be created, rather than the
+    `[Errno 20] Not a directory` of whichever file llmos first tried to write under it."""
+    configured = os.environ.get("LLMOS_HOME")
+    root = Path(configured or Path.home() / ".cache" / "llmos").expanduser()
+    if root.is_dir():
+        return root
+    where = f"LLMOS_HOME={configured}" if configured else f"the model store {root} (set LLMOS_HOME to use another folder)"
+    if root.exists():
+        raise LlmosError(f"{where} is not a folder")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LlmosError(f"{where} cannot be created: {exc.strerror or exc}") from None
+    return root
 
 
 # --- pull -------------------------------------------------------------------------------------------
@@ -372,6 +386,9 @@ def _refuse_pickle(path: Path) -> LlmosError:
 def _check_local(path: Path) -> Path:
     if path.is_file():
         if path.suffix.lower() == ".gguf":
+            with open(path, "rb") as f:
+                if f.read(4) != b"GGUF":
+                    raise LlmosError(f"{path} is not a GGUF model: it does not start with the GGUF magic bytes")
             return path
         if path.suffix.lower() in PICKLE_SUFFIXES:
             raise _refuse_pickle(path)

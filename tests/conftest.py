@@ -44,3 +44,20 @@ def fast_llm(default_gguf_path):
     import llmos
 
     return llmos.load(default_gguf_path)
+
+
+@pytest.fixture(scope="session")
+def llmos_run():
+    """Runs the installed `llmos` entry point in a subprocess, as a user would, with one thread:
+    llmos_run("serve", "--port", "0", env={...}) -> CompletedProcess (text, stdout and stderr captured)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("llmos")
+
+    def run(*args: str, env: dict[str, str] | None = None, timeout: float = 300, **kw):
+        full = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+        return subprocess.run([str(exe), *args], capture_output=True, text=True, env=full, timeout=timeout, **kw)
+
+    return run

@@ -7,14 +7,16 @@ import argparse
 import json
 import time
 
+from llmos.cli.argtypes import int_in
+
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure decode/prefill speed per weight form (--quality: perplexity report)")
     p.add_argument("--model", "-m", default="smollm2-135m-instruct")
     p.add_argument("--forms", default="fp32,bf16,int8,int4", help="comma-separated weight forms")
     p.add_argument("--quality", action="store_true", help="report perplexity and top-1 agreement per form")
-    p.add_argument("--tokens", type=int, default=64, help="decode tokens to time")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores other work leaves idle)")
+    p.add_argument("--tokens", type=int_in(1), default=64, help="decode tokens to time")
+    p.add_argument("--threads", type=int_in(1), default=None, help="CPU threads (default: the cores other work leaves idle)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from llmos.cli.argtypes import int_in
 from llmos.files import write_atomically
 
 
@@ -15,11 +16,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default="smollm2-135m-instruct", help="store name, .gguf file or Hugging Face folder")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "int8", "int4"],
                    help="weight form; auto picks the fastest within 2%% of fp32 perplexity")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores other work leaves idle)")
+    p.add_argument("--threads", type=int_in(1), default=None, help="CPU threads (default: the cores other work leaves idle)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", "-n", type=int, default=None, help="tokens to generate at most")
+    p.add_argument("--max-new-tokens", "-n", type=int_in(1), default=None, help="tokens to generate at most")
     p.add_argument("--temperature", "-t", type=float, default=None, help="0 is greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=None, help="0 turns it off (default 40)")
     p.add_argument("--top-p", type=float, default=None, help="1 turns it off (default 0.95)")

@@ -16,10 +16,18 @@ import sys
 _GROUPS = ("llmos.cli.store", "llmos.cli.generate", "llmos.cli.bench", "llmos.cli.train", "llmos.cli.index", "llmos.cli.serve", "llmos.cli.text")
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage errors in one line naming the flag, with where to read more (argparse prints the whole
+    usage first, which buries the one line that matters)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from llmos import __version__
 
-    parser = argparse.ArgumentParser(prog="llmos", description="Run, adapt and serve open LLMs offline.")
+    parser = Parser(prog="llmos", description="Run, adapt and serve open LLMs offline.")
     parser.add_argument("--version", action="version", version=f"llmos {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in _GROUPS:

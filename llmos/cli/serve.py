@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from llmos.cli.argtypes import int_in
 from llmos.cli.generate import add_model_args
 from llmos.errors import LlmosError
 
@@ -23,7 +24,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP API and web chat page")
     add_model_args(p)  # --model, --dtype, --threads
     p.add_argument("--host", default="127.0.0.1", help="address to bind (non-loopback needs an API key)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int_in(1, 65535), default=8000)
     p.add_argument("--api-key-file", default=None, help="file holding the API key (else $LLMOS_API_KEY)")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser requests from this origin (repeatable); off by default")
@@ -56,6 +57,20 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to anything
 
 
+def check_bindable(host: str, port: int) -> None:
+    """Fail with one line now if the address cannot be bound (in use, not this machine's)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            s.bind(address)
+    except OSError as exc:
+        raise LlmosError(f"cannot listen on --host {host} --port {port}: {exc.strerror or exc}") from None
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from llmos import store
 
@@ -69,6 +84,7 @@ def run_serve(args: argparse.Namespace) -> int:
         if value < low:
             raise LlmosError(f"{name} must be at least {low}, got {value}")
     store.resolve(args.model, pull_missing=False)  # fail now, in the terminal, and never download
+    check_bindable(args.host, args.port)  # before the model loads, not after
     try:
         import uvicorn
 
