@@ -18,6 +18,7 @@ The engine yields token ids; this layer turns them into text the way users expec
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -218,6 +219,20 @@ def repetition_loop(tokens: Sequence[int], min_span: int = 48, max_period: int =
     return False
 
 
+_SENTENCE_OR_LINE = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def repeated_sentence(text: str, min_chars: int = 24) -> bool:
+    """True when the last complete sentence or line of `text` (of at least `min_chars` characters)
+    already appears earlier in it: a loop over a long sentence, which small models fall into in
+    summaries and answers ("The answer to your question is: ..." again and again)."""
+    if not text or text[-1] not in ".!?\n":
+        return False
+    parts = [" ".join(p.split()).lower() for p in _SENTENCE_OR_LINE.split(text)]
+    parts = [p for p in parts if p]
+    return len(parts) > 1 and len(parts[-1]) >= min_chars and parts[-1] in parts[:-1]
+
+
 # --- results ------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -305,7 +320,7 @@ class ChoiceState:
         text, stopped = self.matcher.feed(self.decoder.push(token))
         if stopped:
             self.finish_reason = "stop"
-        elif self.repetition_guard and repetition_loop(self.ids):
+        elif self.repetition_guard and (repetition_loop(self.ids) or repeated_sentence(self.matcher.text.rstrip(" "))):
             self.finish_reason = "repetition"
         if text or new_lp or self.finish_reason:
             return Delta(self.index, text, [token], new_lp, self.finish_reason)

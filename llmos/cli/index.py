@@ -16,6 +16,7 @@ from llmos import store
 from llmos.cli.eval import get_eval_subparsers
 from llmos.cli.generate import add_sampling_args, sampling_kwargs
 from llmos.errors import LlmosError
+from llmos.tasks.qa import DEFAULT_K, DEFAULT_MAX_NEW_TOKENS
 
 MODES = ("vector", "keyword", "hybrid")
 
@@ -50,14 +51,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("ask", help="answer a question from your indexed documents, citing them")
     p.add_argument("question")
-    p.add_argument("-k", type=int, default=4, help="passages to retrieve")
+    p.add_argument("-k", type=int, default=DEFAULT_K, help="passages to retrieve")
     p.add_argument("--mode", choices=MODES, default="hybrid")
     p.add_argument("--no-index", action="store_true", help="plain chat question answering, no documents")
-    p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    p.add_argument("--stream", action="store_true", help="print the answer as soon as it is checked")
+    p.add_argument("--extractive", action="store_true", help="answer with the best sentence, without the chat model")
+    p.add_argument("--json", action="store_true", help="print the answer, its sources and quotes as JSON")
     p.add_argument("--model", "-m", default=store.DEFAULT_CHAT_MODEL, help="chat model: store name, .gguf file or HF folder")
     add_sampling_args(p)
-    p.set_defaults(temperature=0.0, max_new_tokens=256)  # greedy answers unless asked otherwise
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.set_defaults(temperature=0.0, max_new_tokens=DEFAULT_MAX_NEW_TOKENS)  # short greedy answers unless asked otherwise
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "int8", "int4"])
     _index_arg(p)
     p.set_defaults(func=cmd_ask)
 
@@ -73,6 +76,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--index", default=None, help="index to evaluate (required with your own question set)")
     e.add_argument("--modes", default=",".join(MODES), help="comma-separated modes")
     e.set_defaults(func=cmd_eval_retrieval)
+
+    e = get_eval_subparsers(sub).add_parser("qa", help="correct answers, right citations, declines and loops of `ask`")
+    e.add_argument("questions", nargs="*", metavar="QA.jsonl",
+                   help="question sets (default: the shipped development sets, their documents indexed on first use)")
+    e.add_argument("--index", default=None, help="index the questions are about (default: the documents named by the set)")
+    e.add_argument("--model", "-m", default=store.DEFAULT_CHAT_MODEL, help="chat model: store name, .gguf file or HF folder")
+    e.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "int8", "int4"])
+    e.add_argument("-k", type=int, default=DEFAULT_K, help="passages to retrieve")
+    e.add_argument("--extractive", action="store_true", help="answer with the best sentence, without the chat model")
+    e.add_argument("--out", default=None, metavar="FILE.json", help="write every answer and the summary as JSON")
+    e.set_defaults(func=cmd_eval_qa)
 
 
 def _index_arg(p: argparse.ArgumentParser) -> None:
@@ -162,8 +176,16 @@ def cmd_ask(args: argparse.Namespace) -> int:
             print(f"llmos: no index at {default_index_path()}; answering without documents", file=sys.stderr)
         else:
             index = _open(args.index)
-    llm = llmos.load(args.model, dtype=args.dtype)
-    result = ask(llm, args.question, index, k=args.k, mode=args.mode, stream=args.stream, **sampling_kwargs(args))
+    if args.extractive and index is None:
+        raise LlmosError("--extractive answers from indexed documents: add some with `llmos index add PATH...`")
+    _say("loading the chat model", args)
+    llm = None if args.extractive else llmos.load(args.model, dtype=args.dtype)
+    _say("searching the index and answering", args)
+    result = ask(llm, args.question, index, k=args.k, mode=args.mode, stream=args.stream and not args.json,
+                 generate=not args.extractive, **sampling_kwargs(args))
+    if args.json:
+        print(json.dumps(result.as_dict(), ensure_ascii=False, indent=2))
+        return 0
     if args.stream:
         for piece in result:
             sys.stdout.write(piece)
@@ -177,18 +199,21 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say(what: str, args: argparse.Namespace) -> None:
+    if not getattr(args, "json", False) or sys.stderr.isatty():
+        print(f"llmos: {what}...", file=sys.stderr, flush=True)
+
+
 def _print_sources(answer) -> None:
-    if not answer.sources:
+    """Each source the answer stands on with its quoted sentence and file:line (the closest sentences
+    when the documents do not hold the answer)."""
+    shown, title = (answer.cited, "Sources:") if answer.found else (answer.nearest, "Closest passages:")
+    if not shown:
         return
-    if answer.cited:
-        title = "Sources (matched by content: the model cited none):" if answer.citations_inferred else "Sources:"
-        shown = answer.cited
-    else:
-        title, shown = "Sources given to the model (none cited):", answer.sources
     print("\n" + title)
     for s in shown:
         heading = f"  [{' > '.join(s.heading)}]" if s.heading else ""
-        print(f"[{s.number}] {s.location}{heading}")
+        print(f"[{s.number}] {s.location}{heading}\n    \u201c{s.quote}\u201d")
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -241,3 +266,49 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
     print(f"{name}: {len(questions)} questions, index {index.path} ({len(index)} chunks)")
     print(ev.format_table(scores))
     return 0
+
+
+def cmd_eval_qa(args: argparse.Namespace) -> int:
+    import llmos
+    from llmos.tasks import evaluate_qa as ev
+    from llmos.tasks.index import Index
+    from llmos.tasks.qa import ask
+
+    files = args.questions or sorted(str(p) for p in ev.SHIPPED_DIR.glob("*.jsonl"))
+    if args.index and len(files) != 1:
+        raise LlmosError("--index goes with one question file: the index is what that file's questions are about")
+    sets = []
+    for file in files:
+        items = ev.load_items(file)
+        if args.index:
+            index = _open(args.index)
+        else:
+            corpus = ev.corpus_of(file, store.home() / "eval")
+            if corpus is None:
+                raise LlmosError(f"{file}: no folder {Path(file).with_suffix('')} of its documents beside it; "
+                                 "give the index its questions are about with --index")
+            index = Index(store.home() / "eval" / f"qa-{Path(file).stem}.sqlite")
+            print(f"llmos: indexing {corpus} (only what changed)...", file=sys.stderr, flush=True)
+            index.add([corpus], progress=sys.stderr.isatty())
+        sets.append((Path(file).stem, items, index))
+    llm = None if args.extractive else llmos.load(args.model, dtype=args.dtype)
+    reports = []
+    for name, items, index in sets:
+        bar = _progress(f"asking {name}", len(items))
+        report = ev.evaluate(lambda q: ask(llm, q, index, k=args.k, generate=not args.extractive), items, name,
+                             progress=lambda done, total: bar.update(1))
+        bar.close()
+        print(ev.format_report(report))
+        reports.append(report.as_dict())
+    if args.out:
+        from llmos.files import write_atomically
+
+        write_atomically(Path(args.out), json.dumps(reports, indent=2, ensure_ascii=False))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _progress(what: str, total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=what, unit="q", file=sys.stderr, leave=False)

@@ -114,10 +114,14 @@ class SearchResult:
     @property
     def location(self) -> str:
         """`path:12-20`, or `path p.3` for a PDF page."""
-        if self.page is not None:
-            return f"{self.path} p.{self.page}"
-        lines = f"{self.line_start}" if self.line_start == self.line_end else f"{self.line_start}-{self.line_end}"
-        return f"{self.path}:{lines}"
+        return format_location(self.path, self.page, self.line_start, self.line_end)
+
+
+def format_location(path: str, page: int | None, line_start: int, line_end: int) -> str:
+    """`path:12-20` (`path:12` for one line), or `path p.3` for a PDF page."""
+    if page is not None:
+        return f"{path} p.{page}"
+    return f"{path}:{line_start}" if line_start == line_end else f"{path}:{line_start}-{line_end}"
 
 
 @dataclass

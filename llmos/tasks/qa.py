@@ -1,26 +1,31 @@
-"""Question answering over an index, with citations: retrieve, pack, instruct, answer, cite.
+"""Grounded question answering over an index: retrieve, pick sentences, answer, check, cite.
 
     answer = ask(llm, "How do I rotate the API key?", index=Index("notes.sqlite"))
-    print(answer)                       # the model's answer, citing passages as [1], [2] ...
-    for s in answer.cited: print(s.number, s.location)
+    print(answer)                       # "Run acmectl keys rotate. [1]"
+    for s in answer.cited: print(s.number, s.location, s.quote)
 
-`ask` retrieves the `k` best passages (hybrid search by default), keeps those that are relevant (cosine
-similarity with the question at least `min_similarity`; in keyword mode, any BM25 match), packs as
-many as fit into the chat model's context after the question, the instructions and room for
-`max_new_tokens`, best first, and numbers them. The model is told to answer only from them and to
-cite them as [n]. The reply is an `Answer`: a str, with `.sources` (every passage the model saw),
-`.cited` (those it cited) and `.found`.
+A small chat model does not read four passages well: it loops, copies the wrong number, and never
+declines. So the model is one step of a pipeline that carries it:
 
-- No relevant passage (an empty index, or nothing close enough): the answer says so and the model is
-  not called, so it cannot invent one. `found` is False.
-- `index=None`: plain chat question answering, no sources.
-- A model that answers without any [n]: `.cited` falls back to the passages sharing the most words
-  with the answer, and `.citations_inferred` is True; the text is left as the model wrote it.
-- `stream=True` returns an `AnswerStream`: iterate it for text pieces; `.sources` is known before
-  the first piece, `.answer` (the full `Answer`) after the last.
+1. Retrieve the `k` best passages (hybrid search by default) whose cosine similarity with the question
+   is at least `min_similarity` (keyword-only results always pass).
+2. Split them into sentences with their file, line range and heading path (`evidence.sentences_of`).
+3. Rank the sentences for the question (`evidence.rank`: embedding similarity, keyword overlap,
+   whether a sentence holds what the question asks for, the passage's rank).
+4. Decline when the best sentence scores under `min_support` (tuned on the shipped development sets):
+   the answer says the indexed documents do not say, `found` is False, and `nearest` holds the closest
+   sentences. The chat model is not called, so it cannot invent an answer.
+5. The model writes a short answer (greedy, `max_new_tokens` 64, stopped at a blank line, with the
+   loop guard) from the `evidence` best sentences only, not whole passages.
+6. Check it (`evidence.supported`): every number, name and quoted term of the answer must occur in the
+   evidence sentences. An answer that fails, declines, or runs into a loop is replaced by the best
+   sentence itself, quoted (`extractive` is True).
+7. Cite: the pipeline attaches `[n]` for the sentence(s) the answer stands on (the model's own `[n]`
+   are removed, never trusted). `sources` are the evidence sentences, numbered; `cited` those used.
 
-Generation is greedy (`temperature=0`) unless `controls` say otherwise: answers should follow the
-sources, not sample around them.
+`index=None` is plain chat question answering (short, guarded, no sources). `stream=True` returns an
+`AnswerStream`: `.sources` is known at once; the text comes after the check, so only checked text is
+ever shown. Generation is greedy unless `controls` say otherwise.
 """
 
 from __future__ import annotations
@@ -31,70 +36,93 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from llmos.errors import LlmosError
+from llmos.tasks import evidence
+from llmos.tasks.evidence import Ranked, Sentence
 
 if TYPE_CHECKING:
     from llmos.api import LLM
-    from llmos.tasks.index import Index, SearchResult
+    from llmos.tasks.index import Index
 
 NOTHING_FOUND = "I found nothing relevant to this question in the indexed documents, so I cannot answer it from them."
+NOT_STATED = "The indexed documents do not say. The closest passages are listed below."
 DEFAULT_MIN_SIMILARITY = 0.25
+DEFAULT_MIN_SUPPORT = 0.45  # the best sentence's rank score; tuned on the development sets (llmos eval qa)
+DEFAULT_K = 6
+DEFAULT_EVIDENCE = 3
+DEFAULT_MAX_NEW_TOKENS = 64
 SYSTEM_PROMPT = (
-    "You answer questions using only the numbered sources given with the question. "
-    "Cite every source you use by its number in square brackets, like [1]. "
-    "If the sources do not contain the answer, say that you do not know."
+    "You answer a question from the given text. Reply with the answer only, as a short phrase or one "
+    "sentence, using the words of the text. If the text does not contain the answer, reply: Not stated."
 )
+_DECLINE = re.compile(r"\b(not stated|not mentioned|does not (say|mention|contain|specify|state)|do not know|"
+                      r"don't know|no information|cannot (answer|determine)|not (provided|specified|given))\b", re.I)
 
 
 @dataclass(frozen=True)
 class Source:
-    """A passage given to the model as source [number]."""
+    """An evidence sentence given as source [number]: the sentence (`quote`) and where it is."""
 
     number: int
     path: str
     location: str  # path:lines, or path p.N
     heading: tuple[str, ...]
-    text: str
+    quote: str
     line_start: int
     line_end: int
     page: int | None
     score: float
-    similarity: float | None
 
     @classmethod
-    def from_result(cls, number: int, r: SearchResult) -> Source:
-        return cls(number, r.path, r.location, r.heading, r.text, r.line_start, r.line_end, r.page, r.score, r.similarity)
+    def from_sentence(cls, number: int, r: Ranked) -> Source:
+        s = r.sentence
+        return cls(number, s.path, s.location, s.heading, s.text, s.line_start, s.line_end, s.page, r.score)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"number": self.number, "path": self.path, "location": self.location, "heading": list(self.heading),
+                "quote": self.quote, "line_start": self.line_start, "line_end": self.line_end, "page": self.page,
+                "score": round(self.score, 4)}
 
 
 class Answer(str):
-    """The answer text, with `sources`, `cited`, `found`, `citations_inferred` and `finish_reason`."""
+    """The answer text, with `sources` (the evidence, numbered), `cited` (what the answer stands on),
+    `found` (False when declined), `extractive` (the answer is a quoted sentence), `nearest` (the
+    closest sentences, also when declined), `model_answer` (what the model wrote, before the check)
+    and `finish_reason`."""
 
     sources: list[Source]
     cited: list[Source]
+    nearest: list[Source]
     found: bool
-    citations_inferred: bool
+    extractive: bool
+    model_answer: str | None
     finish_reason: str | None
 
-    def __new__(cls, text: str, sources: list[Source], *, found: bool = True, finish_reason: str | None = None) -> Answer:
+    def __new__(cls, text: str, sources: list[Source] | None = None, *, cited: list[Source] | None = None,
+                nearest: list[Source] | None = None, found: bool = True, extractive: bool = False,
+                model_answer: str | None = None, finish_reason: str | None = None) -> Answer:
         self = super().__new__(cls, text)
-        self.sources, self.found, self.finish_reason = sources, found, finish_reason
-        self.cited, self.citations_inferred = cite(text, sources)
+        self.sources, self.cited, self.nearest = sources or [], cited or [], nearest or []
+        self.found, self.extractive, self.model_answer, self.finish_reason = found, extractive, model_answer, finish_reason
         return self
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"answer": str(self), "found": self.found, "extractive": self.extractive,
+                "model_answer": self.model_answer, "cited": [s.as_dict() for s in self.cited],
+                "sources": [s.as_dict() for s in self.sources], "nearest": [s.as_dict() for s in self.nearest]}
 
 
 class AnswerStream:
-    """Text pieces of an answer as they are generated; `.sources` now, `.answer` at the end."""
+    """The answer's text pieces; `.sources` now, `.answer` (the full `Answer`) after the last piece.
+    The text is checked before any of it is yielded."""
 
-    def __init__(self, pieces: Iterator[str], sources: list[Source], found: bool) -> None:
+    def __init__(self, make: Any, sources: list[Source], found: bool) -> None:
         self.sources, self.found = sources, found
         self.answer: Answer | None = None
-        self._pieces = pieces
+        self._make = make
 
     def __iter__(self) -> Iterator[str]:
-        text = []
-        for piece in self._pieces:
-            text.append(piece)
-            yield piece
-        self.answer = Answer("".join(text), self.sources, found=self.found)
+        self.answer = self._make()
+        yield str(self.answer)
 
 
 def ask(
@@ -102,96 +130,122 @@ def ask(
     question: str,
     index: Index | None = None,
     *,
-    k: int = 4,
+    k: int = DEFAULT_K,
     mode: str = "hybrid",
     stream: bool = False,
-    max_new_tokens: int = 256,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     min_similarity: float = DEFAULT_MIN_SIMILARITY,
-    context_tokens: int | None = None,
+    min_support: float = DEFAULT_MIN_SUPPORT,
+    evidence_sentences: int = DEFAULT_EVIDENCE,
+    generate: bool = True,
     **controls: Any,
 ) -> Answer | AnswerStream:
     """Answer `question` from `index` (or, with no index, from the model alone); see the module doc.
 
-    `context_tokens` caps the prompt plus answer below the model's own context length.
-    """
+    `generate=False` answers with the best sentence alone (no chat model needed)."""
     if not isinstance(question, str) or not question.strip():
         raise LlmosError("the question is empty")
-    controls.setdefault("temperature", 0.0)
+    if evidence_sentences < 1:
+        raise LlmosError(f"evidence_sentences must be at least 1, got {evidence_sentences}")
+    controls = {"temperature": 0.0, "repetition_guard": True, **controls}
     if index is None:
-        messages = [{"role": "user", "content": question}]
-        return _generate(llm, messages, [], stream, max_new_tokens, controls)
-    results = [r for r in index.search(question, k=k, mode=mode) if _relevant(r, min_similarity)]
-    if not results:
-        if stream:
-            return AnswerStream(iter([NOTHING_FOUND]), [], found=False)
-        return Answer(NOTHING_FOUND, [], found=False)
-    budget = min(llm.config.max_seq_len, context_tokens or llm.config.max_seq_len) - max_new_tokens
-    sources = pack(llm, question, results, budget)
-    return _generate(llm, build_messages(question, sources), sources, stream, max_new_tokens, controls)
+        return _plain(llm, question, stream, max_new_tokens, controls)
+    ranked = find_evidence(question, index, k=k, mode=mode, min_similarity=min_similarity)
+    nearest = [Source.from_sentence(i + 1, r) for i, r in enumerate(ranked[:evidence_sentences])]
+    if not ranked or ranked[0].score < min_support:
+        text = NOTHING_FOUND if not ranked else NOT_STATED
+        declined = Answer(text, [], nearest=nearest, found=False)
+        return AnswerStream(lambda: declined, [], False) if stream else declined
+
+    def make() -> Answer:
+        return answer_from(llm, question, ranked[:evidence_sentences], nearest, generate, max_new_tokens, controls)
+
+    return AnswerStream(make, nearest, True) if stream else make()
 
 
-def _relevant(result: SearchResult, min_similarity: float) -> bool:
-    return result.similarity is None or result.similarity >= min_similarity
+def find_evidence(question: str, index: Index, *, k: int = DEFAULT_K, mode: str = "hybrid",
+                  min_similarity: float = DEFAULT_MIN_SIMILARITY) -> list[Ranked]:
+    """Steps 1-3: the sentences of the relevant retrieved passages, best first."""
+    results = [r for r in index.search(question, k=k, mode=mode)
+               if r.similarity is None or r.similarity >= min_similarity]
+    sentences = [s for i, r in enumerate(results) for s in evidence.sentences_of(r, i)]
+    return evidence.rank(question, sentences, index.embedder) if sentences else []
 
 
-def build_messages(question: str, sources: list[Source]) -> list[dict[str, str]]:
-    """The chat: instructions as the system turn, then the numbered sources and the question."""
-    # Paths and line numbers stay out of the prompt: small models copy them into the answer.
-    user = "Sources:\n\n" + "\n\n".join(format_source(s) for s in sources) + f"\n\nQuestion: {question}"
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+def answer_from(llm: LLM | None, question: str, ranked: list[Ranked], sources: list[Source], generate: bool,
+                max_new_tokens: int, controls: dict[str, Any]) -> Answer:
+    """Steps 5-7 over the evidence sentences `ranked` (best first; `sources` numbers them)."""
+    best = sources[0]
+    quoted = Answer(f"\u201c{best.quote}\u201d [1]", sources, cited=[best], nearest=sources, extractive=True)
+    if not generate or llm is None:
+        return quoted
+    reply = llm.chat(build_messages(question, [r.sentence for r in ranked]), max_new_tokens=max_new_tokens,
+                     stop=["\n\n"], **controls)
+    text = clean(str(reply))
+    finish = getattr(reply, "finish_reason", None)
+    if finish in ("length", "repetition") or not text or _DECLINE.search(text) \
+            or not evidence.supported(text, [s.quote for s in sources], question):
+        return Answer(str(quoted), sources, cited=[best], nearest=sources, extractive=True, model_answer=text,
+                      finish_reason=finish)
+    used = _standing_on(text, sources)
+    marks = "".join(f"[{s.number}]" for s in used)
+    return Answer(f"{text} {marks}", sources, cited=used, nearest=sources, model_answer=text, finish_reason=finish)
 
 
-def format_source(source: Source) -> str:
-    heading = f"{' > '.join(source.heading)}: " if source.heading else ""
-    return f"[{source.number}] {heading}{source.text.strip()}"
+def build_messages(question: str, sentences: list[Sentence]) -> list[dict[str, str]]:
+    """The chat: instructions, then the evidence sentences in document order and the question."""
+    ordered = sorted(sentences, key=lambda s: (s.path, s.line_start, s.position))
+    text = " ".join(s.text for s in ordered)
+    return [{"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": f"Text: {text}\n\nQuestion: {question}"}]
 
 
-def pack(llm: LLM, question: str, results: list[SearchResult], budget: int) -> list[Source]:
-    """Number and keep the best passages whose prompt fits in `budget` tokens (best first; a passage
-    too long for what is left is skipped and shorter ones after it may still fit)."""
-
-    def n_tokens(sources: list[Source]) -> int:
-        return len(llm._chat_ids(build_messages(question, sources)))
-
-    base = n_tokens([])
-    if base >= budget:
-        raise LlmosError(f"the question alone takes {base} tokens, more than the {budget} the chat model has for it")
-    kept: list[Source] = []
-    for r in results:  # exact counts of the whole prompt: k is small and tokenizing is fast
-        candidate = Source.from_result(len(kept) + 1, r)
-        if n_tokens([*kept, candidate]) <= budget:
-            kept.append(candidate)
-    if not kept:
-        raise LlmosError(f"no retrieved passage fits in the {budget - base} tokens the chat model has left for sources")
-    return kept
+def clean(text: str) -> str:
+    """The model's reply as an answer: its own [n] marks and an "Answer:" label removed, one paragraph."""
+    text = re.sub(r"\s*\[\d+(?:\s*[,;]\s*\d+)*\]", "", text)
+    text = re.sub(r"^\s*(?:the\s+)?answer(?: is)?\s*:\s*", "", text, flags=re.I)
+    return " ".join(text.split()).strip()
 
 
-def _generate(llm: LLM, messages: list[dict[str, str]], sources: list[Source], stream: bool,
-              max_new_tokens: int, controls: dict[str, Any]) -> Answer | AnswerStream:
+def _standing_on(text: str, sources: list[Source]) -> list[Source]:
+    """The sources an answer stands on: the one sharing most of its key terms and content words (ties to
+    the better ranked), plus any other needed for a key term the first lacks."""
+    words = set(evidence.content_words(text))
+    terms = evidence.key_terms(text)
+
+    def weight(s: Source) -> tuple[int, int, int]:
+        quote = s.quote.lower()
+        return (sum(t in quote for t in terms), len(words & set(evidence.content_words(s.quote))), -s.number)
+
+    first = max(sources, key=weight)
+    used = [first]
+    for t in sorted(terms):
+        if t not in first.quote.lower():
+            other = next((s for s in sources if t in s.quote.lower()), None)
+            if other is not None and other not in used:
+                used.append(other)
+    return sorted(used, key=lambda s: s.number)
+
+
+def _plain(llm: LLM, question: str, stream: bool, max_new_tokens: int, controls: dict[str, Any]) -> Answer | AnswerStream:
+    messages = [{"role": "user", "content": question}]
     if stream:
-        return AnswerStream(llm.chat_stream(messages, max_new_tokens=max_new_tokens, **controls), sources, found=True)
+        run = llm.chat_stream(messages, max_new_tokens=max_new_tokens, **controls)
+        return _PlainStream(run)
     reply = llm.chat(messages, max_new_tokens=max_new_tokens, **controls)
-    return Answer(str(reply).strip(), sources, found=True, finish_reason=getattr(reply, "finish_reason", None))
+    return Answer(str(reply).strip(), finish_reason=getattr(reply, "finish_reason", None))
 
 
-_CITATION = re.compile(r"\[(\d+(?:\s*[,;]\s*\d+)*)\]")
-_WORD = re.compile(r"\w+")
+class _PlainStream(AnswerStream):
+    """Plain chat answers stream as generated: there is no evidence to check them against."""
 
+    def __init__(self, pieces: Iterator[str]) -> None:
+        super().__init__(None, [], True)
+        self._pieces = pieces
 
-def cite(text: str, sources: list[Source]) -> tuple[list[Source], bool]:
-    """The sources `text` cites as [n] (in order of first citation), and whether they were inferred:
-    with no valid [n], the source sharing the most words with the text (if any share several)."""
-    by_number = {s.number: s for s in sources}
-    cited: dict[int, Source] = {}
-    for group in _CITATION.findall(text):
-        for number in re.split(r"\s*[,;]\s*", group):
-            if int(number) in by_number:
-                cited.setdefault(int(number), by_number[int(number)])
-    if cited or not sources or not text.strip():
-        return list(cited.values()), False
-    words = {w for w in _WORD.findall(text.lower()) if len(w) > 2}
-    overlaps = [(len(words & set(_WORD.findall(s.text.lower()))), -s.number, s) for s in sources]
-    best, _, source = max(overlaps, key=lambda o: o[:2])
-    if best >= min(3, len(words)) and best > 0:
-        return [source], True
-    return [], False
+    def __iter__(self) -> Iterator[str]:
+        text = []
+        for piece in self._pieces:
+            text.append(piece)
+            yield piece
+        self.answer = Answer("".join(text).strip())
