@@ -401,7 +401,8 @@ class TextGeneration:
         )
         for row, beam in enumerate(beams):
             matcher = StopMatcher(c.stop)
-            text, stopped = matcher.feed(self.tokenizer.decode(beam.tokens, skip_special_tokens=True))
+            decoder = self.tokenizer.decoder(skip_special_tokens=True)  # drops a character cut by the length limit
+            text, stopped = matcher.feed("".join(map(decoder.push, beam.tokens)) + decoder.flush())
             text += "" if stopped else matcher.flush()
             reason = "stop" if stopped else beam.finish_reason
             self.choices.append(Choice(row, matcher.text, list(beam.tokens), reason, None, beam.score))

@@ -367,8 +367,10 @@ class IncrementalDecoder:
     Text is decoded over a short window of trailing ids (vLLM's prefix/read offsets): the window's
     first ids are context already emitted, which keeps leading-space rules and multi-token UTF-8
     characters right. Output is held back while the window ends in an incomplete character (U+FFFD),
-    so pieces never split a character, and `"".join(pieces) + flush()` equals `decode(all_ids)`.
-    Each push costs O(window), not O(sequence).
+    so pieces never split a character, and `"".join(pieces) + flush()` equals `decode(all_ids)`
+    less the bytes of a character the stream ended in the middle of (a generation cut by its length
+    limit): those are dropped, not shown as a U+FFFD the model never wrote. Each push costs
+    O(window), not O(sequence).
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
@@ -387,11 +389,12 @@ class IncrementalDecoder:
         return ""
 
     def flush(self) -> str:
-        """The text still held back (an incomplete character decodes to U+FFFD), at end of stream."""
+        """The text still held back, at end of stream, without the trailing incomplete character
+        (which decodes to U+FFFD) that made it wait."""
         if self._read == len(self._ids):
             return ""
         prefix_text, text = self._window()
-        return self._advance(text[len(prefix_text) :])
+        return self._advance(text[len(prefix_text) :].rstrip("\ufffd"))
 
     def _window(self) -> tuple[str, str]:
         decode = self._tokenizer.decode
