@@ -20,6 +20,7 @@ _EXPORTS = {
     "LlmosError": "llmos.errors",
     "AutoTokenizer": "llmos.auto",
     "AutoModelForCausalLM": "llmos.auto",
+    "TextStreamer": "llmos.auto",
     "pretrain": "llmos.train.run",
     "finetune": "llmos.train.run",
     "TrainConfig": "llmos.train.loop",

@@ -49,6 +49,7 @@ class Beam:
     tokens: list[int]  # generated tokens only; a final stop id is not included
     score: float  # transformers' sequences_scores: sum of log-probs / generated_length ** length_penalty
     finish_reason: str = "length"  # "eos" (ended on a stop id) or "length" (reached max_new_tokens)
+    stop_id: int | None = None  # the stop id it ended on ("eos")
 
 
 def _check(
@@ -178,5 +179,8 @@ def beam_search(
             break
         gen = done_seqs[row, T:T + int(done_lens[0, row])].tolist()
         reason = "eos" if gen and gen[-1] in stop_ids else "length"
-        beams.append(Beam(gen[:-1] if reason == "eos" else gen, float(done_scores[0, row]), reason))
+        if reason == "eos":
+            beams.append(Beam(gen[:-1], float(done_scores[0, row]), reason, gen[-1]))
+        else:
+            beams.append(Beam(gen, float(done_scores[0, row]), reason))
     return beams
