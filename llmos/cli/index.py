@@ -75,6 +75,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="question set (default: the shipped set over Python's pydoc topics, indexed on first use)")
     e.add_argument("--index", default=None, help="index to evaluate (required with your own question set)")
     e.add_argument("--modes", default=",".join(MODES), help="comma-separated modes")
+    e.add_argument("--quiet", "-q", action="store_true", help="no progress bar while the shipped corpus is indexed")
     e.set_defaults(func=cmd_eval_retrieval)
 
     e = get_eval_subparsers(sub).add_parser("qa", help="correct answers, right citations, declines and loops of `ask`")
@@ -103,8 +104,16 @@ def _open(path: str | None, *, create: bool = False, embedder: str | None = None
 
 
 def cmd_add(args: argparse.Namespace) -> int:
+    from llmos.tasks.index import default_index_path
+
+    new = not (Path(args.index).expanduser() if args.index else default_index_path()).exists()
     index = _open(args.index, create=True, embedder=args.embed_model)
-    report = index.add(args.paths, progress=not args.quiet)
+    try:
+        report = index.add(args.paths, progress=not args.quiet)
+    except BaseException:
+        if new:
+            _discard(index)
+        raise
     print(f"{len(report.added)} added, {len(report.updated)} updated, {len(report.unchanged)} unchanged, "
           f"{len(report.removed)} removed; {report.embedded} chunks embedded")
     if report.split_blocks:
@@ -114,7 +123,17 @@ def cmd_add(args: argparse.Namespace) -> int:
         print(f"{report.skipped} files of unsupported types skipped")
     for path, reason in report.failed:
         print(f"failed: {path}: {reason}", file=sys.stderr)
+    if new and not len(index):
+        _discard(index)
+        raise LlmosError(f"nothing was indexed, so no index was created at {index.path}")
     return 1 if report.failed else 0
+
+
+def _discard(index) -> None:
+    """Remove an index this command created, so a failed first `index add` leaves nothing behind."""
+    index.close()
+    for suffix in ("", "-wal", "-shm", ".usearch", ".usearch.json"):
+        Path(f"{index.path}{suffix}").unlink(missing_ok=True)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -149,7 +168,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    results = _open(args.index).search(args.query, k=args.k, mode=args.mode)
+    index = _open(args.index)
+    if not len(index):
+        raise LlmosError(f"the index {index.path} is empty: add documents with `llmos index add PATH...`")
+    results = index.search(args.query, k=args.k, mode=args.mode)
     if not results:
         print("no results")
     for r in results:
@@ -247,12 +269,17 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
     for mode in modes:
         if mode not in MODES:
             raise LlmosError(f"unknown search mode {mode!r}; use {', '.join(MODES)}")
-    if args.questions is None:
+    # The shipped set, however it is named (the README gives its path), runs on its own corpus.
+    shipped = args.questions is None or Path(args.questions).resolve() == ev.SHIPPED_QA.resolve()
+    if shipped:
         questions = ev.load_questions(ev.SHIPPED_QA)
         if args.index is None:  # the shipped set's documents, written out and indexed once
             corpus = ev.write_pydoc_corpus(store.home() / "eval" / "pydoc_topics")
             index = Index(store.home() / "eval" / "pydoc_topics.sqlite")
-            report = index.add([corpus], progress=sys.stderr.isatty())
+            if not args.quiet and not len(index):
+                print("indexing Python's pydoc topics, the shipped set's documents (once; about 2 minutes)",
+                      file=sys.stderr, flush=True)
+            report = index.add([corpus], progress=not args.quiet)
             if report.embedded:
                 print(f"indexed {len(report.added) + len(report.updated)} pydoc topics ({report.embedded} chunks)", file=sys.stderr)
         else:

@@ -14,6 +14,7 @@ from pathlib import Path
 from llmos.cli.eval import get_eval_subparsers
 from llmos.cli.generate import add_model_args, load_model
 from llmos.errors import LlmosError
+from llmos.files import write_atomically
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -51,7 +52,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="score only the first N items")
-    p.add_argument("--out", "-o", default=None, help="JSON report to write (default eval-TASK-SET.json)")
+    p.add_argument("--out", "-o", default=None, help="also write the JSON report (scores and every output) to this file")
     add_model_args(p)
 
 
@@ -119,10 +120,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         report = ev.evaluate_translations(llm, items, beams=args.beams, progress=_progress(args))
     report["set"] = str(path)
     report["model"] = str(llm.path) if llm is not None else None
-    out = Path(args.out) if args.out else Path(f"eval-{args.task}-{path.stem}.json")
-    out.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    if args.out:  # only when asked: nothing lands in the current folder unasked
+        write_atomically(Path(args.out), json.dumps(report, ensure_ascii=False, indent=2) + "\n")
     source = f"model {llm.path.name}" if llm is not None else "the set's predictions"
     print(f"{path.name}: {report['items']} items, {source}, {report['seconds']:.1f} s")
     print(ev.format_table(report))
-    print(f"wrote {out}")
+    if args.out:
+        print(f"wrote {args.out}")
     return 0

@@ -314,8 +314,8 @@ class Index:
             elif ingest.supported(path):
                 files[path] = None
             else:
-                raise LlmosError(f"{given}: unsupported file type {path.suffix or '(none)'}; "
-                                 f"llmos indexes {', '.join(sorted(ingest.READERS))}")
+                raise LlmosError(f"{given}: unsupported file type {path.suffix or '(none)'} (not text by its content); "
+                                 f"llmos indexes text files, {', '.join(sorted(ingest.READERS))}")
         return list(files), folders
 
     def _prepare(self, path: Path, embedder: Any, report: AddReport) -> _Prepared | None:

@@ -1,7 +1,8 @@
 """Documents in, chunks out: text extraction and chunking for the search index.
 
 `extract(path) -> Document` reads plain text (.txt, .text, .rst), Markdown (.md, .markdown), HTML
-(.html, .htm: visible text only) and PDF (.pdf, with pypdf) into `Block`s: paragraphs, list items,
+(.html, .htm: visible text only) and PDF (.pdf, with pypdf), and files of any other name by their
+content (a license file without a suffix is text; a zip or an image is not), into `Block`s: paragraphs, list items,
 code blocks, each with the heading path above it ("Install > From source") and where it is. Headings
 are Markdown's `#` and underlined titles (`Title` over `=====`), HTML's <h1>-<h6>; PDF blocks carry
 their page instead.
@@ -21,8 +22,11 @@ the file's lines; for HTML, spans index the HTML source, so lines are the source
 from __future__ import annotations
 
 import bisect
+import contextlib
+import logging
 import re
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
@@ -266,6 +270,22 @@ def read_html(path: Path) -> Document:
     return Document(path, "html", source, parser._blocks)
 
 
+@contextlib.contextmanager
+def _pypdf_quiet() -> Iterator[None]:
+    """pypdf logs and warns about every repair it makes to a slightly broken file ("Ignoring wrong
+    pointing object", "incorrect startxref pointer"); the text is read all the same, so the user's
+    terminal is no place for them. Errors still raise."""
+    logger = logging.getLogger("pypdf")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def read_pdf(path: Path) -> Document:
     try:
         from pypdf import PdfReader
@@ -273,10 +293,11 @@ def read_pdf(path: Path) -> Document:
     except ImportError:
         raise LlmosError("reading PDF files needs pypdf, a dependency of llmos that is missing here: pip install pypdf") from None
     try:
-        reader = PdfReader(path)
-        if reader.is_encrypted:
-            raise LlmosError(f"{path} is an encrypted PDF; decrypt it first")
-        pages = [page.extract_text() or "" for page in reader.pages]
+        with _pypdf_quiet():
+            reader = PdfReader(path)
+            if reader.is_encrypted:
+                raise LlmosError(f"{path} is an encrypted PDF; decrypt it first")
+            pages = [page.extract_text() or "" for page in reader.pages]
     except (PdfReadError, ValueError, KeyError) as exc:
         if isinstance(exc, LlmosError):
             raise
@@ -299,8 +320,37 @@ READERS: dict[str, Callable[[Path], Document]] = {
 }
 
 
+# Formats that are not text, recognised by their first bytes: zip (docx, pptx, odt, epub), ELF,
+# images, compressed files, SQLite, GGUF.
+_BINARY_MAGIC = (b"PK", b"\x7fELF", b"\x89PNG", b"GIF8", b"\xff\xd8\xff", b"\x1f\x8b", b"BZh", b"\xfd7zXZ",
+                 b"SQLite format 3", b"GGUF", b"\xd0\xcf\x11\xe0")
+_CONTROL = bytes(c for c in range(32) if c not in b"\t\n\r\f\x1b")
+
+
+def sniff(path: Path) -> Callable[[Path], Document] | None:
+    """The reader for a file whose name does not say its type (`Apache-2.0`, `README`, `notes.log`),
+    from its first bytes: PDF and HTML by their markers, text when there is no NUL, few control
+    characters and no known binary signature; None for anything else."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8192)
+    except OSError:
+        return None
+    if head.startswith(b"%PDF-"):
+        return read_pdf
+    if head.startswith(_BINARY_MAGIC) or b"\0" in head or sum(head.count(c) for c in _CONTROL) > len(head) // 100:
+        return None
+    start = head.lstrip(b"\xef\xbb\xbf \t\r\n")[:15].lower()
+    return read_html if start.startswith((b"<!doctype html", b"<html")) else read_plain
+
+
+def reader_for(path: Path) -> Callable[[Path], Document] | None:
+    """The reader for a file: by its suffix when llmos knows it, else by its content (sniff)."""
+    return READERS.get(path.suffix.lower()) or sniff(path)
+
+
 def supported(path: Path) -> bool:
-    return path.suffix.lower() in READERS
+    return reader_for(path) is not None
 
 
 def extract(path: str | Path) -> Document:
@@ -308,9 +358,10 @@ def extract(path: str | Path) -> Document:
     path = Path(path)
     if not path.is_file():
         raise LlmosError(f"no such file: {path}")
-    reader = READERS.get(path.suffix.lower())
+    reader = reader_for(path)
     if reader is None:
-        raise LlmosError(f"{path}: unsupported file type {path.suffix or '(none)'}; llmos reads {', '.join(sorted(READERS))}")
+        raise LlmosError(f"{path}: unsupported file type {path.suffix or '(none)'} (not text by its content); "
+                         f"llmos reads text files, {', '.join(sorted(READERS))}")
     return reader(path)
 
 
