@@ -7,6 +7,7 @@ Every generation returns a `Completion`, a str that also reports token counts an
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from llmos.config import ModelConfig
 from llmos.errors import LlmosError
 from llmos.generation import Completion, TextGeneration, complete, fit_prompt, parse_controls
 from llmos.models.kv_cache import KVCache, cache_dtype
+from llmos.threads import auto_threads
 from llmos.tokenizer import Tokenizer
 from llmos.weights.gguf import GGUFFile
 from llmos.weights.load import read_hf_config
@@ -35,14 +37,23 @@ class LLM:
         self.dtype = "fp32"
 
     @classmethod
-    def load(cls, name_or_path: str | Path = store.DEFAULT_CHAT_MODEL, dtype: str = "auto") -> LLM:
-        """dtype: "auto" (the fastest form within 2% of fp32 perplexity), "fp32", "bf16", "int8", "int4"."""
+    def load(cls, name_or_path: str | Path = store.DEFAULT_CHAT_MODEL, dtype: str = "auto", *,
+             threads: int | None = None, quiet: bool = False) -> LLM:
+        """dtype: "auto" (the fastest form within 2% of fp32 perplexity), "fp32", "bf16", "int8", "int4".
+
+        threads: CPU threads for torch; by default the cores other work leaves idle (as the CLI
+        picks them), unless OMP_NUM_THREADS says otherwise. The first load of a model measures and
+        converts (~15 s) and says so on stderr unless `quiet`."""
         if dtype not in DTYPES:
             raise LlmosError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise LlmosError(f"threads must be an integer >= 1, got {threads!r}", param="threads")
         path = store.resolve(str(name_or_path))
         if not path.is_file() and read_hf_config(path).arch == "bert":
             raise LlmosError(f"{path} is an encoder (BERT) model: use llmos.Embedder for embeddings, not text generation")
-        form = quality.auto_form(path) if dtype == "auto" else DTYPES[dtype]
+        if threads is not None or "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(threads or auto_threads())
+        form = quality.auto_form(path, quiet=quiet) if dtype == "auto" else DTYPES[dtype]
         model, config, tokenizer = quality.load_form(path, form)
         native.build()  # the C++ decode step: compiled on the first load on a machine, imported after
         llm = cls(model, tokenizer, config, path)
@@ -221,6 +232,7 @@ def load_tokenizer(name_or_path: str | Path = store.DEFAULT_CHAT_MODEL) -> Token
     return Tokenizer.from_dir(path)
 
 
-def load(name_or_path: str | Path = store.DEFAULT_CHAT_MODEL, dtype: str = "auto") -> LLM:
-    """Load a model by store name or path (GGUF file or Hugging Face folder)."""
-    return LLM.load(name_or_path, dtype=dtype)
+def load(name_or_path: str | Path = store.DEFAULT_CHAT_MODEL, dtype: str = "auto", *, threads: int | None = None,
+         quiet: bool = False) -> LLM:
+    """Load a model by store name or path (GGUF file or Hugging Face folder); see LLM.load."""
+    return LLM.load(name_or_path, dtype=dtype, threads=threads, quiet=quiet)

@@ -8,16 +8,17 @@ store under quality/, keyed by the model file's identity, so the check runs once
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
-from llmos import quant, store
+from llmos import derived, quant
 from llmos.config import ModelConfig
 from llmos.files import write_atomically
 from llmos.tokenizer import Tokenizer
@@ -56,15 +57,20 @@ def _load_form(path: Path, form: str, use_cache: bool) -> tuple[torch.nn.Module,
             if model is None:
                 model = load_gguf(gguf, config, linear_hook=hook)
                 if cache:
-                    converted.save(model, cache)
+                    _save_converted(model, cache)
             return model, config, tokenizer
     config = read_hf_config(path)
     model = converted.load(cache, config) if cache else None
     if model is None:
         model = load_hf(path, config, linear_hook=hook)
         if cache:
-            converted.save(model, cache)
+            _save_converted(model, cache)
     return model, config, Tokenizer.from_dir(path)
+
+
+def _save_converted(model: torch.nn.Module, file: Path) -> None:
+    converted.save(model, file)
+    derived.keep_only(file)  # one converted copy per model: the form loaded last
 
 
 @torch.inference_mode()
@@ -76,8 +82,13 @@ def perplexity(logits: torch.Tensor, ids: list[int]) -> float:
     return math.exp(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:])).item())
 
 
-def report(path: Path, forms: tuple[str, ...] = SPEED_ORDER, stop_at_first_pass: bool = False) -> dict[str, Any]:
-    """{form: {"perplexity", "ppl_increase", "top1_agreement", "passes"}} with fp32 as the reference."""
+def report(path: Path, forms: tuple[str, ...] = SPEED_ORDER, stop_at_first_pass: bool = False,
+           quiet: bool = True) -> dict[str, Any]:
+    """{form: {"perplexity", "ppl_increase", "top1_agreement", "passes"}} with fp32 as the reference;
+    unless `quiet`, a progress bar on stderr over the forms measured."""
+    bar = tqdm(total=len(forms), desc=f"measuring weight forms of {path.name}", unit="form", disable=quiet,
+               file=sys.stderr, bar_format="{desc}: {n}/{total} {postfix} [{elapsed}]")
+    bar.set_postfix_str("fp32")
     model, config, tokenizer = load_form(path, "fp32")
     ids = tokenizer.encode(quality_text())[: config.max_seq_len]
     ref = _logits(model, ids)
@@ -87,6 +98,8 @@ def report(path: Path, forms: tuple[str, ...] = SPEED_ORDER, stop_at_first_pass:
     for form in forms:
         if form == "fp32":
             continue
+        bar.update()
+        bar.set_postfix_str(form)
         model, _, _ = load_form(path, form, use_cache=False)
         logits = _logits(model, ids)
         ppl = perplexity(logits, ids)
@@ -97,36 +110,32 @@ def report(path: Path, forms: tuple[str, ...] = SPEED_ORDER, stop_at_first_pass:
             "passes": ppl / base - 1 <= MAX_PPL_INCREASE,
         }
         if stop_at_first_pass and out[form]["passes"]:
-            converted.save(model, _converted_file(path, form))  # what `auto` loads next: converted once
+            _save_converted(model, _converted_file(path, form))  # what `auto` loads next: converted once
             break
+    bar.update(bar.total - bar.n)
+    bar.close()
     out["tokens"] = len(ids)
     return out
 
 
-def _model_key_file(path: Path, folder: str, suffix: str) -> Path:
-    """A store file keyed by the model's identity (path, size, modification time of its weights)."""
-    weights = path if path.is_file() else next(iter(sorted(path.glob("*.safetensors"))), path / "config.json")
-    st = weights.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
-    return store.home() / folder / f"{key}{suffix}"
+# Keyed by the model's content (derived.py): every path to the same file shares them.
+_converted_file = derived.converted_file
+_cache_file = derived.verdict_file
 
 
-def _converted_file(path: Path, form: str) -> Path:
-    return _model_key_file(path, "converted", f"-{form}.safetensors")
-
-
-def _cache_file(path: Path) -> Path:
-    return _model_key_file(path, "quality", ".json")
-
-
-def auto_form(path: Path) -> str:
-    """The fastest form whose perplexity passes the 2% rule (measured once, then cached)."""
+def auto_form(path: Path, quiet: bool = True) -> str:
+    """The fastest form whose perplexity passes the 2% rule (measured once, then cached). Unless
+    `quiet`, the first load says on stderr what it is doing: the measurement takes ~15 s."""
     cache = _cache_file(path)
     try:
         return json.loads(cache.read_text())["auto"]
     except (OSError, ValueError, KeyError):
         pass
-    result = report(path, stop_at_first_pass=True)
+    if not quiet:
+        print(f"llmos: first load of {path}: choosing the fastest weight form within {MAX_PPL_INCREASE:.0%} of "
+              "fp32 perplexity and converting to it (once per model; later loads take well under a second)",
+              file=sys.stderr, flush=True)
+    result = report(path, stop_at_first_pass=True, quiet=quiet)
     chosen = next(f for f in SPEED_ORDER if f in result and result[f]["passes"])
     result["auto"] = chosen
     cache.parent.mkdir(parents=True, exist_ok=True)

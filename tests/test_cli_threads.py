@@ -28,3 +28,31 @@ def test_cli_sets_threads_before_torch_loads():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0 and "OMP " in out.stdout
     assert 1 <= int(out.stdout.split("OMP ")[1]) <= (os.cpu_count() or 1)
+
+
+def test_the_python_api_picks_threads_as_the_cli_does(default_gguf_path):
+    """llmos.load without OMP_NUM_THREADS: the busy cores are left alone (2 threads beside a busy
+    neighbour ran questions 10-27x slower than 1); an explicit `threads=` wins."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys, llmos, torch\n"
+            "for load, given in ((99.0, None), (0.0, None), (99.0, 3)):\n"
+            "    os.getloadavg = lambda: (load, 0.0, 0.0)\n"
+            "    torch.set_num_threads(7)\n"
+            "    llmos.load(sys.argv[1], dtype='fp32', threads=given)\n"
+            "    print(torch.get_num_threads())")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code, default_gguf_path], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", str(len(os.sched_getaffinity(0))), "3"]
+
+
+def test_the_api_refuses_zero_threads(default_gguf_path):
+    import pytest
+
+    import llmos
+
+    with pytest.raises(llmos.LlmosError, match="threads"):
+        llmos.load(default_gguf_path, threads=0)

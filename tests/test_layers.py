@@ -11,10 +11,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "llmos"
 
 # Module prefix -> layer. The longest matching prefix wins.
 LAYERS = {
-    "llmos.errors": 0, "llmos.files": 0, "llmos.config": 0, "llmos.weights.safetensors": 0, "llmos.weights.gguf": 0,
+    "llmos.errors": 0, "llmos.files": 0, "llmos.threads": 0, "llmos.config": 0, "llmos.weights.safetensors": 0, "llmos.weights.gguf": 0,
     "llmos.weights.dequant": 0, "llmos.weights.names": 0, "llmos.data": 0,
     "llmos.tokenizer": 1, "llmos.models": 1, "llmos.quant": 1,
-    "llmos.weights": 2, "llmos.store": 2,
+    "llmos.weights": 2, "llmos.store": 2, "llmos.derived": 2,
     "llmos.engine": 3,
     "llmos.generation": 4, "llmos.quality": 4, "llmos.api": 4, "llmos.auto": 4, "llmos.tasks": 4, "llmos.train": 4,
     "llmos.serve": 5, "llmos.cli": 5, "llmos.__main__": 5,

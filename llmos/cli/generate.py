@@ -47,13 +47,10 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def load_model(args: argparse.Namespace):
+    """The model the flags name; its first load says what it is doing on stderr unless --quiet."""
     import llmos
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    return llmos.load(args.model, dtype=args.dtype)
+    return llmos.load(args.model, dtype=args.dtype, threads=args.threads, quiet=getattr(args, "quiet", False))
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -61,6 +58,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompt", help="text to continue ('-' reads stdin)")
     add_model_args(p)
     add_sampling_args(p)
+    p.add_argument("--quiet", "-q", action="store_true", help="nothing on stderr, even on a model's first load")
     p.set_defaults(func=run_generate)
     c = sub.add_parser("chat", help="interactive chat in the terminal")
     add_model_args(c)

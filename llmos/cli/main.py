@@ -12,6 +12,8 @@ import importlib
 import os
 import sys
 
+from llmos.threads import auto_threads
+
 # Subcommand groups, imported lazily so `llmos --help` stays fast.
 _GROUPS = ("llmos.cli.store", "llmos.cli.generate", "llmos.cli.bench", "llmos.cli.train", "llmos.cli.index", "llmos.cli.serve", "llmos.cli.text")
 
@@ -33,21 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
     for module in _GROUPS:
         importlib.import_module(module).add_parsers(sub)
     return parser
-
-
-def auto_threads() -> int:
-    """CPU threads for this process: the cores it may use, less those other work keeps busy.
-
-    PyTorch's OpenMP threads spin-wait on each other; when another process holds a core, a decode
-    step with 2 threads on 2 cores ran 2-3x slower than with 1 (measured: 48 vs 98 tok/s), while
-    on an idle machine 1 thread costs little. The 1-minute load average says how busy the cores are.
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        busy = 0.0
-    return max(1, min(cores, round(cores - busy)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,9 +26,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_show)
 
-    p = sub.add_parser("rm", help="remove a model from the store")
+    p = sub.add_parser("rm", help="remove a model from the store, with its converted copies")
     p.add_argument("name")
     p.set_defaults(func=cmd_rm)
+
+    p = sub.add_parser("prune", help="free converted copies and verdicts of models that are gone or changed")
+    p.set_defaults(func=cmd_prune)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -44,15 +47,27 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from llmos import derived
+
     models = store.list_models()
     if not models:
         print(f"no models in {store.home() / 'models'}; pull one with: llmos pull {store.DEFAULT_CHAT_MODEL}")
-        return 0
-    rows = [("NAME", "KIND", "SIZE", "PATH")] + [(m.name, m.kind, human_size(m.size), str(m.path)) for m in models]
+    else:
+        _table([("NAME", "KIND", "SIZE", "PATH")] + [(m.name, m.kind, human_size(m.size), str(m.path)) for m in models])
+    extra = derived.entries()
+    if extra:  # what loads made beside the models: never hidden, freed by rm and prune
+        print(f"\nconverted copies and quality verdicts in {store.home()} ({human_size(sum(d.size for d in extra))}; "
+              "`llmos prune` frees those of models that are gone):")
+        _table([("KEY", "FILES", "SIZE", "MODEL")] + [
+            (d.key, " ".join(f.name.removeprefix(d.key + "-") for f in d.files), human_size(d.size),
+             ", ".join(d.sources) or "(gone)") for d in extra])
+    return 0
+
+
+def _table(rows: list[tuple[str, str, str, str]]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3])
-    return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -77,8 +92,21 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
+    from llmos import derived
+
+    try:
+        freed = derived.forget(store.resolve(args.name, pull_missing=False)) if "/" not in args.name else 0
+    except (ValueError, OSError):  # not in the store: store.remove says so
+        freed = 0
     store.remove(args.name)
-    print(f"removed {args.name}")
+    print(f"removed {args.name}" + (f" and {human_size(freed)} of converted copies" if freed else ""))
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from llmos import derived
+
+    print(f"freed {human_size(derived.prune())}")
     return 0
 
 
