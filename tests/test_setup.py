@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -63,3 +64,49 @@ def test_every_readme_verb_works_after_a_plain_install():
     assert '-e ".[all]"' in (ROOT / "Makefile").read_text()
     for source in (ROOT / "llmos").rglob("*.py"):
         assert not re.search(r"llmos\[(search|text|serve|train)\]", source.read_text()), source
+
+
+def readme_commands() -> list[str]:
+    """The `llmos ...` lines of the README's sh blocks, without their comments."""
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```sh\n(.*?)```", text, flags=re.S)
+    lines = []
+    for block in blocks:
+        for line in block.splitlines():
+            code = line.split("  #")[0].split(" # ")[0].strip()
+            words = shlex.split(code, comments=False) if code else []
+            if "llmos" in words:
+                lines.append(code)
+    return lines
+
+
+def test_readme_commands_are_one_command_a_line_and_parse():
+    import shlex
+
+    from llmos.cli.main import build_parser
+
+    commands = readme_commands()
+    assert len(commands) > 30
+    parser = build_parser()
+    for code in commands:
+        assert "|" not in code, f"'|' used to mean 'or': {code}"
+        words = shlex.split(code)
+        words = words[words.index("llmos") + 1:]
+        words = words[: next((i for i, w in enumerate(words) if w in ("<", ">")), len(words))]
+        try:
+            parser.parse_args(words)
+        except SystemExit as exc:
+            assert exc.code == 0, f"does not parse: {code}"
+
+
+def test_readme_says_how_to_put_llmos_on_path_right_after_the_set_up():
+    head = (ROOT / "README.md").read_text().split("## ")[0]
+    assert ". .venv/bin/activate" in head.split("make test")[1]
+
+
+def test_llmos_version(llmos_run):
+    from llmos import __version__
+
+    assert llmos_run("--version").stdout == f"llmos {__version__}\n"
