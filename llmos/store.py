@@ -103,6 +103,16 @@ DEFAULT_MODELS: dict[str, Carrier] = {
     ),
 }
 
+# Sampling the authors of a built-in model recommend, for files that do not say it themselves.
+RECOMMENDED_SAMPLING: dict[str, dict[str, float]] = {
+    DEFAULT_CHAT_MODEL: {"temperature": 0.2, "top_p": 0.9},  # SmolLM2-Instruct's model card
+}
+# GGUF keys llama.cpp writes for a model's recommended sampling -> llmos control names.
+_GGUF_SAMPLING = {"general.sampling.temp": "temperature", "general.sampling.top_k": "top_k",
+                  "general.sampling.top_p": "top_p", "general.sampling.min_p": "min_p",
+                  "general.sampling.penalty_repeat": "repetition_penalty"}
+_HF_SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _CHUNK = 1 << 20
@@ -493,6 +503,33 @@ def _show_hf(folder: Path) -> dict[str, Any]:
         "file_size": sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()),
         "chat_template": _hf_has_chat_template(folder),
     }
+
+
+def recommended_sampling(path: Path) -> dict[str, float]:
+    """The sampling controls a model's authors recommend ({} when nothing says): a built-in model's
+    table entry, a GGUF's `general.sampling.*` keys, a Hugging Face folder's generation_config.json
+    (as vLLM's `--generation-config auto` reads them)."""
+    try:
+        name = path.resolve().relative_to((home() / "models").resolve()).parts[0]
+    except ValueError:
+        name = None
+    if name in RECOMMENDED_SAMPLING:
+        return dict(RECOMMENDED_SAMPLING[name])
+    if path.is_file():
+        from llmos.weights.gguf import GGUFFile
+
+        with GGUFFile(path) as gguf:
+            meta = gguf.metadata
+        return {ours: _control(ours, meta[key]) for key, ours in _GGUF_SAMPLING.items() if key in meta}
+    try:
+        config = json.loads((path / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {k: _control(k, config[k]) for k in _HF_SAMPLING if isinstance(config, dict) and isinstance(config.get(k), (int, float))}
+
+
+def _control(name: str, value: Any) -> float:
+    return int(value) if name == "top_k" else float(value)
 
 
 def _hf_has_chat_template(folder: Path) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+from dataclasses import replace
 import logging
 import os
 import sys
@@ -31,7 +32,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-active", type=int, default=16, help="generations interleaved at once")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 503")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="request body size cap")
-    p.add_argument("--default-max-tokens", type=int, default=1024, help="completion length when a request sets none")
+    p.add_argument("--default-max-tokens", type=int, default=512, help="completion length when a request sets none")
+    p.add_argument("--default-temperature", type=float, default=None, metavar="T",
+                   help="for requests that set none (default: the model's recommendation, printed at start-up)")
+    p.add_argument("--default-top-p", type=float, default=None, metavar="P", help="likewise")
+    p.add_argument("--default-top-k", type=int, default=None, metavar="K", help="likewise")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run_serve)
 
@@ -71,6 +76,14 @@ def check_bindable(host: str, port: int) -> None:
         raise LlmosError(f"cannot listen on --host {host} --port {port}: {exc.strerror or exc}") from None
 
 
+def serve_sampling(args: argparse.Namespace, path: Path) -> dict[str, float]:
+    """The model's recommended sampling, with the --default-* flags over it."""
+    from llmos.serve.app import sampling_defaults
+
+    flags = {"temperature": args.default_temperature, "top_p": args.default_top_p, "top_k": args.default_top_k}
+    return sampling_defaults(path, {k: v for k, v in flags.items() if v is not None})
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from llmos import store
 
@@ -83,7 +96,7 @@ def run_serve(args: argparse.Namespace) -> int:
     for name, value, low in limits:
         if value < low:
             raise LlmosError(f"{name} must be at least {low}, got {value}")
-    store.resolve(args.model, pull_missing=False)  # fail now, in the terminal, and never download
+    path = store.resolve(args.model, pull_missing=False)  # fail now, in the terminal, and never download
     check_bindable(args.host, args.port)  # before the model loads, not after
     try:
         import uvicorn
@@ -95,10 +108,14 @@ def run_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(model=args.model, dtype=args.dtype, api_key=key, cors_origins=tuple(args.cors_origin),
                          max_active=args.max_active, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                          default_max_tokens=args.default_max_tokens, threads=args.threads)
+    config = replace(config, sampling=serve_sampling(args, path))  # printed below, before the model loads
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"llmos serve: {config.served_name} on http://{shown}:{args.port}/ (API at /v1"
           f"{', key required' if key else ''}); loading the model...", file=sys.stderr, flush=True)
+    shown_defaults = ", ".join(f"{k} {v:g}" for k, v in config.sampling.items())
+    print(f"llmos serve: requests that set none get {shown_defaults}, max_tokens {config.default_max_tokens} "
+          "(--default-temperature, --default-top-p, --default-top-k, --default-max-tokens)", file=sys.stderr, flush=True)
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level,
                 server_header=False, forwarded_allow_ips="")
     return 0

@@ -58,7 +58,7 @@ from llmos.serve.worker import QueueFull, Ticket, Worker, WorkerError
 
 log = logging.getLogger("llmos.serve")
 
-# OpenAI's sampling defaults (not llmos's free-text defaults): temperature 1, no top-k / top-p.
+# OpenAI's neutral sampling values: what a control the model's recommendation does not name gets.
 OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
 FINISH = {"eos": "stop", "stop": "stop", "repetition": "stop", "length": "length"}
 STATIC = ("index.html", "app.js", "style.css")
@@ -71,6 +71,17 @@ PAGE_HEADERS = {
 RETRY_AFTER = "2"
 
 
+def sampling_defaults(path: Path, overrides: dict[str, float]) -> dict[str, float]:
+    """The sampling a request gets for the controls it does not set, as vLLM's `--generation-config`:
+    the model's recommendation (store.recommended_sampling; OpenAI's neutral values for controls it
+    does not name), else llmos's free-text defaults, never OpenAI's temperature 1 on a small model
+    (which ran away into 1,024 tokens of brackets); the server's flags win."""
+    from llmos.api import DEFAULT_SAMPLING
+
+    recommended = store.recommended_sampling(path)
+    return {**({**OPENAI_DEFAULTS, **recommended} if recommended else DEFAULT_SAMPLING), **overrides}
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     model: str = store.DEFAULT_CHAT_MODEL
@@ -80,7 +91,8 @@ class ServeConfig:
     max_active: int = 16  # generations interleaved at once
     max_queue: int = 64  # requests waiting beyond those
     max_body_bytes: int = 4 << 20
-    default_max_tokens: int = 1024  # when a request sets no max_tokens (capped by the context)
+    default_max_tokens: int = 512  # when a request sets no max_tokens (capped by the context)
+    sampling: dict[str, float] | None = None  # for requests that set none; None: sampling_defaults(model, {})
     embed_model: str = store.DEFAULT_EMBED_MODEL
     threads: int | None = None
 
@@ -100,6 +112,7 @@ class Server:
         self.names = {self.name, config.model}
         self.status, self.error = "loading", None
         self.llm: Any = None
+        self.sampling: dict[str, float] = {}  # for the controls a request does not set; set on load
         self.worker: Worker | None = None
         self.texts: TokenTexts | None = None
         self.embedder: Any = None
@@ -125,7 +138,8 @@ class Server:
 
                 torch.set_num_threads(self.config.threads)
             path = store.resolve(self.config.model, pull_missing=False)  # never a download
-            llm = llmos.load(path, dtype=self.config.dtype)
+            self.sampling = self.config.sampling if self.config.sampling is not None else sampling_defaults(path, {})
+            llm = llmos.load(path, dtype=self.config.dtype, threads=self.config.threads)  # else picked as the CLI picks
             self.texts = TokenTexts(llm.tokenizer)
             self.worker = Worker(llm, max_active=self.config.max_active, max_queue=self.config.max_queue)
             self.fingerprint = f"llmos-{__version__}-{llm.dtype}"
@@ -168,7 +182,7 @@ class Server:
     def submit(self, ids: list[int], controls: dict[str, Any], param: str) -> Ticket:
         self.ready()
         try:
-            return self.worker.submit(ids, controls, OPENAI_DEFAULTS, default_new=self.config.default_max_tokens)
+            return self.worker.submit(ids, controls, self.sampling, default_new=self.config.default_max_tokens)
         except QueueFull as exc:
             raise S.ApiError(503, f"{exc}; retry later", code="server_overloaded",
                              headers={"Retry-After": RETRY_AFTER}) from None
