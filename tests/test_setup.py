@@ -51,7 +51,6 @@ def test_make_test_and_ci_run_both_install_system_deps():
 def test_every_readme_verb_works_after_a_plain_install():
     """serve, PDFs in index add/summarize, ANN search and eval summarize|translate import these
     lazily; they are base dependencies, so none stops with "pip install 'llmos[...]'"."""
-    import re
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
