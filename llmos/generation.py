@@ -220,6 +220,7 @@ def repetition_loop(tokens: Sequence[int], min_span: int = 48, max_period: int =
 
 
 _SENTENCE_OR_LINE = re.compile(r"(?<=[.!?])\s+|\n+")
+_MARKER = re.compile(r"^(?:[-*+\u2022]\s*|\(?[a-z0-9]{1,3}[.)]\s*)+")
 
 
 def repeated_sentence(text: str, min_chars: int = 24) -> bool:
@@ -228,7 +229,8 @@ def repeated_sentence(text: str, min_chars: int = 24) -> bool:
     summaries and answers ("The answer to your question is: ..." again and again)."""
     if not text or text[-1] not in ".!?\n":
         return False
-    parts = [" ".join(p.split()).lower() for p in _SENTENCE_OR_LINE.split(text)]
+    # Compared without list markers: "(b) You may ...", "(c) You may ..." is the same sentence again.
+    parts = [_MARKER.sub("", " ".join(p.split()).lower()) for p in _SENTENCE_OR_LINE.split(text)]
     parts = [p for p in parts if p]
     return len(parts) > 1 and len(parts[-1]) >= min_chars and parts[-1] in parts[:-1]
 

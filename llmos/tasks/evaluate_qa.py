@@ -54,8 +54,10 @@ class QAOutcome:
     correct: bool
     cited_right: bool
     declined: bool
-    looped: bool
+    looped: bool  # the answer shown ran to the token cap or into a loop
+    replaced_loop: bool  # the model's answer did, and a quoted sentence was shown instead
     extractive: bool
+    model_answer: str | None
     seconds: float
 
 
@@ -74,6 +76,7 @@ class QAReport:
             "declined": sum(o.declined for o in answerable),
             "extractive": sum(o.extractive for o in answerable),
             "looped": sum(o.looped for o in self.outcomes),
+            "replaced_loops": sum(o.replaced_loop for o in self.outcomes),
             "unanswerable": len(other), "unanswerable_declined": sum(o.declined for o in other),
             "median_seconds": round(statistics.median(o.seconds for o in self.outcomes), 3) if self.outcomes else None,
         }
@@ -128,9 +131,11 @@ def judge(item: QAItem, answer: Any, seconds: float) -> QAOutcome:
     declined = not answer.found
     correct = item.answerable and not declined and any(re.search(a, text, re.I) for a in item.answers)
     cited_right = correct and any(is_relevant(s.path, item.sources) for s in answer.cited)
-    looped = answer.finish_reason in ("length", "repetition")
-    return QAOutcome(item.question, text, item.answerable, correct, cited_right, declined, looped,
-                     bool(getattr(answer, "extractive", False)), round(seconds, 3))
+    # What the user sees: a model answer that ran away was replaced by a quoted sentence (counted apart).
+    looped = answer.finish_reason in ("length", "repetition") and not getattr(answer, "extractive", False)
+    replaced = answer.finish_reason in ("length", "repetition") and getattr(answer, "extractive", False)
+    return QAOutcome(item.question, text, item.answerable, correct, cited_right, declined, looped, replaced,
+                     bool(getattr(answer, "extractive", False)), getattr(answer, "model_answer", None), round(seconds, 3))
 
 
 def evaluate(answer: Callable[[str], Any], items: Sequence[QAItem], name: str,
@@ -155,7 +160,7 @@ def format_report(report: QAReport) -> str:
         f"  correct, right source    {s['correct_cited']:>4} / {s['answerable']}",
         f"  declined (answerable)    {s['declined']:>4} / {s['answerable']}",
         f"  quoted a sentence        {s['extractive']:>4} / {s['answerable']}",
-        f"  ran to the cap or looped {s['looped']:>4}",
+        f"  ran to the cap or looped {s['looped']:>4}   (model answers that did, replaced by a quote: {s['replaced_loops']})",
         f"  declined (unanswerable)  {s['unanswerable_declined']:>4} / {s['unanswerable']}",
         f"  median seconds           {s['median_seconds']}",
     ])

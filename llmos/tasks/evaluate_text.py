@@ -94,7 +94,7 @@ def _predict(items: list[dict[str, Any]], write: Callable[[dict[str, Any]], str]
         elif write is None:
             raise LlmosError(f"item {item['id']} has no prediction and no model was given to write one")
         else:
-            predictions.append(str(write(item)))
+            predictions.append(write(item))  # a Summary keeps its check counts
     return predictions, time.perf_counter() - t0
 
 
@@ -114,9 +114,28 @@ def evaluate_summaries(llm: Any | None, items: list[dict[str, Any]], *, words: i
         "task": "summarize",
         "items": len(items),
         "scores": rouge(predictions, references),
+        "baselines": {name: rouge(texts, references) for name, texts in extractive_baselines(items, words).items()},
+        "replaced": sum(getattr(p, "replaced", 0) for p in predictions),
+        "written": sum(getattr(p, "written", 0) for p in predictions),
         "seconds": seconds,
         "settings": {"words": words, "rouge": "rouge-score F1 x100, Porter stemmer", **controls},
         "outputs": [{"id": item["id"], "prediction": p, "reference": r} for item, p, r in zip(items, predictions, references)],
+    }
+
+
+def extractive_baselines(items: list[dict[str, Any]], words: int | None = None, embedder: Any = None) -> dict[str, list[str]]:
+    """The summaries a model must beat: the first three sentences (lead-3), and the most central
+    sentences up to the item's word count (centroid of the sentence embeddings)."""
+    from llmos.tasks import faithful
+
+    if embedder is None:
+        from llmos.tasks.embed import Embedder
+
+        embedder = Embedder.load()
+    return {
+        "lead-3": [faithful.lead(item["text"], 3) for item in items],
+        "centroid": [faithful.centroid(faithful.SourceSentences.of(item["text"], embedder),
+                                       int(item.get("words") or words or 50)) for item in items],
     }
 
 
@@ -160,9 +179,12 @@ def evaluate_translations(llm: Any | None, items: list[dict[str, Any]], *, beams
 def format_table(report: dict[str, Any]) -> str:
     """The report's scores as a text table: one row per language pair for translations."""
     if report["task"] == "summarize":
-        head = f"{'set':<12}{'items':>7}" + "".join(f"{k.upper().replace('ROUGE', 'ROUGE-'):>10}" for k in ROUGE_TYPES)
-        row = f"{'all':<12}{report['items']:>7}" + "".join(f"{report['scores'][k]:>10.2f}" for k in ROUGE_TYPES)
-        return "\n".join([head, "-" * len(head), row])
+        head = f"{'summaries':<12}{'items':>7}" + "".join(f"{k.upper().replace('ROUGE', 'ROUGE-'):>10}" for k in ROUGE_TYPES)
+        rows = [(f"{'llmos':<12}", report["scores"])] + [(f"{name:<12}", scores) for name, scores in report.get("baselines", {}).items()]
+        lines = [f"{name}{report['items']:>7}" + "".join(f"{scores[k]:>10.2f}" for k in ROUGE_TYPES) for name, scores in rows]
+        if report.get("written"):
+            lines.append(f"checked: {report['replaced']} sentences replaced as unsupported or repeated (model wrote {report['written']} in final summaries)")
+        return "\n".join([head, "-" * len(head), *lines])
     head = f"{'pair':<12}{'items':>7}{'chrF':>10}{'BLEU':>10}"
     lines = [head, "-" * len(head)]
     for pair, s in sorted(report["pairs"].items()):

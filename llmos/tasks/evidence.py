@@ -50,7 +50,8 @@ _ABBREVIATIONS = frozenset(
     "p.m a.m ca vol ed eds jan feb mar apr jun jul aug sep sept oct nov dec".split()
 )
 _UNIT_START = re.compile(r"\n[ \t]*\n|\n(?=[ \t]*(?:[-*+•][ \t]|\d{1,3}[.)][ \t]|#{1,6}[ \t]|\|))")
-_SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])")
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9]|\([a-z0-9]{1,3}\)\s)")
+LIST_MARKER = re.compile(r"^\s*(?:[-*+\u2022\u2013]|\d{1,3}[.)])\s+")
 _WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9_'-]*")
 _NUMBER = re.compile(r"\d+(?:[.,:]\d+)*")
 _NUMBER_WORDS = frozenset(

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 NOTHING_FOUND = "I found nothing relevant to this question in the indexed documents, so I cannot answer it from them."
 NOT_STATED = "The indexed documents do not say. The closest passages are listed below."
 DEFAULT_MIN_SIMILARITY = 0.25
-DEFAULT_MIN_SUPPORT = 0.45  # the best sentence's rank score; tuned on the development sets (llmos eval qa)
+DEFAULT_MIN_SUPPORT = 0.65  # the best sentence's rank score: no answerable question of the development sets fell under it
 DEFAULT_K = 6
 DEFAULT_EVIDENCE = 3
 DEFAULT_MAX_NEW_TOKENS = 64

@@ -31,7 +31,7 @@ from typing import Any
 from tqdm import tqdm
 
 from llmos.errors import LlmosError
-from llmos.tasks import ingest
+from llmos.tasks import faithful, ingest
 from llmos.tasks.textfiles import require_text
 
 STYLES = ("paragraph", "bullets")
@@ -73,8 +73,13 @@ class Summary(str):
 
     `levels`: chunks summarized at each map level, () when the text went through one call;
     `calls`: generation calls; `input_tokens`: tokens of the text; `generated_tokens`: tokens the
-    model generated in all calls; `max_prompt_tokens`: the longest prompt sent."""
+    model generated in all calls; `max_prompt_tokens`: the longest prompt sent; with the check on,
+    `written`: sentences the model wrote for the final summary, `replaced`: sentences (of all calls)
+    dropped as unsupported or repeated, `added`: source sentences put in their place."""
 
+    written: int = 0
+    replaced: int = 0
+    added: int = 0
     levels: tuple[int, ...]
     calls: int
     input_tokens: int
@@ -89,17 +94,21 @@ class Summary(str):
 
 
 def summarize(llm: Any, text: str, *, words: int = 150, style: str = "paragraph", progress: bool = True,
-              chunk_tokens: int | None = None, **controls: Any) -> Summary:
+              chunk_tokens: int | None = None, check: bool = True, embedder: Any = None, **controls: Any) -> Summary:
     """Summarize `text` in about `words` words as a paragraph or bullets (see the module docstring).
 
     `chunk_tokens` caps a chunk (default 2048, or less where the context is smaller); `controls` are
-    generation controls (greedy with the repetition guard unless given)."""
+    generation controls (greedy with the repetition guard unless given). `check` (default on) checks
+    every summary sentence against the text and replaces unsupported or repeated ones with the text's
+    most central sentences (`llmos.tasks.faithful`), with `embedder` (default: the default embedding
+    model)."""
     if isinstance(words, bool) or not isinstance(words, int) or not 5 <= words <= 5000:
         raise LlmosError(f"words must be an integer in [5, 5000], got {words!r}")
     if style not in STYLES:
         raise LlmosError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
     require_text(text if isinstance(text, str) else "", "the text to summarize")
     run = _Run(llm, {**DEFAULTS, **controls}, progress)
+    checker = _Checker(embedder) if check else None
     text = text.strip()
     ctx = llm.config.max_seq_len
     cap = chunk_tokens or DEFAULT_CHUNK_TOKENS
@@ -109,7 +118,9 @@ def summarize(llm: Any, text: str, *, words: int = 150, style: str = "paragraph"
     # Short input: one call.
     if input_tokens <= min(cap, run.room(style, final_new)):
         summary = run.call(style, text, words, final_new)
-        return _result(summary, style, words, run, (), input_tokens)
+        if checker:
+            checker.sources.append(checker.source(text))
+        return _result(summary, style, words, run, (), input_tokens, checker)
 
     map_words = min(max(words, 60), 150)
     map_new = min(run.new_tokens(map_words), max(16, (ctx - run.overhead("part") - MARGIN) // 4))
@@ -123,7 +134,8 @@ def summarize(llm: Any, text: str, *, words: int = 150, style: str = "paragraph"
         chunks = split_chunks(level_text, run.count, budget)
         bar = tqdm(chunks, desc=f"summarizing (level {len(levels) + 1})", unit="chunk", disable=not progress,
                    file=sys.stderr, leave=False)
-        summaries = [s.strip() for s in (run.call(kind, chunk, map_words, map_new) for chunk in bar)]
+        summaries = [_checked_part(run.call(kind, chunk, map_words, map_new), chunk, map_words, checker, kind == "part")
+                     for chunk in bar]
         bar.close()
         levels.append(len(chunks))
         joined = "\n\n".join(s for s in summaries if s)
@@ -137,7 +149,7 @@ def summarize(llm: Any, text: str, *, words: int = 150, style: str = "paragraph"
                              f"{len(levels)} levels): try fewer --words or another model")
         level_text, level_tokens, kind = joined, joined_tokens, "combine"
     summary = run.call(f"final-{style}", joined, words, final_new)
-    return _result(summary, style, words, run, tuple(levels), input_tokens)
+    return _result(summary, style, words, run, tuple(levels), input_tokens, checker)
 
 
 class _Run:
@@ -183,9 +195,55 @@ class _Run:
         return str(out)
 
 
-def _result(text: str, style: str, words: int, run: _Run, levels: tuple[int, ...], input_tokens: int) -> Summary:
-    return Summary(tidy(text, style, words), levels=levels, calls=run.calls, input_tokens=input_tokens,
-                   generated_tokens=run.generated, max_prompt_tokens=run.max_prompt)
+def _result(text: str, style: str, words: int, run: _Run, levels: tuple[int, ...], input_tokens: int,
+            checker: _Checker | None) -> Summary:
+    text = tidy(text, style, words)
+    stats: dict[str, int] = {}
+    if checker is not None:
+        checked = checker.check(faithful.split_units(text), faithful.SourceSentences.join(checker.sources), words)
+        text = tidy(_joined(checked.units, style), style, words)
+        stats = {"written": checked.written, "replaced": checker.replaced + checked.replaced,
+                 "added": checker.added + checked.added}
+    return Summary(text, levels=levels, calls=run.calls, input_tokens=input_tokens,
+                   generated_tokens=run.generated, max_prompt_tokens=run.max_prompt, **stats)
+
+
+class _Checker:
+    """Checks summaries against their sources (`llmos.tasks.faithful`); keeps the sources of the
+    first level (the document's own text) for the final check, and counts what it replaced."""
+
+    def __init__(self, embedder: Any) -> None:
+        if embedder is None:
+            from llmos.tasks.embed import Embedder
+
+            embedder = Embedder.load()
+        self.embedder = embedder
+        self.sources: list[faithful.SourceSentences] = []
+        self.replaced = self.added = 0
+
+    def source(self, text: str) -> faithful.SourceSentences:
+        return faithful.SourceSentences.of(text, self.embedder)
+
+    def check(self, units: list[str], source: faithful.SourceSentences, words: int) -> faithful.Checked:
+        return faithful.check(units, source, self.embedder, words)
+
+
+def _checked_part(summary: str, chunk: str, words: int, checker: _Checker | None, first_level: bool) -> str:
+    """A part's summary with unsupported or repeated sentences replaced from the part itself."""
+    summary = tidy(summary, "paragraph", words * 2)
+    if checker is None:
+        return summary
+    source = checker.source(chunk)
+    if first_level:
+        checker.sources.append(source)
+    checked = checker.check(faithful.split_units(summary), source, words)
+    checker.replaced += checked.replaced
+    checker.added += checked.added
+    return _joined(checked.units, "paragraph")
+
+
+def _joined(units: list[str], style: str) -> str:
+    return "\n".join(f"- {u}" for u in units) if style == "bullets" else " ".join(units)
 
 
 # --- splitting ------------------------------------------------------------------------------------
