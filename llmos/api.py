@@ -141,10 +141,11 @@ class LLM:
 
         return pieces()
 
-    def _chat_ids(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-        # The template already wrote any BOS the model wants.
-        return self.encode(text, add_special_tokens=False)
+    def _chat_ids(self, messages: list[dict[str, str]], add_generation_prompt: bool = True, *,
+                  template: str | None = None, variables: dict[str, Any] | None = None) -> list[int]:
+        # The template already writes any BOS the model wants; message texts never become special
+        # tokens (chat, ask, summarize and translate all build their prompts here).
+        return self.tokenizer.chat_ids(messages, add_generation_prompt, template=template, variables=variables)
 
 
 class ChatSession:

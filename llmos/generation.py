@@ -352,6 +352,7 @@ class TextGeneration:
         self.cache, self.cached = cache, cached
         self.choices: list[Choice] = []
         self.generation: Generation | None = None
+        self.should_stop: Callable[[], bool] | None = None  # asked between prefill chunks (see Generation)
 
     def choice_state(self, index: int = 0) -> ChoiceState:
         c = self.controls
@@ -366,7 +367,7 @@ class TextGeneration:
             self.model, self.budget.ids, max_new_tokens=self.budget.max_new_tokens, params=c.params,
             stop_ids=self.tokenizer.stop_ids, min_new_tokens=c.min_new_tokens, n=c.n, seed=c.seed,
             cache=self.cache, cached=self.cached, logprobs=(c.logprobs or 0) + (1 if c.logprobs is not None else 0),
-            processors=c.processors,
+            processors=c.processors, should_stop=self.should_stop,
         )
         self.generation = gen
         states = [self.choice_state(row) for row in range(c.n)]

@@ -12,7 +12,10 @@ It is built at the format boundary:
   next to it that name the special tokens and hold the chat template.
 
 Contract: `encode` adds BOS/EOS only where the model says so (`add_special_tokens=True`), and special
-tokens written in the text (`"<|im_start|>"`) become single ids. `decode(encode(t), ...)` gives `t`
+tokens written in the text (`"<|im_start|>"`) become single ids: it is for trusted prompts.
+`chat_ids` is for conversations, whose message texts are untrusted: only the template's own markup
+becomes special ids; a special token's spelling inside a message encodes as ordinary characters, so
+no message can forge a turn (transformers' `split_special_tokens`, llama.cpp's `parse_special=false`). `decode(encode(t), ...)` gives `t`
 back for byte-level tokenizers. `IncrementalDecoder` turns a stream of ids into text pieces whose
 concatenation equals `decode(all_ids)`, never emitting half a UTF-8 character. Chat templates run in
 jinja2's immutable sandbox; a template that reaches for Python internals gets a `TokenizerError`.
@@ -23,6 +26,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
+import secrets
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -277,7 +282,7 @@ class Tokenizer:
         """Token ids of `text`. With `add_special_tokens`, BOS/EOS are added where the model says so."""
         if not isinstance(text, str):
             raise TokenizerError(f"encode takes a str, got {type(text).__name__}")
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return _encode(self._backend, text, add_special_tokens)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """The text of `ids`; bytes that do not form whole UTF-8 characters decode to U+FFFD."""
@@ -328,15 +333,18 @@ class Tokenizer:
     # --- chat -----------------------------------------------------------------------------------
 
     def apply_chat_template(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = True, **extra: Any
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True, *, template: str | None = None,
+        **extra: Any
     ) -> str:
-        """Render `messages` ([{"role": ..., "content": ...}, ...]) with the model's chat template.
+        """Render `messages` ([{"role": ..., "content": ...}, ...]) with the model's chat template
+        (or `template`, a Jinja source given instead).
 
         Runs the template as transformers does (trim_blocks, lstrip_blocks, `raise_exception`, a
         `tojson` that does not escape HTML) in jinja2's immutable sandbox. `bos_token`/`eos_token` are
         defined; `extra` adds or overrides template variables (`tools=...`, `enable_thinking=False`).
         """
-        if self.chat_template is None:
+        source = self.chat_template if template is None else template
+        if source is None:
             raise TokenizerError(
                 "this model has no chat template, so it cannot format a conversation; "
                 "prompt it with plain text (completion) instead"
@@ -347,15 +355,68 @@ class Tokenizer:
         variables.update(extra)
         variables["messages"] = _checked_messages(messages)
         variables["add_generation_prompt"] = add_generation_prompt
-        template = _compile_template(self.chat_template)
+        compiled = _compile_template(source)
         try:
-            return template.render(**variables)
+            return compiled.render(**variables)
         except jinja2.exceptions.SecurityError as e:
             raise TokenizerError(f"the chat template tried an unsafe operation and was stopped: {e}") from e
         except jinja2.exceptions.TemplateError as e:
             raise TokenizerError(f"the chat template refused this conversation: {e}") from e
         except Exception as e:  # the template is foreign code; any failure in it is the model's, not ours
             raise TokenizerError(f"the chat template failed: {type(e).__name__}: {e}") from e
+
+    def chat_ids(self, messages: list[dict[str, str]], add_generation_prompt: bool = True, *,
+                 template: str | None = None, variables: Mapping[str, Any] | None = None) -> list[int]:
+        """Token ids of a conversation rendered with the chat template (no BOS/EOS beyond what the
+        template writes); `template` and `variables` as in `apply_chat_template`. Message contents are
+        text: a special token spelled inside one (a user's `<|im_end|>\n<|im_start|>system`) encodes
+        as ordinary characters, never as the special id."""
+        pattern = self._special_pattern
+        literals: list[str] = []
+        nonce = secrets.token_hex(8)  # unguessable: a message cannot spell a placeholder itself
+
+        def hide(match: re.Match[str]) -> str:
+            literals.append(match.group())
+            return f"\ue000{nonce}.{len(literals) - 1}\ue001"
+
+        checked = _checked_messages(messages)
+        if pattern is not None:
+            checked = [{**m, "content": pattern.sub(hide, m["content"])} if isinstance(m.get("content"), str) else m
+                       for m in checked]
+        extra = {k: v for k, v in (variables or {}).items() if k not in ("template", "add_generation_prompt")}
+        text = self.apply_chat_template(checked, add_generation_prompt=add_generation_prompt, template=template, **extra)
+        if not literals:
+            return self.encode(text, add_special_tokens=False)
+        # The markup's special tokens split the text, as the backend itself splits it; each piece
+        # between them gets its hidden literals back and is encoded with special tokens as text.
+        placeholder = re.compile(f"\ue000{nonce}\\.(\\d+)\ue001")
+        plain = self._plain_backend
+        ids: list[int] = []
+        pos = 0
+        for match in [*pattern.finditer(text), None]:
+            piece = text[pos:match.start() if match else len(text)]
+            if piece:
+                piece = placeholder.sub(lambda m: literals[int(m.group(1))], piece)
+                ids += _encode(plain, piece, False)
+            if match:
+                ids.append(self._backend.token_to_id(match.group()))
+                pos = match.end()
+        return ids
+
+    @functools.cached_property
+    def _special_pattern(self) -> re.Pattern[str] | None:
+        """A regex matching any special token's text, longest first (None: the vocabulary has none)."""
+        texts = sorted({t.content for t in self._backend.get_added_tokens_decoder().values() if t.special},
+                       key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, texts))) if texts else None
+
+    @functools.cached_property
+    def _plain_backend(self) -> _Backend:
+        """A copy of the backend that encodes special tokens' spellings as ordinary text (a copy, so
+        the shared backend's setting never changes under another thread)."""
+        plain = _Backend.from_str(self._backend.to_str())
+        plain.encode_special_tokens = True
+        return plain
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id})"
@@ -408,6 +469,17 @@ class IncrementalDecoder:
         self._read = len(self._ids)
         self._prefix_text = None
         return piece
+
+
+def _encode(backend: _Backend, text: str, add_special_tokens: bool) -> list[int]:
+    try:
+        return backend.encode(text, add_special_tokens=add_special_tokens).ids
+    except TypeError:  # the Rust side takes only valid Unicode; say where it is not
+        bad = next((i for i, c in enumerate(text) if 0xD800 <= ord(c) <= 0xDFFF), None)
+        if bad is None:
+            raise
+        raise TokenizerError(f"the text holds a lone UTF-16 surrogate (U+{ord(text[bad]):04X} at character {bad}), "
+                             "which is not valid Unicode; pass valid text") from None
 
 
 # --- GGUF builders ------------------------------------------------------------------------------

@@ -3,7 +3,10 @@
 Safe by default: binds the loopback interface; refuses any other address unless an API key is set
 (--api-key-file, or the LLMOS_API_KEY environment variable); CORS is off unless origins are listed;
 the model must already be in the store or on disk (the server never downloads anything).
-SIGTERM or Ctrl-C stops accepting connections, lets in-flight requests finish, then exits.
+Browsers on other sites cannot use it: the Host header must name the bound address (or an
+--allowed-host), a foreign Origin is refused, and POSTs must be application/json.
+SIGTERM or Ctrl-C stops accepting connections, lets in-flight requests run for --shutdown-timeout
+seconds, then ends what is left with finish_reason "abort" and exits.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from llmos.cli.argtypes import int_in
 from llmos.cli.generate import add_model_args
@@ -37,6 +41,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="for requests that set none (default: the model's recommendation, printed at start-up)")
     p.add_argument("--default-top-p", type=float, default=None, metavar="P", help="likewise")
     p.add_argument("--default-top-k", type=int, default=None, metavar="K", help="likewise")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a Host name clients may use besides the bound address, e.g. behind a proxy (repeatable; "
+                        "'*' turns the DNS-rebinding check off)")
+    p.add_argument("--trust-request-chat-template", action="store_true",
+                   help="let requests pass their own chat_template / chat_template_kwargs (refused otherwise)")
+    p.add_argument("--shutdown-timeout", type=int_in(0), default=30, metavar="SECONDS",
+                   help="on SIGTERM, how long in-flight requests may run before they are aborted")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run_serve)
 
@@ -107,7 +118,8 @@ def run_serve(args: argparse.Namespace) -> int:
                          f"pip install {exc.name}") from None
     config = ServeConfig(model=args.model, dtype=args.dtype, api_key=key, cors_origins=tuple(args.cors_origin),
                          max_active=args.max_active, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
-                         default_max_tokens=args.default_max_tokens, threads=args.threads)
+                         default_max_tokens=args.default_max_tokens, threads=args.threads, host=args.host,
+                         allowed_hosts=tuple(args.allowed_host), trust_request_templates=args.trust_request_chat_template)
     config = replace(config, sampling=serve_sampling(args, path))  # printed below, before the model loads
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     shown = f"[{args.host}]" if ":" in args.host else args.host
@@ -116,6 +128,28 @@ def run_serve(args: argparse.Namespace) -> int:
     shown_defaults = ", ".join(f"{k} {v:g}" for k, v in config.sampling.items())
     print(f"llmos serve: requests that set none get {shown_defaults}, max_tokens {config.default_max_tokens} "
           "(--default-temperature, --default-top-p, --default-top-k, --default-max-tokens)", file=sys.stderr, flush=True)
-    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level,
-                server_header=False, forwarded_allow_ips="")
+    run_uvicorn(create_app(config), args.host, args.port, args.log_level, args.shutdown_timeout)
     return 0
+
+
+def run_uvicorn(app: Any, host: str, port: int, log_level: str, shutdown_timeout: int) -> None:
+    """uvicorn with the envelope-answering h11 protocol, and a shutdown that drains for at most
+    `shutdown_timeout` seconds before the app aborts what is left."""
+    import uvicorn
+
+    from llmos.serve.protocol import MAX_HEADER_BYTES, EnvelopeH11Protocol
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if not self.should_exit:  # the first signal starts the grace period
+                app.state.server.drain(shutdown_timeout)
+            super().handle_exit(sig, frame)
+
+    # uvicorn's own deadline is a backstop: the app aborts its requests first, so their streams end cleanly.
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, server_header=False, forwarded_allow_ips="",
+                            http=EnvelopeH11Protocol, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+                            timeout_graceful_shutdown=shutdown_timeout + 5)
+    server = Server(config)
+    server.run()
+    if not server.started:  # as uvicorn.run: the socket could not be bound, or the app failed to start
+        raise LlmosError(f"the server did not start on {host}:{port}; see the log above")

@@ -8,6 +8,9 @@ with `seed`, so the same seed gives the same tokens.
 
 A caller that keeps a KVCache between calls (a chat whose history grows) passes it with `cached`, the
 number of leading prompt tokens already in it; only the rest is prefilled.
+
+A caller that may give up (a server whose client left) passes `should_stop`: it is asked between
+prefill chunks, so a long prompt stops within one chunk; the rows then finish as "cancelled".
 """
 
 from __future__ import annotations
@@ -31,11 +34,15 @@ def new_generator(seed: int | None) -> torch.Generator:
 
 
 @torch.inference_mode()
-def prefill(model: nn.Module, tokens: torch.Tensor, start: int, cache: KVCache, chunk: int = 512) -> torch.Tensor:
-    """Run tokens (B, T) at positions start.. into the cache; return last-position logits (B, V) fp32."""
+def prefill(model: nn.Module, tokens: torch.Tensor, start: int, cache: KVCache, chunk: int = 512,
+            should_stop: Callable[[], bool] | None = None) -> torch.Tensor | None:
+    """Run tokens (B, T) at positions start.. into the cache; return last-position logits (B, V) fp32,
+    or None when `should_stop()` said so before a chunk."""
     T = tokens.shape[1]
     hidden = None
     for s in range(0, T, chunk):
+        if should_stop is not None and should_stop():
+            return None
         part = tokens[:, s:s + chunk]
         positions = torch.arange(start + s, start + s + part.shape[1])
         hidden = model.hidden(part, positions, cache)
@@ -63,6 +70,7 @@ class Generation:
         cached: int = 0,
         logprobs: int = 0,
         processors: Sequence[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = (),
+        should_stop: Callable[[], bool] | None = None,
     ) -> None:
         """`logprobs`: after each step, `last_logprobs` holds (chosen (B,), top ids (B, k), top
         values (B, k)) from the model's own distribution (log-softmax of the raw logits), as the
@@ -91,6 +99,7 @@ class Generation:
         self.finish_reasons: list[str | None] = [None] * n
         self.stop_tokens: list[int | None] = [None] * n  # the stop id each row ended on
         self.logprobs, self.processors = logprobs, tuple(processors)
+        self.should_stop = should_stop
         self.last_logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.generated = 0
 
@@ -106,7 +115,10 @@ class Generation:
             return
         self.cache.length = self.cached
         rest = history[:, self.cached:T]
-        logits = prefill(self.model, rest, self.cached, self.cache)
+        logits = prefill(self.model, rest, self.cached, self.cache, should_stop=self.should_stop)
+        if logits is None:
+            self.finish_reasons = ["cancelled"] * n
+            return
         for step in range(self.max_new_tokens):
             cur = T + step
             raw = logits

@@ -15,6 +15,12 @@ Contract:
 - Requests are validated and budgeted before anything is queued or streamed.
 - With an API key, every route except /health and the page's files needs `Authorization: Bearer KEY`
   (compared in constant time; the key is never logged). CORS is off unless origins are listed.
+- Browsers cannot drive it from another site: a Host header that does not name the bound address (or
+  an allowed host) is 403 (DNS rebinding), so is an Origin that is neither the server's own nor a
+  listed CORS origin, and a POST that is not `application/json` is 415 (no "simple" cross-site POST).
+- Message texts never become special tokens (Tokenizer.chat_ids); a raw /v1/completions prompt is the
+  caller's own text and does (it may spell `<|im_start|>` on purpose). A request's own
+  `chat_template` is refused unless the server trusts them (`trust_request_templates`).
 - Model names in requests are compared with the served model's names only; none reaches the
   filesystem. Nothing is ever fetched: a model that is not in the store is an error, not a download.
 """
@@ -27,6 +33,7 @@ import contextlib
 import functools
 import hashlib
 import hmac
+import ipaddress
 import logging
 import re
 import threading
@@ -54,13 +61,13 @@ from llmos.serve import schema as S
 from llmos.serve.json_constraint import OBJECT, JsonConstraint, TokenTexts, check_output, check_schema
 from llmos.serve.metrics import Metrics
 from llmos.serve.stream import DONE, EventStream, merged, sse, wait_disconnect
-from llmos.serve.worker import QueueFull, Ticket, Worker, WorkerError
+from llmos.serve.worker import Aborted, QueueFull, Ticket, Worker, WorkerError
 
 log = logging.getLogger("llmos.serve")
 
 # OpenAI's neutral sampling values: what a control the model's recommendation does not name gets.
 OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
-FINISH = {"eos": "stop", "stop": "stop", "repetition": "stop", "length": "length"}
+FINISH = {"eos": "stop", "stop": "stop", "repetition": "stop", "length": "length", "abort": "abort"}
 STATIC = ("index.html", "app.js", "style.css")
 PAGE_HEADERS = {
     "content-security-policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -95,6 +102,9 @@ class ServeConfig:
     sampling: dict[str, float] | None = None  # for requests that set none; None: sampling_defaults(model, {})
     embed_model: str = store.DEFAULT_EMBED_MODEL
     threads: int | None = None
+    host: str = "127.0.0.1"  # the bound address: Host headers must name it (or an allowed host)
+    allowed_hosts: tuple[str, ...] = ()  # more names for the Host check; "*" turns the check off
+    trust_request_templates: bool = False  # honour a request's chat_template / chat_template_kwargs
 
     @property
     def served_name(self) -> str:
@@ -122,6 +132,7 @@ class Server:
         self.created = int(time.time())
         self.fingerprint = f"llmos-{__version__}"
         self._key_digest = hashlib.sha256(config.api_key.encode()).digest() if config.api_key else None
+        self.loop: asyncio.AbstractEventLoop | None = None  # the app's, once it starts
 
     # --- lifecycle ------------------------------------------------------------------------------
     def start_loading(self) -> threading.Thread:
@@ -148,6 +159,19 @@ class Server:
         except Exception as exc:
             self.status, self.error = "error", str(exc)
             log.exception("could not load model %s", self.config.model)
+
+    def drain(self, timeout: float) -> None:
+        """Shutdown began (SIGTERM): let requests run for `timeout` seconds, then abort what is left
+        (each open choice ends with finish_reason "abort"). Safe to call from a signal handler."""
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(loop.call_later, timeout, self._abort_all)
+
+    def _abort_all(self) -> None:
+        if self.worker is not None:
+            n = self.worker.abort_all()
+            if n:
+                log.warning("shutdown grace period over: aborted %d request(s)", n)
 
     def shutdown(self) -> None:
         if self.worker is not None:
@@ -315,6 +339,11 @@ class _Run:
                 if delta.finish_reason:
                     choice.finish = FINISH.get(delta.finish_reason, "stop")
                 yield index, delta
+        except Aborted:  # the shutdown grace period ran out: every open choice ends here
+            for index, choice in enumerate(self.choices):
+                if choice.finish is None:
+                    choice.finish = "abort"
+                    yield index, Delta(index % self.n, "", finish_reason="abort")
         finally:
             self.server.metrics.tokens(self.prompt_tokens, self.completion_tokens)
 
@@ -373,9 +402,10 @@ async def chat_completions(request: Request) -> Any:
     req: S.ChatCompletionRequest = S.parse(S.ChatCompletionRequest, await read_json(request))
     llm = server.chat_model(req.model)
     try:
-        ids = llm._chat_ids([m.turn() for m in req.messages])
+        ids = llm._chat_ids([m.turn() for m in req.messages], **_request_template(server, req))
     except LlmosError as exc:
         raise S.invalid(str(exc), "messages") from None
+    _check_stops(llm, req)
     controls = req.controls(llm.config.vocab_size)
     schema = _json_mode(server, req, controls, len(ids))
     ticket = server.submit(ids, controls, "messages")
@@ -394,6 +424,27 @@ async def chat_completions(request: Request) -> Any:
                         "finish_reason": c.finish or "stop"})
     return JSONResponse({**_envelope(server, rid, "chat.completion", created), "choices": choices,
                          "usage": run.usage()})
+
+
+def _request_template(server: Server, req: S.ChatCompletionRequest) -> dict[str, Any]:
+    """The request's own chat template and variables, when this server trusts them (else refused)."""
+    if req.chat_template is None and req.chat_template_kwargs is None:
+        return {}
+    param = "chat_template" if req.chat_template is not None else "chat_template_kwargs"
+    if not server.config.trust_request_templates:
+        raise S.invalid(f"{param} is refused: this server renders conversations with its model's own chat template "
+                        "(start it with --trust-request-chat-template to let requests choose)", param)
+    return {"template": req.chat_template, "variables": req.chat_template_kwargs}
+
+
+def _check_stops(llm: Any, req: S._Sampling) -> None:
+    """Refuse a stop string longer than the context: no completion could ever contain it."""
+    context = llm.config.max_seq_len
+    for s in req._stops():
+        # Its tokens are at most its UTF-8 bytes (4 a character): encode only where that could exceed the context.
+        if 4 * len(s) > context and len(llm.encode(s, add_special_tokens=False)) > context:
+            raise S.invalid(f"a stop string of {len(s)} characters is longer than the model's context of {context} "
+                            "tokens, so it could never match; shorten it", "stop")
 
 
 def _json_mode(server: Server, req: S.ChatCompletionRequest, controls: dict[str, Any], prompt_len: int) -> Any:
@@ -475,6 +526,7 @@ async def completions(request: Request) -> Any:
     server = _server(request)
     req: S.CompletionRequest = S.parse(S.CompletionRequest, await read_json(request))
     llm = server.chat_model(req.model)
+    _check_stops(llm, req)
     prompts = req.prompts()
     id_lists, texts = [], []
     for k, p in enumerate(prompts):
@@ -762,7 +814,7 @@ class Guard:
             await send(message)
 
         try:
-            error = self._refuse(scope, endpoint is not None and endpoint.public)
+            error = self._refuse(scope, endpoint)
             if error is not None:
                 await _error_response(error)(scope, receive, record)
                 return
@@ -770,11 +822,29 @@ class Guard:
         finally:
             self.server.metrics.request(route, status[0])
 
-    def _refuse(self, scope: Scope, public: bool) -> S.ApiError | None:
-        if not public and not self.server.authorized(scope):
+    def _refuse(self, scope: Scope, endpoint: Endpoint | None) -> S.ApiError | None:
+        headers = dict(scope.get("headers") or [])
+        config = self.server.config
+        host = headers.get(b"host", b"").decode("latin-1")
+        if host and not host_allowed(host, config.host, config.allowed_hosts):
+            return S.ApiError(403, f"the Host header {host!r} does not name this server; use its address "
+                              f"(http://{_netloc(config.host)}/) or start it with --allowed-host NAME",
+                              param="host", code="host_not_allowed")
+        origin = headers.get(b"origin")
+        if origin is not None and not origin_allowed(origin.decode("latin-1"), host, config.cors_origins):
+            return S.ApiError(403, f"requests from the web origin {origin.decode('latin-1')!r} are not allowed; "
+                              "start the server with --cors-origin ORIGIN to allow it", param="origin",
+                              code="origin_not_allowed")
+        if not (endpoint is not None and endpoint.public) and not self.server.authorized(scope):
             return S.ApiError(401, "missing or incorrect API key: send the header 'Authorization: Bearer <key>'",
                               code="invalid_api_key")
-        length = dict(scope.get("headers") or []).get(b"content-length")
+        if scope["method"] == "POST" and endpoint is not None and endpoint.method == "POST":
+            kind = headers.get(b"content-type", b"").decode("latin-1").partition(";")[0].strip().lower()
+            if kind != "application/json":
+                return S.ApiError(415, f"the request body must be JSON, sent with 'Content-Type: application/json' "
+                                  f"(got {kind or 'no content type'!r})", param="content-type",
+                                  code="unsupported_media_type")
+        length = headers.get(b"content-length")
         if length is not None:
             try:
                 too_big = int(length) > self.server.config.max_body_bytes
@@ -785,12 +855,51 @@ class Guard:
         return None
 
 
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+WILDCARDS = ("", "0.0.0.0", "::")
+
+
+def host_allowed(host: str, bound: str, allowed: Sequence[str] = ()) -> bool:
+    """Whether a Host header names this server: the bound address, a loopback name, an `allowed`
+    name, or (bound to every interface) any IP address. A DNS-rebinding page reaches the server under
+    its own domain name, which is none of these."""
+    if "*" in allowed:
+        return True
+    name = host.strip().lower()
+    if name.startswith("["):  # [::1]:8000
+        name = name[1:].partition("]")[0]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    name = name.rstrip(".")
+    bound = bound.strip("[]").lower()
+    if name in LOOPBACK_NAMES or name == bound or name in (a.lower() for a in allowed):
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return bound in WILDCARDS
+
+
+def origin_allowed(origin: str, host: str, cors_origins: Sequence[str]) -> bool:
+    """A browser's Origin is the server's own page (same host and port as the Host header) or listed."""
+    if origin in cors_origins or "*" in cors_origins:
+        return True
+    scheme, sep, netloc = origin.partition("://")
+    return bool(sep) and scheme in ("http", "https") and netloc.lower() == host.strip().lower()
+
+
+def _netloc(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
 def create_app(config: ServeConfig, *, load: bool = True) -> Starlette:
     """The ASGI app; the model loads in a background thread once the app starts (load=False skips it)."""
     server = Server(config)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        server.loop = asyncio.get_running_loop()
         if load:
             server.start_loading()
         yield

@@ -12,6 +12,7 @@ of the same shape (cheaper per streamed chunk).
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -24,14 +25,15 @@ MAX_STOP = MAX_STOP_STRINGS  # llmos' own limits, checked here too so that a req
 MAX_TOP_LOGPROBS = MAX_LOGPROBS
 MAX_EMBED_INPUTS = 2048
 SEED_MASK = (1 << 63) - 1
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # any signed or unsigned 64-bit integer
 
 
 class ApiError(Exception):
     """An error answered with the OpenAI envelope {"error": {"message", "type", "param", "code"}}."""
 
-    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-             405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-             500: "server_error", 503: "server_error"}
+    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_error",
+             404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
+             415: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
                  type: str | None = None, headers: dict[str, str] | None = None) -> None:
@@ -41,7 +43,9 @@ class ApiError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        # A message quoting client text must still encode as UTF-8 (a lone surrogate would not).
+        message = self.message.encode("utf-8", "backslashreplace").decode("utf-8")
+        return {"error": {"message": message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 def invalid(message: str, param: str | None = None, code: str | None = None) -> ApiError:
@@ -62,12 +66,10 @@ class ContentPart(_Strict):
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
+    content: str | list[ContentPart]  # required: a turn without text is a client bug, not an empty turn
     name: str | None = None
 
     def text(self) -> str:
-        if self.content is None:
-            return ""
         if isinstance(self.content, str):
             return self.content
         return "\n".join(part.text for part in self.content)
@@ -109,7 +111,7 @@ class _Sampling(_Strict):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     user: str | None = None
     # extensions (vLLM / llama.cpp names)
     top_k: int | None = Field(default=None, ge=-1)
@@ -133,6 +135,8 @@ class _Sampling(_Strict):
             raise invalid(f"at most {MAX_STOP} stop strings are allowed, got {len(stops)}", "stop")
         if "" in stops:
             raise invalid("stop strings must not be empty", "stop")
+        if self.min_tokens and self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise invalid(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})", "min_tokens")
 
     def controls(self, vocab_size: int) -> dict[str, Any]:
         """The generation controls (llmos names) this request asks for; absent fields are left out."""
@@ -179,16 +183,19 @@ class ChatCompletionRequest(_Sampling):
     response_format: ResponseFormat | None = None
     tools: list[Any] | None = None
     functions: list[Any] | None = None
+    # vLLM's: honoured only by a server started with --trust-request-chat-template (refused otherwise)
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def check(self) -> None:
+        if self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
         super().check()
         if self.tools or self.functions:
             raise invalid("tools and function calling are not supported by this server",
                           "tools" if self.tools else "functions")
         if self.top_logprobs is not None and not self.logprobs:
             raise invalid("top_logprobs requires logprobs to be true", "top_logprobs")
-        if self.max_completion_tokens is not None:
-            self.max_tokens = self.max_completion_tokens
         rf = self.response_format
         if rf is not None and rf.type == "json_schema" and rf.json_schema is None:
             raise invalid("response_format of type json_schema needs a json_schema object", "response_format.json_schema")
@@ -301,7 +308,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "abort"]  # abort: cancelled by the server's shutdown
 
 
 class ChatCompletion(BaseModel):
@@ -328,7 +335,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "abort"]
 
 
 class Completion(BaseModel):
@@ -445,13 +452,43 @@ def _json_type(value: Any) -> str:
 
 
 def decode_body(raw: bytes) -> Any:
-    """Decode a request body as JSON, or raise ApiError 400."""
+    """Decode a request body as JSON, or raise ApiError 400. Strings must be valid Unicode: JSON can
+    spell a lone UTF-16 surrogate ("\\ud800"), which no tokenizer or UTF-8 response can hold."""
     if not raw.strip():
         raise invalid("the request body is empty: send a JSON object")
     try:
-        return json.loads(raw, parse_constant=_no_constant)
+        body = json.loads(raw, parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:
         raise invalid(f"the request body is not valid JSON: {exc}") from None
+    if _SURROGATE_ESCAPE.search(raw):  # only an escape can spell one: raw surrogate bytes are not UTF-8
+        try:
+            where = _surrogate_at(body, "")
+        except RecursionError:
+            raise invalid("the request body nests arrays or objects too deeply") from None
+        if where is not None:
+            raise invalid(f"'{where or 'the request body'}' holds a lone UTF-16 surrogate (an unpaired "
+                          "\\ud800-\\udfff escape), which is not valid Unicode; send valid text", where or None)
+    return body
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _surrogate_at(value: Any, path: str) -> str | None:
+    """The OpenAI-style path ("messages[0].content") of the first string holding a lone surrogate;
+    a key holding one is reported as its object's path."""
+    if isinstance(value, str):
+        return path if _LONE_SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        if any(_LONE_SURROGATE.search(k) for k in value):
+            return path
+        items = [(f"{path}.{k}" if path else k, v) for k, v in value.items()]
+    elif isinstance(value, list):
+        items = [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+    else:
+        return None
+    return next((found for where, v in items if (found := _surrogate_at(v, where)) is not None), None)
 
 
 def _no_constant(name: str) -> Any:

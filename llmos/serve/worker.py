@@ -64,6 +64,13 @@ class WorkerError(Exception):
     """A generation failed inside the worker (after the request was accepted)."""
 
 
+class Aborted(Exception):
+    """The server cut this generation short (its shutdown grace period ran out)."""
+
+
+_ABORT = object()
+
+
 class Ticket:
     """One submitted generation: `async for delta in ticket`, or `cancel()` it. `prompt_tokens` is the
     prompt the request was accepted with."""
@@ -91,10 +98,19 @@ class Ticket:
         if item is _END:
             self._done = True
             raise StopAsyncIteration
+        if item is _ABORT:
+            self._done = True
+            raise Aborted("the server is shutting down")
         if isinstance(item, BaseException):
             self._done = True
             raise WorkerError(str(item) or type(item).__name__) from item
         return item
+
+    def abort(self) -> None:
+        """Stop this generation and tell its consumer so (`Aborted` after the deltas already sent)."""
+        if not self.cancelled:
+            self._queue.put_nowait(_ABORT)
+        self.cancel()
 
     def cancel(self) -> None:
         """Stop this generation (idempotent): the worker drops it at its next step."""
@@ -167,6 +183,7 @@ class Worker:
         Raises LlmosError (invalid controls, prompt over the context) or QueueFull."""
         run = self.llm.start(ids, controls, defaults=defaults, default_new=default_new)
         ticket = Ticket(run, asyncio.get_running_loop())
+        run.should_stop = lambda: ticket.cancelled  # a client that left stops a long prefill within a chunk
         ticket._request = self._engine_request(run)
         with self._cond:
             if not self._accepting:
@@ -199,6 +216,15 @@ class Worker:
     def _wake(self) -> None:
         with self._cond:
             self._cond.notify()
+
+    def abort_all(self) -> int:
+        """Abort every accepted generation (call on the event loop's thread); returns how many."""
+        with self._cond:
+            tickets = [*self._active, *self._pending]
+            self._accepting = False
+        for ticket in tickets:
+            ticket.abort()
+        return len(tickets)
 
     def stop(self, timeout: float | None = None) -> None:
         """Refuse new work, finish what was accepted, end the thread."""

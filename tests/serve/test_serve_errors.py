@@ -94,7 +94,9 @@ def test_invalid_parameters_are_400_naming_the_parameter(http, extra, param):
     ([], "messages"),                                                       # empty
     ("hi", "messages"),
     ([{"role": "wizard", "content": "hi"}], "messages[0].role"),            # unknown role
-    ([{"role": "user"}, {"role": "user", "content": 3}], "messages[1].content"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": 3}], "messages[1].content"),
+    ([{"role": "user"}], "messages[0].content"),                            # no content at all
+    ([{"role": "assistant", "content": None}], "messages[0].content"),
     ([{"content": "hi"}], "messages[0].role"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "messages[0].content[0].type"),
 ])
@@ -166,15 +168,16 @@ def test_body_over_the_cap_is_413(http):
             yield b"y" * 65536
         yield b'"}]}'
 
-    envelope(http.post(CHAT, content=chunks()), 413)
+    envelope(http.post(CHAT, content=chunks(), headers={"content-type": "application/json"}), 413)
     still_works(http)
 
 
 def test_cors_is_off_by_default(http):
     r = http.options(CHAT, headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
     assert "access-control-allow-origin" not in r.headers
-    r = http.post(CHAT, json=OK_BODY, headers={"Origin": "http://evil.example"})
-    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    r = http.post(CHAT, json=OK_BODY, headers={"Origin": "http://evil.example"})  # a foreign page's fetch
+    envelope(r, 403, code="origin_not_allowed", param="origin")
+    assert "access-control-allow-origin" not in r.headers
 
 
 def test_non_loopback_bind_needs_a_key():
@@ -213,7 +216,7 @@ def test_errors_inside_generation(tiny_model, monkeypatch):
 
     async def go():
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
             r = await client.post(CHAT, json={**OK_BODY, "max_tokens": 10, "stream": True})
             assert r.status_code == 200
             events = [line[6:] for line in r.text.split("\n\n") if line.startswith("data: ")]
@@ -245,7 +248,7 @@ def test_queue_full_is_503_with_retry_after(tiny_model):
         running = server.worker.submit(ids, {"max_new_tokens": 1000}, {})
         waiting = server.worker.submit(ids, {"max_new_tokens": 1000}, {})
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
             r = await client.post(CHAT, json=OK_BODY)
             envelope(r, 503, code="server_overloaded")
             assert int(r.headers["retry-after"]) >= 1
@@ -266,7 +269,7 @@ def test_health_is_503_while_loading_and_cors_when_listed(tiny_model):
 
     async def go():
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
             r = await client.get("/health")
             assert r.status_code == 503 and r.json()["status"] == "loading"
             envelope(await client.post(CHAT, json=OK_BODY), 503, code="model_loading")
