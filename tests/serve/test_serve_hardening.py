@@ -233,3 +233,51 @@ def test_cancel_during_prefill_stops_within_one_chunk(tiny_model, batch):
         worker.stop(10)
     assert worker.active == 0
     assert len(chunks) == 1 and chunks[0] < len(ids), chunks  # without the check: every chunk of the prompt
+
+
+# --- 6. shutdown grace period -----------------------------------------------------------------------------------
+
+
+def test_abort_ends_open_choices_with_finish_reason_abort(tiny_model):
+    app, server = in_process(tiny_model)
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
+            request = asyncio.create_task(c.post(CHAT, json={**OK_BODY, "max_tokens": 1900, "n": 2, "stream": True}))
+            while server.worker is None or server.worker.active == 0:  # until it generates
+                await asyncio.sleep(0.001)
+            server._abort_all()  # what drain() schedules when the grace period ends
+            lines = [line for line in (await request).text.split("\n") if line]
+            late = await c.post(CHAT, json=OK_BODY)
+        server.shutdown()
+        return lines, late
+
+    lines, late = asyncio.run(go())
+    assert lines[-1] == "data: [DONE]"
+    finishes = [c["finish_reason"] for line in lines[:-1] for c in json.loads(line[6:])["choices"] if c["finish_reason"]]
+    assert finishes == ["abort", "abort"], finishes
+    envelope(late, 503, code="server_overloaded")  # a request after the abort is refused, not started
+
+
+def test_sigterm_aborts_what_outlasts_the_shutdown_timeout(tiny_model, tmp_path, serve_process):
+    server = serve_process(str(tiny_model), "--dtype", "fp32", "--shutdown-timeout", "0", log=tmp_path / "abort.log")
+    server.wait_ready()
+    lines: list[str] = []
+    started = threading.Event()
+
+    def stream():
+        body = {**OK_BODY, "max_tokens": 1900, "n": 2, "stream": True}
+        with server.client() as c, c.stream("POST", CHAT, json=body) as r:
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+                    started.set()
+
+    t = threading.Thread(target=stream)
+    t.start()
+    assert started.wait(60)
+    server.proc.terminate()
+    t.join(60)
+    assert server.proc.wait(30) is not None
+    assert lines[-1] == "data: [DONE]", server.log()
+    assert sum('"finish_reason":"abort"' in line for line in lines) == 2, lines[-4:]
