@@ -79,9 +79,12 @@ def split_units(text: str) -> list[str]:
     return units
 
 
-def check(units: Sequence[str], source: SourceSentences, embedder: Any, words: int, *,
+def check(units: Sequence[str], source: SourceSentences, embedder: Any, words: int, *, replace_only: bool = False,
           min_similarity: float = MIN_SIMILARITY, max_overlap: float = MAX_OVERLAP) -> Checked:
-    """`units` (the model's sentences or bullets) with unsupported and repeated ones replaced (see the module doc)."""
+    """`units` (the model's sentences or bullets) with unsupported and repeated ones replaced (see the module doc).
+
+    `replace_only`: fill no further than the words the model wrote (the parts of a long document, whose
+    summaries must stay shorter than the parts)."""
     vectors = _embed(embedder, list(units))
     kept: list[int] = []
     unsupported = repeated = 0
@@ -97,10 +100,11 @@ def check(units: Sequence[str], source: SourceSentences, embedder: Any, words: i
     out = [units[i] for i in kept]
     added = 0
     used = sum(len(u.split()) for u in out)
+    target = min(FILL * words, sum(len(u.split()) for u in units)) if replace_only else FILL * words
     have = vectors[kept] if kept else np.zeros((0, source.vectors.shape[1] if source.vectors.size else 1), np.float32)
     for j in central(source, max_overlap=max_overlap, exclude=have):
         n = len(source.sentences[j].split())
-        if used >= FILL * words:
+        if used >= target:
             break
         if out and used + n > words:
             continue  # a shorter one may still fit

@@ -236,7 +236,7 @@ def _checked_part(summary: str, chunk: str, words: int, checker: _Checker | None
     source = checker.source(chunk)
     if first_level:
         checker.sources.append(source)
-    checked = checker.check(faithful.split_units(summary), source, words)
+    checked = faithful.check(faithful.split_units(summary), source, checker.embedder, words, replace_only=True)
     checker.replaced += checked.replaced
     checker.added += checked.added
     return _joined(checked.units, "paragraph")
