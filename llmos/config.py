@@ -6,7 +6,8 @@ Translation from other formats happens here, at the boundary: `from_hf_json` rea
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from llmos.errors import LlmosError
@@ -59,6 +60,13 @@ class ModelConfig:
         return self.n_heads // self.n_kv_heads
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # values come from files: types are checked, not trusted
+            value = getattr(self, f.name)
+            if f.type in ("int", "int | None") and value is not None and (type(value) is not int):
+                raise ConfigError(f"model config field {f.name} must be an integer, got {value!r}")
+            if f.type == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise ConfigError(f"model config field {f.name} must be a finite number, got {value!r}")
         if self.arch not in ("llama", "gpt2", "bert"):
             raise ConfigError(f"unknown architecture {self.arch!r}: llmos runs llama, gpt2 and bert families")
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
@@ -68,12 +76,30 @@ class ModelConfig:
             raise ConfigError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim is None and self.dim % self.n_heads:
             raise ConfigError(f"dim ({self.dim}) must be a multiple of n_heads ({self.n_heads})")
+        if self.head_dim is not None and self.head_dim <= 0:
+            raise ConfigError(f"model config field head_dim must be positive, got {self.head_dim}")
+        if self.head_size % 2 and self.arch == "llama":
+            raise ConfigError(f"the head size ({self.head_size}) must be even for rotary positions")
 
     @classmethod
     def from_hf_json(cls, cfg: dict[str, Any]) -> ModelConfig:
         """Build from a Hugging Face `config.json` (already parsed)."""
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"config.json must hold a JSON object, got {type(cfg).__name__}")
+        try:
+            return cls._from_hf_json(cfg)
+        except KeyError as exc:
+            raise ConfigError(f"config.json has no {exc.args[0]!r}, which a {cfg.get('model_type')} model needs; "
+                              "re-save the model with transformers") from None
+        except (TypeError, ValueError, AttributeError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"config.json holds a value of the wrong type ({exc}); re-save the model") from None
+
+    @classmethod
+    def _from_hf_json(cls, cfg: dict[str, Any]) -> ModelConfig:
         model_type = cfg.get("model_type")
-        family = _HF_FAMILIES.get(model_type or "")
+        family = _HF_FAMILIES.get(model_type if isinstance(model_type, str) else "")
         if family is None:
             raise ConfigError(
                 f"model_type {model_type!r} is not supported; llmos runs {', '.join(sorted(_HF_FAMILIES))}"
@@ -152,7 +178,7 @@ class ModelConfig:
     def from_gguf(cls, metadata: dict[str, Any], tensor_names: set[str] | frozenset[str]) -> ModelConfig:
         """Build from GGUF metadata; `tensor_names` tells whether the output head is tied."""
         arch = metadata.get("general.architecture")
-        family = _GGUF_FAMILIES.get(arch or "")
+        family = _GGUF_FAMILIES.get(arch if isinstance(arch, str) else "")
         if family is None:
             raise ConfigError(
                 f"GGUF architecture {arch!r} is not supported; llmos runs {', '.join(sorted(_GGUF_FAMILIES))}"
@@ -162,11 +188,16 @@ class ModelConfig:
             value = metadata.get(f"{arch}.{key}", default)
             if value is None:
                 raise ConfigError(f"GGUF file is missing metadata key {arch}.{key}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"GGUF metadata {arch}.{key} must be a finite number, got {str(value)[:40]!r}")
             return value
+
+        def optional(key: str) -> Any:
+            return get(key) if metadata.get(f"{arch}.{key}") is not None else None
 
         n_heads = int(get("attention.head_count"))
         dim = int(get("embedding_length"))
-        vocab = metadata.get(f"{arch}.vocab_size")
+        vocab = optional("vocab_size")
         if vocab is None:
             tokens = metadata.get("tokenizer.ggml.tokens")
             if tokens is None:
@@ -195,7 +226,7 @@ class ModelConfig:
             scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
         elif scaling_type not in (None, "none"):
             raise ConfigError(f"GGUF rope scaling {scaling_type!r} is not supported (linear is)")
-        head_dim = metadata.get(f"{arch}.attention.key_length")
+        head_dim = optional("attention.key_length")
         return cls(
             arch="llama",
             vocab_size=int(vocab),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -84,11 +85,90 @@ LLAMA_FUSIONS = (
 LinearHook = Callable[[str, torch.Tensor, "torch.Tensor | None", "tuple[torch.Tensor, ...] | None"], nn.Module]
 
 
+# --- checks before anything is allocated ----------------------------------------------------------
+
+_LAYER = re.compile(r"layers\.(\d+)\.")
+# llmos config fields as the formats name them, for messages that point at the value to fix
+_FIELD_NAMES = {"n_layers": "block_count / num_hidden_layers", "vocab_size": "vocab_size",
+                "dim": "embedding_length / hidden_size", "ffn_dim": "feed_forward_length / intermediate_size",
+                "max_seq_len": "context_length / max_position_embeddings", "n_heads": "head_count / num_attention_heads",
+                "n_kv_heads": "head_count_kv / num_key_value_heads", "head_size": "key_length / head_dim"}
+
+
+def canonical_names(config: ModelConfig, source_names: list[str], name_map: names.NameMap, origin: str) -> dict[str, str]:
+    """Canonical name -> source name, refusing unknown and duplicated tensors, and a config whose layer
+    count is not the file's: checked before a model of that many layers is ever built."""
+    canonical: dict[str, str] = {}
+    for src in source_names:
+        try:
+            dst = name_map.rename(src)
+        except KeyError:
+            raise LlmosError(f"{origin}: unexpected tensor {src!r} for a {config.arch} model; is this the right file?") from None
+        if dst in canonical:
+            raise LlmosError(f"{origin}: tensors {canonical[dst]!r} and {src!r} are the same weight ({dst}); "
+                             "the checkpoint is corrupt")
+        if dst is not None:
+            canonical[dst] = src
+    layers = {int(m.group(1)) for dst in canonical if (m := _LAYER.match(dst))}
+    if layers != set(range(config.n_layers)):
+        held = f"layers {min(layers)}..{max(layers)} ({len(layers)} in all)" if layers else "no layers"
+        raise LlmosError(f"{origin}: the config's n_layers ({_FIELD_NAMES['n_layers']}) is {config.n_layers}, but the "
+                         f"file holds tensors for {held}; the config and the weights disagree")
+    return canonical
+
+
+def check_shapes(model: nn.Module, config: ModelConfig, canonical: dict[str, str], shapes: dict[str, tuple[int, ...]],
+                 transform: Callable[[str, torch.Tensor], torch.Tensor], origin: str) -> None:
+    """Every tensor the (meta-device) model will take has the shape the file stores, after the named
+    transforms and fusions: refused in one line naming the config field that disagrees."""
+    for key, expected in model.state_dict().items():
+        parts = _parts_of(key, canonical)
+        if not parts:
+            continue  # missing: _assemble names it
+        try:
+            got = fuse(transform(p, torch.empty(shapes[canonical[p]], device="meta")) for p in parts).shape
+        except RuntimeError:
+            got = None  # parts that cannot be transformed or stacked: a mismatch all the same
+        if got != expected.shape:
+            stored = ", ".join(str(tuple(shapes[canonical[p]])) for p in parts)
+            raise LlmosError(f"{origin}: {', '.join(canonical[p] for p in parts)} stored as {stored} does not fit {key} "
+                             f"{tuple(expected.shape)} from the config's {_fields_at_fault(config, key, expected.shape, got)}; "
+                             "the config and the weights disagree")
+
+
+def _fields_at_fault(config: ModelConfig, key: str, expected: torch.Size, got: torch.Size | None) -> str:
+    """The config fields (among those `key`'s shape is made of) whose values differ from the file's."""
+    if got is not None and len(got) == len(expected):
+        wrong = {e for e, g in zip(expected, got) if e != g}
+    else:
+        wrong = set(expected)
+    hs, qkv = config.head_size, (config.n_heads + 2 * config.n_kv_heads) * config.head_size
+    sizes = {"vocab_size": (config.vocab_size,), "ffn_dim": (config.ffn_dim, 2 * config.ffn_dim),  # also fused gate/up
+             "n_kv_heads": (config.n_kv_heads * hs, qkv), "head_size": (hs, qkv), "n_heads": (config.n_heads * hs, qkv),
+             "max_seq_len": (config.max_seq_len,), "dim": (config.dim, 3 * config.dim)}
+    made_of = next(fields for part, fields in (("attn.", ("n_heads", "n_kv_heads", "head_size", "dim")),
+                                               ("mlp.", ("ffn_dim", "dim")), ("pos_embed", ("max_seq_len", "dim")),
+                                               ("embed", ("vocab_size", "dim")), ("output", ("vocab_size", "dim")),
+                                               ("", ("dim",))) if part in key)
+    named = [f for f in made_of if wrong & set(sizes[f])] or list(made_of)
+    return "; ".join(f"{f} ({_FIELD_NAMES[f]}) = {getattr(config, f)}" for f in named[:3])
+
+
+def _parts_of(key: str, canonical: dict[str, str]) -> list[str]:
+    """The canonical names a model tensor is made of: itself, or the parts fused into it ([]: missing)."""
+    if key in canonical:
+        return [key]
+    for fused, parts in LLAMA_FUSIONS:
+        prefix = key[: -len(fused)]
+        if key.endswith(fused) and all(prefix + p in canonical for p in parts):
+            return [prefix + p for p in parts]
+    return []
+
+
 def _assemble(
     model: nn.Module,
     config: ModelConfig,
-    source_names: list[str],
-    name_map: names.NameMap,
+    canonical: dict[str, str],
     read: Callable[[str], torch.Tensor],
     transform: Callable[[str, torch.Tensor], torch.Tensor],
     dtype: torch.dtype,
@@ -96,23 +176,13 @@ def _assemble(
     linear_hook: LinearHook | None = None,
     read_blocks: Callable[[str], tuple[torch.Tensor, ...] | None] | None = None,
 ) -> nn.Module:
-    canonical: dict[str, str] = {}
-    for src in source_names:
-        try:
-            dst = name_map.rename(src)
-        except KeyError:
-            raise LlmosError(f"{origin}: unexpected tensor {src!r} for a {config.arch} model; is this the right file?") from None
-        if dst is not None:
-            canonical[dst] = src
+    canonical = dict(canonical)  # consumed as tensors load: what is left over was not used
 
     def parts_of(key: str) -> list[str]:
-        if key in canonical:
-            return [key]
-        for fused, parts in LLAMA_FUSIONS:
-            prefix = key[: -len(fused)]
-            if key.endswith(fused) and all(prefix + p in canonical for p in parts):
-                return [prefix + p for p in parts]
-        raise LlmosError(f"{origin}: tensor for {key!r} is missing; the checkpoint is incomplete or of another architecture")
+        parts = _parts_of(key, canonical)
+        if not parts:
+            raise LlmosError(f"{origin}: tensor for {key!r} is missing; the checkpoint is incomplete or of another architecture")
+        return parts
 
     def load(key: str) -> torch.Tensor:
         return fuse(transform(p, read(canonical.pop(p))).to(dtype) for p in parts_of(key)).contiguous()
@@ -184,8 +254,11 @@ def load_gguf(
         info = gguf.tensors[src]
         return q4_1_blocks(gguf.raw(src), info.shape) if info.qtype == Q4_1 else None
 
+    origin = str(gguf.path)
+    canonical = canonical_names(config, list(gguf.tensors), name_map, origin)
     model = build_model(config)
-    return _assemble(model, config, list(gguf.tensors), name_map, gguf.tensor, transform, dtype, str(gguf.path),
+    check_shapes(model, config, canonical, {n: t.shape for n, t in gguf.tensors.items()}, transform, origin)
+    return _assemble(model, config, canonical, gguf.tensor, transform, dtype, origin,
                      linear_hook, read_blocks if linear_hook else None)
 
 
@@ -204,8 +277,10 @@ def load_hf(
             return w.t()
         return w
 
+    canonical = canonical_names(config, ckpt.names(), name_map, str(folder))
     model = build_model(config)
-    return _assemble(model, config, ckpt.names(), name_map, ckpt.tensor, transform, dtype, str(folder), linear_hook)
+    check_shapes(model, config, canonical, ckpt.shapes(), transform, str(folder))
+    return _assemble(model, config, canonical, ckpt.tensor, transform, dtype, str(folder), linear_hook)
 
 
 def read_hf_config(folder: Path) -> ModelConfig:
@@ -231,6 +306,12 @@ def load_bert(folder: Path, config: ModelConfig, dtype: torch.dtype = torch.floa
         raise LlmosError(f"{folder} holds a {config.arch} model, not a BERT-family encoder")
     ckpt = SafetensorsCheckpoint(folder)
     name_map = names.NameMap(names.HF_BERT, names.HF_BERT_IGNORED, strip_prefix="bert.")
+    canonical = canonical_names(config, ckpt.names(), name_map, str(folder))
     with torch.device("meta"):
         model = Bert(config)
-    return _assemble(model, config, ckpt.names(), name_map, ckpt.tensor, lambda dst, w: w, dtype, str(folder))
+
+    def same(dst: str, w: torch.Tensor) -> torch.Tensor:
+        return w
+
+    check_shapes(model, config, canonical, ckpt.shapes(), same, str(folder))
+    return _assemble(model, config, canonical, ckpt.tensor, same, dtype, str(folder))
