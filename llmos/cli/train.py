@@ -3,13 +3,17 @@
 Each command is a thin layer over llmos.train (run.py, bpe.py, evaluate.py) and
 llmos.weights.export. `pretrain` and `finetune` also run under torchrun
 (`torchrun --nproc-per-node 2 -m llmos pretrain ...`): every process runs the same command.
+`pretrain` and `finetune` print an estimate after the first steps; Ctrl-C saves a checkpoint, prints
+the `--resume` command that continues the run, and exits 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from llmos.cli.eval import get_eval_subparsers
@@ -24,6 +28,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("data", nargs="+", help="text files, folders, .jsonl")
     p.add_argument("--vocab", type=int, default=8000, help="vocabulary size, specials included")
     p.add_argument("-o", "--out", required=True, help="tokenizer.json to write")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_tokenizer_train)
 
     p = sub.add_parser("pretrain", help="train a model from scratch (or --resume a run)")
@@ -90,7 +95,7 @@ def _train_args(p: argparse.ArgumentParser, *, lr: float | None, steps: int, war
     g.add_argument("--save-every", type=int, default=100)
     g.add_argument("--val-fraction", type=float, default=0.1)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--quiet", action="store_true", help="no progress bars or time estimate")
     p.set_defaults(default_steps=steps)
 
 
@@ -117,10 +122,26 @@ def _finished(run: Path) -> int:
     return 0
 
 
+def _until_done_or_stopped(args: argparse.Namespace, train: Callable[[], Path]) -> int:
+    """Run `train`; on Ctrl-C (a checkpoint is saved) print the command that continues, exit 130."""
+    from llmos.train.loop import Interrupted
+
+    try:
+        return _finished(train())
+    except Interrupted as stop:
+        launcher = "llmos"
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            launcher = f"torchrun --nproc-per-node {os.environ.get('LOCAL_WORLD_SIZE', '?')} -m llmos"
+        device = f" --device {shlex.quote(args.device)}" if args.device != "auto" else ""
+        _say(f"stopped at step {stop.step}, saved in {stop.checkpoint}; to continue:\n"
+             f"  {launcher} {args.command} --resume {shlex.quote(str(stop.run))}{device}")
+        return 130
+
+
 def run_tokenizer_train(args: argparse.Namespace) -> int:
     from llmos.train.bpe import train_tokenizer
 
-    tok = train_tokenizer(args.data, args.vocab, args.out)
+    tok = train_tokenizer(args.data, args.vocab, args.out, progress=not args.quiet)
     print(f"wrote {args.out} ({tok.vocab_size} tokens)", file=sys.stderr)
     return 0
 
@@ -128,8 +149,8 @@ def run_tokenizer_train(args: argparse.Namespace) -> int:
 def _resume(args: argparse.Namespace) -> int:
     from llmos.train.run import resume
 
-    run = resume(args.resume, steps=args.steps, device=args.device, progress=not args.quiet)
-    return _finished(run)
+    return _until_done_or_stopped(
+        args, lambda: resume(args.resume, steps=args.steps, device=args.device, progress=not args.quiet))
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
@@ -140,11 +161,10 @@ def run_pretrain(args: argparse.Namespace) -> int:
     from llmos.train.run import pretrain
 
     overrides = {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len")}
-    run = pretrain(args.data, args.out, size=args.size, arch=args.arch, tokenizer=args.tokenizer,
-                   vocab_size=args.vocab, model_overrides=overrides,
-                   cfg=_train_config(args, args.lr, overrides["max_seq_len"] or _preset_context(args.size)),
-                   device=args.device, progress=not args.quiet)
-    return _finished(run)
+    cfg = _train_config(args, args.lr, overrides["max_seq_len"] or _preset_context(args.size))
+    return _until_done_or_stopped(args, lambda: pretrain(
+        args.data, args.out, size=args.size, arch=args.arch, tokenizer=args.tokenizer, vocab_size=args.vocab,
+        model_overrides=overrides, cfg=cfg, device=args.device, progress=not args.quiet))
 
 
 def _preset_context(size: str) -> int | None:
@@ -169,9 +189,9 @@ def run_finetune(args: argparse.Namespace) -> int:
         raise LlmosError("--merge and --targets apply to LoRA: add --lora")
     lr = args.lr if args.lr is not None else (2e-4 if lora else 3e-5)
     cfg = _train_config(args, lr, base_config(args.base).max_seq_len)
-    run = finetune(args.base, args.data, args.out, lora=lora, merge=args.merge, cfg=cfg,
-                   device=args.device, progress=not args.quiet)
-    return _finished(run)
+    return _until_done_or_stopped(args, lambda: finetune(
+        args.base, args.data, args.out, lora=lora, merge=args.merge, cfg=cfg, device=args.device,
+        progress=not args.quiet))
 
 
 def run_eval(args: argparse.Namespace) -> int:

@@ -30,10 +30,12 @@ CHATML_TEMPLATE = (
 
 
 def train_tokenizer(
-    paths: Sequence[str | Path], vocab_size: int, out: str | Path | None = None, min_frequency: int = 2
+    paths: Sequence[str | Path], vocab_size: int, out: str | Path | None = None, min_frequency: int = 2,
+    progress: bool = False,
 ) -> Tokenizer:
-    """Learn a byte-level BPE of at most `vocab_size` ids (specials included); write it to `out`."""
-    from llmos.train.data import iter_documents
+    """Learn a byte-level BPE of at most `vocab_size` ids (specials included); write it to `out`.
+    `progress` shows a bar on stderr counting the input bytes read."""
+    from llmos.train.data import byte_bar, iter_documents, list_files
 
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise LlmosError(f"vocabulary size must be at least {256 + len(SPECIAL_TOKENS)} (256 bytes + specials), got {vocab_size}")
@@ -48,14 +50,18 @@ def train_tokenizer(
         show_progress=False,
     )
 
+    files = list_files(paths)
+    bar = byte_bar(files, f"learning a {vocab_size}-token tokenizer", progress)
+
     def texts() -> Iterator[str]:
-        for doc in iter_documents(paths):
+        for doc in iter_documents(files, on_file=lambda f: bar.update(f.stat().st_size)):
             if doc.text is not None:
                 yield doc.text
             else:  # chat data: the turns' text, so their words get merges too
                 yield from (m["content"] for m in doc.messages if isinstance(m.get("content"), str))
 
-    backend.train_from_iterator(texts(), trainer=trainer)
+    with bar:  # the merges are computed after the last file is read, while the bar stays at 100%
+        backend.train_from_iterator(texts(), trainer=trainer)
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)

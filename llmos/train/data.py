@@ -16,7 +16,8 @@ assistant turns only (their text and the end-of-turn token the template writes a
 conversation is rendered turn by turn with the tokenizer's chat template and each assistant span is
 tokenized separately, so the mask follows token boundaries exactly. Documents are split between
 train and validation at random with a fixed seed; with too few documents for that, the last part of
-the token stream is the validation split. A folder whose fingerprint matches is reused as is.
+the token stream is the validation split. A folder whose fingerprint matches is reused as is. With `progress=True` a bar on stderr
+counts the bytes of input tokenized.
 
 `Windows` cuts a split into non-overlapping windows of `seq_len + 1` tokens. The order of windows is
 a pure function of (seed, position): window `pos` of the training stream is
@@ -30,13 +31,15 @@ import hashlib
 import json
 import os
 import random
-from collections.abc import Iterator, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from llmos.errors import LlmosError
 from llmos.files import json_lines
@@ -79,14 +82,17 @@ def list_files(paths: Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def iter_documents(paths: Sequence[str | Path]) -> Iterator[Document]:
-    """Every document of every file, in order; raises LlmosError on the first bad one."""
+def iter_documents(paths: Sequence[str | Path], on_file: Callable[[Path], None] | None = None) -> Iterator[Document]:
+    """Every document of every file, in order; raises LlmosError on the first bad one.
+    `on_file(path)` is called once each file's documents have all been yielded (for progress)."""
     any_text = False
     for path in list_files(paths):
         reader = _read_jsonl if path.suffix.lower() in JSONL_SUFFIXES else _read_text
         for doc in reader(path):
             any_text = True
             yield doc
+        if on_file is not None:
+            on_file(path)
     if not any_text:
         raise LlmosError(f"no text found in {', '.join(map(str, paths))}: the files are empty")
 
@@ -243,10 +249,12 @@ def prepare_data(
     val_fraction: float = 0.1,
     seed: int = 0,
     min_tokens: int = 2,
+    progress: bool = False,
 ) -> Shards:
     """Tokenize `paths` into shards in `folder` (reused when inputs and tokenizer are unchanged).
 
-    `min_tokens` is what each split needs at least (one window: seq_len + 1).
+    `min_tokens` is what each split needs at least (one window: seq_len + 1); `progress` shows a bar
+    on stderr counting the input bytes tokenized.
     """
     folder = Path(folder)
     files = list_files(paths)
@@ -261,8 +269,9 @@ def prepare_data(
     rng = random.Random(seed)
     spans: list[tuple[int, int, bool]] = []  # (start, end, chosen for validation) in the stream
     masked, total = False, 0
-    with open(folder / "all.bin.tmp", "wb") as tok_f, open(folder / "all.mask.tmp", "wb") as mask_f:
-        for doc in iter_documents(files):
+    bar = byte_bar(files, "tokenizing", progress)
+    with bar, open(folder / "all.bin.tmp", "wb") as tok_f, open(folder / "all.mask.tmp", "wb") as mask_f:
+        for doc in iter_documents(files, on_file=lambda f: bar.update(f.stat().st_size)):
             ids, mask = encode_document(doc, tokenizer)
             masked = masked or not all(mask)
             np.asarray(ids, dtype=dtype).tofile(tok_f)
@@ -296,6 +305,13 @@ def prepare_data(
     tmp.write_text(json.dumps(meta, indent=2))
     os.replace(tmp, folder / "meta.json")  # written last: the folder is complete once it exists
     return Shards.open(folder)
+
+
+def byte_bar(files: list[Path], what: str, progress: bool) -> tqdm:
+    """A bar on stderr counting the bytes of `files` as they are read (on a terminal or not)."""
+    total = sum(f.stat().st_size for f in files)
+    return tqdm(total=total, desc=what, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                disable=not progress, dynamic_ncols=True)
 
 
 def _write_split(folder: Path, split: str, spans: list[tuple[int, int]], stream: np.ndarray,

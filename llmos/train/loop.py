@@ -21,6 +21,11 @@ optimizer, scheduler, data position and every rank's RNG state are restored).
 Every `eval_every` steps the validation loss and perplexity are measured (at most `eval_batches`
 batches, the same windows each time); progress shows loss, tokens/s and ETA; log.csv/log.jsonl and
 loss.png go into the run folder; checkpoints every `save_every` steps and at the end (rank 0 only).
+
+Long runs: after the first steps the time per step is measured and the whole run's estimate printed
+("200 steps, ~36 s/step: about 2 h; Ctrl-C saves and stops"). Ctrl-C (SIGINT, in the main thread)
+stops at the end of the step in progress on every rank, saves a checkpoint there, and raises
+`Interrupted` (a KeyboardInterrupt) naming it; a second Ctrl-C stops at once without saving.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -44,6 +52,14 @@ from llmos.train import checkpoint, distributed
 from llmos.train.data import Windows
 from llmos.train.distributed import World
 from llmos.train.log import RunLog
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by Ctrl-C after saving `checkpoint` (None on ranks other than 0)."""
+
+    def __init__(self, run: Path, step: int, checkpoint: Path | None) -> None:
+        super().__init__(f"stopped at step {step}; saved {checkpoint}")
+        self.run, self.step, self.checkpoint = run, step, checkpoint
 
 
 @dataclass
@@ -173,6 +189,51 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
+def duration(seconds: float) -> str:
+    """A rough human duration: "0.42 s", "36 s", "12 min", "2.5 h"."""
+    if seconds < 10:
+        return f"{seconds:.2g} s"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.2g} h"
+
+
+class _StopRequest:
+    """SIGINT sets a flag the loop reads between steps (a step cut in half cannot be saved); the
+    second SIGINT gets the previous handler, which raises KeyboardInterrupt at once. Installed only in
+    the main thread, where Python delivers signals; elsewhere Ctrl-C is the caller's business."""
+
+    def __init__(self, speak: bool) -> None:
+        self.requested, self.speak, self.previous = False, speak, None
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, None):  # ignored (nohup, &) or not Python's
+            return
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)
+        if self.speak:
+            print("\nCtrl-C: saving a checkpoint after this step (Ctrl-C again to stop without saving)",
+                  file=sys.stderr, flush=True)
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def agreed(self, world: World) -> bool:
+        """Whether any rank was asked to stop (all ranks must stop at the same step)."""
+        if world.size == 1:
+            return self.requested
+        flag = torch.tensor(float(self.requested), device=world.device)
+        return bool(distributed.all_reduce_sum(flag) > 0)
+
+
 class _Trainer:
     def __init__(self, model: nn.Module, cfg: TrainConfig, run: Path, world: World, extra_state: dict[str, Any]) -> None:
         self.model, self.cfg, self.run, self.world = model, cfg, run, world
@@ -261,8 +322,12 @@ def train(
                disable=not (progress and world.main), desc=run.name)
     last: dict[str, Any] = {}
     window_t0, window_tokens = time.perf_counter(), 0
-    saved_at = trainer.step
+    saved_at = first_step = trainer.step
+    saved: Path | None = None
+    estimated = not (progress and world.main)
+    stop = _StopRequest(speak=world.main)
     try:
+        stop.install()
         while trainer.step < cfg.steps:
             t0 = time.perf_counter()
             micro = [
@@ -322,10 +387,22 @@ def train(
                     if "val_loss" in row:
                         log.plot()
             if trainer.step % cfg.save_every == 0 or final:
-                trainer.save()
+                saved = trainer.save()
                 saved_at = trainer.step
             bar.update(1)
+            step_s, done = time.perf_counter() - t0, trainer.step - first_step
+            # The first step pays one-off costs, so measure the second, unless the first was long.
+            if not estimated and not final and (done == 2 or (done == 1 and step_s > 10)):
+                todo = cfg.steps - first_step
+                bar.write(f"{todo} steps{f' from step {first_step}' if first_step else ''}, ~{duration(step_s)}/step: "
+                          f"about {duration(step_s * todo)}; Ctrl-C saves and stops", file=sys.stderr)
+                estimated = True
+            if not final and stop.agreed(world):
+                if saved_at != trainer.step:
+                    saved = trainer.save()
+                raise Interrupted(run, trainer.step, saved if world.main else None)
     finally:
+        stop.restore()
         bar.close()
     if saved_at != trainer.step:  # e.g. resumed at the final step: nothing ran, nothing to save
         trainer.save()

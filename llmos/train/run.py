@@ -148,7 +148,7 @@ def _execute(run: Path, recipe: dict[str, Any], *, resume: bool, device: str, pr
             failure: Exception | None = None
             if world.main:
                 try:
-                    _prepare(run, recipe, cfg, resume)
+                    _prepare(run, recipe, cfg, resume, progress)
                 except Exception as exc:
                     failure = exc
             if not distributed.all_ok(failure is None):
@@ -161,9 +161,9 @@ def _execute(run: Path, recipe: dict[str, Any], *, resume: bool, device: str, pr
                 raise LlmosError(f"--seq-len {cfg.seq_len} is longer than the model's context ({config.max_seq_len})")
             train_w = Windows(shards.tokens("train"), shards.mask("train"), cfg.seq_len, cfg.seed)
             val_w = Windows(shards.tokens("val"), shards.mask("val"), cfg.seq_len, cfg.seed)
-        except Exception:
-            # Bad data or settings, found before the first step: leave no half-made run behind
-            # that a corrected command would refuse to overwrite.
+        except BaseException:
+            # Bad data or settings found, or Ctrl-C, before the first step: leave no half-made run
+            # behind that a corrected command would refuse to overwrite.
             if created:
                 shutil.rmtree(run, ignore_errors=True)
             raise
@@ -178,13 +178,13 @@ def _execute(run: Path, recipe: dict[str, Any], *, resume: bool, device: str, pr
     return run
 
 
-def _prepare(run: Path, recipe: dict[str, Any], cfg: TrainConfig, resume: bool) -> None:
+def _prepare(run: Path, recipe: dict[str, Any], cfg: TrainConfig, resume: bool, progress: bool) -> None:
     """Rank 0: recipe, tokenizer and token shards in the run folder."""
     if not resume:
         if (run / RUN_FILE).exists():
             raise LlmosError(f"{run} already holds a run; continue it with --resume {run}, or choose another --out")
         run.mkdir(parents=True, exist_ok=True)
-        tokenizer, config = _first_tokenizer(recipe)
+        tokenizer, config = _first_tokenizer(recipe, progress)
         save_tokenizer(tokenizer, run, config.max_seq_len)
         recipe["model"] = asdict(config)
         recipe["finished"] = False
@@ -195,17 +195,17 @@ def _prepare(run: Path, recipe: dict[str, Any], cfg: TrainConfig, resume: bool) 
             return  # the run's data is fixed at its start, even if the source files changed since
     tokenizer = Tokenizer.from_dir(run)
     prepare_data(recipe["data"], tokenizer, run / "data", val_fraction=cfg.val_fraction, seed=cfg.seed,
-                 min_tokens=cfg.seq_len + 1)
+                 min_tokens=cfg.seq_len + 1, progress=progress)
 
 
-def _first_tokenizer(recipe: dict[str, Any]) -> tuple[Tokenizer, ModelConfig]:
+def _first_tokenizer(recipe: dict[str, Any], progress: bool) -> tuple[Tokenizer, ModelConfig]:
     """The run's tokenizer (the base's, the given one, or one trained on the data) and model shape."""
     if recipe["kind"] == "finetune":
         return _base_tokenizer_and_config(recipe["base"])
     if recipe.get("tokenizer"):
         tokenizer = load_tokenizer(recipe["tokenizer"])
     else:
-        tokenizer = train_tokenizer(recipe["data"], recipe["vocab_size"])
+        tokenizer = train_tokenizer(recipe["data"], recipe["vocab_size"], progress=progress)
     config = model_config(recipe["size"], recipe["arch"], tokenizer.vocab_size, **recipe["model_overrides"])
     return tokenizer, config
 
