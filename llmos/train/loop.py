@@ -190,14 +190,16 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
 
 
 def duration(seconds: float) -> str:
-    """A rough human duration: "0.42 s", "36 s", "12 min", "2.5 h"."""
+    """A rough human duration: "7 ms", "4.2 s", "36 s", "12 min", "2.5 h"."""
+    if seconds < 1:
+        return f"{seconds * 1000:.2g} ms" if seconds < 0.01 else f"{seconds * 1000:.0f} ms"
     if seconds < 10:
         return f"{seconds:.2g} s"
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 90 * 60:
         return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.2g} h"
+    return f"{seconds / 3600:.2g} h" if seconds < 10 * 3600 else f"{seconds / 3600:.0f} h"
 
 
 class _StopRequest:

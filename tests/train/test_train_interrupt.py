@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from llmos.train import checkpoint
 
 STEPS = 400
-ESTIMATE = re.compile(r"\d+ steps, ~[\d.]+ (s|min|h)/step: about [\d.]+ (s|min|h); Ctrl-C saves and stops")
+ESTIMATE = re.compile(r"\d+ steps, ~[\d.]+ (ms|s|min|h)/step: about [\d.]+ (ms|s|min|h); Ctrl-C saves and stops")
 
 
 def _args(corpus_dir, tokenizer_file) -> list[str]:
