@@ -19,6 +19,9 @@ import torch
 from llmos.errors import LlmosError
 
 
+TINY = 1e-30  # a temperature or penalty below this can overflow a logit to inf when it divides it
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 1.0  # 0 means greedy (argmax)
@@ -61,7 +64,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # A temperature too small for float32 to divide by (1e-300 is 0 there) is its limit, argmax.
+        return self.temperature < TINY
 
     @property
     def plain_greedy(self) -> bool:
@@ -177,6 +181,8 @@ def process(
         logits = apply_logit_bias(logits, params.logit_bias)
     if params.repetition_penalty != 1.0 and history is not None and history.numel():
         logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
+        if params.repetition_penalty < TINY:  # a divisor float32 holds as 0 (or nearly): logits become +inf
+            logits = _no_overflow(logits)
     if (params.presence_penalty or params.frequency_penalty) and output is not None and output.numel():
         logits = apply_presence_frequency(logits, output, params.presence_penalty, params.frequency_penalty)
     if params.no_repeat_ngram_size and history is not None:
@@ -191,9 +197,17 @@ def process(
         return logits
     if params.temperature != 1.0:
         logits = logits / params.temperature
+        if params.repetition_penalty < TINY:  # its largest floats, divided again
+            logits = _no_overflow(logits)
     logits = apply_top_k(logits, params.top_k)
     logits = apply_top_p(logits, params.top_p)
     return apply_min_p(logits, params.min_p)
+
+
+def _no_overflow(logits: torch.Tensor) -> torch.Tensor:
+    """+inf (a finite logit divided by a denormal) as the largest float: softmax of two +infs is NaN,
+    of two largest floats a fair split. -inf stays: it means banned."""
+    return torch.nan_to_num(logits, nan=-math.inf, posinf=torch.finfo(logits.dtype).max)
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:

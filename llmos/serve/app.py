@@ -711,6 +711,7 @@ class Endpoint:
     request: type | None = None
     response: type | None = None  # JSON body of a 200; None: not JSON (or not documented)
     public: bool = False
+    streams: bool = False  # with "stream": true, the 200 is server-sent events instead
 
     @property
     def label(self) -> str:
@@ -720,8 +721,9 @@ class Endpoint:
 
 ENDPOINTS = (
     Endpoint("POST", "/v1/chat/completions", chat_completions, "Chat completion (stream=true for server-sent events)",
-             S.ChatCompletionRequest, S.ChatCompletion),
-    Endpoint("POST", "/v1/completions", completions, "Text completion", S.CompletionRequest, S.Completion),
+             S.ChatCompletionRequest, S.ChatCompletion, streams=True),
+    Endpoint("POST", "/v1/completions", completions, "Text completion", S.CompletionRequest, S.Completion,
+             streams=True),
     Endpoint("POST", "/v1/embeddings", embeddings, "Sentence embeddings", S.EmbeddingRequest, S.EmbeddingList),
     Endpoint("GET", "/v1/models", list_models, "The served models", None, S.ModelList),
     Endpoint("GET", "/v1/models/{model:path}", get_model, "One model", None, S.Model),
@@ -754,9 +756,16 @@ def openapi_document() -> dict[str, Any]:
     paths: dict[str, Any] = {}
     for e in documented:
         ok = {"description": "OK", **(_json_body(e.response) if e.response is not None else {})}
+        if e.streams:
+            # each event: data is a chunk's JSON (the response model's shape, `delta` for `message`), then [DONE]
+            ok["content"]["text/event-stream"] = {"schema": {"type": "object", "required": ["data"],
+                                                             "properties": {"data": {"type": "string"}}}}
         op: dict[str, Any] = {"summary": e.summary, "responses": {"200": ok, "default": error}}
         if e.request is not None:
             op["requestBody"] = {"required": True, **_json_body(e.request)}
+        names = re.findall(r"\{(\w+)\}", e.label)
+        if names:
+            op["parameters"] = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}} for n in names]
         if not e.public:
             op["security"] = [{"bearer": []}]
         paths.setdefault(e.label, {})[e.method.lower()] = op
