@@ -32,6 +32,7 @@ from llmos import quant
 from llmos.models import attention
 from llmos.models.kv_cache import KVCache
 from llmos.models.llama import Llama
+from llmos.errors import LlmosError
 from llmos.store import home
 
 SOURCE = Path(__file__).with_name("native_step.cpp")
@@ -74,7 +75,11 @@ def build(quiet: bool = False):
         if _module is not None or _failed is not None or not enabled():
             return _module
         _keep_freed_memory()  # once, with the native kernels: the process is here to run a model
-        built = _build_dir() / "llmos_native_step.so"
+        try:
+            built = _build_dir() / "llmos_native_step.so"
+        except LlmosError as exc:  # a store it cannot use (LLMOS_HOME a file): the Python step runs
+            _failed = f"build failed: {exc} - using the Python decode step"
+            return None
         if built.exists():  # the folder is named by the source and torch version: up to date
             try:
                 _module = _import(built)
