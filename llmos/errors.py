@@ -8,7 +8,8 @@ class LlmosError(ValueError):
     `param` names the argument at fault when there is one, so an API can point at it."""
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
-        super().__init__(message)
+        # One line, always: a message may quote a library's multi-line error text.
+        super().__init__("; ".join(part.strip() for part in message.splitlines() if part.strip()) or message)
         self.param = param
 
 

@@ -55,7 +55,11 @@ def build_model(config: ModelConfig, device: str | torch.device = "meta") -> nn.
         raise LlmosError(f"no causal language model file for architecture {config.arch!r}")
     # Random init only means something for real memory (training from scratch builds on "cpu").
     with torch.device(device), (_skip_init() if torch.device(device).type == "meta" else contextlib.nullcontext()):
-        return cls(config)
+        try:
+            return cls(config)
+        except (RuntimeError, OverflowError) as exc:  # sizes past what a tensor can describe, even on meta
+            raise LlmosError(f"a {config.arch} model of this config cannot be built (dim {config.dim}, ffn_dim "
+                             f"{config.ffn_dim}, n_heads {config.n_heads}, vocab_size {config.vocab_size}): {exc}") from None
 
 
 # --- named transforms ---------------------------------------------------------------------------
@@ -110,7 +114,7 @@ def canonical_names(config: ModelConfig, source_names: list[str], name_map: name
         if dst is not None:
             canonical[dst] = src
     layers = {int(m.group(1)) for dst in canonical if (m := _LAYER.match(dst))}
-    if layers != set(range(config.n_layers)):
+    if len(layers) != config.n_layers or (layers and max(layers) != config.n_layers - 1):  # never range(n): n is untrusted
         held = f"layers {min(layers)}..{max(layers)} ({len(layers)} in all)" if layers else "no layers"
         raise LlmosError(f"{origin}: the config's n_layers ({_FIELD_NAMES['n_layers']}) is {config.n_layers}, but the "
                          f"file holds tensors for {held}; the config and the weights disagree")

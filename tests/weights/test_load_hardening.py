@@ -160,3 +160,17 @@ def _vtype(value, gguf):
     if isinstance(value, float):
         return gguf.GGUFValueType.FLOAT32
     return gguf.GGUFValueType.STRING
+
+
+def test_errors_quoting_a_librarys_multi_line_text_stay_one_line():
+    """Found by the file fuzzer: a GGUF token that is not valid UTF-8 made the tokenizers library
+    raise a three-line error, which the refusal quoted."""
+    assert str(LlmosError("cannot build the tokenizer: failed\n- variant A: x\n- variant B: y")) == \
+        "cannot build the tokenizer: failed; - variant A: x; - variant B: y"
+
+
+def test_absurd_sizes_are_refused_before_any_model_is_built(tmp_path):
+    """Found by the file fuzzer: block_count 2^31 made a set of 2^31 layer numbers (MemoryError), and
+    embedding_length 2^31 overflowed even a meta-device tensor."""
+    refused(write_gguf(tmp_path / "layers.gguf", {"n_layers": 2 ** 31}), "n_layers", seconds=5)
+    refused(write_gguf(tmp_path / "dim.gguf", {"dim": 2 ** 31}), "2147483648", seconds=5)
