@@ -31,7 +31,7 @@ from pathlib import Path
 from llmos import store
 
 RESULTS = Path(__file__).parent / "results"
-TASK_BENCHES = ("bench.embed", "bench.serve", "bench.text", "bench.train")
+TASK_BENCHES = ("bench.embed", "bench.ingest", "bench.serve", "bench.text", "bench.train")
 
 
 def measure(engine: str, gguf: Path, threads: int, dtype: str) -> dict:

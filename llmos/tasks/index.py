@@ -26,12 +26,13 @@ refuses to mix in vectors from another model. Search modes:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from llmos.tasks import ingest
 MODES = ("vector", "keyword", "hybrid")
 DEFAULT_ANN_THRESHOLD = 50_000  # exact search over 50k x 384 takes ~10 ms here; past it, ANN pays
 RRF_K = 60
+STREAM_BATCH = 256  # chunks of a large document packed, embedded and inserted at a time (bounds add()'s memory)
 SCHEMA_VERSION = "1"
 
 _SCHEMA = """
@@ -138,14 +140,18 @@ class AddReport:
     split_blocks: int = 0  # paragraphs too long for one chunk, split at sentence/word boundaries
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Prepared:
-    """A file read and chunked, waiting for its vectors."""
+    """A file read, with its first chunks; `rest` holds the others, still to be packed (None: the
+    document fits in `chunks`), so a large file is embedded and written batch by batch."""
 
     path: Path
     sha256: str
     size: int
-    chunked: ingest.ChunkedDocument
+    kind: str
+    chunks: list[ingest.Chunk]
+    rest: Iterator[ingest.Chunk] | None
+    counts: dict[str, int]  # split_blocks, as the chunker counts them
     update: bool  # an older version is in the index
 
 
@@ -273,19 +279,27 @@ class Index:
             raise LlmosError("nothing to add: give files or folders")
         embedder = self.embedder
         # Small documents are embedded together (one batch serves many files), then each is still
-        # committed in its own transaction.
+        # committed in its own transaction. A large one streams: its chunks are packed, embedded and
+        # written STREAM_BATCH at a time inside its transaction, so memory does not grow with it.
         pending: list[_Prepared] = []
-        for file in tqdm(files, desc="indexing", unit="file", disable=not progress):
+        bar = tqdm(desc="indexing", unit="chunk", disable=not progress, total=None)
+        for file in files:
+            bar.set_postfix_str(file.name, refresh=False)
             try:
-                prepared = self._prepare(file, embedder, report)
+                prepared = self._prepare(file, embedder, report, batch_size)
+                if prepared is not None and prepared.rest is not None:
+                    self._embed_and_write(pending, embedder, report, batch_size, bar)
+                    self._write_streaming(prepared, embedder, report, batch_size, bar)
+                    prepared = None
             except LlmosError as exc:
                 report.failed.append((str(file), str(exc).removeprefix(f"{file}: ")))
                 continue
             if prepared is not None:
                 pending.append(prepared)
-            if sum(len(p.chunked.chunks) for p in pending) >= batch_size:
-                self._embed_and_write(pending, embedder, report, batch_size)
-        self._embed_and_write(pending, embedder, report, batch_size)
+            if sum(len(p.chunks) for p in pending) >= batch_size:
+                self._embed_and_write(pending, embedder, report, batch_size, bar)
+        self._embed_and_write(pending, embedder, report, batch_size, bar)
+        bar.close()
         present = {str(f) for f in files}
         for folder in folders:  # files that are gone from an added folder
             for path in self._paths_under(folder):
@@ -318,37 +332,58 @@ class Index:
                                  f"llmos indexes text files, {', '.join(sorted(ingest.READERS))}")
         return list(files), folders
 
-    def _prepare(self, path: Path, embedder: Any, report: AddReport) -> _Prepared | None:
-        """Read, hash and chunk one file; None when the index already has this exact content."""
-        data = path.read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
+    def _prepare(self, path: Path, embedder: Any, report: AddReport, batch_size: int) -> _Prepared | None:
+        """Hash one file and start chunking it; None when the index already has this exact content."""
+        digest, size = hashlib.sha256(), 0
+        with open(path, "rb") as f:  # in blocks: the hash needs no second copy of a large file
+            while block := f.read(1 << 20):
+                digest.update(block)
+                size += len(block)
         row = self._db.execute("SELECT sha256 FROM documents WHERE path=?", (str(path),)).fetchone()
-        if row is not None and row[0] == digest:
+        if row is not None and row[0] == digest.hexdigest():
             report.unchanged.append(str(path))
             return None
-        chunked = ingest.chunk(ingest.extract(path), embedder.count_tokens, embedder.max_tokens)
-        return _Prepared(path, digest, len(data), chunked, update=row is not None)
+        document = ingest.extract(path)
+        counts: dict[str, int] = {}
+        chunks = ingest.iter_chunks(document, embedder.count_tokens, embedder.max_tokens, counts)
+        first = list(itertools.islice(chunks, batch_size + 1))
+        rest = itertools.chain(first[batch_size:], chunks) if len(first) > batch_size else None
+        return _Prepared(path, digest.hexdigest(), size, document.kind, first[:batch_size], rest, counts,
+                         update=row is not None)
 
-    def _embed_and_write(self, pending: list[_Prepared], embedder: Any, report: AddReport, batch_size: int) -> None:
-        if not pending:
-            return
-        texts = [c.embed_text for p in pending for c in p.chunked.chunks]
-        out = embedder.embed(texts, batch_size=batch_size)
+    def _embed(self, chunks: list[ingest.Chunk], embedder: Any, batch_size: int, bar: Any) -> np.ndarray:
+        out = embedder.embed([c.embed_text for c in chunks], batch_size=batch_size)
         if out.truncated:  # the chunker measured every chunk with this tokenizer; this is a bug
             raise RuntimeError(f"{len(out.truncated)} chunks exceed the embedding model's {embedder.max_tokens} tokens")
-        vectors = _normalized(out.vectors)
+        bar.update(len(chunks))
+        return _normalized(out.vectors)
+
+    def _embed_and_write(self, pending: list[_Prepared], embedder: Any, report: AddReport, batch_size: int,
+                         bar: Any) -> None:
+        if not pending:
+            return
+        vectors = self._embed([c for p in pending for c in p.chunks], embedder, batch_size, bar)
         start = 0
         for p in pending:
-            n = len(p.chunked.chunks)
-            self._write(p, vectors[start:start + n], embedder)
+            n = len(p.chunks)
+            self._write(p, [(p.chunks, vectors[start:start + n])], embedder, report)
             start += n
-            (report.updated if p.update else report.added).append(str(p.path))
-            report.embedded += n
-            report.split_blocks += p.chunked.split_blocks
         pending.clear()
 
-    def _write(self, p: _Prepared, vectors: np.ndarray, embedder: Any) -> None:
-        """One document, replacing any older version of it, in one transaction."""
+    def _write_streaming(self, p: _Prepared, embedder: Any, report: AddReport, batch_size: int, bar: Any) -> None:
+        """A large document, STREAM_BATCH chunks at a time: packed, embedded and inserted in turn."""
+        chunks = itertools.chain(p.chunks, p.rest)
+
+        def batches() -> Iterator[tuple[list[ingest.Chunk], np.ndarray]]:
+            while batch := list(itertools.islice(chunks, STREAM_BATCH)):
+                yield batch, self._embed(batch, embedder, batch_size, bar)
+
+        self._write(p, batches(), embedder, report)
+
+    def _write(self, p: _Prepared, batches: Iterable[tuple[list[ingest.Chunk], np.ndarray]], embedder: Any,
+               report: AddReport) -> None:
+        """One document, replacing any older version of it, in one transaction (a reader sees the old
+        version or the new one, never half of it)."""
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -360,23 +395,31 @@ class Index:
             self._delete_rows(str(p.path))
             doc_id = db.execute(
                 "INSERT INTO documents(path, kind, sha256, size, n_chunks, split_blocks, indexed_at) VALUES (?,?,?,?,?,?,?)",
-                (str(p.path), p.chunked.document.kind, p.sha256, p.size, len(p.chunked.chunks), p.chunked.split_blocks,
-                 time.time()),
+                (str(p.path), p.kind, p.sha256, p.size, 0, 0, time.time()),
             ).lastrowid
-            for ord_, (c, vector) in enumerate(zip(p.chunked.chunks, vectors)):
-                cid = db.execute(
-                    "INSERT INTO chunks(doc_id, ord, text, heading, char_start, char_end, line_start, line_end, page, n_tokens)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    (doc_id, ord_, c.text, json.dumps(c.heading), c.char_start, c.char_end, c.line_start, c.line_end,
-                     c.page, c.n_tokens),
-                ).lastrowid
-                db.execute("INSERT INTO chunks_fts(rowid, text, heading) VALUES (?,?,?)", (cid, c.text, " > ".join(c.heading)))
-                db.execute("INSERT INTO vectors(chunk_id, vector) VALUES (?,?)", (cid, vector.astype("<f4").tobytes()))
+            ord_ = 0
+            for chunks, vectors in batches:
+                for c, vector in zip(chunks, vectors):
+                    cid = db.execute(
+                        "INSERT INTO chunks(doc_id, ord, text, heading, char_start, char_end, line_start, line_end, page,"
+                        " n_tokens) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                        (doc_id, ord_, c.text, json.dumps(c.heading), c.char_start, c.char_end, c.line_start, c.line_end,
+                         c.page, c.n_tokens),
+                    ).lastrowid
+                    db.execute("INSERT INTO chunks_fts(rowid, text, heading) VALUES (?,?,?)",
+                               (cid, c.text, " > ".join(c.heading)))
+                    db.execute("INSERT INTO vectors(chunk_id, vector) VALUES (?,?)", (cid, vector.astype("<f4").tobytes()))
+                    ord_ += 1
+            split = p.counts.get("split_blocks", 0)
+            db.execute("UPDATE documents SET n_chunks=?, split_blocks=? WHERE id=?", (ord_, split, doc_id))
             self._bump()
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        (report.updated if p.update else report.added).append(str(p.path))
+        report.embedded += ord_
+        report.split_blocks += split
 
     def _bump(self) -> None:
         self._db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='generation'")

@@ -372,17 +372,30 @@ _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+|\n+")
 
 def chunk(document: Document, count_tokens: Callable[[str], int], max_tokens: int) -> ChunkedDocument:
     """Pack `document`'s blocks into chunks whose `embed_text` takes at most `max_tokens` tokens."""
+    counts = {"split_blocks": 0}
+    chunks = list(iter_chunks(document, count_tokens, max_tokens, counts))
+    return ChunkedDocument(document, chunks, counts["split_blocks"])
+
+
+def iter_chunks(document: Document, count_tokens: Callable[[str], int], max_tokens: int,
+                counts: dict[str, int] | None = None) -> Iterator[Chunk]:
+    """`chunk`'s chunks one at a time, as they are packed: a caller that embeds and stores them in
+    batches holds a batch, never a whole large document's chunks. `counts["split_blocks"]` grows as
+    oversized blocks are split."""
     if max_tokens < 8:
         raise LlmosError(f"max_tokens must be at least 8, got {max_tokens}")
-    pieces: list[Block] = []
-    split_blocks = 0
-    for block in document.blocks:
-        if count_tokens(embed_text(block.heading, block.text)) <= max_tokens:
-            pieces.append(block)
-        else:
-            split_blocks += 1
-            pieces.extend(_split_block(block, count_tokens, max_tokens))
-    chunks: list[Chunk] = []
+    counts = counts if counts is not None else {}
+    counts.setdefault("split_blocks", 0)
+
+    def pieces() -> Iterator[Block]:
+        for block in document.blocks:
+            if count_tokens(embed_text(block.heading, block.text)) <= max_tokens:
+                yield block
+            else:
+                counts["split_blocks"] += 1
+                yield from _split_block(block, count_tokens, max_tokens)
+
+    chunks: list[Chunk] = []  # what emit() made, handed out as soon as it is made
     group: list[Block] = []
     group_tokens = 0
 
@@ -403,7 +416,7 @@ def chunk(document: Document, count_tokens: Callable[[str], int], max_tokens: in
         ))
         group.clear()
 
-    for block in pieces:
+    for block in pieces():
         if group and (block.heading != group[0].heading or block.page != group[0].page):
             emit()
         if group:
@@ -413,10 +426,12 @@ def chunk(document: Document, count_tokens: Callable[[str], int], max_tokens: in
                 group_tokens = tokens
                 continue
             emit()
+        yield from chunks
+        chunks.clear()
         group.append(block)
         group_tokens = count_tokens(embed_text(block.heading, block.text))
     emit()
-    return ChunkedDocument(document, chunks, split_blocks)
+    yield from chunks
 
 
 def _split_block(block: Block, count_tokens: Callable[[str], int], max_tokens: int) -> list[Block]:
