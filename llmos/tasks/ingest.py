@@ -462,8 +462,14 @@ def _split_block(block: Block, count_tokens: Callable[[str], int], max_tokens: i
     return out
 
 
+# A "word" as the word splitter sees one: a run of non-space of at most 1,000 characters. Longer runs
+# (a minified line, "x.x.x..." for 300 KB) are cut into pieces first, so that no `fits` call measures
+# more than a chunk plus one piece: measuring the whole run for every chunk cut from it was quadratic.
+_WORD = re.compile(r"\S{1,1000}")
+
+
 def _split_words(text: str, start: int, end: int, fits: Callable[[int, int], bool]) -> list[tuple[int, int]]:
-    words = [(m.start(), m.end()) for m in re.finditer(r"\S+", text[start:end])]
+    words = [(m.start(), m.end()) for m in _WORD.finditer(text[start:end])]
     spans: list[tuple[int, int]] = []
     i = 0
     while i < len(words):
@@ -479,10 +485,14 @@ def _split_words(text: str, start: int, end: int, fits: Callable[[int, int], boo
                 good = mid
             else:
                 bad = mid
-        if good == 0:  # one "word" longer than a chunk (a hash, a URL): cut it by characters
-            hi = lo + 1
-            while hi < start + words[i][1] and fits(lo, hi + 1):
-                hi += 1
+        if good == 0:  # one "word" longer than a chunk (a hash, a URL): cut it by characters, bisecting
+            hi, bad = lo + 1, start + words[i][1] + 1  # at least one character, however many tokens it is
+            while bad - hi > 1:
+                mid = (hi + bad) // 2
+                if fits(lo, mid):
+                    hi = mid
+                else:
+                    bad = mid
             spans.append((lo, hi))
             words[i] = (hi - start, words[i][1])
             continue

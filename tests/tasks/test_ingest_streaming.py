@@ -109,3 +109,20 @@ def test_summarize_and_translate_input_has_a_stated_limit(tmp_path):
     with pytest.raises(LlmosError, match="standard input"):
         read_stdin(io.BytesIO(b"a" * (MAX_TEXT_BYTES + 1)))
     assert read_stdin(io.BytesIO(b"short text")) == "short text"
+
+
+def test_one_huge_word_is_chunked_in_linear_work():
+    """Found by the ingestion fuzzer: a 300 KB run without spaces ("x.x.x...") was cut one chunk at a
+    time, each cut measuring the whole rest of the run (quadratic: over 5 minutes). Now the tokens
+    measured stay within a small multiple of the text."""
+    text = "x." * 100_000
+    measured = []
+
+    def count(t: str) -> int:
+        measured.append(len(t))
+        return len(t) // 2 + 2  # "x." is two characters, about one token each
+
+    document = ingest.Document(Path("<huge>"), "text", text, ingest.split_lines(text, "text"))
+    chunks = ingest.chunk(document, count, 128).chunks
+    assert "".join(c.text for c in chunks) == text and all(count(c.text) <= 128 for c in chunks)
+    assert sum(measured) < 40 * len(text), sum(measured) / len(text)
