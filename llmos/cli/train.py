@@ -35,6 +35,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("data", nargs="*", help="text files, folders, .jsonl")
     p.add_argument("--out", "-o", help="run folder to create")
     p.add_argument("--resume", metavar="RUN", help="continue RUN (any pretrain or finetune run) from its newest checkpoint")
+    p.add_argument("--restart", action="store_true", help="discard a run already in --out and start over")
     p.add_argument("--size", default="tiny", help="tiny, small, medium, large")
     p.add_argument("--arch", default="llama", choices=["llama", "gpt2"])
     p.add_argument("--tokenizer", help="tokenizer.json or folder; default: train one on the data")
@@ -50,6 +51,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", nargs="+", help="text files, folders, .jsonl (text or chat messages)")
     p.add_argument("--out", "-o", help="run folder to create")
     p.add_argument("--resume", metavar="RUN", help="continue RUN from its newest checkpoint")
+    p.add_argument("--restart", action="store_true", help="discard a run already in --out and start over")
     p.add_argument("--lora", action="store_true", help="train a low-rank adapter instead of every weight")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
@@ -164,7 +166,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
     cfg = _train_config(args, args.lr, overrides["max_seq_len"] or _preset_context(args.size))
     return _until_done_or_stopped(args, lambda: pretrain(
         args.data, args.out, size=args.size, arch=args.arch, tokenizer=args.tokenizer, vocab_size=args.vocab,
-        model_overrides=overrides, cfg=cfg, device=args.device, progress=not args.quiet))
+        model_overrides=overrides, cfg=cfg, device=args.device, progress=not args.quiet, restart=args.restart))
 
 
 def _preset_context(size: str) -> int | None:
@@ -191,7 +193,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     cfg = _train_config(args, lr, base_config(args.base).max_seq_len)
     return _until_done_or_stopped(args, lambda: finetune(
         args.base, args.data, args.out, lora=lora, merge=args.merge, cfg=cfg, device=args.device,
-        progress=not args.quiet))
+        progress=not args.quiet, restart=args.restart))
 
 
 def run_eval(args: argparse.Namespace) -> int:

@@ -95,7 +95,9 @@ def require_latest(run: Path) -> Path:
         root = Path(run) / FOLDER
         partial = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
         why = f"only incomplete ones ({', '.join(partial)})" if partial else "none at all"
-        raise LlmosError(f"{run} has no complete checkpoint to resume from ({why}); start the run again without --resume")
+        raise LlmosError(f"{run} has no complete checkpoint to resume from ({why}); start it again: the same "
+                         f"pretrain/finetune command with --out {run} (a run with no complete checkpoint counts as "
+                         "empty), or add --restart to discard any run there")
     return found
 
 

@@ -12,7 +12,9 @@
 `pretrain(data, out, size=..., arch=...)` trains a preset from scratch (training a byte-level BPE
 tokenizer on the data first unless one is given); `finetune(base, data, out, lora=...)` trains a
 store model, GGUF file or Hugging Face folder (dequantized to fp32), fully or with LoRA;
-`resume(run)` continues either from its newest complete checkpoint. Under torchrun every rank calls
+`resume(run)` continues either from its newest complete checkpoint. Starting a run again in a folder
+that holds one is refused unless that run has no complete checkpoint and never finished (killed before
+its first save: it counts as empty) or `restart=True` discards it. Under torchrun every rank calls
 the same function; rank 0 prepares data and writes files, the others read them, so on several
 machines the run folder must be on a shared filesystem. `load_model(ref)` loads a run (finished, or
 from its newest checkpoint) or any model reference for evaluation and export.
@@ -76,13 +78,15 @@ def pretrain(
     cfg: TrainConfig | None = None,
     device: str = "auto",
     progress: bool = True,
+    restart: bool = False,
 ) -> Path:
-    """Train a `size` model in `arch` shape from scratch on `data`; returns the run folder."""
+    """Train a `size` model in `arch` shape from scratch on `data`; returns the run folder.
+    `restart`: discard a run already in `out` (see the module docstring)."""
     cfg = cfg or TrainConfig()
     recipe = {"kind": "pretrain", "data": _abs(data), "size": size, "arch": arch, "train": asdict(cfg),
               "tokenizer": str(tokenizer) if tokenizer else None, "vocab_size": vocab_size,
               "model_overrides": model_overrides or {}}
-    return _execute(Path(out), recipe, resume=False, device=device, progress=progress)
+    return _execute(Path(out), recipe, resume=False, device=device, progress=progress, restart=restart)
 
 
 def finetune(
@@ -95,15 +99,17 @@ def finetune(
     cfg: TrainConfig | None = None,
     device: str = "auto",
     progress: bool = True,
+    restart: bool = False,
 ) -> Path:
-    """Fine-tune `base` on `data` (all weights, or a LoRA adapter); returns the run folder."""
+    """Fine-tune `base` on `data` (all weights, or a LoRA adapter); returns the run folder.
+    `restart`: discard a run already in `out` (see the module docstring)."""
     base_path = store.resolve(str(base))
     if cfg is None:
         context = base_config(base_path).max_seq_len
         cfg = TrainConfig(lr=2e-4 if lora else 3e-5, steps=200, warmup=10, seq_len=min(256, context))
     recipe = {"kind": "finetune", "data": _abs(data), "base": str(base_path), "base_name": str(base),
               "train": asdict(cfg), "lora": lora.to_dict() if lora else None, "merge": merge}
-    return _execute(Path(out), recipe, resume=False, device=device, progress=progress)
+    return _execute(Path(out), recipe, resume=False, device=device, progress=progress, restart=restart)
 
 
 def resume(run: str | Path, *, steps: int | None = None, device: str = "auto", progress: bool = True) -> Path:
@@ -114,6 +120,15 @@ def resume(run: str | Path, *, steps: int | None = None, device: str = "auto", p
     if steps is not None:
         recipe["train"]["steps"] = steps
     return _execute(run, recipe, resume=True, device=device, progress=progress)
+
+
+def _never_saved(run: Path) -> bool:
+    """A run killed before its first complete checkpoint (and never finished): it counts as empty."""
+    try:
+        finished = bool(read_recipe(run).get("finished"))
+    except LlmosError:  # a run.json cut short by the kill
+        finished = False
+    return not finished and checkpoint.latest(run) is None
 
 
 def read_recipe(run: str | Path) -> dict[str, Any]:
@@ -139,7 +154,8 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     write_atomically(path, json.dumps(data, indent=2))
 
 
-def _execute(run: Path, recipe: dict[str, Any], *, resume: bool, device: str, progress: bool) -> Path:
+def _execute(run: Path, recipe: dict[str, Any], *, resume: bool, device: str, progress: bool,
+             restart: bool = False) -> Path:
     world = distributed.init(device)
     created = not resume and world.main and not run.exists()
     try:
@@ -148,7 +164,7 @@ def _execute(run: Path, recipe: dict[str, Any], *, resume: bool, device: str, pr
             failure: Exception | None = None
             if world.main:
                 try:
-                    _prepare(run, recipe, cfg, resume, progress)
+                    _prepare(run, recipe, cfg, resume, progress, restart)
                 except Exception as exc:
                     failure = exc
             if not distributed.all_ok(failure is None):
@@ -178,11 +194,15 @@ def _execute(run: Path, recipe: dict[str, Any], *, resume: bool, device: str, pr
     return run
 
 
-def _prepare(run: Path, recipe: dict[str, Any], cfg: TrainConfig, resume: bool, progress: bool) -> None:
+def _prepare(run: Path, recipe: dict[str, Any], cfg: TrainConfig, resume: bool, progress: bool,
+             restart: bool = False) -> None:
     """Rank 0: recipe, tokenizer and token shards in the run folder."""
     if not resume:
         if (run / RUN_FILE).exists():
-            raise LlmosError(f"{run} already holds a run; continue it with --resume {run}, or choose another --out")
+            if not (restart or _never_saved(run)):
+                raise LlmosError(f"{run} already holds a run (with checkpoints, or finished); continue it with --resume {run}, "
+                                 "start it over with --restart (its checkpoints are deleted), or choose another --out")
+            shutil.rmtree(run)  # a run folder llmos made (it has run.json): nothing in it is kept
         run.mkdir(parents=True, exist_ok=True)
         tokenizer, config = _first_tokenizer(recipe, progress)
         save_tokenizer(tokenizer, run, config.max_seq_len)
