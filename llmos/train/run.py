@@ -200,8 +200,9 @@ def _prepare(run: Path, recipe: dict[str, Any], cfg: TrainConfig, resume: bool, 
     if not resume:
         if (run / RUN_FILE).exists():
             if not (restart or _never_saved(run)):
-                raise LlmosError(f"{run} already holds a run (with checkpoints, or finished); continue it with --resume {run}, "
-                                 "start it over with --restart (its checkpoints are deleted), or choose another --out")
+                raise LlmosError(f"{run} already holds a run (with checkpoints, or finished); continue it with "
+                                 f"--resume {run}, start it over with --restart (its checkpoints are deleted), "
+                                 "or choose another --out")
             shutil.rmtree(run)  # a run folder llmos made (it has run.json): nothing in it is kept
         run.mkdir(parents=True, exist_ok=True)
         tokenizer, config = _first_tokenizer(recipe, progress)
