@@ -48,6 +48,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="let requests pass their own chat_template / chat_template_kwargs (refused otherwise)")
     p.add_argument("--shutdown-timeout", type=int_in(0), default=30, metavar="SECONDS",
                    help="on SIGTERM, how long in-flight requests may run before they are aborted")
+    p.add_argument("--index", default=None, metavar="PATH",
+                   help="document index (llmos index add): requests with documents=true, and the chat page's "
+                        "'Answer from documents', are answered from it with sources")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run_serve)
 
@@ -107,6 +110,8 @@ def run_serve(args: argparse.Namespace) -> int:
     for name, value, low in limits:
         if value < low:
             raise LlmosError(f"{name} must be at least {low}, got {value}")
+    if args.index is not None and not Path(args.index).expanduser().is_file():
+        raise LlmosError(f"--index {args.index}: no such index file; create one with `llmos index add PATH... --index {args.index}`")
     path = store.resolve(args.model, pull_missing=False)  # fail now, in the terminal, and never download
     check_bindable(args.host, args.port)  # before the model loads, not after
     try:
@@ -119,7 +124,8 @@ def run_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(model=args.model, dtype=args.dtype, api_key=key, cors_origins=tuple(args.cors_origin),
                          max_active=args.max_active, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                          default_max_tokens=args.default_max_tokens, threads=args.threads, host=args.host,
-                         allowed_hosts=tuple(args.allowed_host), trust_request_templates=args.trust_request_chat_template)
+                         allowed_hosts=tuple(args.allowed_host), trust_request_templates=args.trust_request_chat_template,
+                         index=str(Path(args.index).expanduser()) if args.index else None)
     config = replace(config, sampling=serve_sampling(args, path))  # printed below, before the model loads
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     shown = f"[{args.host}]" if ":" in args.host else args.host

@@ -40,6 +40,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -105,6 +106,7 @@ class ServeConfig:
     host: str = "127.0.0.1"  # the bound address: Host headers must name it (or an allowed host)
     allowed_hosts: tuple[str, ...] = ()  # more names for the Host check; "*" turns the check off
     trust_request_templates: bool = False  # honour a request's chat_template / chat_template_kwargs
+    index: str | None = None  # a document index: requests with documents=true are answered from it
 
     @property
     def served_name(self) -> str:
@@ -133,6 +135,9 @@ class Server:
         self.fingerprint = f"llmos-{__version__}"
         self._key_digest = hashlib.sha256(config.api_key.encode()).digest() if config.api_key else None
         self.loop: asyncio.AbstractEventLoop | None = None  # the app's, once it starts
+        # The index's SQLite connection lives on one thread of its own.
+        self._index_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmos-index")
+        self._index: Any = None
 
     # --- lifecycle ------------------------------------------------------------------------------
     def start_loading(self) -> threading.Thread:
@@ -252,6 +257,25 @@ class Server:
 
                 self.embedder = await asyncio.to_thread(Embedder.load, path)
             return self.embedder
+
+    async def gather(self, question: str) -> Any:
+        """Steps 1-4 of grounded QA (`llmos.tasks.qa.gather`) over the server's index, off the event loop."""
+        if self.config.index is None:
+            raise S.invalid("this server has no document index: start it with `llmos serve --index PATH`", "documents")
+        embedder = await self.get_embedder()
+
+        def run() -> Any:
+            from llmos.tasks import qa
+            from llmos.tasks.index import Index
+
+            if self._index is None:
+                self._index = Index(self.config.index, embedder)
+            return qa.gather(question, self._index)
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._index_thread, run)
+        except LlmosError as exc:
+            raise S.invalid(str(exc), "messages") from None
 
     def token_bytes(self, token: int, text: str) -> list[int]:
         """The raw bytes of a token: as its piece spells them (byte-level or byte-fallback pieces),
@@ -401,6 +425,8 @@ async def chat_completions(request: Request) -> Any:
     server = _server(request)
     req: S.ChatCompletionRequest = S.parse(S.ChatCompletionRequest, await read_json(request))
     llm = server.chat_model(req.model)
+    if req.documents:
+        return await _answer_from_documents(request, server, req, llm, started)
     try:
         ids = llm._chat_ids([m.turn() for m in req.messages], **_request_template(server, req))
     except LlmosError as exc:
@@ -424,6 +450,49 @@ async def chat_completions(request: Request) -> Any:
                         "finish_reason": c.finish or "stop"})
     return JSONResponse({**_envelope(server, rid, "chat.completion", created), "choices": choices,
                          "usage": run.usage()})
+
+
+async def _answer_from_documents(request: Request, server: Server, req: S.ChatCompletionRequest, llm: Any,
+                                 started: float) -> Any:
+    """documents=true: the last user message answered by the grounded QA pipeline over the server's
+    index; the reply carries `sources` (quoted sentences with file:line) and `found` beside the usual
+    fields. The model writes through the worker like any request; the pipeline checks and cites."""
+    from llmos.tasks import qa
+
+    question = next((m.text() for m in reversed(req.messages) if m.role == "user"), "")
+    if not question.strip():
+        raise S.invalid("documents=true needs a user message with a question", "messages")
+    found = await server.gather(question)
+    run = None
+    if found.declined is not None:
+        answer = found.declined
+    else:
+        controls = {**qa.ANSWER_CONTROLS, "max_new_tokens": req.max_tokens or qa.DEFAULT_MAX_NEW_TOKENS}
+        run = _Run(server, [server.submit(llm._chat_ids(found.messages()), controls, "messages")], 1, started)
+        if not await run.collect(request):
+            return Response(status_code=499)
+        done = run.tickets[0].run.choices
+        answer = found.conclude(run.choices[0].text, done[0].finish_reason if done else run.choices[0].finish)
+    shown = answer.cited if answer.found else answer.nearest
+    extra = {"sources": [s.as_dict() for s in shown], "found": answer.found}
+    usage = run.usage() if run else {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if req.stream:
+        base = _envelope(server, rid, "chat.completion.chunk", created)
+
+        async def events() -> AsyncIterator[str]:
+            yield sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": str(answer)},
+                                            "logprobs": None, "finish_reason": None}]})
+            yield sse({**base, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}], **extra})
+            if req.include_usage:
+                yield sse({**base, "choices": [], "usage": usage})
+            yield DONE
+
+        return EventStream(events(), run.tickets if run else [])
+    message = {"role": "assistant", "content": str(answer), "refusal": None}
+    return JSONResponse({**_envelope(server, rid, "chat.completion", created),
+                         "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
+                         "usage": usage, **extra})
 
 
 def _request_template(server: Server, req: S.ChatCompletionRequest) -> dict[str, Any]:
@@ -662,7 +731,7 @@ async def health(request: Request) -> Any:
     server = _server(request)
     w = server.worker
     body = {"status": server.status, "model": server.name, "active": w.active if w else 0,
-            "queue_depth": w.queue_depth if w else 0}
+            "queue_depth": w.queue_depth if w else 0, "documents": server.config.index is not None}
     if server.error:
         body["error"] = server.error
     return JSONResponse(body, status_code=200 if server.status == "ok" else 503)

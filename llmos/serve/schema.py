@@ -186,6 +186,8 @@ class ChatCompletionRequest(_Sampling):
     # vLLM's: honoured only by a server started with --trust-request-chat-template (refused otherwise)
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # llmos's: answer the last user message from the server's --index (grounded, cited; see tasks/qa.py)
+    documents: bool = False
 
     def check(self) -> None:
         if self.max_completion_tokens is not None:
@@ -196,6 +198,9 @@ class ChatCompletionRequest(_Sampling):
                           "tools" if self.tools else "functions")
         if self.top_logprobs is not None and not self.logprobs:
             raise invalid("top_logprobs requires logprobs to be true", "top_logprobs")
+        if self.documents and (self.n != 1 or self.response_format is not None or self.logprobs):
+            param = "n" if self.n != 1 else "response_format" if self.response_format is not None else "logprobs"
+            raise invalid("documents=true answers once, as text, without logprobs", param)
         rf = self.response_format
         if rf is not None and rf.type == "json_schema" and rf.json_schema is None:
             raise invalid("response_format of type json_schema needs a json_schema object", "response_format.json_schema")
@@ -311,6 +316,20 @@ class ChatChoice(BaseModel):
     finish_reason: Literal["stop", "length", "abort"]  # abort: cancelled by the server's shutdown
 
 
+class AnswerSource(BaseModel):
+    """A sentence of an indexed document that a documents=true answer cites as [number]."""
+
+    number: int
+    path: str
+    location: str
+    heading: list[str]
+    quote: str
+    line_start: int
+    line_end: int
+    page: int | None = None
+    score: float
+
+
 class ChatCompletion(BaseModel):
     """A chat completion; with stream=true, `chat.completion.chunk` events of the same shape with
     `delta` in place of `message`, ending with `data: [DONE]`."""
@@ -322,6 +341,9 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
     choices: list[ChatChoice]
     usage: Usage
+    # with documents=true: what the answer stands on (the closest sentences when it declined)
+    sources: list[AnswerSource] | None = None
+    found: bool | None = None
 
 
 class CompletionLogprobs(BaseModel):
@@ -390,6 +412,7 @@ class Health(BaseModel):
     active: int = 0
     queue_depth: int = 0
     error: str | None = None
+    documents: bool = False  # the server answers documents=true requests (started with --index)
 
 
 class ErrorDetail(BaseModel):

@@ -143,24 +143,78 @@ def ask(
     """Answer `question` from `index` (or, with no index, from the model alone); see the module doc.
 
     `generate=False` answers with the best sentence alone (no chat model needed)."""
-    if not isinstance(question, str) or not question.strip():
-        raise LlmosError("the question is empty")
-    if evidence_sentences < 1:
-        raise LlmosError(f"evidence_sentences must be at least 1, got {evidence_sentences}")
-    controls = {"temperature": 0.0, "repetition_guard": True, **controls}
+    controls = {**ANSWER_CONTROLS, **controls}
     if index is None:
+        _check_question(question)
         return _plain(llm, question, stream, max_new_tokens, controls)
-    ranked = find_evidence(question, index, k=k, mode=mode, min_similarity=min_similarity)
-    nearest = [Source.from_sentence(i + 1, r) for i, r in enumerate(ranked[:evidence_sentences])]
-    if not ranked or ranked[0].score < min_support:
-        text = NOTHING_FOUND if not ranked else NOT_STATED
-        declined = Answer(text, [], nearest=nearest, found=False)
-        return AnswerStream(lambda: declined, [], False) if stream else declined
+    found = gather(question, index, k=k, mode=mode, min_similarity=min_similarity, min_support=min_support,
+                   evidence_sentences=evidence_sentences)
+    if found.declined is not None:
+        return AnswerStream(lambda: found.declined, [], False) if stream else found.declined
 
     def make() -> Answer:
-        return answer_from(llm, question, ranked[:evidence_sentences], nearest, generate, max_new_tokens, controls)
+        if not generate or llm is None:
+            return found.quoted()
+        reply = llm.chat(found.messages(), max_new_tokens=max_new_tokens, **controls)
+        return found.conclude(str(reply), getattr(reply, "finish_reason", None))
 
-    return AnswerStream(make, nearest, True) if stream else make()
+    return AnswerStream(make, found.sources, True) if stream else make()
+
+
+# Greedy, short, stopped at a blank line, with the loop guard (callers may override any of them).
+ANSWER_CONTROLS: dict[str, Any] = {"temperature": 0.0, "repetition_guard": True, "stop": ["\n\n"]}
+
+
+def _check_question(question: Any) -> None:
+    if not isinstance(question, str) or not question.strip():
+        raise LlmosError("the question is empty")
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Steps 1-4 done for a question: the evidence sentences and their numbered sources, or the
+    declined answer. `messages()` is the prompt for step 5; `conclude(reply)` does steps 6-7. A server
+    runs the model between the two on its own worker."""
+
+    question: str
+    ranked: list[Ranked]  # the evidence sentences, best first
+    sources: list[Source]  # the same, numbered
+    declined: Answer | None
+
+    def messages(self) -> list[dict[str, str]]:
+        return build_messages(self.question, [r.sentence for r in self.ranked])
+
+    def quoted(self, model_answer: str | None = None, finish_reason: str | None = None) -> Answer:
+        """The best sentence itself, quoted and cited."""
+        best = self.sources[0]
+        return Answer(f"\u201c{best.quote}\u201d [1]", self.sources, cited=[best], nearest=self.sources,
+                      extractive=True, model_answer=model_answer, finish_reason=finish_reason)
+
+    def conclude(self, reply: str, finish_reason: str | None = None) -> Answer:
+        """Steps 6-7: the model's reply checked against the evidence and cited, or the quoted sentence."""
+        text = clean(reply)
+        if finish_reason in ("length", "repetition") or not text or _DECLINE.search(text) \
+                or not evidence.supported(text, [s.quote for s in self.sources], self.question):
+            return self.quoted(text, finish_reason)
+        used = _standing_on(text, self.sources)
+        marks = "".join(f"[{s.number}]" for s in used)
+        return Answer(f"{text} {marks}", self.sources, cited=used, nearest=self.sources, model_answer=text,
+                      finish_reason=finish_reason)
+
+
+def gather(question: str, index: Index, *, k: int = DEFAULT_K, mode: str = "hybrid",
+           min_similarity: float = DEFAULT_MIN_SIMILARITY, min_support: float = DEFAULT_MIN_SUPPORT,
+           evidence_sentences: int = DEFAULT_EVIDENCE) -> Evidence:
+    """Steps 1-4: retrieve, split, rank, and decline when the best sentence scores under `min_support`."""
+    _check_question(question)
+    if evidence_sentences < 1:
+        raise LlmosError(f"evidence_sentences must be at least 1, got {evidence_sentences}")
+    ranked = find_evidence(question, index, k=k, mode=mode, min_similarity=min_similarity)[:evidence_sentences]
+    sources = [Source.from_sentence(i + 1, r) for i, r in enumerate(ranked)]
+    declined = None
+    if not ranked or ranked[0].score < min_support:
+        declined = Answer(NOTHING_FOUND if not ranked else NOT_STATED, [], nearest=sources, found=False)
+    return Evidence(question, ranked, sources, declined)
 
 
 def find_evidence(question: str, index: Index, *, k: int = DEFAULT_K, mode: str = "hybrid",
@@ -170,26 +224,6 @@ def find_evidence(question: str, index: Index, *, k: int = DEFAULT_K, mode: str 
                if r.similarity is None or r.similarity >= min_similarity]
     sentences = [s for i, r in enumerate(results) for s in evidence.sentences_of(r, i)]
     return evidence.rank(question, sentences, index.embedder) if sentences else []
-
-
-def answer_from(llm: LLM | None, question: str, ranked: list[Ranked], sources: list[Source], generate: bool,
-                max_new_tokens: int, controls: dict[str, Any]) -> Answer:
-    """Steps 5-7 over the evidence sentences `ranked` (best first; `sources` numbers them)."""
-    best = sources[0]
-    quoted = Answer(f"\u201c{best.quote}\u201d [1]", sources, cited=[best], nearest=sources, extractive=True)
-    if not generate or llm is None:
-        return quoted
-    reply = llm.chat(build_messages(question, [r.sentence for r in ranked]), max_new_tokens=max_new_tokens,
-                     stop=["\n\n"], **controls)
-    text = clean(str(reply))
-    finish = getattr(reply, "finish_reason", None)
-    if finish in ("length", "repetition") or not text or _DECLINE.search(text) \
-            or not evidence.supported(text, [s.quote for s in sources], question):
-        return Answer(str(quoted), sources, cited=[best], nearest=sources, extractive=True, model_answer=text,
-                      finish_reason=finish)
-    used = _standing_on(text, sources)
-    marks = "".join(f"[{s.number}]" for s in used)
-    return Answer(f"{text} {marks}", sources, cited=used, nearest=sources, model_answer=text, finish_reason=finish)
 
 
 def build_messages(question: str, sentences: list[Sentence]) -> list[dict[str, str]]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -91,6 +92,21 @@ class ServerProcess:
         return self.proc.returncode
 
 
+@contextlib.contextmanager
+def running(server: ServerProcess):
+    """The server once ready; stopped afterwards, also when it never got ready."""
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def serve_running():
+    return running
+
+
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     """In-process model work on one thread (the servers get --threads 1): on a busy 2-core machine,
@@ -118,11 +134,8 @@ def tiny_server(tiny_model, tmp_path_factory):
     """The tiny model behind an API key, with a 1 MiB body cap."""
     server = ServerProcess(str(tiny_model), "--dtype", "fp32", "--max-body-bytes", str(1 << 20),
                            log=tmp_path_factory.mktemp("logs") / "tiny.log")
-    try:
-        server.wait_ready()
+    with running(server):
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -132,8 +145,5 @@ def default_server(default_model_name, tmp_path_factory):
 
     store.pull(store.DEFAULT_EMBED_MODEL, quiet=True)
     server = ServerProcess(default_model_name, log=tmp_path_factory.mktemp("logs") / "default.log")
-    try:
-        server.wait_ready()
+    with running(server):
         yield server
-    finally:
-        server.stop()

@@ -155,7 +155,9 @@ function messageElement(msg) {
   content.className = "content";
   const note = document.createElement("div");
   note.className = "note";
-  div.append(role, content, note);
+  const sources = document.createElement("ol");
+  sources.className = "sources";
+  div.append(role, content, sources, note);
   fillMessage(div, msg);
   return div;
 }
@@ -165,6 +167,18 @@ function fillMessage(div, msg) {
   if (msg.role === "user") content.textContent = msg.content;
   else content.innerHTML = renderMarkdown(msg.content);  // escaped first: see renderMarkdown
   div.querySelector(".note").textContent = msg.note || "";
+  // Sources of an answer from documents: file:line and the quoted sentence, as text (never markup).
+  const list = div.querySelector(".sources");
+  list.replaceChildren(...(msg.sources || []).map((s) => {
+    const li = document.createElement("li");
+    const where = document.createElement("span");
+    where.className = "where";
+    where.textContent = `[${s.number}] ${s.location}`;
+    const quote = document.createElement("q");
+    quote.textContent = s.quote;
+    li.append(where, " ", quote);
+    return li;
+  }));
   div.classList.toggle("error", Boolean(msg.error));
 }
 
@@ -208,6 +222,9 @@ async function loadModels() {
     if ([...select.options].some((o) => o.value === state.settings.model)) select.value = state.settings.model;
     state.settings.model = select.value;
     status.textContent = "";
+    const health = await fetch("/health", { headers: headers() }).then((r) => r.json()).catch(() => ({}));
+    state.documents = Boolean(health.documents);
+    $("documents-label").hidden = !state.documents;
   } catch (e) {
     status.textContent = "Cannot reach the server: " + e.message;
   }
@@ -248,6 +265,7 @@ async function send(text) {
   const body = { model: state.settings.model || undefined, messages: history, stream: true,
                  temperature: Number(state.settings.temperature) };
   if (state.settings.maxTokens) body.max_tokens = Number(state.settings.maxTokens);
+  if (state.documents && $("documents").checked) body.documents = true;
   state.controller = new AbortController();
   setBusy(true);
   let pending = false;
@@ -279,6 +297,11 @@ async function send(text) {
         if (Date.now() - lastSave > 1000) { save(); lastSave = Date.now(); }
       }
       if (choice.finish_reason === "length") reply.note = "(reached the token limit)";
+      if (chunk.sources) {
+        reply.sources = chunk.sources;
+        if (chunk.found === false) reply.note = "(not in the documents: the closest passages are listed)";
+        paint();
+      }
     }
   } catch (e) {
     if (e.name === "AbortError") reply.note = "(stopped)";
