@@ -25,7 +25,8 @@ from llmos.tasks import evidence
 
 MIN_SIMILARITY = 0.55  # a unit this close to some source sentence says something the source says
 MAX_OVERLAP = 0.85  # two units this close say the same thing
-FILL = 0.8  # a summary short of this share of its word budget is filled with central sentences
+FILL = 1.0  # a summary short of its word budget is filled with central sentences...
+OVERSHOOT = 1.2  # ...each one fitting within this share of it (as `summarize.tidy` allows)
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ def check(units: Sequence[str], source: SourceSentences, embedder: Any, words: i
         n = len(source.sentences[j].split())
         if used >= target:
             break
-        if out and used + n > words:
+        if out and used + n > OVERSHOOT * words:
             continue  # a shorter one may still fit
         out.append(source.sentences[j])
         have = np.concatenate([have, source.vectors[j:j + 1]]) if have.size else source.vectors[j:j + 1]
