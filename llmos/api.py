@@ -49,7 +49,7 @@ class LLM:
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise LlmosError(f"threads must be an integer >= 1, got {threads!r}", param="threads")
         path = store.resolve(str(name_or_path))
-        if not path.is_file() and read_hf_config(path).arch == "bert":
+        if (path / "config.json").is_file() and read_hf_config(path).arch == "bert":
             raise LlmosError(f"{path} is an encoder (BERT) model: use llmos.Embedder for embeddings, not text generation")
         if threads is not None or "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(threads or auto_threads())

@@ -49,6 +49,8 @@ def load_form(path: Path, form: str, use_cache: bool = True) -> tuple[torch.nn.M
 def _load_form(path: Path, form: str, use_cache: bool) -> tuple[torch.nn.Module, ModelConfig, Tokenizer]:
     hook = quant.linear_hook(form)
     cache = _converted_file(path, form) if form != "fp32" and use_cache else None
+    if path.is_dir() and not (path / "config.json").is_file():
+        return _load_adapter_run(path, form, cache)
     if path.is_file():
         with GGUFFile(path) as gguf:
             config = open_gguf_config(gguf)
@@ -66,6 +68,21 @@ def _load_form(path: Path, form: str, use_cache: bool) -> tuple[torch.nn.Module,
         if cache:
             _save_converted(model, cache)
     return model, config, Tokenizer.from_dir(path)
+
+
+def _load_adapter_run(run: Path, form: str, cache: Path | None) -> tuple[torch.nn.Module, ModelConfig, Tokenizer]:
+    """A LoRA run folder (store.resolve lets no other folder without config.json through): its base
+    with the adapter merged in fp32, then converted like any model; the converted copy is keyed by
+    the adapter's content, the base being checked unchanged on every load."""
+    from llmos.train.run import adapter_run_config, load_adapter_run  # training code only for runs
+
+    config, tokenizer = adapter_run_config(run)
+    model = converted.load(cache, config) if cache else None
+    if model is None:
+        model = quant.convert(load_adapter_run(run, merge=True).model, form)
+        if cache:
+            _save_converted(model, cache)
+    return model, config, tokenizer
 
 
 def _save_converted(model: torch.nn.Module, file: Path) -> None:

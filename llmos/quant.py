@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmos.errors import LlmosError
+from llmos.models import set_module
 
 FORMS = ("fp32", "bf16", "int8", "int4")
 GROUP = 32
@@ -179,6 +180,20 @@ def linear_hook(form: str):
         return Int4Linear.from_float(weight, bias)
 
     return hook
+
+
+def convert(model: nn.Module, form: str) -> nn.Module:
+    """Every Linear of a model already in memory (the head too) swapped for `form`, in place: what
+    `linear_hook` does while a file loads, for weights made in memory (a LoRA adapter merged into
+    its base), which no longer match any GGUF blocks."""
+    hook = linear_hook(form)
+    if hook is None:
+        return model
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for name, m in linears:
+        bias = m.bias.detach() if m.bias is not None else None
+        set_module(model, name, hook(name, m.weight.detach(), bias, None))
+    return model
 
 
 KINDS: dict[str, type[nn.Module]] = {"BF16Linear": BF16Linear, "Int8Linear": Int8Linear, "Int4Linear": Int4Linear}

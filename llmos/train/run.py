@@ -5,9 +5,16 @@
     RUN/data/                token shards (train/data.py)
     RUN/checkpoints/         atomic checkpoints (train/checkpoint.py)
     RUN/log.csv, log.jsonl, loss.png
-    RUN/config.json + model.safetensors     written when the run finishes: RUN is then a Hugging Face
-                                            folder, so `llmos.load(RUN)` and `llmos generate --model RUN` work
-    RUN/adapter.safetensors + adapter_config.json   LoRA runs without --merge: the adapter alone
+    RUN/config.json + model.safetensors     written when a pretraining, full or --merge run finishes:
+                                            RUN is then a Hugging Face folder
+    RUN/adapter.safetensors + adapter_config.json   written when a LoRA run (without --merge) finishes: the
+                                            adapter alone (~8 MB for the default model, not a merged
+                                            copy); run.json names the base (path, name, `base_sha256`)
+
+`llmos.load(RUN)` and `llmos generate --model RUN` work on either: a LoRA run loads its base, checks
+that the base's weights are still the ones it trained on, and merges the adapter into them at load
+time (then any weight form, as for other models), so it decodes as fast as its base; `llmos export`
+writes the merged weights.
 
 `pretrain(data, out, size=..., arch=...)` trains a preset from scratch (training a byte-level BPE
 tokenizer on the data first unless one is given); `finetune(base, data, out, lora=...)` trains a
@@ -31,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmos import store
+from llmos import derived, store
 from llmos.config import ModelConfig
 from llmos.errors import LlmosError
 from llmos.files import write_atomically
@@ -109,6 +116,8 @@ def finetune(
         cfg = TrainConfig(lr=2e-4 if lora else 3e-5, steps=200, warmup=10, seq_len=min(256, context))
     recipe = {"kind": "finetune", "data": _abs(data), "base": str(base_path), "base_name": str(base),
               "train": asdict(cfg), "lora": lora.to_dict() if lora else None, "merge": merge}
+    if lora and not merge:  # the run will hold the adapter alone: loading it needs this very base
+        recipe["base_sha256"] = derived.content_key(base_path)
     return _execute(Path(out), recipe, resume=False, device=device, progress=progress, restart=restart)
 
 
@@ -232,8 +241,10 @@ def _first_tokenizer(recipe: dict[str, Any], progress: bool) -> tuple[Tokenizer,
 
 
 def base_config(base: str | Path) -> ModelConfig:
-    """The ModelConfig of a store name, GGUF file or Hugging Face folder (headers only: no weights)."""
+    """The ModelConfig of a store name, GGUF file, Hugging Face folder or LoRA run (no weights read)."""
     path = store.resolve(str(base))
+    if is_adapter_run(path):
+        return ModelConfig(**read_recipe(path)["model"])
     if path.is_file():
         with GGUFFile(path) as gguf:
             return open_gguf_config(gguf)
@@ -242,6 +253,8 @@ def base_config(base: str | Path) -> ModelConfig:
 
 def _base_tokenizer_and_config(base: str) -> tuple[Tokenizer, ModelConfig]:
     path = Path(base)
+    if is_adapter_run(path):
+        return Tokenizer.from_dir(path), base_config(path)
     if path.is_file():
         with GGUFFile(path) as gguf:
             return Tokenizer.from_gguf(gguf.metadata), open_gguf_config(gguf)
@@ -252,7 +265,12 @@ def load_for_training(base: str | Path) -> tuple[nn.Module, ModelConfig]:
     """A GGUF file or Hugging Face folder as an fp32 model that owns its memory (dequantized)."""
     path = Path(base)
     if not path.exists():
-        raise LlmosError(f"the base model of this run, {base}, is gone; put it back to resume or export the run")
+        raise LlmosError(f"the base model of this run, {base}, is gone; put it back to resume, load or export the run")
+    if is_adapter_run(path):  # a LoRA run as the base of another: its merged weights, trainable again
+        model = load_adapter_run(path, merge=True).model
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model, base_config(path)
     if path.is_file():
         with GGUFFile(path) as gguf:
             config = open_gguf_config(gguf)
@@ -286,14 +304,16 @@ def _build(recipe: dict[str, Any], cfg: TrainConfig) -> tuple[nn.Module, ModelCo
 
 def _finish(run: Path, recipe: dict[str, Any], model: nn.Module, config: ModelConfig, tokenizer: Tokenizer,
             metrics: dict[str, Any]) -> None:
-    """Rank 0: make the run folder a Hugging Face model folder (merged weights), plus the adapter."""
+    """Rank 0: a LoRA run keeps its adapter alone (it names its base); any other run becomes a
+    Hugging Face model folder."""
     model = model.cpu()
     lora = recipe.get("lora")
     if lora and not recipe.get("merge"):
         save_adapter(model, run, LoraConfig.from_dict(lora), base=recipe.get("base_name", ""))
-    if lora and recipe.get("merge"):
-        merge_lora(model)
-    save_hf(model, config, tokenizer, run)  # merges on the fly when adapters are still in place
+    else:
+        if lora:
+            merge_lora(model)
+        save_hf(model, config, tokenizer, run)
     _write_json(run / RUN_FILE, {**recipe, "finished": True, "final": metrics})
 
 
@@ -303,10 +323,33 @@ def is_run(path: str | Path) -> bool:
     return (Path(path) / RUN_FILE).is_file()
 
 
+def is_adapter_run(path: str | Path) -> bool:
+    """A finished LoRA run that holds its adapter and no weights of its own (loading needs its base)."""
+    path = Path(path)
+    return is_run(path) and (path / ADAPTER_WEIGHTS).is_file() and not (path / "config.json").is_file()
+
+
+def adapter_run_config(run: str | Path) -> tuple[ModelConfig, Tokenizer]:
+    """(config, tokenizer) of a LoRA run, after checking that its base is there and unchanged."""
+    run = Path(run)
+    recipe = read_recipe(run)
+    base = Path(recipe["base"])
+    if not base.exists():
+        raise LlmosError(f"{run} is a LoRA adapter on {recipe.get('base_name') or base}, which is no longer at "
+                         f"{base}; put the base model back to load or export the run")
+    want = recipe.get("base_sha256")
+    if want and derived.content_key(base) != want:
+        raise LlmosError(f"{run} is a LoRA adapter on {base}, whose weights have changed since the run trained on "
+                         f"them (sha256 {want}...); put the original base back to load or export the run")
+    return ModelConfig(**recipe["model"]), Tokenizer.from_dir(run)
+
+
 def load_run(run: str | Path) -> Loaded:
     """A run's model: the finished Hugging Face folder, else its newest complete checkpoint."""
     run = Path(run)
     recipe = read_recipe(run)
+    if recipe.get("finished") and is_adapter_run(run):
+        return load_adapter_run(run, merge=True)
     tokenizer = Tokenizer.from_dir(run)
     if recipe.get("finished") and (run / "config.json").is_file() and (run / "model.safetensors").is_file():
         config = read_hf_config(run)
@@ -344,12 +387,16 @@ def load_model(ref: str | Path) -> Loaded:
     return Loaded(model.eval(), tokenizer, config, str(ref))
 
 
-def load_adapter_run(run: str | Path) -> Loaded:
-    """An unmerged LoRA run as base + adapter modules (for comparing merged and unmerged)."""
+def load_adapter_run(run: str | Path, *, merge: bool = False) -> Loaded:
+    """A LoRA run's base (checked unchanged) with its adapter: as adapter modules, or with `merge`
+    folded into the base weights (plain nn.Linear layers again, as fast as the base)."""
     run = Path(run)
     recipe = read_recipe(run)
     if not (run / ADAPTER_WEIGHTS).is_file():
         raise LlmosError(f"{run} has no adapter (not a LoRA run, or merged with --merge)")
+    _, tokenizer = adapter_run_config(run)
     model, config = load_for_training(recipe["base"])
     load_adapter(model, run, config.arch)
-    return Loaded(model.eval(), Tokenizer.from_dir(run), config, f"{run} (adapter)")
+    if merge:
+        merge_lora(model)
+    return Loaded(model.eval(), tokenizer, config, str(run) if merge else f"{run} (adapter)")

@@ -1,16 +1,19 @@
-"""LoRA: fine-tuning lowers held-out perplexity; merged and unmerged adapters compute the same."""
+"""LoRA: fine-tuning lowers held-out perplexity; merged and unmerged adapters compute the same; a run
+keeps only its adapter and loads, converts and exports through its base."""
 
 from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import llmos
+from llmos import derived, quant
 from llmos.errors import LlmosError
 from llmos.models.lora import (
     LoraConfig,
@@ -63,7 +66,8 @@ def test_lora_lowers_heldout_perplexity(lora_run, domain_files):
 def test_merged_and_unmerged_give_the_same_logits(lora_run):
     unmerged = load_adapter_run(lora_run)  # base + adapter modules
     assert any(isinstance(m, LoRALinear) for m in unmerged.model.modules())
-    merged_file = llmos.load(str(lora_run), dtype="fp32")  # the run folder's merged weights
+    merged_file = llmos.load(str(lora_run), dtype="fp32")  # base + adapter, merged at load time
+    assert not any(isinstance(m, LoRALinear) for m in merged_file.model.modules())  # plain layers: base speed
     folded = copy.deepcopy(unmerged.model)
     merge_lora(folded)
     assert not any(isinstance(m, LoRALinear) for m in folded.modules())
@@ -75,7 +79,13 @@ def test_merged_and_unmerged_give_the_same_logits(lora_run):
     assert (ref - _logits(load_base(lora_run).model, ids)).abs().max().item() > 1e-2
 
 
-def test_lora_run_trains_and_saves_only_the_adapter(lora_run):
+def test_lora_run_trains_and_saves_only_the_adapter(lora_run, base_run):
+    # No merged copy of the weights (538 MB for the default model beside an 8 MB adapter): the adapter,
+    # and what finds the base again.
+    assert not (lora_run / "model.safetensors").exists() and not (lora_run / "config.json").exists()
+    assert [p.name for p in lora_run.glob("*.safetensors")] == ["adapter.safetensors"]
+    recipe = json.loads((lora_run / "run.json").read_text())
+    assert recipe["base"] == str(base_run) and recipe["base_sha256"] == derived.content_key(base_run)
     cfg = json.loads((lora_run / "adapter_config.json").read_text())
     assert cfg["rank"] == 8 and len(cfg["modules"]) == 2 * 4  # 2 layers x 4 projections
     adapter = load_file(str(lora_run / "adapter.safetensors"))
@@ -154,3 +164,51 @@ def test_adapter_save_load_round_trip(tmp_path, tiny):
     assert torch.equal(_logits(model, ids), _logits(fresh, ids))
     merged = merged_state_dict(model)
     assert "layers.0.attn.wqkv.weight" in merged and not any("lora" in k or ".base." in k for k in merged)
+
+
+def test_lora_run_loads_in_a_fast_form_from_its_own_converted_copy(lora_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMOS_HOME", str(tmp_path / "home"))
+    ref = llmos.load(str(lora_run), dtype="fp32")
+    ids = ref.encode("In the Zorblax plant, valve V-101 is inspected every 7 days.")
+    expected = ref.logits(ids)
+    first = llmos.load(str(lora_run), dtype="int8")
+    assert all(isinstance(first.model.get_submodule(n), quant.Int8Linear) for n in ("layers.0.attn.wqkv", "output"))
+    copies = list((tmp_path / "home" / "converted").glob("*-int8.safetensors"))
+    assert len(copies) == 1 and copies[0].name.startswith(derived.content_key(lora_run))
+    again = llmos.load(str(lora_run), dtype="int8")  # read back from the converted copy
+    for llm in (first, again):
+        diff = (llm.logits(ids) - expected).abs().max().item()
+        assert diff < 0.05 * expected.abs().max().item(), diff
+    assert torch.equal(first.logits(ids), again.logits(ids))
+
+
+def test_lora_run_refuses_a_changed_or_missing_base(tmp_path, base_run, domain_files):
+    base = tmp_path / "base"
+    shutil.copytree(base_run, base, ignore=shutil.ignore_patterns("checkpoints", "data"))
+    cfg = TrainConfig(steps=2, batch_size=2, seq_len=32, lr=3e-3, warmup=1, eval_every=2, save_every=2)
+    run = finetune(base, [domain_files[0]], tmp_path / "run", lora=LoraConfig(rank=2), cfg=cfg, progress=False)
+    llmos.load(str(run), dtype="fp32")  # loads while the base is as it was
+    weights = load_file(str(base / "model.safetensors"))
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1
+    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(LlmosError, match=f"{base}, whose weights have changed"):
+        llmos.load(str(run), dtype="fp32")
+    shutil.rmtree(base)
+    with pytest.raises(LlmosError, match=f"no longer at {base}"):
+        llmos.load(str(run), dtype="fp32")
+
+
+def test_export_of_a_lora_run_is_merged_and_loads_in_transformers(lora_run, tmp_path, llmos_cli):
+    import transformers
+
+    ref = llmos.load(str(lora_run), dtype="fp32")
+    ids = ref.encode("In the Zorblax plant, pump P-117 is rated for 30 bar.")
+    expected = ref.logits(ids)
+    llmos_cli("export", str(lora_run), "--format", "hf", "-o", str(tmp_path / "hf"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (hf(torch.tensor([ids])).logits[0] - expected).abs().max().item() < 1e-4
+    llmos_cli("export", str(lora_run), "--format", "gguf", "-o", str(tmp_path / "model.gguf"))
+    gguf = llmos.load(str(tmp_path / "model.gguf"), dtype="fp32").logits(ids)
+    assert (gguf - expected).abs().max().item() < 2e-3 * expected.abs().max().item()
