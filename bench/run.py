@@ -10,6 +10,8 @@ Sections (each prints a table and adds to bench/results/bench-DATE.json):
 - batch: aggregate tokens/s of 1, 4 and 16 concurrent generations in the continuous-batching engine.
 - chat: a 10-turn chat with 200-token turns, with and without KV prefix reuse.
 - beam: beam search (4 beams) tokens/s beside transformers.
+- busy: decode tok/s with threads=2, 1 and auto beside a busy-loop process pinned to one core, under
+  OpenMP's active and passive wait policies (bench/busy.py).
 - the task benchmarks in bench/*.py (embeddings, serving, text, training) when present.
 `python -m bench.run --only core,batch` runs a subset.
 """
@@ -28,6 +30,7 @@ import time
 from datetime import date
 from pathlib import Path
 
+from bench import busy
 from llmos import store
 
 RESULTS = Path(__file__).parent / "results"
@@ -236,7 +239,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only", default="", help="comma-separated sections: core,forms,kv,batch,chat,beam,tasks")
+    parser.add_argument("--only", default="", help="comma-separated sections: core,forms,kv,batch,chat,beam,busy,tasks")
     args = parser.parse_args()
     only = {s for s in args.only.split(",") if s}
     gguf = store.pull(store.DEFAULT_CHAT_MODEL)
@@ -244,7 +247,8 @@ def main() -> None:
           f"{args.threads} threads, {gguf.name}")
     results: dict = {"date": str(date.today()), "threads": args.threads, "model": gguf.name}
     sections = {"core": lambda: core(gguf, args.rounds, args.threads), "forms": lambda: forms(gguf, args.threads),
-                "kv": lambda: kv(gguf), "batch": lambda: batch(gguf), "chat": lambda: chat(gguf), "beam": lambda: beam(gguf)}
+                "kv": lambda: kv(gguf), "batch": lambda: batch(gguf), "chat": lambda: chat(gguf), "beam": lambda: beam(gguf),
+                "busy": lambda: busy.run()}
     for name, fn in sections.items():
         if not only or name in only:
             print(f"\n== {name}")

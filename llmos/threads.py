@@ -1,9 +1,23 @@
 """How many CPU threads llmos computes with, chosen the same way by the CLI, the Python API and the
-server: the cores this process may use, less those other work keeps busy."""
+server: the cores this process may use, less those other work keeps busy; and how they wait.
+
+`import llmos` sets OMP_WAIT_POLICY=passive unless the environment names a policy or torch is already
+imported (OpenMP reads the variable once, when torch loads it, and has no call to change it later:
+the import of llmos is the last moment llmos can choose it, hence this one change at import).
+Passive workers sleep between parallel regions instead of spinning; with a busy neighbour on one of
+two cores, 2-thread decode of the default model went from 12 to 86 tok/s (`make bench`, section busy).
+"""
 
 from __future__ import annotations
 
 import os
+import sys
+
+
+def prefer_passive_wait() -> None:
+    """OMP_WAIT_POLICY=passive for this process and its children, unless already chosen or too late."""
+    if "OMP_WAIT_POLICY" not in os.environ and "torch" not in sys.modules:
+        os.environ["OMP_WAIT_POLICY"] = "passive"
 
 
 def auto_threads() -> int:

@@ -56,3 +56,21 @@ def test_the_api_refuses_zero_threads(default_gguf_path):
 
     with pytest.raises(llmos.LlmosError, match="threads"):
         llmos.load(default_gguf_path, threads=0)
+
+
+def test_import_llmos_makes_openmp_wait_passively_unless_told_or_too_late():
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    show = "import os; print(os.environ.get('OMP_WAIT_POLICY'))"
+
+    def policy(prelude: str, **extra: str) -> str:
+        out = subprocess.run([sys.executable, "-c", prelude + show], capture_output=True, text=True,
+                             env={**env, **extra}, timeout=60, check=True)
+        return out.stdout.strip()
+
+    assert policy("import llmos; ") == "passive"
+    assert policy("import llmos; ", OMP_WAIT_POLICY="active") == "active"  # the user's choice stands
+    # torch loaded first has read the environment already: llmos does not pretend to change it.
+    assert policy("import torch, llmos; ") == "None"
