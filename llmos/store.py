@@ -410,7 +410,7 @@ def _check_local(path: Path) -> Path:
     if pickles and not has_safetensors:
         raise _refuse_pickle(pickles[0])
     if not (path / "config.json").is_file():
-        from llmos.train.run import is_adapter_run  # a LoRA run: its adapter, run.json naming the base
+        from llmos.models.lora import is_adapter_run  # a LoRA run: its adapter, run.json naming the base
 
         if is_adapter_run(path):
             return path

@@ -43,6 +43,14 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
 }
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+RUN_FILE = "run.json"  # a training run's recipe (llmos.train.run); a LoRA run's names its base model
+
+
+def is_adapter_run(path: str | Path) -> bool:
+    """A finished LoRA run that holds its adapter and no weights of its own (loading needs its base).
+    Here, below the store, so the store can recognise one without importing the training code."""
+    path = Path(path)
+    return (path / RUN_FILE).is_file() and (path / ADAPTER_WEIGHTS).is_file() and not (path / "config.json").is_file()
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,8 @@ from llmos.errors import LlmosError
 from llmos.files import write_atomically
 from llmos.models.lora import (
     ADAPTER_WEIGHTS,
+    RUN_FILE,
+    is_adapter_run,
     LoraConfig,
     apply_lora,
     load_adapter,
@@ -60,7 +62,6 @@ from llmos.weights.export import save_hf, save_tokenizer
 from llmos.weights.gguf import GGUFFile
 from llmos.weights.load import build_model, load_gguf, load_hf, open_gguf_config, read_hf_config
 
-RUN_FILE = "run.json"
 
 
 @dataclass
@@ -321,12 +322,6 @@ def _finish(run: Path, recipe: dict[str, Any], model: nn.Module, config: ModelCo
 
 def is_run(path: str | Path) -> bool:
     return (Path(path) / RUN_FILE).is_file()
-
-
-def is_adapter_run(path: str | Path) -> bool:
-    """A finished LoRA run that holds its adapter and no weights of its own (loading needs its base)."""
-    path = Path(path)
-    return is_run(path) and (path / ADAPTER_WEIGHTS).is_file() and not (path / "config.json").is_file()
 
 
 def adapter_run_config(run: str | Path) -> tuple[ModelConfig, Tokenizer]:
