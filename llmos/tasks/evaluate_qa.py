@@ -58,6 +58,7 @@ class QAOutcome:
     replaced_loop: bool  # the model's answer did, and a quoted sentence was shown instead
     extractive: bool
     model_answer: str | None
+    top_score: float | None  # the best evidence sentence's rank score (what the decline threshold reads)
     seconds: float
 
 
@@ -135,7 +136,12 @@ def judge(item: QAItem, answer: Any, seconds: float) -> QAOutcome:
     looped = answer.finish_reason in ("length", "repetition") and not getattr(answer, "extractive", False)
     replaced = answer.finish_reason in ("length", "repetition") and getattr(answer, "extractive", False)
     return QAOutcome(item.question, text, item.answerable, correct, cited_right, declined, looped, replaced,
-                     bool(getattr(answer, "extractive", False)), getattr(answer, "model_answer", None), round(seconds, 3))
+                     bool(getattr(answer, "extractive", False)), getattr(answer, "model_answer", None), _top_score(answer), round(seconds, 3))
+
+
+def _top_score(answer: Any) -> float | None:
+    shown = getattr(answer, "sources", None) or getattr(answer, "nearest", None)
+    return round(shown[0].score, 4) if shown else None
 
 
 def evaluate(answer: Callable[[str], Any], items: Sequence[QAItem], name: str,
