@@ -5,6 +5,7 @@ declining, loop stopping), and end to end with the real default models over the 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -159,3 +160,29 @@ def test_cli_ask_prints_the_answer_and_quoted_sources(fixture_index, tmp_path):
                          capture_output=True, text=True, timeout=300)
     data = json.loads(run.stdout)
     assert data["found"] and data["cited"][0]["quote"].startswith("Backups run nightly")
+
+
+def test_eval_qa_scores_a_users_own_set(fixture_index, tmp_path):
+    questions = tmp_path / "mine.jsonl"
+    questions.write_text("\n".join(json.dumps(q) for q in [
+        {"question": "When do database backups run?", "answers": [r"02:00"], "source": "guide.md"},
+        {"question": "Who descales the coffee machine?", "answers": [r"\bMarta\b"], "source": "office.html"},
+        {"question": "How long does the old API key keep working?", "answers": [r"48 hours"], "source": "notes.txt"},
+        {"question": "What is the capital of France?", "answers": [], "source": None},
+    ]) + "\n")
+    out = tmp_path / "qa.json"
+    run = subprocess.run([sys.executable, "-m", "llmos", "eval", "qa", str(questions), "--index", str(fixture_index.path),
+                          "--extractive", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert re.search(r"correct +2 / 3", run.stdout) and re.search(r"declined \(unanswerable\) +1 / 1", run.stdout)
+    summary = json.loads(out.read_text())[0]["summary"]
+    assert summary["correct"] == summary["correct_cited"] == 2 and summary["looped"] == 0
+    assert summary["unanswerable_declined"] == 1 and summary["declined"] == 0
+
+
+def test_eval_qa_refuses_a_bad_set(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "Q?", "answers": ["(unclosed"], "source": "a.txt"}\n')
+    run = subprocess.run([sys.executable, "-m", "llmos", "eval", "qa", str(bad), "--extractive"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "not a valid regex" in run.stderr and "Traceback" not in run.stderr
