@@ -84,9 +84,16 @@ CHAT_HELP = """commands: /system TEXT (set the system prompt and start over), /r
 Ctrl-C stops a reply; Ctrl-D or /exit leaves."""
 
 
+def chat_controls(model_path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The REPL's controls: the model's recommended sampling and the loop guard, under the flags given."""
+    from llmos import store
+
+    return {"repetition_guard": True, **store.recommended_sampling(model_path), **sampling_kwargs(args)}
+
+
 def run_chat(args: argparse.Namespace) -> int:
     llm = load_model(args)
-    session = llm.session(args.system, **sampling_kwargs(args))
+    session = llm.session(args.system, **chat_controls(llm.path, args))
     print(f"llmos chat with {llm.path.name} ({llm.dtype}). {CHAT_HELP}", flush=True)
     while True:
         try:
