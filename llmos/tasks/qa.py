@@ -196,7 +196,7 @@ class Evidence:
         if finish_reason in ("length", "repetition") or not text or _DECLINE.search(text) \
                 or not evidence.supported(text, [s.quote for s in self.sources], self.question):
             return self.quoted(text, finish_reason)
-        used = _standing_on(text, self.sources)
+        used = _standing_on(text, self.sources, self.question)
         marks = "".join(f"[{s.number}]" for s in used)
         return Answer(f"{text} {marks}", self.sources, cited=used, nearest=self.sources, model_answer=text,
                       finish_reason=finish_reason)
@@ -241,23 +241,30 @@ def clean(text: str) -> str:
     return " ".join(text.split()).strip()
 
 
-def _standing_on(text: str, sources: list[Source]) -> list[Source]:
+def _standing_on(text: str, sources: list[Source], question: str = "") -> list[Source]:
     """The sources an answer stands on: the one sharing most of its key terms and content words (ties to
-    the better ranked), plus any other needed for a key term the first lacks."""
-    words = set(evidence.content_words(text))
+    the better ranked), then, greedily, others for key terms or words the answer adds to the question
+    that those chosen lack (an answer drawing on two sentences cites both)."""
     terms = evidence.key_terms(text)
+    new = set(evidence.content_words(text)) - set(evidence.content_words(question))
 
-    def weight(s: Source) -> tuple[int, int, int]:
+    def holds(s: Source) -> tuple[set[str], set[str]]:
         quote = s.quote.lower()
-        return (sum(t in quote for t in terms), len(words & set(evidence.content_words(s.quote))), -s.number)
+        return {t for t in terms if t in quote}, new & set(evidence.content_words(s.quote))
 
-    first = max(sources, key=weight)
-    used = [first]
-    for t in sorted(terms):
-        if t not in first.quote.lower():
-            other = next((s for s in sources if t in s.quote.lower()), None)
-            if other is not None and other not in used:
-                used.append(other)
+    def weight(s: Source, missing: tuple[set[str], set[str]]) -> tuple[int, int, int]:
+        t, w = holds(s)
+        return (len(t & missing[0]), len(w & missing[1]), -s.number)
+
+    used: list[Source] = []
+    missing = (set(terms), set(new))
+    while len(used) < len(sources):
+        best = max((s for s in sources if s not in used), key=lambda s: weight(s, missing))
+        if used and weight(best, missing)[:2] == (0, 0):
+            break
+        used.append(best)
+        t, w = holds(best)
+        missing = (missing[0] - t, missing[1] - w)
     return sorted(used, key=lambda s: s.number)
 
 

@@ -186,3 +186,19 @@ def test_eval_qa_refuses_a_bad_set(tmp_path):
     run = subprocess.run([sys.executable, "-m", "llmos", "eval", "qa", str(bad), "--extractive"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and "not a valid regex" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_an_answer_drawing_on_two_sentences_cites_both():
+    from llmos.tasks.qa import Source, _standing_on
+
+    def source(n, quote):
+        return Source(n, f"/d/{n}.txt", f"/d/{n}.txt:{n}", (), quote, n, n, None, 1.0)
+
+    sources = [source(1, "This Source Code Form is subject to the Mozilla Public License."),
+               source(2, "Mozilla Foundation is the license steward."),
+               source(3, "Weather is nice in the spring.")]
+    used = _standing_on("The Mozilla Foundation, the license steward.", sources, "Who publishes the Mozilla Public License?")
+    assert [s.number for s in used] == [2]
+    used = _standing_on("It is under the Mozilla Public License; the Mozilla Foundation is its steward.", sources,
+                        "Which license applies?")
+    assert [s.number for s in used] == [1, 2]
