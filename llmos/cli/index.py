@@ -200,8 +200,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
             index = _open(args.index)
     if args.extractive and index is None:
         raise LlmosError("--extractive answers from indexed documents: add some with `llmos index add PATH...`")
-    _say("loading the chat model", args)
-    llm = None if args.extractive else llmos.load(args.model, dtype=args.dtype)
+    llm = None
+    if not args.extractive:
+        _say("loading the chat model", args)
+        llm = llmos.load(args.model, dtype=args.dtype)
     _say("searching the index and answering", args)
     result = ask(llm, args.question, index, k=args.k, mode=args.mode, stream=args.stream and not args.json,
                  generate=not args.extractive, **sampling_kwargs(args))

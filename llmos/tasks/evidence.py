@@ -12,7 +12,7 @@ them.
 - `split_sentences(text)` gives character spans: paragraphs (blank lines), list items, Markdown
   headings and table rows start new units; inside a unit, a sentence ends at . ! or ? followed by
   space and a capital, digit or quote, except after common abbreviations and initials. Very short
-  pieces ("4. Redistribution.") join the sentence after them; very long ones split at "; ".
+  pieces ("4. Redistribution.") join the next sentence of their paragraph; very long ones split at "; ".
 - `rank` scores each sentence by cosine similarity to the question (the embedding model), weighted
   overlap of the question's content words (IDF over the candidates, light stemming), whether the
   sentence holds the kind of thing the question asks for (a number for "how many", ...), and the
@@ -105,9 +105,10 @@ def split_sentences(text: str) -> list[tuple[int, int]]:
     start = 0
     for m in [*_UNIT_START.finditer(text), None]:
         end = m.start() if m else len(text)
-        spans.extend(_split_unit(text, start, end))
+        # Short pieces join the next sentence of their own paragraph only: a heading stays apart.
+        spans.extend(_merge_short(text, _split_unit(text, start, end)))
         start = m.end() if m else len(text)
-    return _merge_short(text, spans)
+    return spans
 
 
 def _split_unit(text: str, start: int, end: int) -> list[tuple[int, int]]:

@@ -6,7 +6,7 @@ extractive summaries used to repair it and as baselines.
     lead(text, 3); centroid(source, words)                  # the extractive baselines
 
 A summary unit (a sentence, or a bullet) stays when every number, name and quoted term it has occurs
-in the source (`evidence.key_terms`), its embedding is close to some source sentence (cosine at least
+in the source (`evidence.key_terms`), so do three quarters of its content words, its embedding is close to some source sentence (cosine at least
 `min_similarity`), and it is not a near-repeat of a unit already kept (cosine under `max_overlap`).
 Units that fail are dropped, and a summary short of its word budget (FILL of it) is filled with the
 source's most central sentences (cosine with the centroid of all source sentences, redundant ones skipped),
@@ -15,6 +15,7 @@ quoted as the source has them: nothing in a checked summary is unsupported.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,8 @@ from llmos.tasks import evidence
 
 MIN_SIMILARITY = 0.55  # a unit this close to some source sentence says something the source says
 MAX_OVERLAP = 0.85  # two units this close say the same thing
+MIN_WORD_SHARE = 0.75  # of a unit's content words, at least this share must occur in the source
+MIN_UNIT_WORDS = 4
 FILL = 1.0  # a summary short of its word budget is filled with central sentences...
 OVERSHOOT = 1.2  # ...each one fitting within this share of it (as `summarize.tidy` allows)
 
@@ -36,6 +39,11 @@ class SourceSentences:
     sentences: list[str]
     vectors: np.ndarray  # (N, D), unit rows
     text: str  # the source, whitespace folded and lowercased, for term look-ups
+
+    @functools.cached_property
+    def words(self) -> frozenset[str]:
+        """The source's content words (stemmed), for the word-share check."""
+        return frozenset(evidence.content_words(self.text))
 
     @classmethod
     def of(cls, text: str, embedder: Any) -> SourceSentences:
@@ -75,7 +83,7 @@ def split_units(text: str) -> list[str]:
             unit = unit.lstrip("#").strip()
             if len(unit.split()) < 6:  # a heading alone says nothing a summary needs
                 continue
-        if unit:
+        if len(unit.split()) >= MIN_UNIT_WORDS:  # shorter: a heading or label, not a statement
             units.append(unit)
     return units
 
@@ -90,7 +98,9 @@ def check(units: Sequence[str], source: SourceSentences, embedder: Any, words: i
     kept: list[int] = []
     unsupported = repeated = 0
     for i, unit in enumerate(units):
-        terms_ok = all(t in source.text for t in evidence.key_terms(unit))
+        said = evidence.content_words(unit)
+        terms_ok = all(t in source.text for t in evidence.key_terms(unit)) and \
+            sum(w in source.words for w in said) >= MIN_WORD_SHARE * len(said)
         close = source.vectors.size and float((source.vectors @ vectors[i]).max()) >= min_similarity
         if not (terms_ok and close):
             unsupported += 1

@@ -209,11 +209,16 @@ def gather(question: str, index: Index, *, k: int = DEFAULT_K, mode: str = "hybr
     _check_question(question)
     if evidence_sentences < 1:
         raise LlmosError(f"evidence_sentences must be at least 1, got {evidence_sentences}")
-    ranked = find_evidence(question, index, k=k, mode=mode, min_similarity=min_similarity)[:evidence_sentences]
+    results = index.search(question, k=k, mode=mode)
+    relevant = [r for r in results if r.similarity is None or r.similarity >= min_similarity]
+    # With no relevant passage, the nearest ones still show the user what the documents hold.
+    ranked = rank_sentences(question, relevant or results, index)[:evidence_sentences]
     sources = [Source.from_sentence(i + 1, r) for i, r in enumerate(ranked)]
     declined = None
-    if not ranked or ranked[0].score < min_support:
-        declined = Answer(NOTHING_FOUND if not ranked else NOT_STATED, [], nearest=sources, found=False)
+    if not ranked:
+        declined = Answer(NOTHING_FOUND, [], found=False)  # an empty index
+    elif not relevant or ranked[0].score < min_support:
+        declined = Answer(NOT_STATED, [], nearest=sources, found=False)
     return Evidence(question, ranked, sources, declined)
 
 
@@ -222,6 +227,10 @@ def find_evidence(question: str, index: Index, *, k: int = DEFAULT_K, mode: str 
     """Steps 1-3: the sentences of the relevant retrieved passages, best first."""
     results = [r for r in index.search(question, k=k, mode=mode)
                if r.similarity is None or r.similarity >= min_similarity]
+    return rank_sentences(question, results, index)
+
+
+def rank_sentences(question: str, results: list[Any], index: Index) -> list[Ranked]:
     sentences = [s for i, r in enumerate(results) for s in evidence.sentences_of(r, i)]
     return evidence.rank(question, sentences, index.embedder) if sentences else []
 

@@ -143,3 +143,18 @@ def test_extractive_baselines():
     summary = faithful.centroid(source, words=18)
     chosen = [s for s in sentences if s in summary]
     assert 1 <= len(chosen) <= 2 and summary == " ".join(chosen)  # whole sentences, in the text's order
+
+
+def test_a_heading_stays_apart_from_the_sentence_after_it():
+    text = "Quarterly report\n\nRevenue in the third quarter grew 17 percent to 4.2 million euros."
+    assert _spans(text) == ["Quarterly report", "Revenue in the third quarter grew 17 percent to 4.2 million euros."]
+    assert faithful.split_units("# Weekly notes\n\nThe team shipped the new search page on Monday.") == \
+        ["The team shipped the new search page on Monday."]
+
+
+def test_summary_check_drops_a_unit_whose_words_the_source_lacks():
+    source_text = "Revenue in the third quarter grew 17 percent. The board expects the fourth quarter to be weaker."
+    units = ["The report details the impact of the fourth quarter on customer churn and retention programmes."]
+    embedder = BagOfWords([source_text] + units)
+    checked = faithful.check(units, faithful.SourceSentences.of(source_text, embedder), embedder, words=30)
+    assert checked.unsupported == 1 and units[0] not in checked.units

@@ -202,3 +202,14 @@ def test_an_answer_drawing_on_two_sentences_cites_both():
     used = _standing_on("It is under the Mozilla Public License; the Mozilla Foundation is its steward.", sources,
                         "Which license applies?")
     assert [s.number for s in used] == [1, 2]
+
+
+def test_a_question_far_from_every_passage_still_shows_the_nearest(fixture_index):
+    answer = ask(NoModel(), "What is the capital of France?", fixture_index, min_similarity=0.99)
+    assert not answer.found and str(answer) == NOT_STATED and answer.nearest and not answer.cited
+
+
+def test_cli_output_piped_into_a_reader_that_leaves_is_not_an_error(fixture_index):
+    run = subprocess.run(f"{sys.executable} -m llmos search backups --index {fixture_index.path} -k 5 | head -c 10",
+                         shell=True, capture_output=True, text=True, timeout=300)
+    assert "Broken pipe" not in run.stderr and "Traceback" not in run.stderr
