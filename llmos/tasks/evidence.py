@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from llmos.tasks.index import format_location
+
 if TYPE_CHECKING:
     from llmos.tasks.index import SearchResult
 
@@ -79,8 +81,6 @@ class Sentence:
     @property
     def location(self) -> str:
         """`path:12-14`, or `path p.3` for a PDF page (as search results are shown)."""
-        from llmos.tasks.index import format_location
-
         return format_location(self.path, self.page, self.line_start, self.line_end)
 
 

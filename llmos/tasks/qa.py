@@ -222,15 +222,8 @@ def gather(question: str, index: Index, *, k: int = DEFAULT_K, mode: str = "hybr
     return Evidence(question, ranked, sources, declined)
 
 
-def find_evidence(question: str, index: Index, *, k: int = DEFAULT_K, mode: str = "hybrid",
-                  min_similarity: float = DEFAULT_MIN_SIMILARITY) -> list[Ranked]:
-    """Steps 1-3: the sentences of the relevant retrieved passages, best first."""
-    results = [r for r in index.search(question, k=k, mode=mode)
-               if r.similarity is None or r.similarity >= min_similarity]
-    return rank_sentences(question, results, index)
-
-
 def rank_sentences(question: str, results: list[Any], index: Index) -> list[Ranked]:
+    """Steps 2-3: the sentences of retrieved passages, best first."""
     sentences = [s for i, r in enumerate(results) for s in evidence.sentences_of(r, i)]
     return evidence.rank(question, sentences, index.embedder) if sentences else []
 

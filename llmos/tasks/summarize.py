@@ -200,7 +200,8 @@ def _result(text: str, style: str, words: int, run: _Run, levels: tuple[int, ...
     text = tidy(text, style, words)
     stats: dict[str, int] = {}
     if checker is not None:
-        checked = checker.check(faithful.split_units(text), faithful.SourceSentences.join(checker.sources), words)
+        checked = faithful.check(faithful.split_units(text), faithful.SourceSentences.join(checker.sources),
+                                 checker.embedder, words)
         text = tidy(_joined(checked.units, style), style, words)
         stats = {"written": checked.written, "replaced": checker.replaced + checked.replaced,
                  "added": checker.added + checked.added}
@@ -223,9 +224,6 @@ class _Checker:
 
     def source(self, text: str) -> faithful.SourceSentences:
         return faithful.SourceSentences.of(text, self.embedder)
-
-    def check(self, units: list[str], source: faithful.SourceSentences, words: int) -> faithful.Checked:
-        return faithful.check(units, source, self.embedder, words)
 
 
 def _checked_part(summary: str, chunk: str, words: int, checker: _Checker | None, first_level: bool) -> str:
