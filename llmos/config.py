@@ -22,16 +22,20 @@ _HF_FAMILIES = {
     "llama": "llama",
     "mistral": "llama",
     "qwen2": "llama",
+    "qwen3": "llama",  # Qwen2 without q/k/v biases, with q/k RMSNorm (qk_norm)
+    "phi3": "llama",  # fused q/k/v and gate/up in the checkpoint, LongRoPE, partial rotary
+    "gemma2": "gemma2",
     "gpt2": "gpt2",
     "bert": "bert",
 }
 # GGUF `general.architecture` -> llmos architecture family.
-_GGUF_FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "gpt2": "gpt2", "bert": "bert"}
+_GGUF_FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "phi3": "llama",
+                  "gemma2": "gemma2", "gpt2": "gpt2", "bert": "bert"}
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str  # "llama" | "gpt2" | "bert": which model file runs it
+    arch: str  # "llama" | "gemma2" | "gpt2" | "bert": which model file runs it
     vocab_size: int
     dim: int
     n_layers: int
@@ -48,11 +52,24 @@ class ModelConfig:
     act: str = "silu"  # MLP activation: "silu" (SwiGLU), "gelu_new" (GPT-2 tanh), "gelu" (BERT erf)
     sliding_window: int | None = None  # Mistral: attend to at most this many past positions
     type_vocab_size: int = 0  # BERT token types
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k before the rotation
+    rope_dim: int | None = None  # Phi-3/4 partial rotary: rotate only the first rope_dim of each head
+    # Gemma 2: which layers use the sliding window ("sliding_attention") and which see every position
+    # ("full_attention"); None: `sliding_window`, if set, applies to every layer (Mistral, Phi-3).
+    layer_types: tuple[str, ...] | None = None
+    query_pre_attn_scalar: float | None = None  # Gemma: scores scaled by this ** -0.5, not head_size ** -0.5
+    attn_softcap: float | None = None  # Gemma 2: attention scores s -> c * tanh(s / c)
+    final_softcap: float | None = None  # Gemma 2: logits z -> c * tanh(z / c)
     name: str = ""  # human-readable model name, informational only
 
     @property
     def head_size(self) -> int:
         return self.head_dim if self.head_dim is not None else self.dim // self.n_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many leading dims of each head the rotary embedding turns (all, unless partial)."""
+        return self.rope_dim if self.rope_dim is not None else self.head_size
 
     @property
     def n_rep(self) -> int:
@@ -64,11 +81,11 @@ class ModelConfig:
             value = getattr(self, f.name)
             if f.type in ("int", "int | None") and value is not None and (type(value) is not int):
                 raise ConfigError(f"model config field {f.name} must be an integer, got {value!r}")
-            if f.type == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not math.isfinite(value)):
+            if f.type in ("float", "float | None") and (value is not None or f.type == "float") and (
+                    isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
                 raise ConfigError(f"model config field {f.name} must be a finite number, got {value!r}")
-        if self.arch not in ("llama", "gpt2", "bert"):
-            raise ConfigError(f"unknown architecture {self.arch!r}: llmos runs llama, gpt2 and bert families")
+        if self.arch not in ("llama", "gemma2", "gpt2", "bert"):
+            raise ConfigError(f"unknown architecture {self.arch!r}: llmos runs llama, gemma2, gpt2 and bert families")
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             if int(getattr(self, name)) <= 0:
                 raise ConfigError(f"model config field {name} must be positive, got {getattr(self, name)}")
@@ -78,8 +95,14 @@ class ModelConfig:
             raise ConfigError(f"dim ({self.dim}) must be a multiple of n_heads ({self.n_heads})")
         if self.head_dim is not None and self.head_dim <= 0:
             raise ConfigError(f"model config field head_dim must be positive, got {self.head_dim}")
-        if self.head_size % 2 and self.arch == "llama":
-            raise ConfigError(f"the head size ({self.head_size}) must be even for rotary positions")
+        if self.rotary_dim % 2 and self.arch in ("llama", "gemma2"):
+            raise ConfigError(f"the rotary size ({self.rotary_dim}) must be even for rotary positions")
+        if self.rope_dim is not None and not 0 < self.rope_dim <= self.head_size:
+            raise ConfigError(f"rope_dim ({self.rope_dim}) must be in 1..head size ({self.head_size})")
+        if self.layer_types is not None and (len(self.layer_types) != self.n_layers or not set(self.layer_types)
+                                             <= {"sliding_attention", "full_attention"}):
+            raise ConfigError(f"layer_types must name sliding_attention or full_attention for each of the "
+                              f"{self.n_layers} layers, got {str(self.layer_types)[:80]}")
 
     @classmethod
     def from_hf_json(cls, cfg: dict[str, Any]) -> ModelConfig:
@@ -136,25 +159,41 @@ class ModelConfig:
                 name=cfg.get("_name_or_path", ""),
             )
         n_heads = cfg["num_attention_heads"]
-        scaling = cfg.get("rope_scaling") or None
-        rope_theta = cfg.get("rope_theta")
-        # transformers 5 nests rope settings under "rope_parameters".
-        params = cfg.get("rope_parameters") or {}
-        if rope_theta is None:
-            rope_theta = params.get("rope_theta", 10000.0)
-        if scaling is None and params.get("rope_type", "default") != "default":
-            scaling = dict(params)
-        if scaling is not None:
-            scaling = dict(scaling)
-            scaling.setdefault("rope_type", scaling.get("type", "default"))
-            scaling.pop("rope_theta", None)
-            if scaling["rope_type"] == "default":
-                scaling = None
-        if scaling is not None and scaling["rope_type"] not in ("linear", "llama3"):
-            raise ConfigError(f"rope scaling {scaling['rope_type']!r} is not supported (linear and llama3 are)")
+        rope_theta, scaling, rope_dim = _hf_rope(cfg)
+        if family == "gemma2":
+            head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
+            n_layers = cfg["num_hidden_layers"]
+            # transformers' default: even layers slide, odd ones see everything
+            layer_types = cfg.get("layer_types") or [("sliding_attention" if (i + 1) % 2 else "full_attention")
+                                                     for i in range(n_layers)]
+            if scaling is not None:
+                raise ConfigError(f"rope scaling {scaling['rope_type']!r} is not supported for gemma2")
+            return cls(
+                arch="gemma2",
+                vocab_size=cfg["vocab_size"],
+                dim=cfg["hidden_size"],
+                n_layers=n_layers,
+                n_heads=n_heads,
+                n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+                ffn_dim=cfg["intermediate_size"],
+                max_seq_len=cfg.get("max_position_embeddings", 8192),
+                norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                head_dim=cfg.get("head_dim"),
+                rope_theta=float(rope_theta),
+                tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+                act=_gelu_name(cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"),
+                sliding_window=cfg.get("sliding_window"),
+                layer_types=tuple(layer_types),
+                query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar") or head_dim),
+                attn_softcap=_float_or_none(cfg.get("attn_logit_softcapping")),
+                final_softcap=_float_or_none(cfg.get("final_logit_softcapping")),
+                name=cfg.get("_name_or_path", ""),
+            )
         hidden_act = cfg.get("hidden_act", "silu")
         if hidden_act != "silu":
             raise ConfigError(f"hidden_act {hidden_act!r} is not supported for {model_type}; expected 'silu'")
+        if model_type == "qwen3" and (cfg.get("attention_bias") or cfg.get("use_sliding_window")):
+            raise ConfigError("Qwen3 with attention biases or sliding-window layers is not supported")
         return cls(
             arch="llama",
             vocab_size=cfg["vocab_size"],
@@ -170,13 +209,18 @@ class ModelConfig:
             rope_scaling=scaling,
             qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            sliding_window=cfg.get("sliding_window") if model_type == "mistral" else None,
+            sliding_window=cfg.get("sliding_window") if model_type in ("mistral", "phi3") else None,
+            qk_norm=model_type == "qwen3",
+            rope_dim=rope_dim,
             name=cfg.get("_name_or_path", ""),
         )
 
     @classmethod
-    def from_gguf(cls, metadata: dict[str, Any], tensor_names: set[str] | frozenset[str]) -> ModelConfig:
-        """Build from GGUF metadata; `tensor_names` tells whether the output head is tied."""
+    def from_gguf(cls, metadata: dict[str, Any], tensor_names: set[str] | frozenset[str],
+                  rope_factors: tuple[list[float], list[float]] | None = None) -> ModelConfig:
+        """Build from GGUF metadata; `tensor_names` tells whether the output head is tied and which
+        optional tensors exist; `rope_factors` are the (short, long) LongRoPE factors that llama.cpp
+        keeps as tensors (rope_factors_short/long.weight) rather than metadata (Phi-3)."""
         arch = metadata.get("general.architecture")
         family = _GGUF_FAMILIES.get(arch if isinstance(arch, str) else "")
         if family is None:
@@ -220,31 +264,101 @@ class ModelConfig:
             )
         if family == "bert":
             raise ConfigError("BERT models are loaded from Hugging Face folders, not GGUF files")
+        n_layers = int(get("block_count"))
+        head_dim = optional("attention.key_length")
+        head_size = int(head_dim) if head_dim is not None else dim // n_heads
+        rope_dim = optional("rope.dimension_count")
+        common = dict(
+            vocab_size=int(vocab), dim=dim, n_layers=n_layers, n_heads=n_heads,
+            n_kv_heads=int(get("attention.head_count_kv", n_heads)), ffn_dim=int(get("feed_forward_length")),
+            max_seq_len=int(get("context_length")), norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+            head_dim=head_size if head_size != dim // n_heads else None, rope_theta=float(get("rope.freq_base", 10000.0)),
+            tie_embeddings="output.weight" not in tensor_names, name=str(metadata.get("general.name", "")),
+        )
+        if family == "gemma2":
+            window = optional("attention.sliding_window")
+            return cls(
+                arch="gemma2", **common, act="gelu_new",
+                sliding_window=int(window) if window else None,
+                # llama.cpp's Gemma 2: even layers slide (swa pattern 2); queries scaled by head_size ** -0.5,
+                # except in the 27B (46 layers), by (dim / n_heads) ** -0.5: its query_pre_attn_scalar 144
+                layer_types=tuple("sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)),
+                query_pre_attn_scalar=float(dim // n_heads if n_layers == 46 else head_size),
+                attn_softcap=_float_or_none(optional("attn_logit_softcapping")),
+                final_softcap=_float_or_none(optional("final_logit_softcapping")),
+            )
         scaling = None
         scaling_type = metadata.get(f"{arch}.rope.scaling.type")
-        if scaling_type == "linear":
+        if arch == "phi3" and rope_factors is not None:
+            original = int(get("rope.scaling.original_context_length"))
+            scaling = _longrope({"short_factor": rope_factors[0], "long_factor": rope_factors[1],
+                                 "original_max_position_embeddings": original,
+                                 "attention_factor": optional("rope.scaling.attn_factor")},
+                                {"max_position_embeddings": common["max_seq_len"]}, int(rope_dim or head_size))
+        elif scaling_type == "linear":
             scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
         elif scaling_type not in (None, "none"):
             raise ConfigError(f"GGUF rope scaling {scaling_type!r} is not supported (linear is)")
-        head_dim = optional("attention.key_length")
+        window = optional("attention.sliding_window") if arch == "phi3" else None  # 0: none (Phi-4)
         return cls(
-            arch="llama",
-            vocab_size=int(vocab),
-            dim=dim,
-            n_layers=int(get("block_count")),
-            n_heads=n_heads,
-            n_kv_heads=int(get("attention.head_count_kv", n_heads)),
-            ffn_dim=int(get("feed_forward_length")),
-            max_seq_len=int(get("context_length")),
-            norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-            head_dim=int(head_dim) if head_dim is not None and int(head_dim) != dim // n_heads else None,
-            rope_theta=float(get("rope.freq_base", 10000.0)),
+            arch="llama", **common,
             rope_scaling=scaling,
             qkv_bias="blk.0.attn_q.bias" in tensor_names,
-            tie_embeddings="output.weight" not in tensor_names,
-            sliding_window=None,
-            name=str(metadata.get("general.name", "")),
+            sliding_window=int(window) if window else None,
+            qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
+            rope_dim=int(rope_dim) if rope_dim is not None and int(rope_dim) != head_size else None,
         )
+
+
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _hf_rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None, int | None]:
+    """(theta, scaling or None, rotary dims or None for all) from a config.json, in either layout:
+    top-level rope_theta / rope_scaling (transformers 4) or nested rope_parameters (transformers 5)."""
+    scaling = cfg.get("rope_scaling") or None
+    rope_theta = cfg.get("rope_theta")
+    params = cfg.get("rope_parameters") or {}
+    if rope_theta is None:
+        rope_theta = params.get("rope_theta", 10000.0)
+    if scaling is None and params.get("rope_type", "default") != "default":
+        scaling = dict(params)
+    partial = (scaling or {}).get("partial_rotary_factor") or params.get("partial_rotary_factor") \
+        or cfg.get("partial_rotary_factor") or 1.0
+    if scaling is not None:
+        scaling = dict(scaling)
+        scaling.setdefault("rope_type", scaling.get("type", "default"))
+        if scaling["rope_type"] == "su":  # Phi-3's first name for LongRoPE
+            scaling["rope_type"] = "longrope"
+        for key in ("rope_theta", "partial_rotary_factor", "type"):
+            scaling.pop(key, None)
+        if scaling["rope_type"] == "default":
+            scaling = None
+    if scaling is not None and scaling["rope_type"] not in ("linear", "llama3", "longrope"):
+        raise ConfigError(f"rope scaling {scaling['rope_type']!r} is not supported (linear, llama3 and longrope are)")
+    if float(partial) == 1.0 and (scaling is None or scaling["rope_type"] != "longrope"):
+        return float(rope_theta), scaling, None
+    head_dim = cfg.get("head_dim") or int(cfg["hidden_size"]) // int(cfg["num_attention_heads"])
+    rope_dim = int(head_dim * float(partial)) if float(partial) != 1.0 else None
+    if scaling is not None and scaling["rope_type"] == "longrope":
+        scaling = _longrope(scaling, cfg, rope_dim or head_dim)
+    return float(rope_theta), scaling, rope_dim
+
+
+def _longrope(scaling: dict[str, Any], cfg: dict[str, Any], rotary_dim: int) -> dict[str, Any]:
+    """LongRoPE (Phi-3): per-frequency divisors for short and long contexts, the context the model was
+    pretrained at, and the factor cos and sin are scaled by (transformers' formula when not given)."""
+    original = scaling.get("original_max_position_embeddings") or cfg["original_max_position_embeddings"]
+    short, long = [float(f) for f in scaling["short_factor"]], [float(f) for f in scaling["long_factor"]]
+    if len(short) != rotary_dim // 2 or len(long) != rotary_dim // 2:
+        raise ConfigError(f"LongRoPE factors must have {rotary_dim // 2} values each, got {len(short)} and {len(long)}")
+    factor = scaling.get("factor") or cfg.get("max_position_embeddings", original) / original
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return {"rope_type": "longrope", "short_factor": short, "long_factor": long,
+            "original_max_position_embeddings": int(original), "attention_factor": float(attention_factor)}
 
 
 def _gelu_name(name: str) -> str:

@@ -145,7 +145,7 @@ class BatchEngine:
             req.prefilled += len(part)
             budget -= len(part)
             if req.prefilled == len(req.prompt):
-                self.pending_logits[req.id] = self.model.output(hidden[0, -1]).float()
+                self.pending_logits[req.id] = self.model.logits(hidden[0, -1]).float()
                 self.rows.append(req)
                 self.prefilling = None
 

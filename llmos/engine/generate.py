@@ -46,7 +46,7 @@ def prefill(model: nn.Module, tokens: torch.Tensor, start: int, cache: KVCache, 
         part = tokens[:, s:s + chunk]
         positions = torch.arange(start + s, start + s + part.shape[1])
         hidden = model.hidden(part, positions, cache)
-    return model.output(hidden[:, -1]).float()
+    return model.logits(hidden[:, -1]).float()
 
 
 def decode_one(model: nn.Module, token: torch.Tensor, position: int, cache: KVCache) -> torch.Tensor:

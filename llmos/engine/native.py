@@ -10,8 +10,9 @@ $LLMOS_HOME/native, by `build()`; `make run` and `make test` build it, and so do
 `llmos.load` on a machine with a compiler. Without a compiler (or with LLMOS_NATIVE=0) everything
 runs the Python path (within 1e-5 in fp32; the bf16-rounded forms can differ by a bf16 step).
 `stepper(model)` returns a function doing one decode step, or None when the model is outside what
-the C++ step covers (GPT-2, a sliding window, LoRA adapters, a layer kind it does not know, head
-sizes that are not a multiple of 16); callers then use the Python path.
+the C++ step covers (GPT-2, Gemma 2, a sliding window, Qwen3's q/k norms, partial rotary, LoRA
+adapters, a layer kind it does not know, head sizes that are not a multiple of 16); callers then use
+the Python path.
 """
 
 from __future__ import annotations
@@ -189,6 +190,7 @@ def stepper(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, KVCache],
     for a batch too large for it), or None when this model (or this machine) cannot use it."""
     config = model.config
     if not enabled() or type(model) is not Llama or config.sliding_window is not None \
+            or config.qk_norm or config.rotary_dim != config.head_size \
             or model.embed.weight.dtype != torch.float32 or config.head_size % 16 or config.head_size > 128 \
             or config.n_heads // config.n_kv_heads > 8:  # what the C++ attention handles
         return None
@@ -253,7 +255,7 @@ torch.nn.modules.module.register_module_module_registration_hook(_count_registra
 @torch.inference_mode()
 def decode(model: nn.Module, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """One decode step, tokens (B,) at `positions` (1,) or per row (B, 1): logits (B, V) fp32. Runs the
-    C++ step where it applies and `model.hidden` + `model.output` otherwise."""
+    C++ step where it applies and `model.hidden` + `model.logits` otherwise."""
     if enabled():
         entry = _steppers.get(model)
         if entry is None or entry[0] != _registrations:  # built, or rebuilt after LoRA swapped layers in
@@ -263,7 +265,7 @@ def decode(model: nn.Module, tokens: torch.Tensor, positions: torch.Tensor, cach
             if logits is not None:
                 return logits
     hidden = model.hidden(tokens[:, None], positions, cache)  # (B, 1, C)
-    return model.output(hidden[:, -1]).float()
+    return model.logits(hidden[:, -1]).float()
 
 
 if __name__ == "__main__":  # `python -m llmos.engine.native`: build it now (make run / make test do)

@@ -75,7 +75,7 @@ class GPT2(nn.Module):
             self.output.weight = self.embed.weight
 
     def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Final normed hidden states (B, T, C); the engine applies `output` to the rows it needs."""
+        """Final normed hidden states (B, T, C); the engine applies `logits` to the rows it needs."""
         if int(positions.max()) >= self.config.max_seq_len:
             raise ValueError(f"position {int(positions.max())} is beyond GPT-2's {self.config.max_seq_len} learned positions")
         x = self.embed(tokens) + self.pos_embed(positions)  # (B, T, C)
@@ -84,5 +84,9 @@ class GPT2(nn.Module):
             x = block(x, positions, cache, i, how)
         return self.norm(x)
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of hidden states (..., C) -> (..., V): what the engine calls on the rows it needs."""
+        return self.output(hidden)
+
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        return self.output(self.hidden(tokens, positions, cache))  # (B, T, V)
+        return self.logits(self.hidden(tokens, positions, cache))  # (B, T, V)

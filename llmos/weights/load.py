@@ -20,6 +20,7 @@ from torch import nn
 from llmos.config import ModelConfig
 from llmos.models import set_module
 from llmos.errors import LlmosError
+from llmos.models.gemma2 import Gemma2
 from llmos.models.gpt2 import GPT2
 from llmos.models.llama import Llama
 from llmos.weights import names
@@ -28,7 +29,7 @@ from llmos.weights.gguf import GGUFFile
 from llmos.weights.safetensors import SafetensorsCheckpoint
 
 Q4_1 = 3  # GGML type id
-MODEL_FILES: dict[str, type[nn.Module]] = {"llama": Llama, "gpt2": GPT2}
+MODEL_FILES: dict[str, type[nn.Module]] = {"llama": Llama, "gemma2": Gemma2, "gpt2": GPT2}
 
 
 _INIT_FUNCTIONS = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "ones_", "zeros_")
@@ -69,6 +70,11 @@ def unpermute_gguf_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     shape = w.shape
     # (H, D/2, 2, ...) -> (H, 2, D/2, ...): pairs (x0, x1) become halves.
     return w.reshape(n_heads, shape[0] // n_heads // 2, 2, *shape[1:]).transpose(1, 2).reshape(shape)
+
+
+def gemma_norm_from_gguf(w: torch.Tensor) -> torch.Tensor:
+    """llama.cpp stores Gemma's RMSNorm scale (1 + weight); the model file holds the weight."""
+    return w - 1.0
 
 
 def fuse(parts: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -240,14 +246,16 @@ def load_gguf(
     With `linear_hook`, each Linear is handed over as it loads, with its Q4_1 blocks (d, m, q) when
     the file stores it so, so a 4-bit form can run the file's own weights."""
     arch = gguf.metadata.get("general.architecture")
-    if config.arch == "llama":
-        name_map = names.NameMap(names.GGUF_LLAMA, names.GGUF_LLAMA_IGNORED)
-    else:
+    if config.arch == "gpt2":
         name_map = names.NameMap(names.GGUF_GPT2)
+    else:
+        name_map = names.NameMap(*names.gguf_table(str(arch)))
     # Only llama.cpp's "llama" architecture stores q/k permuted; qwen2 and others use NEOX order.
     permuted = arch == "llama"
 
     def transform(dst: str, w: torch.Tensor) -> torch.Tensor:
+        if config.arch == "gemma2" and dst.endswith("norm.weight"):
+            return gemma_norm_from_gguf(w)
         if permuted and dst.endswith(("attn.q.weight", "attn.q.bias")):
             return unpermute_gguf_qk(w, config.n_heads)
         if permuted and dst.endswith(("attn.k.weight", "attn.k.bias")):
@@ -271,10 +279,10 @@ def load_hf(
 ) -> nn.Module:
     """Load a Hugging Face safetensors folder into a model of `config`."""
     ckpt = SafetensorsCheckpoint(folder)
-    if config.arch == "llama":
-        name_map = names.NameMap(names.HF_LLAMA, names.HF_LLAMA_IGNORED)
-    else:
+    if config.arch == "gpt2":
         name_map = names.NameMap(names.HF_GPT2, names.HF_GPT2_IGNORED, strip_prefix="transformer.")
+    else:  # the table follows config.json's model_type: Phi-3's fused names, Qwen3's q/k norms, Gemma 2's norms
+        name_map = names.NameMap(*names.hf_table(_model_type(folder)))
 
     def transform(dst: str, w: torch.Tensor) -> torch.Tensor:
         if config.arch == "gpt2" and dst.endswith(names.HF_GPT2_CONV1D):
@@ -285,6 +293,13 @@ def load_hf(
     model = build_model(config)
     check_shapes(model, config, canonical, ckpt.shapes(), transform, str(folder))
     return _assemble(model, config, canonical, ckpt.tensor, transform, dtype, str(folder), linear_hook)
+
+
+def _model_type(folder: Path) -> str:
+    try:
+        return str(json.loads((Path(folder) / "config.json").read_text()).get("model_type", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""  # read_hf_config has already said what is wrong with it; the Llama table then applies
 
 
 def read_hf_config(folder: Path) -> ModelConfig:
@@ -299,7 +314,10 @@ def read_hf_config(folder: Path) -> ModelConfig:
 
 
 def open_gguf_config(gguf: GGUFFile) -> ModelConfig:
-    return ModelConfig.from_gguf(gguf.metadata, frozenset(gguf.tensors))
+    factors = None
+    if all(name in gguf.tensors for name in names.GGUF_PHI3_ROPE_FACTORS):  # Phi-3's LongRoPE factors
+        factors = tuple(gguf.tensor(name).float().flatten().tolist() for name in names.GGUF_PHI3_ROPE_FACTORS)
+    return ModelConfig.from_gguf(gguf.metadata, frozenset(gguf.tensors), factors)
 
 
 def load_bert(folder: Path, config: ModelConfig, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -48,6 +48,93 @@ GGUF_LLAMA: dict[str, str] = {
 }
 GGUF_LLAMA_IGNORED = {"rope_freqs.weight"}
 
+# Qwen3: Llama's names plus per-head q/k norms (llama.cpp: arch "qwen3", no q/k permutation).
+HF_QWEN3: dict[str, str] = {
+    **HF_LLAMA,
+    "model.layers.{i}.self_attn.q_norm.weight": "layers.{i}.attn.q_norm.weight",
+    "model.layers.{i}.self_attn.k_norm.weight": "layers.{i}.attn.k_norm.weight",
+}
+GGUF_QWEN3: dict[str, str] = {
+    **GGUF_LLAMA,
+    "blk.{i}.attn_q_norm.weight": "layers.{i}.attn.q_norm.weight",
+    "blk.{i}.attn_k_norm.weight": "layers.{i}.attn.k_norm.weight",
+}
+
+# Phi-3 stores q/k/v and gate/up already fused, in llmos' order (q, k, v rows; gate rows, then up).
+HF_PHI3: dict[str, str] = {
+    "model.embed_tokens.weight": "embed.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.layers.{i}.input_layernorm.weight": "layers.{i}.attn_norm.weight",
+    "model.layers.{i}.self_attn.qkv_proj.weight": "layers.{i}.attn.wqkv.weight",
+    "model.layers.{i}.self_attn.o_proj.weight": "layers.{i}.attn.wo.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.mlp_norm.weight",
+    "model.layers.{i}.mlp.gate_up_proj.weight": "layers.{i}.mlp.w13.weight",
+    "model.layers.{i}.mlp.down_proj.weight": "layers.{i}.mlp.w2.weight",
+}
+GGUF_PHI3: dict[str, str] = {
+    "token_embd.weight": "embed.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+    "blk.{i}.attn_norm.weight": "layers.{i}.attn_norm.weight",
+    "blk.{i}.attn_qkv.weight": "layers.{i}.attn.wqkv.weight",
+    "blk.{i}.attn_output.weight": "layers.{i}.attn.wo.weight",
+    "blk.{i}.ffn_norm.weight": "layers.{i}.mlp_norm.weight",
+    "blk.{i}.ffn_up.weight": "layers.{i}.mlp.w13.weight",  # llama.cpp keeps gate/up fused under ffn_up
+    "blk.{i}.ffn_down.weight": "layers.{i}.mlp.w2.weight",
+}
+# LongRoPE's factors live in these tensors; weights/load.py reads them into the config.
+GGUF_PHI3_ROPE_FACTORS = ("rope_factors_short.weight", "rope_factors_long.weight")
+
+# Gemma 2: four norms a block. Hugging Face's post_attention_layernorm is the norm *after* attention
+# here (Llama's name for the pre-MLP norm), pre_feedforward_layernorm the pre-MLP one.
+HF_GEMMA2: dict[str, str] = {
+    "model.embed_tokens.weight": "embed.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.layers.{i}.input_layernorm.weight": "layers.{i}.attn_norm.weight",
+    "model.layers.{i}.self_attn.q_proj.weight": "layers.{i}.attn.q.weight",
+    "model.layers.{i}.self_attn.k_proj.weight": "layers.{i}.attn.k.weight",
+    "model.layers.{i}.self_attn.v_proj.weight": "layers.{i}.attn.v.weight",
+    "model.layers.{i}.self_attn.o_proj.weight": "layers.{i}.attn.wo.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.post_attn_norm.weight",
+    "model.layers.{i}.pre_feedforward_layernorm.weight": "layers.{i}.mlp_norm.weight",
+    "model.layers.{i}.mlp.gate_proj.weight": "layers.{i}.mlp.w1.weight",
+    "model.layers.{i}.mlp.up_proj.weight": "layers.{i}.mlp.w3.weight",
+    "model.layers.{i}.mlp.down_proj.weight": "layers.{i}.mlp.w2.weight",
+    "model.layers.{i}.post_feedforward_layernorm.weight": "layers.{i}.post_mlp_norm.weight",
+}
+# llama.cpp stores Gemma's norm weights as 1 + weight (weights/load.py and export.py convert).
+GGUF_GEMMA2: dict[str, str] = {
+    "token_embd.weight": "embed.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+    "blk.{i}.attn_norm.weight": "layers.{i}.attn_norm.weight",
+    "blk.{i}.attn_q.weight": "layers.{i}.attn.q.weight",
+    "blk.{i}.attn_k.weight": "layers.{i}.attn.k.weight",
+    "blk.{i}.attn_v.weight": "layers.{i}.attn.v.weight",
+    "blk.{i}.attn_output.weight": "layers.{i}.attn.wo.weight",
+    "blk.{i}.post_attention_norm.weight": "layers.{i}.post_attn_norm.weight",
+    "blk.{i}.ffn_norm.weight": "layers.{i}.mlp_norm.weight",
+    "blk.{i}.ffn_gate.weight": "layers.{i}.mlp.w1.weight",
+    "blk.{i}.ffn_up.weight": "layers.{i}.mlp.w3.weight",
+    "blk.{i}.ffn_down.weight": "layers.{i}.mlp.w2.weight",
+    "blk.{i}.post_ffw_norm.weight": "layers.{i}.post_mlp_norm.weight",
+}
+
+
+def hf_table(model_type: str) -> tuple[dict[str, str], set[str]]:
+    """The (table, ignored) pair for a decoder's Hugging Face `model_type` (llama-like by default)."""
+    return {"qwen3": (HF_QWEN3, HF_LLAMA_IGNORED), "phi3": (HF_PHI3, HF_LLAMA_IGNORED),
+            "gemma2": (HF_GEMMA2, set())}.get(model_type, (HF_LLAMA, HF_LLAMA_IGNORED))
+
+
+def gguf_table(arch: str) -> tuple[dict[str, str], set[str]]:
+    """The (table, ignored) pair for a decoder's GGUF `general.architecture` (llama-like by default)."""
+    return {"qwen3": (GGUF_QWEN3, GGUF_LLAMA_IGNORED), "phi3": (GGUF_PHI3, set(GGUF_PHI3_ROPE_FACTORS)),
+            "gemma2": (GGUF_GEMMA2, set())}.get(arch, (GGUF_LLAMA, GGUF_LLAMA_IGNORED))
+
+
 # GPT-2 checkpoints saved from GPT2LMHeadModel prefix these with "transformer."; the loader strips it.
 HF_GPT2: dict[str, str] = {
     "wte.weight": "embed.weight",

@@ -1,0 +1,134 @@
+"""Gemma 2, Qwen3 and Phi-3 against transformers on tiny random configs, through the production loader.
+
+Shaped like test_hf_parity.py: each config is saved with `save_pretrained` and loaded by llmos from the
+folder; fp32 logits agree within 1e-4 over a prompt and greedy decoding gives the same 32 tokens. The
+configs make each family's own parts matter: Gemma 2's prompts are longer than its sliding window and
+its soft-caps are small enough to bind; Qwen3's head size differs from dim / heads; Phi-3's prompts run
+past original_max_position_embeddings, so LongRoPE's long factors (and its attention factor) are used.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from llmos.engine.generate import Generation
+from llmos.engine.sampling import SamplingParams
+from llmos.models.kv_cache import KVCache
+from llmos.weights.load import load_hf, read_hf_config
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
+            num_attention_heads=4, max_position_embeddings=128)
+WINDOW, ORIGINAL = 8, 32
+
+
+def _longrope(n: int) -> dict:
+    return {"rope_type": "longrope", "short_factor": [1.0 + 0.05 * i for i in range(n)],
+            "long_factor": [1.0 + 0.7 * i for i in range(n)]}
+
+
+CONFIGS = {
+    "gemma2": lambda: transformers.Gemma2Config(**TINY, num_key_value_heads=2, head_dim=24, sliding_window=WINDOW,
+                                                query_pre_attn_scalar=20, attn_logit_softcapping=2.0,
+                                                final_logit_softcapping=3.0),
+    "qwen3": lambda: transformers.Qwen3Config(**TINY, num_key_value_heads=2, head_dim=24, tie_word_embeddings=False),
+    "qwen3-tied": lambda: transformers.Qwen3Config(**TINY, num_key_value_heads=1, tie_word_embeddings=True),
+    "phi3-longrope": lambda: transformers.Phi3Config(**{**TINY, "max_position_embeddings": 256}, num_key_value_heads=2,
+                                                     original_max_position_embeddings=ORIGINAL, rope_scaling=_longrope(8),
+                                                     pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    # Phi-4-mini's shape: half of each head rotated; plus a sliding window over every layer
+    "phi3-partial": lambda: transformers.Phi3Config(**{**TINY, "max_position_embeddings": 256}, num_key_value_heads=1,
+                                                    original_max_position_embeddings=ORIGINAL, rope_scaling=_longrope(4),
+                                                    partial_rotary_factor=0.5, sliding_window=16,
+                                                    pad_token_id=0, bos_token_id=1, eos_token_id=2),
+}
+
+
+def reference(kind: str):
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[kind](), attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:  # off their init, so a norm read the wrong way shows
+                p.add_(torch.randn_like(p) * 0.1)
+            elif p.dim() == 2:  # larger weights: logits and attention scores reach the soft-caps
+                p.mul_(4.0)
+    return model
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def pair(request, tmp_path_factory):
+    ref = reference(request.param)
+    folder = tmp_path_factory.mktemp(request.param)
+    ref.save_pretrained(folder)
+    config = read_hf_config(folder)
+    return request.param, ref, load_hf(folder, config), config
+
+
+def test_config_reads_the_family(pair):
+    kind, _, _, config = pair
+    if kind == "gemma2":
+        assert config.arch == "gemma2" and config.sliding_window == WINDOW and config.query_pre_attn_scalar == 20
+        assert config.layer_types == ("sliding_attention", "full_attention", "sliding_attention")
+        assert (config.attn_softcap, config.final_softcap) == (2.0, 3.0) and config.tie_embeddings
+    elif kind.startswith("qwen3"):
+        assert config.arch == "llama" and config.qk_norm and not config.qkv_bias
+    else:
+        assert config.rope_scaling["rope_type"] == "longrope"
+        assert config.rope_scaling["original_max_position_embeddings"] == ORIGINAL
+        assert config.rope_scaling["attention_factor"] > 1.0  # 256 / 32: cos and sin are scaled
+        assert config.rotary_dim == (8 if kind == "phi3-partial" else 16)
+
+
+def test_logits_match(pair):
+    kind, ref, model, _ = pair
+    torch.manual_seed(1)
+    tokens = torch.randint(0, 256, (2, 40))  # past the window (8, 16) and the original context (32)
+    with torch.no_grad():
+        expected = ref(tokens).logits
+        got = model(tokens, torch.arange(40))
+    assert got.shape == expected.shape
+    diff = (got - expected).abs().max().item()
+    assert diff < 1e-4, (kind, diff)
+    if kind == "gemma2":  # the final soft-cap binds: logits reach well into tanh's curve
+        assert expected.abs().max() > 0.5 * 3.0
+
+
+def test_short_prompt_uses_the_short_factors(pair):
+    """Below the original context LongRoPE uses the short factors: prompt and 12 new tokens stay below
+    it, and transformers agrees on the logits and the tokens."""
+    kind, ref, model, _ = pair
+    torch.manual_seed(3)
+    tokens = torch.randint(0, 256, (1, 20))
+    with torch.no_grad():
+        assert (model(tokens, torch.arange(20)) - ref(tokens).logits).abs().max().item() < 1e-4, kind
+        expected = ref.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=12, do_sample=False, min_new_tokens=12, eos_token_id=None,
+                                pad_token_id=0)[0, 20:].tolist()
+    got = list(Generation(model, tokens[0].tolist(), max_new_tokens=12, params=SamplingParams(temperature=0.0)).tokens())
+    assert got == expected, kind
+
+
+def test_greedy_32_tokens_match(pair):
+    kind, ref, model, _ = pair
+    torch.manual_seed(4)
+    prompt = torch.randint(0, 256, (40,)).tolist()  # past the window (8, 16) and the original context (32)
+    with torch.no_grad():
+        expected = ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                max_new_tokens=32, do_sample=False,
+                                min_new_tokens=32, eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    got = list(Generation(model, prompt, max_new_tokens=32, params=SamplingParams(temperature=0.0)).tokens())
+    assert got == expected, kind
+
+
+def test_cached_decode_equals_uncached(pair):
+    kind, _, model, config = pair
+    torch.manual_seed(2)
+    tokens = torch.randint(0, 256, (1, 24))
+    with torch.no_grad():
+        full = model(tokens, torch.arange(24))
+        cache = KVCache.for_model(config, 1, 24)
+        steps = [model(tokens[:, :10], torch.arange(10), cache)]
+        for i in range(10, 24):
+            steps.append(model(tokens[:, i:i + 1], torch.tensor([i]), cache))
+    assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-5, kind
