@@ -5,6 +5,10 @@ first if it carries LoRA adapters) has its fused projections split back (wqkv ->
 gate/up), is renamed by the inverted table of names.py, and gets the inverse transforms (GPT-2's
 Conv1D transpose for Hugging Face; llama.cpp's q/k row permutation for GGUF arch "llama").
 
+Each family is written as its own format names it: Qwen3 (q/k norms), Phi-3 (fused qkv and gate/up,
+LongRoPE factors: as metadata in config.json, as the rope_factors_short/long tensors in GGUF) and
+Gemma 2 (llama.cpp stores its norms as 1 + weight).
+
 Contract:
 - `save_hf(model, config, tokenizer, folder)` writes config.json, model.safetensors (unfused Hugging
   Face names), tokenizer.json, tokenizer_config.json, chat_template.jinja and generation_config.json.
@@ -53,9 +57,15 @@ def permute_gguf_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, shape[0] // n_heads // 2, *shape[1:]).transpose(1, 2).reshape(shape)
 
 
+def gemma_norm_to_gguf(w: torch.Tensor) -> torch.Tensor:
+    """The inverse of load.gemma_norm_from_gguf: llama.cpp's Gemma norms hold 1 + weight."""
+    return w + 1.0
+
+
 def split_fused(state: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Canonical state with fused projections split into their parts (the inverse of load.fuse)."""
-    if config.arch != "llama":
+    """Canonical state with fused projections split into their parts (the inverse of load.fuse);
+    Phi-3's formats keep them fused."""
+    if config.arch not in ("llama", "gemma2") or hf_model_type(config) == "phi3":
         return dict(state)
     hd = config.head_size
     sizes = {
@@ -100,8 +110,12 @@ def _plain_state(model: nn.Module, config: ModelConfig) -> dict[str, torch.Tenso
 # --- Hugging Face -------------------------------------------------------------------------------
 
 def hf_model_type(config: ModelConfig) -> str:
-    if config.arch == "gpt2":
-        return "gpt2"
+    if config.arch in ("gpt2", "gemma2"):
+        return config.arch
+    if config.qk_norm:
+        return "qwen3"
+    if config.rotary_dim != config.head_size or (config.rope_scaling or {}).get("rope_type") == "longrope":
+        return "phi3"
     if config.sliding_window is not None:
         return "mistral"
     return "qwen2" if config.qkv_bias else "llama"
@@ -124,7 +138,10 @@ def hf_config(config: ModelConfig, tokenizer: Tokenizer | None = None) -> dict[s
             "torch_dtype": "float32", **ids,
         }
     model_type = hf_model_type(config)
-    arch_name = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[model_type]
+    if model_type == "gemma2":
+        return _gemma2_hf_config(config, ids)
+    arch_name = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"}[model_type]
     out: dict[str, Any] = {
         "architectures": [arch_name], "model_type": model_type,
         "vocab_size": config.vocab_size, "hidden_size": config.dim, "intermediate_size": config.ffn_dim,
@@ -139,11 +156,38 @@ def hf_config(config: ModelConfig, tokenizer: Tokenizer | None = None) -> dict[s
         out["head_dim"] = config.head_dim
     if config.rope_scaling is not None:
         out["rope_scaling"] = dict(config.rope_scaling)
-    if model_type == "mistral":
+    if model_type in ("mistral", "phi3"):
         out["sliding_window"] = config.sliding_window
-    if model_type == "qwen2":
+    if model_type in ("qwen2", "qwen3"):
         out["use_sliding_window"] = False
+    if model_type == "phi3":
+        if config.rope_scaling is not None:
+            out["original_max_position_embeddings"] = config.rope_scaling["original_max_position_embeddings"]
+        out["partial_rotary_factor"] = config.rotary_dim / config.head_size
+        if out.get("pad_token_id") is None:  # transformers' Phi-3 default (32000) is past a small vocabulary
+            out["pad_token_id"] = 0
+        out["resid_pdrop"] = out["embd_pdrop"] = 0.0
     return out
+
+
+def _int_if_whole(x: float | None) -> float | int | None:
+    return int(x) if x is not None and float(x).is_integer() else x  # transformers types some of these int
+
+
+def _gemma2_hf_config(config: ModelConfig, ids: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2",
+        "vocab_size": config.vocab_size, "hidden_size": config.dim, "intermediate_size": config.ffn_dim,
+        "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads, "head_dim": config.head_size,
+        "max_position_embeddings": config.max_seq_len, "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta, "hidden_activation": "gelu_pytorch_tanh" if config.act == "gelu_new" else "gelu",
+        "tie_word_embeddings": config.tie_embeddings, "attention_bias": False,
+        "sliding_window": config.sliding_window, "layer_types": list(config.layer_types or ()),
+        "query_pre_attn_scalar": _int_if_whole(config.query_pre_attn_scalar),
+        "attn_logit_softcapping": config.attn_softcap, "final_logit_softcapping": config.final_softcap,
+        "torch_dtype": "float32", **ids,
+    }
 
 
 def hf_state_dict(model: nn.Module, config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -152,7 +196,7 @@ def hf_state_dict(model: nn.Module, config: ModelConfig) -> dict[str, torch.Tens
     if config.arch == "gpt2":
         inverse = _Inverse(names.HF_GPT2, prefix="transformer.")
     else:
-        inverse = _Inverse(names.HF_LLAMA)
+        inverse = _Inverse(names.hf_table(hf_model_type(config))[0])
     out = {}
     for key, value in state.items():
         if config.arch == "gpt2" and key.endswith(names.HF_GPT2_CONV1D):
@@ -199,6 +243,17 @@ def save_hf(model: nn.Module, config: ModelConfig, tokenizer: Tokenizer | None, 
 def gguf_arch(config: ModelConfig) -> str:
     if config.arch == "gpt2":
         return "gpt2"
+    if config.arch == "gemma2":
+        head = config.dim // config.n_heads if config.n_layers == 46 else config.head_size
+        if config.query_pre_attn_scalar != head or config.layer_types != tuple(
+                "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(config.n_layers)):
+            raise LlmosError("GGUF export of this Gemma 2 is not supported: llama.cpp fixes its query scale and layer "
+                             "pattern, and this config differs; export --format hf")
+        return "gemma2"
+    if config.qk_norm:
+        return "qwen3"
+    if hf_model_type(config) == "phi3":
+        return "phi3"
     if config.sliding_window is not None:
         raise LlmosError("GGUF export of sliding-window (Mistral) models is not supported; export --format hf")
     if config.rope_scaling is not None and config.rope_scaling.get("rope_type") != "linear":
@@ -211,8 +266,10 @@ def gguf_tensors(model: nn.Module, config: ModelConfig) -> Iterator[tuple[str, t
     """(GGUF name, fp32 tensor in PyTorch (rows, cols) order), q/k permuted for arch "llama"."""
     arch = gguf_arch(config)
     state = split_fused(_plain_state(model, config), config)
-    inverse = _Inverse(names.GGUF_GPT2 if config.arch == "gpt2" else names.GGUF_LLAMA)
+    inverse = _Inverse(names.GGUF_GPT2 if config.arch == "gpt2" else names.gguf_table(arch)[0])
     for key, value in state.items():
+        if arch == "gemma2" and key.endswith("norm.weight"):
+            value = gemma_norm_to_gguf(value)
         if arch == "llama" and key.endswith(("attn.q.weight", "attn.q.bias")):
             value = permute_gguf_qk(value, config.n_heads)
         elif arch == "llama" and key.endswith(("attn.k.weight", "attn.k.bias")):
@@ -247,13 +304,23 @@ def save_gguf(model: nn.Module, config: ModelConfig, tokenizer: Tokenizer, path:
         writer.add_head_count_kv(config.n_kv_heads)
         writer.add_layer_norm_rms_eps(config.norm_eps)
         writer.add_rope_freq_base(config.rope_theta)
-        writer.add_rope_dimension_count(config.head_size)
+        writer.add_rope_dimension_count(config.rotary_dim)
         if config.head_dim is not None and config.head_dim != config.dim // config.n_heads:
             writer.add_key_length(config.head_dim)
             writer.add_value_length(config.head_dim)
-        if config.rope_scaling is not None:
+        if arch == "phi3":
+            _add_phi3_rope(writer, config)
+        elif config.rope_scaling is not None:
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(float(config.rope_scaling["factor"]))
+        if arch == "gemma2":
+            writer.add_key_length(config.head_size)
+            writer.add_value_length(config.head_size)
+            writer.add_sliding_window(config.sliding_window or 0)
+            if config.attn_softcap is not None:
+                writer.add_attn_logit_softcapping(config.attn_softcap)
+            if config.final_softcap is not None:
+                writer.add_final_logit_softcapping(config.final_softcap)
     _add_gguf_tokenizer(writer, tokenizer, config.vocab_size)
     for name, tensor in gguf_tensors(model, config):
         data = tensor.numpy()
@@ -272,6 +339,18 @@ def save_gguf(model: nn.Module, config: ModelConfig, tokenizer: Tokenizer, path:
         writer.close()
     commit(tmp, path)
     return path
+
+
+def _add_phi3_rope(writer: Any, config: ModelConfig) -> None:
+    """llama.cpp's Phi-3 keys: the window (0: none), and LongRoPE's context, factor and factor tensors."""
+    writer.add_sliding_window(config.sliding_window or 0)
+    scaling = config.rope_scaling
+    if scaling is None:
+        return
+    writer.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
+    writer.add_rope_scaling_attn_factors(float(scaling["attention_factor"]))
+    for name, key in zip(names.GGUF_PHI3_ROPE_FACTORS, ("short_factor", "long_factor")):
+        writer.add_tensor(name, np.asarray(scaling[key], dtype=np.float32))
 
 
 def _add_gguf_tokenizer(writer: Any, tokenizer: Tokenizer, vocab_size: int) -> None:
