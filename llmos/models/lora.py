@@ -35,6 +35,7 @@ from llmos.models import set_module
 HF_ALIASES: dict[str, str] = {
     "q_proj": "wqkv", "k_proj": "wqkv", "v_proj": "wqkv", "o_proj": "wo",
     "gate_proj": "w13", "up_proj": "w13", "down_proj": "w2",
+    "qkv_proj": "wqkv", "gate_up_proj": "w13",  # Phi-3 stores these fused already
     "c_attn": "wqkv", "c_fc": "fc",  # GPT-2 Conv1D names; its c_proj is ambiguous (attn or mlp)
 }
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {

@@ -46,6 +46,8 @@ def tokenizer(tmp_path_factory) -> Tokenizer:
     backend.decoder = decoders.ByteLevel()
     folder = tmp_path_factory.mktemp("tok")
     backend.save(str(folder / "tokenizer.json"))
+    eos = next(piece for piece, i in _byte_alphabet().items() if i == 255)  # byte 0xFF: never in UTF-8 text
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": eos}))
     return Tokenizer.from_dir(folder)
 
 
@@ -281,3 +283,26 @@ def test_native_step_declines_or_matches(pair):
         got = step(torch.tensor([7]), torch.tensor([36]), cache)
         want = model.logits(model.hidden(torch.tensor([[7]]), torch.tensor([36]), plain)[:, -1])
     assert got is not None and (got - want).abs().max().item() < 1e-4
+
+
+def test_lora_finetune_run_and_api(pair, tmp_path, tokenizer):
+    """The training run itself (llmos finetune --lora) on each family, then llmos.load of the base
+    folder and of the run: text in, text out."""
+    import llmos
+    from llmos.train.loop import TrainConfig
+    from llmos.train.run import finetune, load_run
+
+    kind, _, model = pair
+    base = save_hf(model, model.config, tokenizer, tmp_path / "base")
+    data = tmp_path / "notes.txt"
+    data.write_text("".join(f"pump P-{i} is rated for {i % 7 + 1}0 bar.\n" for i in range(200)))
+    cfg = TrainConfig(steps=6, batch_size=4, seq_len=48, lr=1e-2, warmup=1, eval_every=6, save_every=6, log_every=6)
+    run = finetune(base, [data], tmp_path / "run", lora=LoraConfig(rank=4, alpha=8.0), cfg=cfg, progress=False)
+    tuned = load_run(run)
+    assert tuned.config == model.config.__class__(**{**model.config.__dict__, "name": tuned.config.name})
+    ids = tokenizer.encode("pump P-3 is rated for")
+    assert not torch.allclose(_logits(tuned.model, torch.tensor([ids])), _logits(model, torch.tensor([ids])))
+    for path in (base, run):
+        llm = llmos.load(str(path), dtype="fp32")
+        out = llm.generate("pump P-3 is", max_new_tokens=6, temperature=0)
+        assert out.completion_tokens == 6 or out.finish_reason == "eos"
