@@ -77,6 +77,8 @@ class ModelConfig:
         return self.n_heads // self.n_kv_heads
 
     def __post_init__(self) -> None:
+        if isinstance(self.layer_types, list):  # read back from JSON (a run's recipe)
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
         for f in fields(self):  # values come from files: types are checked, not trusted
             value = getattr(self, f.name)
             if f.type in ("int", "int | None") and value is not None and (type(value) is not int):

@@ -306,3 +306,19 @@ def test_lora_finetune_run_and_api(pair, tmp_path, tokenizer):
         llm = llmos.load(str(path), dtype="fp32")
         out = llm.generate("pump P-3 is", max_new_tokens=6, temperature=0)
         assert out.completion_tokens == 6 or out.finish_reason == "eos"
+
+
+def test_full_finetune_run_resumes_its_config(pair, tmp_path, tokenizer):
+    """A full fine-tune keeps the config in its recipe (JSON) and loads back as the same family."""
+    from llmos.train.loop import TrainConfig
+    from llmos.train.run import finetune, load_run
+
+    kind, _, model = pair
+    base = save_hf(model, model.config, tokenizer, tmp_path / "base")
+    data = tmp_path / "notes.txt"
+    data.write_text("".join(f"valve V-{i} is inspected every {i % 5 + 2} days.\n" for i in range(200)))
+    cfg = TrainConfig(steps=3, batch_size=4, seq_len=48, lr=1e-3, warmup=1, eval_every=3, save_every=3, log_every=3)
+    run = finetune(base, [data], tmp_path / "run", cfg=cfg, progress=False)
+    tuned = load_run(run)
+    assert type(tuned.model) is type(model)
+    assert tuned.config == model.config.__class__(**{**model.config.__dict__, "name": tuned.config.name})

@@ -91,8 +91,16 @@ def test_logits_match(pair):
     assert got.shape == expected.shape
     diff = (got - expected).abs().max().item()
     assert diff < 1e-4, (kind, diff)
-    if kind == "gemma2":  # the final soft-cap binds: logits reach well into tanh's curve
+    if kind == "gemma2":  # both soft-caps bind: without either, the logits are far off
         assert expected.abs().max() > 0.5 * 3.0
+        with torch.no_grad():
+            assert (model.output(model.hidden(tokens, torch.arange(40))) - expected).abs().max() > 0.1
+            for block in model.layers:
+                block.attn.cap = None
+            uncapped = model(tokens, torch.arange(40))
+            for block in model.layers:
+                block.attn.cap = 2.0
+        assert (uncapped - expected).abs().max() > 0.01
 
 
 def test_short_prompt_uses_the_short_factors(pair):
