@@ -322,3 +322,25 @@ def test_full_finetune_run_resumes_its_config(pair, tmp_path, tokenizer):
     tuned = load_run(run)
     assert type(tuned.model) is type(model)
     assert tuned.config == model.config.__class__(**{**model.config.__dict__, "name": tuned.config.name})
+
+
+def test_q8_0_gguf_through_the_api(pair, tmp_path, tokenizer):
+    """llmos.load of an exported Q8_0 GGUF file (tokenizer inside): text out, logits near fp32's."""
+    import dataclasses
+
+    import llmos
+
+    kind, _, model = pair
+    config = model.config
+    if kind == "gemma2":  # a query scale llama.cpp can express
+        config = dataclasses.replace(config, query_pre_attn_scalar=float(config.head_size))
+        model = type(model)(config)
+        model.load_state_dict(pair[2].state_dict())
+        model.tie_weights()
+        model.eval()
+    path = save_gguf(model, config, tokenizer, tmp_path / f"{kind}.q8_0.gguf", qtype="q8_0")
+    llm = llmos.load(str(path), dtype="fp32")
+    ids = tokenizer.encode("valve V-12 is inspected every")
+    want = _logits(model, torch.tensor([ids]))[0]
+    assert (llm.logits(ids) - want).abs().max().item() < 0.05 * want.abs().max().item(), kind
+    assert llm.generate("valve V-12 is", max_new_tokens=5, temperature=0).completion_tokens >= 1
