@@ -11,7 +11,7 @@
 - GeGLU MLP (tanh GELU), tied embeddings, final logits soft-capped too.
 
 Projections are fused as in llama.py (`wqkv`, `w13`, same names), so the loader, LoRA, the quantized
-forms and export treat the two files alike. Rotary positions are llama.py's (rotate-half layout).
+forms and export treat the two files alike. Rotary positions use the rotate-half layout, unscaled.
 
 Contract: `forward(tokens (B, T), positions (T,) or (B, T), cache=None) -> logits (B, T, V)`; the
 engine calls `hidden` then `logits` on the rows it needs. The native C++ decode step does not cover
@@ -29,7 +29,6 @@ from torch import nn
 from llmos.config import ModelConfig
 from llmos.models import attention
 from llmos.models.kv_cache import KVCache
-from llmos.models.llama import apply_rope, rope_tables
 
 CHUNK = 256  # queries per attention chunk: bounds the (B, H, T, S) score tensor of a long prompt
 
@@ -44,6 +43,22 @@ class RMSNorm(nn.Module):
         # fp32 throughout, and the (1 + w) product before rounding back: Gemma's order, not Llama's
         y = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps) * (1.0 + self.weight.float())
         return y.to(x.dtype)
+
+
+def rope_tables(config: ModelConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin tables (S, D) for positions 0..length-1: the sin table carries the rotate-half
+    sign, (-sin, +sin) over the two halves, so a rotation is `x * cos + roll(x, D/2) * sin`."""
+    d = config.head_size
+    inv_freq = (1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))).float()
+    freqs = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (S, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (S, D)
+    sign = torch.cat((-torch.ones(d // 2), torch.ones(d // 2)))
+    return emb.cos(), emb.sin() * sign
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (..., D) rotated by cos and signed sin (broadcastable to x)."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin
 
 
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
