@@ -165,9 +165,7 @@ class ModelConfig:
         if family == "gemma2":
             head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
             n_layers = cfg["num_hidden_layers"]
-            # transformers' default: even layers slide, odd ones see everything
-            layer_types = cfg.get("layer_types") or [("sliding_attention" if (i + 1) % 2 else "full_attention")
-                                                     for i in range(n_layers)]
+            layer_types = cfg.get("layer_types") or _alternating(n_layers)
             if scaling is not None:
                 raise ConfigError(f"rope scaling {scaling['rope_type']!r} is not supported for gemma2")
             return cls(
@@ -284,7 +282,7 @@ class ModelConfig:
                 sliding_window=int(window) if window else None,
                 # llama.cpp's Gemma 2: even layers slide (swa pattern 2); queries scaled by head_size ** -0.5,
                 # except in the 27B (46 layers), by (dim / n_heads) ** -0.5: its query_pre_attn_scalar 144
-                layer_types=tuple("sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)),
+                layer_types=_alternating(n_layers),
                 query_pre_attn_scalar=float(dim // n_heads if n_layers == 46 else head_size),
                 attn_softcap=_float_or_none(optional("attn_logit_softcapping")),
                 final_softcap=_float_or_none(optional("final_logit_softcapping")),
@@ -310,6 +308,14 @@ class ModelConfig:
             qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
             rope_dim=int(rope_dim) if rope_dim is not None and int(rope_dim) != head_size else None,
         )
+
+
+def _alternating(n_layers: int) -> tuple[str, ...]:
+    """Gemma 2's layer pattern (transformers' default and llama.cpp's): even layers slide, odd ones
+    see every position. The count comes from a file: refused before a tuple of that size is built."""
+    if type(n_layers) is not int or not 0 < n_layers <= 100_000:
+        raise ConfigError(f"the layer count {str(n_layers)[:20]} is not one a model can have")
+    return tuple("sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers))
 
 
 def _float_or_none(value: Any) -> float | None:
@@ -355,6 +361,8 @@ def _longrope(scaling: dict[str, Any], cfg: dict[str, Any], rotary_dim: int) -> 
     short, long = [float(f) for f in scaling["short_factor"]], [float(f) for f in scaling["long_factor"]]
     if len(short) != rotary_dim // 2 or len(long) != rotary_dim // 2:
         raise ConfigError(f"LongRoPE factors must have {rotary_dim // 2} values each, got {len(short)} and {len(long)}")
+    if not all(math.isfinite(f) and f > 0 for f in short + long):
+        raise ConfigError("LongRoPE factors must be positive finite numbers")
     factor = scaling.get("factor") or cfg.get("max_position_embeddings", original) / original
     attention_factor = scaling.get("attention_factor")
     if attention_factor is None:
