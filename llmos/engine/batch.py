@@ -139,6 +139,7 @@ class BatchEngine:
                     self._reuse_prefix(req)
             req = self.prefilling
             row = self.cache.rows(req.row, req.row + 1)
+            row.extent = len(req.prompt)  # where the prompt ends, for LongRoPE (kv_cache.py)
             start = req.prefilled
             part = req.prompt[start:start + budget]
             hidden = self.model.hidden(torch.tensor([part]), torch.arange(start, start + len(part)), row)

@@ -40,6 +40,7 @@ def prefill(model: nn.Module, tokens: torch.Tensor, start: int, cache: KVCache, 
     or None when `should_stop()` said so before a chunk."""
     T = tokens.shape[1]
     hidden = None
+    cache.extent = start + T  # where the prompt ends, for models whose rotation depends on it (LongRoPE)
     for s in range(0, T, chunk):
         if should_stop is not None and should_stop():
             return None

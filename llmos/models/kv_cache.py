@@ -4,7 +4,9 @@ One tensor pair holds every layer: k and v of shape (L, B, H_kv, S, D), allocate
 largest length the caller will need, so decoding never reallocates. The model writes the keys and
 values of the positions it is given and reads back everything up to the furthest position written.
 `length` is the number of leading positions that hold valid entries; callers that rewind (a chat
-that shares a history prefix) just lower it.
+that shares a history prefix) just lower it. `extent` is where the prompt being prefilled ends (set by
+the engine before prefilling it in chunks, 0 when unknown): a model whose rotary frequencies depend on
+the sequence's length (LongRoPE) chooses them by it, so every chunk gets what the whole prompt gets.
 
 The cache holds the model's dtype, or the one a loader set as `model.kv_dtype` (`cache_dtype`):
 fp16 for the quantized forms (quality.load_form), which halves the bytes a decode step reads per
@@ -39,6 +41,7 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.length = 0
+        self.extent = 0
         self._step: tuple = (None,)
 
     @classmethod
@@ -51,7 +54,7 @@ class KVCache:
         """A cache over rows start..stop-1 that shares this one's storage (writes go through)."""
         view = KVCache.__new__(KVCache)
         view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
-        view.max_len, view.length, view._step = self.max_len, self.length, (None,)
+        view.max_len, view.length, view.extent, view._step = self.max_len, self.length, self.extent, (None,)
         return view
 
     def begin(self, positions: torch.Tensor) -> int:

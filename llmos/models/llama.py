@@ -8,8 +8,10 @@ from Phi-3's checkpoints.
 
 LongRoPE (Phi-3) has two sets of frequencies: a forward whose furthest position is past the
 pretraining context (`original_max_position_embeddings`) uses the long factors for all its positions,
-otherwise the short ones, as transformers does; keys already cached keep the rotation they got. Per-row
-positions choose per row, so a batch row gets what it gets alone.
+otherwise the short ones, as transformers does; a prompt prefilled in chunks counts as one forward
+(the cache's `extent` says where it ends). Keys already cached keep the rotation they got (transformers
+recomputes them when a generation first crosses that point; see the README). Per-row positions choose
+per row, so a batch row gets what it gets alone.
 
 Contract: `forward(tokens (B, T), positions (T,) or (B, T), cache=None) -> logits (B, T, V)` in the
 weights' dtype. `positions` are absolute; with a cache the model attends to every cached position up
@@ -164,10 +166,11 @@ class Llama(nn.Module):
         if self.config.tie_embeddings:
             self.output.weight = self.embed.weight
 
-    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, positions: torch.Tensor, extent: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin rows for `positions`; `extent`: where the sequence being prefilled ends (LongRoPE)."""
         # Built lazily (not a buffer) so meta-device init and state dicts stay free of derived tables,
         # and grown by doubling so a 128k-context model does not pay for positions it never sees.
-        need = int(positions.max()) + 1
+        need = max(int(positions.max()) + 1, extent)
         scaling = self.config.rope_scaling
         longrope = scaling is not None and scaling["rope_type"] == "longrope"
         if self._rope is None or self._rope[0].shape[0] < need:
@@ -189,7 +192,7 @@ class Llama(nn.Module):
     def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Final normed hidden states (B, T, C); the engine applies `logits` to the rows it needs."""
         x = self.embed(tokens)  # (B, T, C)
-        cos, sin = self.rope(positions)
+        cos, sin = self.rope(positions, 0 if cache is None else cache.extent)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         n_keys = positions.shape[-1] if cache is None else cache.begin(positions)
         how = attention.plan(positions, n_keys, self.config.sliding_window)

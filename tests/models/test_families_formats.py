@@ -220,7 +220,7 @@ def test_batch_engine_equals_solo(pair):
     prompts = [torch.randint(0, 256, (n,)).tolist() for n in (40, 9, 23)]  # rows past and below 32 together
     solo = [list(Generation(model, p, max_new_tokens=12, params=SamplingParams(temperature=0.0)).tokens())
             for p in prompts]
-    engine = BatchEngine(model, max_batch=4, max_len=128)
+    engine = BatchEngine(model, max_batch=4, max_len=128, prefill_chunk=16)  # prompts over several steps
     requests = engine.run([Request(prompt=p, max_new_tokens=12) for p in prompts])
     assert [r.output for r in requests] == solo, kind
 

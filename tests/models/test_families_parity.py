@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 
-from llmos.engine.generate import Generation
+from llmos.engine.generate import Generation, prefill
 from llmos.engine.sampling import SamplingParams
 from llmos.models.kv_cache import KVCache
 from llmos.weights.load import load_hf, read_hf_config
@@ -140,3 +140,15 @@ def test_cached_decode_equals_uncached(pair):
         for i in range(10, 24):
             steps.append(model(tokens[:, i:i + 1], torch.tensor([i]), cache))
     assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-5, kind
+
+
+def test_prefill_in_chunks_equals_the_whole_prompt(pair):
+    """A 40-token prompt prefilled 16 tokens at a time gives transformers' logits for the whole prompt:
+    LongRoPE picks its factors by where the prompt ends (past 32), not by where each chunk ends."""
+    kind, ref, model, config = pair
+    torch.manual_seed(5)
+    tokens = torch.randint(0, 256, (1, 40))
+    with torch.no_grad():
+        expected = ref(tokens).logits[0, -1]
+    got = prefill(model, tokens, 0, KVCache.for_model(config, 1, 40), chunk=16)[0]
+    assert (got - expected).abs().max().item() < 1e-4, kind
