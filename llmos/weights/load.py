@@ -20,6 +20,7 @@ from torch import nn
 from llmos.config import ModelConfig
 from llmos.models import set_module
 from llmos.errors import LlmosError
+from llmos.models.gemma3 import Gemma3
 from llmos.models.gpt2 import GPT2
 from llmos.models.llama import Llama
 from llmos.weights import names
@@ -28,7 +29,7 @@ from llmos.weights.gguf import GGUFFile
 from llmos.weights.safetensors import SafetensorsCheckpoint
 
 Q4_1 = 3  # GGML type id
-MODEL_FILES: dict[str, type[nn.Module]] = {"llama": Llama, "gpt2": GPT2}
+MODEL_FILES: dict[str, type[nn.Module]] = {"llama": Llama, "gpt2": GPT2, "gemma3": Gemma3}
 
 
 _INIT_FUNCTIONS = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "ones_", "zeros_")
@@ -69,6 +70,11 @@ def unpermute_gguf_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     shape = w.shape
     # (H, D/2, 2, ...) -> (H, 2, D/2, ...): pairs (x0, x1) become halves.
     return w.reshape(n_heads, shape[0] // n_heads // 2, 2, *shape[1:]).transpose(1, 2).reshape(shape)
+
+
+def gemma_norm(w: torch.Tensor) -> torch.Tensor:
+    """Gemma's RMSNorm scales by (1 + w); its model file holds the multiplier (as GGUF files store it)."""
+    return w.float() + 1.0
 
 
 def fuse(parts: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -242,6 +248,8 @@ def load_gguf(
     arch = gguf.metadata.get("general.architecture")
     if config.arch == "llama":
         name_map = names.NameMap(names.GGUF_LLAMA, names.GGUF_LLAMA_IGNORED)
+    elif config.arch == "gemma3":
+        name_map = names.NameMap(names.GGUF_GEMMA3)
     else:
         name_map = names.NameMap(names.GGUF_GPT2)
     # Only llama.cpp's "llama" architecture stores q/k permuted; qwen2 and others use NEOX order.
@@ -273,12 +281,16 @@ def load_hf(
     ckpt = SafetensorsCheckpoint(folder)
     if config.arch == "llama":
         name_map = names.NameMap(names.HF_LLAMA, names.HF_LLAMA_IGNORED)
+    elif config.arch == "gemma3":
+        name_map = names.NameMap(names.HF_GEMMA3, names.HF_GEMMA3_IGNORED)
     else:
         name_map = names.NameMap(names.HF_GPT2, names.HF_GPT2_IGNORED, strip_prefix="transformer.")
 
     def transform(dst: str, w: torch.Tensor) -> torch.Tensor:
         if config.arch == "gpt2" and dst.endswith(names.HF_GPT2_CONV1D):
             return w.t()
+        if config.arch == "gemma3" and dst.endswith(names.GEMMA3_NORMS):
+            return gemma_norm(w)
         return w
 
     canonical = canonical_names(config, ckpt.names(), name_map, str(folder))
