@@ -122,15 +122,10 @@ class Gemma3(nn.Module):
         if self.config.tie_embeddings:
             self.output.weight = self.embed.weight
 
-    def embed_from_head(self, head: nn.Module) -> bool:
-        """Called by the loader once a tied head is converted to a faster form: the 262k-row table is
-        most of the model, so where the head can serve embeddings (int8) the fp32 table is dropped.
-        Returns whether it was."""
-        make = getattr(head, "embedding", None)
-        if make is None:
-            return False
-        self.embed = make()
-        return True
+    def embed_from_head(self, head: nn.Module) -> None:
+        """Called by the loader when a tied head is converted to a form that also serves embeddings
+        (quant.Int8Head): the 262k-row table is most of the model, so it is kept once."""
+        self.embed = head.embedding()
 
     def _inv_freq(self, sliding: bool) -> torch.Tensor:
         c = self.config

@@ -114,6 +114,8 @@ def load(path: Path, config: ModelConfig) -> nn.Module | None:
         if kind != "HeadEmbedding":
             set_module(model, name, quant.restore(kind, per_module[name]))
     if modules.get("embed") == "HeadEmbedding":
+        if not isinstance(model.output, quant.Int8Head):
+            return None
         set_module(model, "embed", quant.HeadEmbedding(model.output))
     model.load_state_dict(state, assign=True, strict=False)
     if "output" not in modules:  # (a HeadEmbedding is only ever made over a converted head)

@@ -229,10 +229,13 @@ def _assemble(
         state[key] = load(key)
     if tied and "output" in linears:
         # The head shares the embedding table; in a faster form it gets its own converted copy.
-        set_module(model, "output", linear_hook("output", state["embed.weight"], None, None))
+        head = linear_hook("output", state["embed.weight"], None, None)
+        if getattr(model, "embed_from_head", None) is not None and hasattr(head, "tied"):
+            head = head.tied()  # one converted table serves the head and the embeddings
+            model.embed_from_head(head)
+            del state["embed.weight"]
+        set_module(model, "output", head)
         tied = False
-        if getattr(model, "embed_from_head", None) is not None and model.embed_from_head(model.output):
-            del state["embed.weight"]  # the model reads its embeddings from the converted head
     model.load_state_dict(state, assign=True, strict=False)
     if tied:
         model.tie_weights()

@@ -26,7 +26,7 @@ def test_int8_form_reads_embeddings_from_the_head_and_round_trips(tmp_path):
     config = read_hf_config(folder)
     ref = load_hf(folder, config)
     model = load_hf(folder, config, linear_hook=quant.linear_hook("int8"))
-    assert isinstance(model.embed, quant.HeadEmbedding) and isinstance(model.output, quant.Int8Linear)
+    assert isinstance(model.embed, quant.HeadEmbedding) and isinstance(model.output, quant.Int8Head)
     assert not any(p.dtype == torch.float32 and p.numel() >= 512 * 64 for p in model.parameters())  # no fp32 table
     tokens = torch.randint(0, 512, (1, 20))
     with torch.no_grad():
@@ -41,3 +41,25 @@ def test_int8_form_reads_embeddings_from_the_head_and_round_trips(tmp_path):
     assert isinstance(again.embed, quant.HeadEmbedding)
     with torch.no_grad():
         assert torch.equal(again(tokens, torch.arange(20)), got)
+
+
+def test_int8_head_native_kernel_matches_aten(tmp_path):
+    """The head's rows through the native int8 kernel (when built) and through ATen's agree; the
+    embedding rows are the table's rows."""
+    from llmos.engine import native
+
+    torch.manual_seed(3)
+    w = torch.randn(256, 64)
+    head = quant.Int8Linear(w, None).tied()
+    assert torch.equal(head.qweight(), quant.Int8Linear(w, None).qweight)
+    ids = torch.tensor([0, 63, 64, 255])
+    assert torch.equal(head.rows(ids), quant.Int8Linear(w, None).qweight[ids])
+    x = torch.randn(1, 64)
+    saved = quant._native_int8_mm
+    try:
+        quant.use_native_int8(None)
+        aten = head(x)
+    finally:
+        quant.use_native_int8(saved)
+    if native.build() is not None and quant._native_int8_mm is not None:
+        assert (head(x) - aten).abs().max().item() < 2e-2 * aten.abs().max().item()  # ATen rounds to bf16
