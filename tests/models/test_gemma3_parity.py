@@ -112,3 +112,20 @@ def test_cached_decode_equals_uncached(pair):
     cached = torch.stack(steps[1:], dim=1)
     assert (cached - full[:, 10:]).abs().max().item() < 1e-4
     assert (steps[0] - full[:, 9]).abs().max().item() < 1e-4
+
+
+def test_batch_engine_and_beams_run_gemma(pair):
+    """The continuous-batching engine (per-row positions, rows at different lengths, past the window)
+    gives each request the greedy tokens it gets alone; beam search with one beam is greedy."""
+    from llmos.engine.batch import BatchEngine, Request
+    from llmos.engine.beam import beam_search
+
+    kind, _, model, _ = pair
+    prompts = [[5, 17, 99, 3] * 5, [7, 8, 9], [250, 42] * 6]
+    alone = [list(Generation(model, p, max_new_tokens=24, params=SamplingParams(temperature=0.0)).tokens())
+             for p in prompts]
+    done = BatchEngine(model, max_batch=4, max_len=64).run(
+        [Request(prompt=p, max_new_tokens=24, min_new_tokens=24) for p in prompts])
+    assert [r.output for r in done] == alone, kind
+    beams = beam_search(model, prompts[0], num_beams=1, max_new_tokens=8)
+    assert list(beams[0].tokens)[:8] == alone[0][:8]
