@@ -12,6 +12,8 @@ Sections (each prints a table and adds to bench/results/bench-DATE.json):
 - beam: beam search (4 beams) tokens/s beside transformers.
 - busy: decode tok/s with threads=2, 1 and auto beside a busy-loop process pinned to one core, under
   OpenMP's active and passive wait policies (bench/busy.py).
+- gemma3: the multilingual model (Gemma 3 270M, GGUF Q4_K_M; pulled if missing): load, prefill 512,
+  decode batch 1, peak RSS of llmos (auto form) at 1 and 2 threads, beside llama-cpp-python when installed.
 - the task benchmarks in bench/*.py (embeddings, serving, text, training) when present.
 `python -m bench.run --only core,batch` runs a subset.
 """
@@ -97,6 +99,31 @@ def core(gguf: Path, rounds: int, threads: int) -> dict:
     ]
     print(table(rows, engines))
     return {"medians": med, "cli_ttft_s": ttft, "runs": runs}
+
+
+def gemma3(rounds: int, threads: int) -> dict:
+    """Core's measures on the Gemma 3 270M file: llmos (auto) at `threads` and at 1 thread, and
+    llama.cpp at `threads` when installed; rounds alternate engines, medians reported."""
+    gguf = store.pull("gemma3-270m")
+    engines = ["llmos", "llmos-1-thread"] + (["llama.cpp"] if importlib.util.find_spec("llama_cpp") else [])
+    spec = {"llmos": ("llmos", "auto", threads), "llmos-1-thread": ("llmos", "auto", 1),
+            "llama.cpp": ("llama.cpp", "q4_k_m", threads)}
+    runs: dict[str, list[dict]] = {e: [] for e in engines}
+    for r in range(rounds):
+        for e in engines:
+            engine, dtype, n = spec[e]
+            runs[e].append(measure(engine, gguf, n, dtype))
+            print(f"  round {r + 1}: {e}: {runs[e][-1]}", file=sys.stderr)
+    med = {e: {k: statistics.median(x[k] for x in runs[e]) for k, v in runs[e][0].items() if isinstance(v, (int, float))}
+           for e in engines}
+    rows = [
+        ("load (s)", {e: med[e]["load_s"] for e in engines}, False),
+        ("prefill 512 (tok/s)", {e: med[e]["prefill_tps"] for e in engines}, True),
+        ("decode batch 1 (tok/s)", {e: med[e]["decode_tps"] for e in engines}, True),
+        ("peak RSS (MB)", {e: med[e]["peak_rss_mb"] for e in engines}, False),
+    ]
+    print(table(rows, engines))
+    return {"model": gguf.name, "medians": med, "runs": runs, "form": runs["llmos"][0].get("form")}
 
 
 def forms(gguf: Path, threads: int) -> dict:
@@ -239,7 +266,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only", default="", help="comma-separated sections: core,forms,kv,batch,chat,beam,busy,tasks")
+    parser.add_argument("--only", default="", help="comma-separated sections: core,forms,kv,batch,chat,beam,busy,gemma3,tasks")
     args = parser.parse_args()
     only = {s for s in args.only.split(",") if s}
     gguf = store.pull(store.DEFAULT_CHAT_MODEL)
@@ -248,7 +275,7 @@ def main() -> None:
     results: dict = {"date": str(date.today()), "threads": args.threads, "model": gguf.name}
     sections = {"core": lambda: core(gguf, args.rounds, args.threads), "forms": lambda: forms(gguf, args.threads),
                 "kv": lambda: kv(gguf), "batch": lambda: batch(gguf), "chat": lambda: chat(gguf), "beam": lambda: beam(gguf),
-                "busy": lambda: busy.run()}
+                "busy": lambda: busy.run(), "gemma3": lambda: gemma3(args.rounds, args.threads)}
     for name, fn in sections.items():
         if not only or name in only:
             print(f"\n== {name}")

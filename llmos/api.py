@@ -119,11 +119,27 @@ class LLM:
 
         return summarize(self, text, words=words, style=style, **controls)
 
-    def translate(self, text: str, to: str = "fr", source: str | None = None, **controls: Any) -> str:
-        """Translate text, keeping Markdown structure and code as they are."""
-        from llmos.tasks.translate import translate
+    def translate(self, text: str, to: str = "fr", source: str | None = None, *, model: str | LLM | None = None,
+                  **controls: Any) -> str:
+        """Translate text, keeping Markdown structure and code as they are.
 
-        return translate(self, text, to=to, source=source, **controls)
+        `model`: the LLM (or a name or path to load) that translates. By default the multilingual
+        translation model (gemma3-270m, an error naming `llmos pull gemma3-270m` when it is not pulled)
+        stands in for the default chat model, which was trained on English only; any other model
+        translates itself."""
+        from llmos.tasks.translate import DEFAULT_MODEL, translate
+
+        if model is None and self._is_default_chat_model():
+            model = DEFAULT_MODEL
+        if isinstance(model, str):
+            model = _load_translator(model, self.dtype)
+        return translate(model or self, text, to=to, source=source, **controls)
+
+    def _is_default_chat_model(self) -> bool:
+        try:
+            return Path(self.path).resolve().parent == (store.home() / "models" / store.DEFAULT_CHAT_MODEL).resolve()
+        except (OSError, LlmosError):
+            return False
 
     def session(self, system: str | None = None, **controls: Any) -> ChatSession:
         """A conversation that keeps its KV cache between turns (see ChatSession)."""
@@ -223,6 +239,20 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+_translators: dict[tuple[str, str], LLM] = {}
+
+
+def _load_translator(name: str, dtype: str) -> LLM:
+    """The translation model by name, loaded once per process; a built-in name must be pulled
+    already (translating never downloads a second model unasked)."""
+    key = (name, dtype)
+    if key not in _translators:
+        if name in store.DEFAULT_MODELS:
+            store.resolve(name, pull_missing=False)  # not pulled: one line saying `llmos pull NAME`
+        _translators[key] = LLM.load(name, dtype="auto" if dtype not in DTYPES else dtype, quiet=True)
+    return _translators[key]
 
 
 def load_tokenizer(name_or_path: str | Path = store.DEFAULT_CHAT_MODEL) -> Tokenizer:

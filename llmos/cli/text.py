@@ -16,6 +16,8 @@ from llmos.cli.generate import add_model_args, load_model
 from llmos.errors import LlmosError
 from llmos.files import write_atomically
 
+TRANSLATE_MODEL = "gemma3-270m"  # llmos.tasks.translate.DEFAULT_MODEL, named here so --help imports no torch
+
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("summarize", help="summarize a document of any length (.txt, .md, .html, .pdf or stdin)")
@@ -33,7 +35,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--from", "-f", dest="source", default=None, metavar="LANG", help="source language (default: detected)")
     p.add_argument("--beams", "-b", type=int, default=4, help="beam search width; 1 is greedy (default 4)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or notes")
-    add_model_args(p)
+    add_model_args(p, default=TRANSLATE_MODEL)
     p.set_defaults(func=cmd_translate)
 
     ev = get_eval_subparsers(sub)
@@ -46,14 +48,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("set", nargs="?", default=None, metavar="FILE.jsonl",
                    help="items {id, source, target, text, reference} (default: the shipped set)")
     p.add_argument("--beams", type=int, default=4, help="beam search width (default 4)")
-    _eval_args(p)
+    _eval_args(p, default=TRANSLATE_MODEL)
     p.set_defaults(func=cmd_eval, task="translate")
 
 
-def _eval_args(p: argparse.ArgumentParser) -> None:
+def _eval_args(p: argparse.ArgumentParser, default: str = "smollm2-135m-instruct") -> None:
     p.add_argument("--limit", type=int, default=None, help="score only the first N items")
     p.add_argument("--out", "-o", default=None, help="also write the JSON report (scores and every output) to this file")
-    add_model_args(p)
+    add_model_args(p, default=default)
 
 
 def _progress(args: argparse.Namespace) -> bool:
@@ -87,13 +89,23 @@ def cmd_translate(args: argparse.Namespace) -> int:
     else:
         text = require_text(args.text)
     source = source or detect_source(text)  # before the model loads: undetectable text fails at once
-    llm = load_model(args)
+    llm = _load_translator(args)
     note = languages.support_note(llm, source, target)
     if note and not args.quiet:  # said before the wait, not after
         print(f"llmos: note: {note}", file=sys.stderr, flush=True)
     result = translate(llm, text, to=target, source=source, beams=args.beams, progress=_progress(args))
     sys.stdout.write(result if result.endswith("\n") else result + "\n")
     return 0
+
+
+def _load_translator(args: argparse.Namespace):
+    """The translation model; the built-in one must be pulled first (one line saying how), never
+    downloaded as a side effect of translating."""
+    from llmos import store
+
+    if args.model == TRANSLATE_MODEL:
+        store.resolve(args.model, pull_missing=False)
+    return load_model(args)
 
 
 def _is_file(arg: str) -> bool:
@@ -113,7 +125,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise LlmosError(f"--limit must be at least 1, got {args.limit}")
         items = items[: args.limit]
     needs_model = any(not isinstance(item.get("prediction"), str) for item in items)
-    llm = load_model(args) if needs_model else None
+    llm = (_load_translator(args) if args.task == "translate" else load_model(args)) if needs_model else None
     if args.task == "summarize":
         report = ev.evaluate_summaries(llm, items, words=args.words, progress=_progress(args))
     else:

@@ -133,7 +133,14 @@ def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> to
     return fn(q, k, v, start)
 
 
+def _int8_mm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """quant.Int8Head's row kernel (int8_pack's layout); None where it is not built."""
+    fn = _kernel("int8_mm")
+    return None if fn is None else fn(x, packed, scale)
+
+
 quant.use_native(_unpack, _int4_mm)
+quant.use_native_int8(_int8_mm)
 attention.use_native(_causal)
 
 

@@ -18,6 +18,8 @@
   comes back as "- " lines, "paragraph" as one paragraph, whatever the model wrote.
 - Decoding is greedy by default, with the repetition loop guard; any generation control
   (`temperature`, `num_beams`, `repetition_penalty`, ...) may be passed and wins.
+- A model without a chat template (a base model, like Gemma 3 270M) gets the same instructions as
+  plain text ending in "Summary:" (or "Key points:\n- "), and its answer ends at the first blank line.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any
 from tqdm import tqdm
 
 from llmos.errors import LlmosError
+from llmos.generation import complete
 from llmos.tasks import faithful, ingest
 from llmos.tasks.textfiles import require_text
 
@@ -161,6 +164,7 @@ class _Run:
         self.controls = controls
         self.calls = self.generated = self.max_prompt = 0
         self._overhead: dict[str, int] = {}
+        self.plain = llm.tokenizer.chat_template is None  # a base model: plain prompts (see the module docstring)
 
     def count(self, text: str) -> int:
         return len(self.llm.encode(text, add_special_tokens=False))
@@ -172,7 +176,7 @@ class _Run:
     def overhead(self, kind: str) -> int:
         """Prompt tokens besides the text (with a 4-digit word count, the longest we write)."""
         if kind not in self._overhead:
-            self._overhead[kind] = len(self.llm._chat_ids(self.messages(kind, "", 1000)))
+            self._overhead[kind] = len(self.ids(kind, "", 1000))
         return self._overhead[kind]
 
     def room(self, kind: str, new_tokens: int) -> int:
@@ -187,7 +191,20 @@ class _Run:
             tokens = min(tokens, self.max_new)
         return max(8, min(tokens, self.llm.config.max_seq_len // 4))
 
+    def ids(self, kind: str, text: str, words: int) -> list[int]:
+        if not self.plain:
+            return self.llm._chat_ids(self.messages(kind, text, words))
+        cue = "\n\nKey points:\n- " if kind.endswith("bullets") else "\n\nSummary:"
+        return self.llm.encode(f"{SYSTEM}\n\n{PROMPTS[kind].format(words=words, text=text)}{cue}")
+
     def call(self, kind: str, text: str, words: int, new_tokens: int) -> str:
+        if self.plain:
+            controls = {"stop": ["\n\n"], **self.controls, "max_new_tokens": new_tokens}
+            out = complete(self.llm.start(self.ids(kind, text, words), controls))
+            self.max_prompt = max(self.max_prompt, out.prompt_tokens)
+            self.calls += 1
+            self.generated += out.completion_tokens
+            return ("- " if kind.endswith("bullets") else "") + str(out)
         out = self.llm.chat(self.messages(kind, text, words), **self.controls, max_new_tokens=new_tokens)
         self.max_prompt = max(self.max_prompt, out.prompt_tokens)  # the chat call tokenized it already
         self.calls += 1

@@ -30,7 +30,9 @@ FORMAT = "llmos-converted-1"
 def save(model: nn.Module, path: Path) -> None:
     modules = {name: type(m).__name__ for name, m in model.named_modules() if type(m).__name__ in quant.KINDS}
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if getattr(model.output, "weight", None) is model.embed.weight:
+    if type(model.embed).__name__ == "HeadEmbedding":
+        modules["embed"] = "HeadEmbedding"  # no tensors of its own: rebuilt over the head on load
+    elif getattr(model.output, "weight", None) is model.embed.weight:
         state.pop("output.weight", None)  # shared with the embedding: stored once
     meta = {"format": FORMAT, "modules": json.dumps(modules)}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,9 +111,14 @@ def load(path: Path, config: ModelConfig) -> nn.Module | None:
             per_module[owner][leaf] = state.pop(key)
     model = build_model(config)
     for name, kind in modules.items():
-        set_module(model, name, quant.restore(kind, per_module[name]))
+        if kind != "HeadEmbedding":
+            set_module(model, name, quant.restore(kind, per_module[name]))
+    if modules.get("embed") == "HeadEmbedding":
+        if not isinstance(model.output, quant.Int8Head):
+            return None
+        set_module(model, "embed", quant.HeadEmbedding(model.output))
     model.load_state_dict(state, assign=True, strict=False)
-    if "output" not in modules:
+    if "output" not in modules:  # (a HeadEmbedding is only ever made over a converted head)
         model.tie_weights()
     if any(p.is_meta for p in model.parameters()) or any(b.is_meta for b in model.buffers()):
         return None

@@ -116,6 +116,16 @@ def q4_1_blocks(
     return d, m, _nibbles(blocks[:, 4:20]).view(rows, cols)
 
 
+def q4_k_blocks(
+    raw: np.ndarray | torch.Tensor, shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K as Q4_1-shaped (d, m, q) per 32-element sub-block: d = d * scale, m = -dmin * min
+    (rows, cols / 32) f32, q (rows, cols) uint8 in 0..15; w = d * q + m, the values `dequantize` gives."""
+    rows, cols, blocks = _row_blocks(raw, 12, shape)
+    d, dm = _k_factors(blocks)  # (n, 8, 1) each
+    return d.view(rows, cols // 32), (-dm).view(rows, cols // 32), _k_nibbles(blocks[:, 16:144]).reshape(rows, cols)
+
+
 def q8_0_blocks(raw: np.ndarray | torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """Q8_0 as (d, q): d (rows, n_blocks) f32, q (rows, cols) int8; w = d * q per 32-block."""
     rows, cols, blocks = _row_blocks(raw, 8, shape)

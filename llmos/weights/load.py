@@ -21,15 +21,19 @@ from llmos.config import ModelConfig
 from llmos.models import set_module
 from llmos.errors import LlmosError
 from llmos.models.gemma2 import Gemma2
+from llmos.models.gemma3 import Gemma3
 from llmos.models.gpt2 import GPT2
 from llmos.models.llama import Llama
 from llmos.weights import names
-from llmos.weights.dequant import q4_1_blocks
+from llmos.weights.dequant import q4_1_blocks, q4_k_blocks
 from llmos.weights.gguf import GGUFFile
 from llmos.weights.safetensors import SafetensorsCheckpoint
 
-Q4_1 = 3  # GGML type id
-MODEL_FILES: dict[str, type[nn.Module]] = {"llama": Llama, "gemma2": Gemma2, "gpt2": GPT2}
+Q4_1 = 3  # GGML type ids
+Q4_K = 12
+# Types that keep more than 4 bits a weight: a 4-bit form does not requantize them (see `read_blocks`).
+WIDE_TYPES = (0, 1, 6, 7, 8, 13, 14, 30)  # F32, F16, Q5_0, Q5_1, Q8_0, Q5_K, Q6_K, BF16
+MODEL_FILES: dict[str, type[nn.Module]] = {"llama": Llama, "gemma2": Gemma2, "gemma3": Gemma3, "gpt2": GPT2}
 
 
 _INIT_FUNCTIONS = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "ones_", "zeros_")
@@ -77,6 +81,11 @@ def gemma_norm_from_gguf(w: torch.Tensor) -> torch.Tensor:
     return w - 1.0
 
 
+def gemma_norm(w: torch.Tensor) -> torch.Tensor:
+    """Gemma's RMSNorm scales by (1 + w); its model file holds the multiplier (as GGUF files store it)."""
+    return w.float() + 1.0
+
+
 def fuse(parts: Iterable[torch.Tensor]) -> torch.Tensor:
     """Stack projections along the output dimension (q/k/v -> wqkv, gate/up -> w13)."""
     return torch.cat(list(parts), dim=0)
@@ -91,7 +100,8 @@ LLAMA_FUSIONS = (
 
 
 # A hook that turns one loaded Linear into a faster form as it loads (llmos/quant.py supplies it):
-# (module name, fp32 weight, bias, exact GGUF blocks or None) -> replacement module.
+# (module name, fp32 weight, bias, exact GGUF blocks or None) -> replacement module. The blocks are
+# () when the file keeps the weight in more than 4 bits (a 4-bit form then keeps 8).
 LinearHook = Callable[[str, torch.Tensor, "torch.Tensor | None", "tuple[torch.Tensor, ...] | None"], nn.Module]
 
 
@@ -202,6 +212,8 @@ def _assemble(
         if read_blocks is None:
             return None
         per_part = [read_blocks(canonical[p]) for p in parts_of(key)]
+        if any(b == () for b in per_part):
+            return ()  # a part keeps more than 4 bits: the whole (fused) weight does
         if any(b is None for b in per_part):
             return None
         return tuple(fuse(transform(p, b[i]) for p, b in zip(parts_of(key), per_part)) for i in range(len(per_part[0])))
@@ -223,7 +235,12 @@ def _assemble(
         state[key] = load(key)
     if tied and "output" in linears:
         # The head shares the embedding table; in a faster form it gets its own converted copy.
-        set_module(model, "output", linear_hook("output", state["embed.weight"], None, None))
+        head = linear_hook("output", state["embed.weight"], None, None)
+        if getattr(model, "embed_from_head", None) is not None and hasattr(head, "tied"):
+            head = head.tied()  # one converted table serves the head and the embeddings
+            model.embed_from_head(head)
+            del state["embed.weight"]
+        set_module(model, "output", head)
         tied = False
     model.load_state_dict(state, assign=True, strict=False)
     if tied:
@@ -263,8 +280,17 @@ def load_gguf(
         return w
 
     def read_blocks(src: str) -> tuple[torch.Tensor, ...] | None:
+        """Q4_1 blocks as (d, m, q), Q4_K ones in the same shape (one scale and offset per 32); ()
+        for a type of more than 4 bits, which a 4-bit form keeps in 8 (Gemma 3's Q4_K_M file mixes
+        Q4_K with Q5_0, Q6_K and Q8_0: requantizing those to 4 bits cost 24% perplexity); None else."""
         info = gguf.tensors[src]
-        return q4_1_blocks(gguf.raw(src), info.shape) if info.qtype == Q4_1 else None
+        if info.qtype == Q4_1:
+            return q4_1_blocks(gguf.raw(src), info.shape)
+        if info.qtype == Q4_K and config.arch == "gemma3":
+            return q4_k_blocks(gguf.raw(src), info.shape)
+        if info.qtype in WIDE_TYPES and config.arch == "gemma3" and len(info.shape) == 2:
+            return ()
+        return None
 
     origin = str(gguf.path)
     canonical = canonical_names(config, list(gguf.tensors), name_map, origin)
@@ -287,6 +313,8 @@ def load_hf(
     def transform(dst: str, w: torch.Tensor) -> torch.Tensor:
         if config.arch == "gpt2" and dst.endswith(names.HF_GPT2_CONV1D):
             return w.t()
+        if config.arch == "gemma3" and dst.endswith(names.GEMMA3_NORMS):
+            return gemma_norm(w)
         return w
 
     canonical = canonical_names(config, ckpt.names(), name_map, str(folder))

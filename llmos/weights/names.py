@@ -126,13 +126,13 @@ GGUF_GEMMA2: dict[str, str] = {
 def hf_table(model_type: str) -> tuple[dict[str, str], set[str]]:
     """The (table, ignored) pair for a decoder's Hugging Face `model_type` (llama-like by default)."""
     return {"qwen3": (HF_QWEN3, HF_LLAMA_IGNORED), "phi3": (HF_PHI3, HF_LLAMA_IGNORED),
-            "gemma2": (HF_GEMMA2, set())}.get(model_type, (HF_LLAMA, HF_LLAMA_IGNORED))
+            "gemma2": (HF_GEMMA2, set()), "gemma3_text": (HF_GEMMA3, HF_GEMMA3_IGNORED)}.get(model_type, (HF_LLAMA, HF_LLAMA_IGNORED))
 
 
 def gguf_table(arch: str) -> tuple[dict[str, str], set[str]]:
     """The (table, ignored) pair for a decoder's GGUF `general.architecture` (llama-like by default)."""
     return {"qwen3": (GGUF_QWEN3, GGUF_LLAMA_IGNORED), "phi3": (GGUF_PHI3, set(GGUF_PHI3_ROPE_FACTORS)),
-            "gemma2": (GGUF_GEMMA2, set())}.get(arch, (GGUF_LLAMA, GGUF_LLAMA_IGNORED))
+            "gemma2": (GGUF_GEMMA2, set()), "gemma3": (GGUF_GEMMA3, set())}.get(arch, (GGUF_LLAMA, GGUF_LLAMA_IGNORED))
 
 
 # GPT-2 checkpoints saved from GPT2LMHeadModel prefix these with "transformer."; the loader strips it.
@@ -242,4 +242,48 @@ HF_BERT_IGNORED = {
     "cls.predictions.decoder.bias",
     "cls.seq_relationship.weight",
     "cls.seq_relationship.bias",
+}
+
+# Gemma 3 (Gemma3ForCausalLM). Its norms are four a block; "post_attention_layernorm" is the norm after
+# attention here, not Llama's norm before the MLP. Hugging Face norm weights hold w of Gemma's (1 + w),
+# GGUF files (1 + w) itself: the loader adds the 1 to HF's (GEMMA3_NORMS).
+HF_GEMMA3: dict[str, str] = {
+    "model.embed_tokens.weight": "embed.weight",
+    "model.norm.weight": "norm.weight",
+    "model.layers.{i}.input_layernorm.weight": "layers.{i}.attn_norm.weight",
+    "model.layers.{i}.self_attn.q_proj.weight": "layers.{i}.attn.q.weight",
+    "model.layers.{i}.self_attn.k_proj.weight": "layers.{i}.attn.k.weight",
+    "model.layers.{i}.self_attn.v_proj.weight": "layers.{i}.attn.v.weight",
+    "model.layers.{i}.self_attn.q_proj.bias": "layers.{i}.attn.q.bias",
+    "model.layers.{i}.self_attn.k_proj.bias": "layers.{i}.attn.k.bias",
+    "model.layers.{i}.self_attn.v_proj.bias": "layers.{i}.attn.v.bias",
+    "model.layers.{i}.self_attn.o_proj.weight": "layers.{i}.attn.wo.weight",
+    "model.layers.{i}.self_attn.q_norm.weight": "layers.{i}.attn.q_norm.weight",
+    "model.layers.{i}.self_attn.k_norm.weight": "layers.{i}.attn.k_norm.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.post_attn_norm.weight",
+    "model.layers.{i}.pre_feedforward_layernorm.weight": "layers.{i}.mlp_norm.weight",
+    "model.layers.{i}.post_feedforward_layernorm.weight": "layers.{i}.post_mlp_norm.weight",
+    "model.layers.{i}.mlp.gate_proj.weight": "layers.{i}.mlp.w1.weight",
+    "model.layers.{i}.mlp.up_proj.weight": "layers.{i}.mlp.w3.weight",
+    "model.layers.{i}.mlp.down_proj.weight": "layers.{i}.mlp.w2.weight",
+}
+HF_GEMMA3_IGNORED = {"lm_head.weight"}  # tied to the embedding
+GEMMA3_NORMS = "norm.weight"  # canonical names ending so take the +1 from Hugging Face files
+
+GGUF_GEMMA3: dict[str, str] = {
+    "token_embd.weight": "embed.weight",
+    "output_norm.weight": "norm.weight",
+    "blk.{i}.attn_norm.weight": "layers.{i}.attn_norm.weight",
+    "blk.{i}.attn_q.weight": "layers.{i}.attn.q.weight",
+    "blk.{i}.attn_k.weight": "layers.{i}.attn.k.weight",
+    "blk.{i}.attn_v.weight": "layers.{i}.attn.v.weight",
+    "blk.{i}.attn_output.weight": "layers.{i}.attn.wo.weight",
+    "blk.{i}.attn_q_norm.weight": "layers.{i}.attn.q_norm.weight",
+    "blk.{i}.attn_k_norm.weight": "layers.{i}.attn.k_norm.weight",
+    "blk.{i}.post_attention_norm.weight": "layers.{i}.post_attn_norm.weight",
+    "blk.{i}.ffn_norm.weight": "layers.{i}.mlp_norm.weight",
+    "blk.{i}.post_ffw_norm.weight": "layers.{i}.post_mlp_norm.weight",
+    "blk.{i}.ffn_gate.weight": "layers.{i}.mlp.w1.weight",
+    "blk.{i}.ffn_up.weight": "layers.{i}.mlp.w3.weight",
+    "blk.{i}.ffn_down.weight": "layers.{i}.mlp.w2.weight",
 }

@@ -10,7 +10,7 @@ from gguf.quants import dequantize as ref_dequantize
 from gguf.quants import quantize as ref_quantize
 
 from llmos.errors import LlmosError
-from llmos.weights.dequant import GGML_TYPES, dequantize, q4_0_blocks, q4_1_blocks, q8_0_blocks
+from llmos.weights.dequant import GGML_TYPES, dequantize, q4_0_blocks, q4_1_blocks, q4_k_blocks, q8_0_blocks
 from llmos.weights.gguf import GGUFFile
 
 # Shapes in PyTorch order; each row is a whole number of 256-element blocks so every type fits.
@@ -164,3 +164,14 @@ def test_default_model_tensors_match_reference(default_gguf, default_reader, kin
         info = f.tensors[ref.name]
         assert info.qtype == int(ref.tensor_type)
         assert_bits_equal(f.tensor(ref.name), ref_dequantize(ref.data, ref.tensor_type))
+
+
+def test_q4_k_blocks_rebuild_dequantize(make_blocks) -> None:
+    """Q4_K in Q4_1's (d, m, q) shape, one scale and offset per 32: what the int4 kernels take as is."""
+    shape = (3, 512)
+    blocks = make_blocks(12, 3 * 2, seed=14)
+    d, m, q = q4_k_blocks(blocks, shape)
+    assert d.shape == m.shape == (3, 16)
+    assert q.shape == shape and q.dtype == torch.uint8 and int(q.max()) <= 15
+    w = d.repeat_interleave(32, dim=1) * q.float() + m.repeat_interleave(32, dim=1)
+    assert_bits_equal(w, reference(blocks, 12, shape))

@@ -1,0 +1,100 @@
+"""The real Gemma 3 270M file (GGUF Q4_K_M, the store's gemma3-270m) against transformers on the same file.
+
+transformers dequantizes the GGUF to fp32 (`from_pretrained(folder, gguf_file=..., dtype=float32)`,
+20-130 s); llmos in fp32 must give the same logits (< 1e-3) on five prompts, one longer than the
+512-token sliding window, the same 64 greedy tokens, and its tokenizer the same ids as transformers'
+on text in many scripts and odd whitespace.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import llmos
+from llmos.engine.generate import Generation
+from llmos.engine.sampling import SamplingParams
+from llmos.tokenizer import Tokenizer
+from llmos.weights.gguf import GGUFFile
+
+LONG = " ".join(["The history of the railway begins with wagonways in the sixteenth century, and steam "
+                 "locomotives changed travel across Europe and the world."] * 30)  # ~750 tokens
+PROMPTS = [
+    "The capital of France is",
+    "English: Where is the train station?\nFrench:",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "北京是中国的首都，東京は日本の首都です。 مرحبا 🐉",
+    LONG,
+]
+TEXTS = [
+    "Where is the train station? I'd like two tickets, please.",
+    "Où est la gare ? Je voudrais un café, s'il vous plaît.",
+    "Größenwahnsinnige Straßenbahnfahrer übernehmen Verantwortung.",
+    "我喜欢学习中文。北京是中国的首都。",
+    "東京は日本の首都です。ひらがなとカタカナ。",
+    "مرحبا بالعالم، كيف حالك؟",
+    "Привет, как дела? नमस्ते दुनिया",
+    "def f(x):\n    return x ** 2  # square\n\nprint(f(3))\n",
+    "😀👍🏽🇫🇷 emoji 🧑‍💻 🤖🤖🤖",
+    "   \n \t \u00a0 \u3000 odd   whitespace \r\n\n\n\n  end  ",
+    "<start_of_turn>user\nhi<end_of_turn> <0x0A> literal",
+    "https://example.com/path?q=1&b=2 1234567890 3.14159",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def gemma(gemma3_path):
+    return llmos.load(gemma3_path, dtype="fp32", quiet=True)
+
+
+@pytest.fixture(scope="module")
+def reference(gemma3_path):
+    transformers = pytest.importorskip("transformers")
+    path = Path(gemma3_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return model.eval(), tokenizer
+
+
+def test_token_ids_match_transformers(gemma, reference):
+    _, ref_tok = reference
+    for text in TEXTS + PROMPTS:
+        assert gemma.encode(text) == ref_tok.encode(text), text[:40]
+    assert (gemma.tokenizer.bos_id, gemma.tokenizer.eos_id) == (ref_tok.bos_token_id, ref_tok.eos_token_id) == (2, 1)
+
+
+def test_logits_match_transformers(gemma, reference):
+    model, _ = reference
+    assert len(gemma.encode(LONG)) > 512  # past the sliding window: local and global layers differ
+    for prompt in PROMPTS:
+        ids = gemma.encode(prompt)
+        got = gemma.logits(ids)
+        with torch.no_grad():
+            expected = model(torch.tensor([ids])).logits[0]
+        assert got.shape == expected.shape == (len(ids), 262144)
+        assert (got - expected).abs().max().item() < 1e-3, prompt[:40]
+
+
+def test_greedy_64_tokens_match_transformers(gemma, reference):
+    model, _ = reference
+    ids = gemma.encode("English: Where is the train station?\nFrench:")
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([ids]), max_new_tokens=64, min_new_tokens=64, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+    got = list(Generation(gemma.model, ids, max_new_tokens=64, params=SamplingParams(temperature=0.0)).tokens())
+    assert got == expected
+
+
+def test_tokenizer_builds_from_the_file(gemma3_path):
+    """262,144 pieces; the build time is printed (the issue asks < 1 s; see the README for the measure)."""
+    with GGUFFile(gemma3_path) as f:
+        metadata = f.metadata
+    start = time.perf_counter()
+    tok = Tokenizer.from_gguf(metadata)
+    print(f"gemma3 tokenizer built in {time.perf_counter() - start:.2f} s")
+    assert tok.vocab_size == 262144
+    assert tok.decode(tok.encode("Où est la gare ?"), skip_special_tokens=True) == "Où est la gare ?"
