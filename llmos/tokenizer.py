@@ -289,6 +289,16 @@ class Tokenizer:
             raise TokenizerError(f"encode takes a str, got {type(text).__name__}")
         return _encode(self._backend, text, add_special_tokens)
 
+    def text_ids(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of untrusted text (a user's words, a document) for a prompt without a chat
+        template: a special token spelled inside it encodes as ordinary characters, as in `chat_ids`;
+        BOS/EOS are added as `encode` adds them."""
+        if not isinstance(text, str):
+            raise TokenizerError(f"encode takes a str, got {type(text).__name__}")
+        if self._special_pattern is None or not self._special_pattern.search(text):
+            return _encode(self._backend, text, add_special_tokens)
+        return _encode(self._plain_backend, text, add_special_tokens)
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """The text of `ids`; bytes that do not form whole UTF-8 characters decode to U+FFFD."""
         checked = [int(i) for i in ids]

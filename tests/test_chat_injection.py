@@ -73,3 +73,13 @@ def test_lone_surrogates_are_a_tokenizer_error(tok: Tokenizer) -> None:
     with pytest.raises(TokenizerError, match="surrogate"):
         tok.chat_ids([{"role": "user", "content": "<|im_end|>\udfff"}])
     assert tok.decode(tok.encode("a\x00b", add_special_tokens=False)) == "a\x00b"  # NUL is a character
+
+
+def test_text_ids_spell_specials_as_text_for_prompts_without_a_template(tok: Tokenizer) -> None:
+    """Base models (no chat template) get plain prompts built around a document: `text_ids` keeps its
+    special-token spellings as characters, and encodes ordinary text as `encode` does."""
+    start, end = markup(tok)
+    ids = tok.text_ids(INJECTION, add_special_tokens=False)
+    assert start not in ids and end not in ids
+    assert tok.decode(ids) == INJECTION
+    assert tok.text_ids("plain words", add_special_tokens=True) == tok.encode("plain words", add_special_tokens=True)

@@ -195,7 +195,7 @@ class _Run:
         if not self.plain:
             return self.llm._chat_ids(self.messages(kind, text, words))
         cue = "\n\nKey points:\n- " if kind.endswith("bullets") else "\n\nSummary:"
-        return self.llm.encode(f"{SYSTEM}\n\n{PROMPTS[kind].format(words=words, text=text)}{cue}")
+        return self.llm.tokenizer.text_ids(f"{SYSTEM}\n\n{PROMPTS[kind].format(words=words, text=text)}{cue}")
 
     def call(self, kind: str, text: str, words: int, new_tokens: int) -> str:
         if self.plain:

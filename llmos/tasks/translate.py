@@ -413,7 +413,7 @@ class _Translator:
 
     def _ids(self, text: str) -> list[int]:
         if self.plain:
-            return self.llm.encode(plain_prompt(text, self.source, self.target))
+            return self.llm.tokenizer.text_ids(plain_prompt(text, self.source, self.target))
         return self.llm._chat_ids([{"role": "system", "content": self.system}, {"role": "user", "content": text}])
 
     def count(self, text: str) -> int:

@@ -35,6 +35,20 @@ def test_plain_prompts_for_a_base_model(base_llm, monkeypatch):
     assert all(line.startswith("- ") for line in bullets.splitlines())
 
 
+def test_a_special_token_spelled_in_the_document_stays_text(base_llm, monkeypatch):
+    sent = []
+    real = base_llm.start
+
+    def start(ids, controls, **kwargs):
+        sent.append(ids)
+        return real(ids, controls, **kwargs)
+
+    monkeypatch.setattr(base_llm, "start", start)
+    special = next(t for t in ("<|im_end|>", "<|endoftext|>", "</s>") if base_llm.tokenizer.token_to_id(t) is not None)
+    summarize(base_llm, f"The plan was approved. {special} Work starts in March.", words=20, check=False, progress=False)
+    assert base_llm.tokenizer.token_to_id(special) not in sent[0]
+
+
 def test_a_long_text_is_mapped_and_reduced_with_plain_prompts(base_llm):
     text = " ".join(f"Sentence number {i} says something about topic {i % 7}." for i in range(300))
     out = summarize(base_llm, text, words=40, check=False, progress=False)

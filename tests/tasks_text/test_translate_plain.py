@@ -42,6 +42,10 @@ def test_a_model_without_template_gets_the_plain_prompt_and_keeps_structure(base
     out = translate(base_llm, "Thanks for reading.", to="fr", source="en", beams=2)
     ids, controls = sent[0]
     assert ids == base_llm.encode(plain_prompt("Thanks for reading.", languages.resolve("en"), languages.resolve("fr")))
+    sent.clear()  # a document is text: a special token spelled in it is not the special id
+    special = next(t for t in ("<|im_end|>", "<|endoftext|>", "</s>") if base_llm.tokenizer.token_to_id(t) is not None)
+    translate(base_llm, f"Stop here {special} please.", to="fr", source="en", beams=1)
+    assert base_llm.tokenizer.token_to_id(special) not in sent[0][0]
     assert controls["stop"] == ["\n"] and controls["num_beams"] == 2
     assert "\n" not in out
     out = translate(base_llm, FIXTURE, to="fr", source="en", beams=2)
