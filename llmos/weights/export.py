@@ -156,14 +156,8 @@ def hf_config(config: ModelConfig, tokenizer: Tokenizer | None = None) -> dict[s
     arch_name = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"}[model_type]
     out: dict[str, Any] = {
-        "architectures": [arch_name], "model_type": model_type,
-        "vocab_size": config.vocab_size, "hidden_size": config.dim, "intermediate_size": config.ffn_dim,
-        "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
-        "num_key_value_heads": config.n_kv_heads,
-        "max_position_embeddings": config.max_seq_len, "rms_norm_eps": config.norm_eps,
-        "rope_theta": config.rope_theta, "hidden_act": "silu",
-        "tie_word_embeddings": config.tie_embeddings, "attention_bias": False,
-        "torch_dtype": "float32", **ids,
+        "architectures": [arch_name], "model_type": model_type, **_decoder_fields(config),
+        "rope_theta": config.rope_theta, "hidden_act": "silu", "attention_bias": False, **ids,
     }
     if config.head_dim is not None:
         out["head_dim"] = config.head_dim
@@ -183,23 +177,29 @@ def hf_config(config: ModelConfig, tokenizer: Tokenizer | None = None) -> dict[s
     return out
 
 
+def _decoder_fields(config: ModelConfig) -> dict[str, Any]:
+    """The config.json keys every RMSNorm decoder (Llama's, Gemma 2's, Gemma 3's) names alike: what
+    config._hf_decoder_fields reads back."""
+    return {
+        "vocab_size": config.vocab_size, "hidden_size": config.dim, "intermediate_size": config.ffn_dim,
+        "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads, "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps, "tie_word_embeddings": config.tie_embeddings, "torch_dtype": "float32",
+    }
+
+
 def _int_if_whole(x: float | None) -> float | int | None:
     return int(x) if x is not None and float(x).is_integer() else x  # transformers types some of these int
 
 
 def _gemma2_hf_config(config: ModelConfig, ids: dict[str, Any]) -> dict[str, Any]:
     return {
-        "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2",
-        "vocab_size": config.vocab_size, "hidden_size": config.dim, "intermediate_size": config.ffn_dim,
-        "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
-        "num_key_value_heads": config.n_kv_heads, "head_dim": config.head_size,
-        "max_position_embeddings": config.max_seq_len, "rms_norm_eps": config.norm_eps,
-        "rope_theta": config.rope_theta, "hidden_activation": "gelu_pytorch_tanh" if config.act == "gelu_new" else "gelu",
-        "tie_word_embeddings": config.tie_embeddings, "attention_bias": False,
+        "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", **_decoder_fields(config),
+        "head_dim": config.head_size, "rope_theta": config.rope_theta,
+        "hidden_activation": "gelu_pytorch_tanh" if config.act == "gelu_new" else "gelu", "attention_bias": False,
         "sliding_window": config.sliding_window, "layer_types": list(config.layer_types or ()),
         "query_pre_attn_scalar": _int_if_whole(config.query_pre_attn_scalar),
-        "attn_logit_softcapping": config.attn_softcap, "final_logit_softcapping": config.final_softcap,
-        "torch_dtype": "float32", **ids,
+        "attn_logit_softcapping": config.attn_softcap, "final_logit_softcapping": config.final_softcap, **ids,
     }
 
 
@@ -207,19 +207,15 @@ def _gemma3_hf_config(config: ModelConfig, ids: dict[str, Any]) -> dict[str, Any
     # transformers 5's rope_parameters, one entry per layer kind; the global layers carry any scaling.
     full = {"rope_type": "default", **(config.rope_scaling or {}), "rope_theta": config.rope_theta}
     return {
-        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
-        "vocab_size": config.vocab_size, "hidden_size": config.dim, "intermediate_size": config.ffn_dim,
-        "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
-        "num_key_value_heads": config.n_kv_heads, "head_dim": config.head_size,
-        "max_position_embeddings": config.max_seq_len, "rms_norm_eps": config.norm_eps,
-        "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": config.tie_embeddings,
-        "attention_bias": config.qkv_bias, "sliding_window": config.sliding_window,
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", **_decoder_fields(config),
+        "head_dim": config.head_size, "hidden_activation": "gelu_pytorch_tanh", "attention_bias": config.qkv_bias,
+        "sliding_window": config.sliding_window,
         "layer_types": list(config.layer_types or ("full_attention",) * config.n_layers),
         "query_pre_attn_scalar": _int_if_whole(config.query_pre_attn_scalar),
         "attn_logit_softcapping": None, "final_logit_softcapping": None,
         "rope_parameters": {"full_attention": full,
                             "sliding_attention": {"rope_type": "default", "rope_theta": config.rope_local_theta}},
-        "torch_dtype": "float32", **ids,
+        **ids,
     }
 
 
