@@ -174,24 +174,16 @@ class ModelConfig:
                 raise ConfigError(f"rope scaling {scaling['rope_type']!r} is not supported for gemma2")
             return cls(
                 arch="gemma2",
-                vocab_size=cfg["vocab_size"],
-                dim=cfg["hidden_size"],
-                n_layers=n_layers,
-                n_heads=n_heads,
-                n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-                ffn_dim=cfg["intermediate_size"],
+                **_hf_decoder_fields(cfg, tied=True),
                 max_seq_len=cfg.get("max_position_embeddings", 8192),
-                norm_eps=cfg.get("rms_norm_eps", 1e-6),
                 head_dim=cfg.get("head_dim"),
                 rope_theta=float(rope_theta),
-                tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
                 act=_gelu_name(cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"),
                 sliding_window=cfg.get("sliding_window"),
                 layer_types=tuple(layer_types),
                 query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar") or head_dim),
                 attn_softcap=_float_or_none(cfg.get("attn_logit_softcapping")),
                 final_softcap=_float_or_none(cfg.get("final_logit_softcapping")),
-                name=cfg.get("_name_or_path", ""),
             )
         hidden_act = cfg.get("hidden_act", "silu")
         if hidden_act != "silu":
@@ -200,23 +192,15 @@ class ModelConfig:
             raise ConfigError("Qwen3 with attention biases or sliding-window layers is not supported")
         return cls(
             arch="llama",
-            vocab_size=cfg["vocab_size"],
-            dim=cfg["hidden_size"],
-            n_layers=cfg["num_hidden_layers"],
-            n_heads=n_heads,
-            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-            ffn_dim=cfg["intermediate_size"],
+            **_hf_decoder_fields(cfg, tied=False),
             max_seq_len=cfg.get("max_position_embeddings", 2048),
-            norm_eps=cfg.get("rms_norm_eps", 1e-6),
             head_dim=cfg.get("head_dim"),
             rope_theta=float(rope_theta),
             rope_scaling=scaling,
             qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             sliding_window=cfg.get("sliding_window") if model_type in ("mistral", "phi3") else None,
             qk_norm=model_type == "qwen3",
             rope_dim=rope_dim,
-            name=cfg.get("_name_or_path", ""),
         )
 
     @classmethod
@@ -314,6 +298,18 @@ class ModelConfig:
             qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
             rope_dim=int(rope_dim) if rope_dim is not None and int(rope_dim) != head_size else None,
         )
+
+
+def _hf_decoder_fields(cfg: dict[str, Any], tied: bool) -> dict[str, Any]:
+    """The fields every RMSNorm decoder's config.json (Llama's, Gemma 2's, Gemma 3's) names alike;
+    `tied`: the family's default for tie_word_embeddings."""
+    n_heads = cfg["num_attention_heads"]
+    return dict(
+        vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
+        n_kv_heads=cfg.get("num_key_value_heads") or n_heads, ffn_dim=cfg["intermediate_size"],
+        norm_eps=cfg.get("rms_norm_eps", 1e-6), tie_embeddings=bool(cfg.get("tie_word_embeddings", tied)),
+        name=cfg.get("_name_or_path", ""),
+    )
 
 
 def _alternating(n_layers: int) -> tuple[str, ...]:
@@ -419,25 +415,16 @@ def _gemma3_from_hf(cls: type[ModelConfig], cfg: dict[str, Any]) -> ModelConfig:
         raise ConfigError(f"rope scaling {scaling['rope_type']!r} is not supported (linear and llama3 are)")
     if local.get("rope_type", "default") != "default":
         raise ConfigError(f"rope scaling {local['rope_type']!r} on sliding layers is not supported")
-    n_heads = cfg["num_attention_heads"]
     return cls(
         arch="gemma3",
-        vocab_size=cfg["vocab_size"],
-        dim=cfg["hidden_size"],
-        n_layers=n_layers,
-        n_heads=n_heads,
-        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-        ffn_dim=cfg["intermediate_size"],
+        **_hf_decoder_fields(cfg, tied=True),
         max_seq_len=cfg.get("max_position_embeddings", 131_072),
-        norm_eps=cfg.get("rms_norm_eps", 1e-6),
         head_dim=cfg.get("head_dim", 256),
         rope_theta=theta,
         rope_scaling=scaling,
         qkv_bias=bool(cfg.get("attention_bias", False)),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
         act="gelu_new",
         sliding_window=cfg.get("sliding_window", 4096),
-        name=cfg.get("_name_or_path", ""),
         query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar", 256)),
         layer_types=tuple(layer_types),
         rope_local_theta=local_theta,

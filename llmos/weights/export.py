@@ -6,8 +6,10 @@ gate/up), is renamed by the inverted table of names.py, and gets the inverse tra
 Conv1D transpose for Hugging Face; llama.cpp's q/k row permutation for GGUF arch "llama").
 
 Each family is written as its own format names it: Qwen3 (q/k norms), Phi-3 (fused qkv and gate/up,
-LongRoPE factors: as metadata in config.json, as the rope_factors_short/long tensors in GGUF) and
-Gemma 2 (llama.cpp stores its norms as 1 + weight).
+LongRoPE factors: as metadata in config.json, as the rope_factors_short/long tensors in GGUF), Gemma 2
+(llama.cpp stores its norms as 1 + weight) and Gemma 3 (Gemma3ForCausalLM, model_type gemma3_text, whose
+norms Hugging Face stores as w of the (1 + w) gemma3.py holds; GGUF arch gemma3 stores 1 + w). A
+family or a config a format cannot carry is refused in one line, never written as another family.
 
 Contract:
 - `save_hf(model, config, tokenizer, folder)` writes config.json, model.safetensors (unfused Hugging
@@ -62,10 +64,15 @@ def gemma_norm_to_gguf(w: torch.Tensor) -> torch.Tensor:
     return w + 1.0
 
 
+def gemma3_norm_to_hf(w: torch.Tensor) -> torch.Tensor:
+    """The inverse of load.gemma_norm: gemma3.py holds the multiplier (1 + w), Hugging Face files w."""
+    return w - 1.0
+
+
 def split_fused(state: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """Canonical state with fused projections split into their parts (the inverse of load.fuse);
     Phi-3's formats keep them fused."""
-    if config.arch not in ("llama", "gemma2") or hf_model_type(config) == "phi3":
+    if config.arch not in ("llama", "gemma2", "gemma3") or hf_model_type(config) == "phi3":
         return dict(state)
     hd = config.head_size
     sizes = {
@@ -112,6 +119,10 @@ def _plain_state(model: nn.Module, config: ModelConfig) -> dict[str, torch.Tenso
 def hf_model_type(config: ModelConfig) -> str:
     if config.arch in ("gpt2", "gemma2"):
         return config.arch
+    if config.arch == "gemma3":
+        return "gemma3_text"
+    if config.arch != "llama":  # every other family would be written as a Llama's names and config
+        raise LlmosError(f"export of {config.arch} models is not supported")
     if config.qk_norm:
         return "qwen3"
     if config.rotary_dim != config.head_size or (config.rope_scaling or {}).get("rope_type") == "longrope":
@@ -140,17 +151,13 @@ def hf_config(config: ModelConfig, tokenizer: Tokenizer | None = None) -> dict[s
     model_type = hf_model_type(config)
     if model_type == "gemma2":
         return _gemma2_hf_config(config, ids)
+    if model_type == "gemma3_text":
+        return _gemma3_hf_config(config, ids)
     arch_name = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"}[model_type]
     out: dict[str, Any] = {
-        "architectures": [arch_name], "model_type": model_type,
-        "vocab_size": config.vocab_size, "hidden_size": config.dim, "intermediate_size": config.ffn_dim,
-        "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
-        "num_key_value_heads": config.n_kv_heads,
-        "max_position_embeddings": config.max_seq_len, "rms_norm_eps": config.norm_eps,
-        "rope_theta": config.rope_theta, "hidden_act": "silu",
-        "tie_word_embeddings": config.tie_embeddings, "attention_bias": False,
-        "torch_dtype": "float32", **ids,
+        "architectures": [arch_name], "model_type": model_type, **_decoder_fields(config),
+        "rope_theta": config.rope_theta, "hidden_act": "silu", "attention_bias": False, **ids,
     }
     if config.head_dim is not None:
         out["head_dim"] = config.head_dim
@@ -170,23 +177,45 @@ def hf_config(config: ModelConfig, tokenizer: Tokenizer | None = None) -> dict[s
     return out
 
 
+def _decoder_fields(config: ModelConfig) -> dict[str, Any]:
+    """The config.json keys every RMSNorm decoder (Llama's, Gemma 2's, Gemma 3's) names alike: what
+    config._hf_decoder_fields reads back."""
+    return {
+        "vocab_size": config.vocab_size, "hidden_size": config.dim, "intermediate_size": config.ffn_dim,
+        "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads, "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps, "tie_word_embeddings": config.tie_embeddings, "torch_dtype": "float32",
+    }
+
+
 def _int_if_whole(x: float | None) -> float | int | None:
     return int(x) if x is not None and float(x).is_integer() else x  # transformers types some of these int
 
 
 def _gemma2_hf_config(config: ModelConfig, ids: dict[str, Any]) -> dict[str, Any]:
     return {
-        "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2",
-        "vocab_size": config.vocab_size, "hidden_size": config.dim, "intermediate_size": config.ffn_dim,
-        "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
-        "num_key_value_heads": config.n_kv_heads, "head_dim": config.head_size,
-        "max_position_embeddings": config.max_seq_len, "rms_norm_eps": config.norm_eps,
-        "rope_theta": config.rope_theta, "hidden_activation": "gelu_pytorch_tanh" if config.act == "gelu_new" else "gelu",
-        "tie_word_embeddings": config.tie_embeddings, "attention_bias": False,
+        "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", **_decoder_fields(config),
+        "head_dim": config.head_size, "rope_theta": config.rope_theta,
+        "hidden_activation": "gelu_pytorch_tanh" if config.act == "gelu_new" else "gelu", "attention_bias": False,
         "sliding_window": config.sliding_window, "layer_types": list(config.layer_types or ()),
         "query_pre_attn_scalar": _int_if_whole(config.query_pre_attn_scalar),
-        "attn_logit_softcapping": config.attn_softcap, "final_logit_softcapping": config.final_softcap,
-        "torch_dtype": "float32", **ids,
+        "attn_logit_softcapping": config.attn_softcap, "final_logit_softcapping": config.final_softcap, **ids,
+    }
+
+
+def _gemma3_hf_config(config: ModelConfig, ids: dict[str, Any]) -> dict[str, Any]:
+    # transformers 5's rope_parameters, one entry per layer kind; the global layers carry any scaling.
+    full = {"rope_type": "default", **(config.rope_scaling or {}), "rope_theta": config.rope_theta}
+    return {
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", **_decoder_fields(config),
+        "head_dim": config.head_size, "hidden_activation": "gelu_pytorch_tanh", "attention_bias": config.qkv_bias,
+        "sliding_window": config.sliding_window,
+        "layer_types": list(config.layer_types or ("full_attention",) * config.n_layers),
+        "query_pre_attn_scalar": _int_if_whole(config.query_pre_attn_scalar),
+        "attn_logit_softcapping": None, "final_logit_softcapping": None,
+        "rope_parameters": {"full_attention": full,
+                            "sliding_attention": {"rope_type": "default", "rope_theta": config.rope_local_theta}},
+        **ids,
     }
 
 
@@ -201,6 +230,8 @@ def hf_state_dict(model: nn.Module, config: ModelConfig) -> dict[str, torch.Tens
     for key, value in state.items():
         if config.arch == "gpt2" and key.endswith(names.HF_GPT2_CONV1D):
             value = value.t()
+        if config.arch == "gemma3" and key.endswith(names.GEMMA3_NORMS):
+            value = gemma3_norm_to_hf(value)
         out[inverse.rename(key)] = value.contiguous()
     return out
 
@@ -228,13 +259,14 @@ def save_tokenizer(tokenizer: Tokenizer, folder: str | Path, max_len: int | None
 def save_hf(model: nn.Module, config: ModelConfig, tokenizer: Tokenizer | None, folder: str | Path) -> Path:
     """Write a Hugging Face model folder; returns it."""
     folder = Path(folder)
+    meta = hf_config(config, tokenizer)  # first: a family export cannot write is refused before any file
     folder.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None:
         save_tokenizer(tokenizer, folder, config.max_seq_len)
     tmp = folder / f".model.safetensors.tmp-{os.getpid()}"
     save_file(hf_state_dict(model, config), str(tmp), metadata={"format": "pt"})
     commit(tmp, folder / "model.safetensors")
-    write_atomically(folder / "config.json", json.dumps(hf_config(config, tokenizer), indent=2))
+    write_atomically(folder / "config.json", json.dumps(meta, indent=2))
     return folder
 
 
@@ -250,6 +282,11 @@ def gguf_arch(config: ModelConfig) -> str:
             raise LlmosError("GGUF export of this Gemma 2 is not supported: llama.cpp fixes its query scale and layer "
                              "pattern, and this config differs; export --format hf")
         return "gemma2"
+    if config.arch == "gemma3":
+        _check_llamacpp_gemma3(config)
+        return "gemma3"
+    if config.arch != "llama":  # every other family would be written as a Llama's names and metadata
+        raise LlmosError(f"GGUF export of {config.arch} models is not supported")
     if config.qk_norm:
         return "qwen3"
     if hf_model_type(config) == "phi3":
@@ -260,6 +297,19 @@ def gguf_arch(config: ModelConfig) -> str:
         raise LlmosError(f"GGUF export of {config.rope_scaling.get('rope_type')} rope scaling is not supported; export --format hf")
     # llama.cpp's "qwen2" is llama with q/k/v biases and without the q/k permutation.
     return "qwen2" if config.qkv_bias else "llama"
+
+
+def _check_llamacpp_gemma3(config: ModelConfig) -> None:
+    """llama.cpp's gemma3 fixes what this format does not store: every sixth layer global, the local RoPE
+    base 10,000, queries scaled by the head size (by dim / n_heads in the 62-layer 27B), a tied head
+    and no biases (weights/config.py reads a gemma3 file so). A config that differs is refused."""
+    scalar = config.dim // config.n_heads if config.n_layers == 62 else config.head_size
+    pattern = tuple("sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(config.n_layers))
+    scaling = (config.rope_scaling or {}).get("rope_type", "linear")
+    if config.query_pre_attn_scalar != scalar or config.layer_types != pattern or config.rope_local_theta != 10_000.0 \
+            or scaling != "linear" or not config.tie_embeddings or config.qkv_bias:
+        raise LlmosError("GGUF export of this Gemma 3 is not supported: llama.cpp fixes its query scale, layer pattern, "
+                         "local RoPE base and tied head (linear rope scaling only), and this config differs; export --format hf")
 
 
 def gguf_tensors(model: nn.Module, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
@@ -305,17 +355,15 @@ def save_gguf(model: nn.Module, config: ModelConfig, tokenizer: Tokenizer, path:
         writer.add_layer_norm_rms_eps(config.norm_eps)
         writer.add_rope_freq_base(config.rope_theta)
         writer.add_rope_dimension_count(config.rotary_dim)
-        if config.head_dim is not None and config.head_dim != config.dim // config.n_heads:
-            writer.add_key_length(config.head_dim)
-            writer.add_value_length(config.head_dim)
+        if arch in ("gemma2", "gemma3") or config.head_size != config.dim // config.n_heads:
+            writer.add_key_length(config.head_size)  # Gemma readers take 256 when it is absent
+            writer.add_value_length(config.head_size)
         if arch == "phi3":
             _add_phi3_rope(writer, config)
         elif config.rope_scaling is not None:
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(float(config.rope_scaling["factor"]))
-        if arch == "gemma2":
-            writer.add_key_length(config.head_size)
-            writer.add_value_length(config.head_size)
+        if arch in ("gemma2", "gemma3"):
             writer.add_sliding_window(config.sliding_window or 0)
             if config.attn_softcap is not None:
                 writer.add_attn_logit_softcapping(config.attn_softcap)

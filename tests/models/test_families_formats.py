@@ -1,4 +1,4 @@
-"""Gemma 2, Qwen3 and Phi-3 through every format and engine path, against transformers.
+"""Gemma 2, Gemma 3, Qwen3 and Phi-3 through every format and engine path, against transformers.
 
 - GGUF as llama.cpp writes it: the reference's tensors renamed by gguf-py's own TensorNameMap for the
   architecture, with the converter's transforms (Gemma norms stored as 1 + weight, Phi-3's LongRoPE
@@ -21,6 +21,7 @@ import torch
 import transformers
 
 from llmos.engine import native
+from llmos.errors import LlmosError
 from llmos.engine.batch import BatchEngine, Request
 from llmos.engine.beam import beam_search
 from llmos.engine.generate import Generation
@@ -31,9 +32,10 @@ from llmos.tokenizer import Tokenizer, _byte_alphabet
 from llmos.weights.export import save_gguf, save_hf
 from llmos.weights.gguf import GGUFFile
 from llmos.weights.load import load_gguf, load_hf, open_gguf_config, read_hf_config
+import hf_reference
 from test_families_parity import CONFIGS, ORIGINAL, reference
 
-GGUF_ARCH = {"gemma2": "gemma2", "qwen3": "qwen3", "qwen3-tied": "qwen3", "phi3-longrope": "phi3", "phi3-partial": "phi3"}
+GGUF_ARCH = {"gemma2": "gemma2", "gemma3": "gemma3", "qwen3": "qwen3", "qwen3-tied": "qwen3", "phi3-longrope": "phi3", "phi3-partial": "phi3"}
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +56,27 @@ def tokenizer(tmp_path_factory) -> Tokenizer:
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def pair(request, tmp_path_factory):
     ref = reference(request.param)
-    folder = tmp_path_factory.mktemp(request.param)
-    ref.save_pretrained(folder)
-    return request.param, ref, load_hf(folder, read_hf_config(folder))
+    return request.param, ref, hf_reference.saved_and_loaded(ref, tmp_path_factory.mktemp(request.param))[0]
+
+
+def _llamacpp_expressible(kind: str, model):
+    """(model, config) with the same weights and the query scale, layer pattern and local RoPE base
+    llama.cpp fixes for the Gemmas (which their GGUF files therefore cannot carry); others unchanged."""
+    import dataclasses
+
+    config = model.config
+    if kind == "gemma2":
+        config = dataclasses.replace(config, query_pre_attn_scalar=float(config.head_size))
+    elif kind == "gemma3":
+        kinds = tuple("sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(config.n_layers))
+        config = dataclasses.replace(config, query_pre_attn_scalar=float(config.head_size), layer_types=kinds,
+                                     rope_local_theta=10_000.0)
+    else:
+        return model, config
+    same = type(model)(config)
+    same.load_state_dict(model.state_dict())
+    same.tie_weights()
+    return same.eval(), config
 
 
 def _logits(model, tokens: torch.Tensor) -> torch.Tensor:
@@ -89,15 +109,21 @@ def write_llamacpp_gguf(ref, kind: str, path, tokenizer: Tokenizer) -> None:
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    rope = c.rope_parameters.get("full_attention", c.rope_parameters)  # Gemma 3: one entry per layer kind
+    w.add_rope_freq_base(rope["rope_theta"])
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    if arch in ("gemma2", "qwen3"):
+    if arch in ("gemma2", "gemma3", "qwen3"):
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     if arch == "gemma2":
         w.add_sliding_window(c.sliding_window)
         w.add_attn_logit_softcapping(c.attn_logit_softcapping)
         w.add_final_logit_softcapping(c.final_logit_softcapping)
+    if arch == "gemma3":
+        w.add_sliding_window(c.sliding_window)
+        if rope.get("rope_type") == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(rope["factor"])
     if arch == "phi3":
         rope = c.rope_parameters
         rot = int(head_dim * rope.get("partial_rotary_factor", 1.0))
@@ -118,7 +144,7 @@ def write_llamacpp_gguf(ref, kind: str, path, tokenizer: Tokenizer) -> None:
         if name == "lm_head.weight" and tied:
             continue
         data = t.float().numpy()
-        if arch == "gemma2" and name.endswith("norm.weight"):
+        if arch in ("gemma2", "gemma3") and name.endswith("norm.weight"):
             data = data + 1  # the converter's Gemma norm layout
         w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), data)
     w.write_header_to_file()
@@ -137,6 +163,10 @@ def test_llamacpp_gguf_matches_transformers(pair, tmp_path, tokenizer):
     if kind == "gemma2":  # the file cannot carry this config's query scale (20): llama.cpp derives it
         assert config.query_pre_attn_scalar == config.head_size != ref.config.query_pre_attn_scalar
         return  # test_llamacpp_gguf_gemma2 compares logits with a scale llama.cpp can express
+    if kind == "gemma3":  # nor this one's query scale, layer pattern or local base: llama.cpp fixes them
+        assert config.query_pre_attn_scalar == config.head_size and config.rope_local_theta == 10_000.0
+        assert config.layer_types == ("sliding_attention",) * 3 and config.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+        return  # test_llamacpp_gguf_gemma3 compares logits with a config llama.cpp can express
     tokens = _prompt()
     diff = (_logits(model, tokens) - _hf_logits(ref, tokens)).abs().max().item()
     assert diff < 1e-4, (kind, diff)
@@ -166,12 +196,34 @@ def test_llamacpp_gguf_gemma2(tmp_path, tokenizer):
     assert diff < 1e-4, diff
 
 
+def test_llamacpp_gguf_gemma3(tmp_path, tokenizer):
+    """Gemma 3 as llama.cpp runs it: every sixth layer global, local RoPE base 10,000, the global one
+    from the file with its linear scaling, queries scaled by the head size, norms as 1 + weight."""
+    cfg = transformers.Gemma3TextConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=112, num_hidden_layers=7, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=24, query_pre_attn_scalar=24, sliding_window=8, max_position_embeddings=128,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 50000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+    ref = hf_reference.reference(cfg, matrices=4.0)
+    assert ref.config.layer_types[5] == "full_attention" != ref.config.layer_types[6]
+    path = tmp_path / "gemma3.gguf"
+    write_llamacpp_gguf(ref, "gemma3", path, tokenizer)
+    with GGUFFile(path) as g:
+        config = open_gguf_config(g)
+        model = load_gguf(g, config)
+    assert config.layer_types == tuple(ref.config.layer_types) and config.rope_theta == 50000.0
+    tokens = _prompt()  # 40 tokens: past the window of 8
+    diff = (_logits(model, tokens) - _hf_logits(ref, tokens)).abs().max().item()
+    assert diff < 1e-4, diff
+
+
 # --- export ------------------------------------------------------------------------------------------
 
 def test_hf_export_matches_transformers(pair, tmp_path, tokenizer):
     kind, _, model = pair
     folder = save_hf(model, model.config, tokenizer, tmp_path / kind)
-    assert json.loads((folder / "config.json").read_text())["model_type"] == kind.split("-")[0]
+    written = json.loads((folder / "config.json").read_text())
+    assert written["model_type"] == {"gemma3": "gemma3_text"}.get(kind, kind.split("-")[0])
     back = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
     tokens = _prompt()
     expected = _logits(model, tokens)
@@ -183,15 +235,11 @@ def test_hf_export_matches_transformers(pair, tmp_path, tokenizer):
 
 def test_gguf_export_round_trip(pair, tmp_path, tokenizer):
     kind, _, model = pair
-    config = model.config
-    if kind == "gemma2":
-        with pytest.raises(Exception, match="query scale"):
-            save_gguf(model, config, tokenizer, tmp_path / "refused.gguf")
-        import dataclasses
-        config = dataclasses.replace(config, query_pre_attn_scalar=float(config.head_size))
-        model = type(model)(config)
-        model.load_state_dict(pair[2].state_dict())
-        model.tie_weights()
+    if kind.startswith("gemma"):
+        with pytest.raises(LlmosError, match="query scale"):
+            save_gguf(model, model.config, tokenizer, tmp_path / "refused.gguf")
+        assert not (tmp_path / "refused.gguf").exists()
+    model, config = _llamacpp_expressible(kind, model)
     with torch.no_grad():  # fp16-exact weights: F16 export loses nothing, so the round trip is exact
         for p in model.parameters():
             p.copy_(p.half().float())
@@ -211,6 +259,34 @@ def test_gguf_export_round_trip(pair, tmp_path, tokenizer):
         assert (want[key] - got[key]).abs().max().item() < 1e-6, (kind, key)
     tokens = _prompt()
     assert (_logits(back, tokens) - _logits(model, tokens)).abs().max().item() < 1e-5, kind
+
+
+def test_export_refuses_what_a_format_cannot_carry(tmp_path, tokenizer):
+    """Each refusal is one line, and nothing is written under another family's names: a Gemma 3 whose
+    head is untied or whose global RoPE is llama3-scaled has no llama.cpp gemma3 form, and a family
+    export does not know (here BERT's config) is never written as a Llama."""
+    import dataclasses
+
+    from llmos.config import ModelConfig
+    from llmos.weights.export import gguf_arch, hf_model_type
+    from llmos.weights.load import build_model
+
+    torch.manual_seed(0)
+    gemma, config = _llamacpp_expressible("gemma3", build_model(ModelConfig.from_hf_json(CONFIGS["gemma3"]().to_dict()), "cpu"))
+    assert gguf_arch(config) == "gemma3" and hf_model_type(config) == "gemma3_text"
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 32}
+    for bad in (dataclasses.replace(config, tie_embeddings=False), dataclasses.replace(config, rope_scaling=llama3)):
+        with pytest.raises(LlmosError, match="GGUF export of this Gemma 3 is not supported") as info:
+            save_gguf(gemma, bad, tokenizer, tmp_path / "refused.gguf")
+        assert "\n" not in str(info.value)
+    assert not (tmp_path / "refused.gguf").exists()
+    bert = dataclasses.replace(config, arch="bert")
+    with pytest.raises(LlmosError, match="GGUF export of bert models is not supported"):
+        save_gguf(gemma, bert, tokenizer, tmp_path / "bert.gguf")
+    with pytest.raises(LlmosError, match="export of bert models is not supported"):
+        save_hf(gemma, bert, tokenizer, tmp_path / "bert")
+    assert not (tmp_path / "bert").exists()
 
 
 # --- engines -----------------------------------------------------------------------------------------
@@ -327,18 +403,10 @@ def test_full_finetune_run_resumes_its_config(pair, tmp_path, tokenizer):
 
 def test_q8_0_gguf_through_the_api(pair, tmp_path, tokenizer):
     """llmos.load of an exported Q8_0 GGUF file (tokenizer inside): text out, logits near fp32's."""
-    import dataclasses
-
     import llmos
 
     kind, _, model = pair
-    config = model.config
-    if kind == "gemma2":  # a query scale llama.cpp can express
-        config = dataclasses.replace(config, query_pre_attn_scalar=float(config.head_size))
-        model = type(model)(config)
-        model.load_state_dict(pair[2].state_dict())
-        model.tie_weights()
-        model.eval()
+    model, config = _llamacpp_expressible(kind, model)  # a query scale and layer pattern llama.cpp can express
     path = save_gguf(model, config, tokenizer, tmp_path / f"{kind}.q8_0.gguf", qtype="q8_0")
     llm = llmos.load(str(path), dtype="fp32")
     ids = tokenizer.encode("valve V-12 is inspected every")

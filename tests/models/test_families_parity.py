@@ -1,10 +1,13 @@
-"""Gemma 2, Qwen3 and Phi-3 against transformers on tiny random configs, through the production loader.
+"""Gemma 2, Gemma 3, Qwen3 and Phi-3 against transformers on tiny random configs, through the production loader.
 
 Shaped like test_hf_parity.py: each config is saved with `save_pretrained` and loaded by llmos from the
 folder; fp32 logits agree within 1e-4 over a prompt and greedy decoding gives the same 32 tokens. The
 configs make each family's own parts matter: Gemma 2's prompts are longer than its sliding window and
-its soft-caps are small enough to bind; Qwen3's head size differs from dim / heads; Phi-3's prompts run
-past original_max_position_embeddings, so LongRoPE's long factors (and its attention factor) are used.
+its soft-caps are small enough to bind; Gemma 3 mixes sliding and global layers with their own RoPE
+bases (the global one scaled); Qwen3's head size differs from dim / heads; Phi-3's prompts run past
+original_max_position_embeddings, so LongRoPE's long factors (and its attention factor) are used.
+test_gemma3_parity.py has Gemma 3's own cases; this config is the one the format tests
+(test_families_formats.py) export and fine-tune.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import transformers
 from llmos.engine.generate import Generation, prefill
 from llmos.engine.sampling import SamplingParams
 from llmos.models.kv_cache import KVCache
-from llmos.weights.load import load_hf, read_hf_config
+import hf_reference
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
             num_attention_heads=4, max_position_embeddings=128)
@@ -32,6 +35,11 @@ CONFIGS = {
     "gemma2": lambda: transformers.Gemma2Config(**TINY, num_key_value_heads=2, head_dim=24, sliding_window=WINDOW,
                                                 query_pre_attn_scalar=20, attn_logit_softcapping=2.0,
                                                 final_logit_softcapping=3.0),
+    "gemma3": lambda: transformers.Gemma3TextConfig(
+        **TINY, num_key_value_heads=2, head_dim=24, sliding_window=WINDOW, query_pre_attn_scalar=20,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 50000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}}),
     "qwen3": lambda: transformers.Qwen3Config(**TINY, num_key_value_heads=2, head_dim=24, tie_word_embeddings=False),
     "qwen3-tied": lambda: transformers.Qwen3Config(**TINY, num_key_value_heads=1, tie_word_embeddings=True),
     "phi3-longrope": lambda: transformers.Phi3Config(**{**TINY, "max_position_embeddings": 256}, num_key_value_heads=2,
@@ -46,24 +54,15 @@ CONFIGS = {
 
 
 def reference(kind: str):
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[kind](), attn_implementation="eager").eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:  # off their init, so a norm read the wrong way shows
-                p.add_(torch.randn_like(p) * 0.1)
-            elif p.dim() == 2:  # larger weights: logits and attention scores reach the soft-caps
-                p.mul_(4.0)
-    return model
+    # norms off their init, so a norm read the wrong way shows; larger weights: logits and attention
+    # scores reach the soft-caps
+    return hf_reference.reference(CONFIGS[kind](), matrices=4.0)
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def pair(request, tmp_path_factory):
     ref = reference(request.param)
-    folder = tmp_path_factory.mktemp(request.param)
-    ref.save_pretrained(folder)
-    config = read_hf_config(folder)
-    return request.param, ref, load_hf(folder, config), config
+    return request.param, ref, *hf_reference.saved_and_loaded(ref, tmp_path_factory.mktemp(request.param))
 
 
 def test_config_reads_the_family(pair):
@@ -72,6 +71,11 @@ def test_config_reads_the_family(pair):
         assert config.arch == "gemma2" and config.sliding_window == WINDOW and config.query_pre_attn_scalar == 20
         assert config.layer_types == ("sliding_attention", "full_attention", "sliding_attention")
         assert (config.attn_softcap, config.final_softcap) == (2.0, 3.0) and config.tie_embeddings
+    elif kind == "gemma3":
+        assert config.arch == "gemma3" and config.sliding_window == WINDOW and config.query_pre_attn_scalar == 20
+        assert config.layer_types == ("sliding_attention", "full_attention", "sliding_attention")
+        assert (config.rope_theta, config.rope_local_theta) == (50000.0, 1000.0)
+        assert config.rope_scaling == {"rope_type": "linear", "factor": 2.0} and config.tie_embeddings
     elif kind.startswith("qwen3"):
         assert config.arch == "llama" and config.qk_norm and not config.qkv_bias
     else:
@@ -111,8 +115,7 @@ def test_short_prompt_uses_the_short_factors(pair):
     tokens = torch.randint(0, 256, (1, 20))
     with torch.no_grad():
         assert (model(tokens, torch.arange(20)) - ref(tokens).logits).abs().max().item() < 1e-4, kind
-        expected = ref.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=12, do_sample=False, min_new_tokens=12, eos_token_id=None,
-                                pad_token_id=0)[0, 20:].tolist()
+    expected = hf_reference.hf_greedy(ref, tokens[0].tolist(), 12)
     got = list(Generation(model, tokens[0].tolist(), max_new_tokens=12, params=SamplingParams(temperature=0.0)).tokens())
     assert got == expected, kind
 
@@ -121,10 +124,7 @@ def test_greedy_32_tokens_match(pair):
     kind, ref, model, _ = pair
     torch.manual_seed(4)
     prompt = torch.randint(0, 256, (40,)).tolist()  # past the window (8, 16) and the original context (32)
-    with torch.no_grad():
-        expected = ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                max_new_tokens=32, do_sample=False,
-                                min_new_tokens=32, eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    expected = hf_reference.hf_greedy(ref, prompt, 32)
     got = list(Generation(model, prompt, max_new_tokens=32, params=SamplingParams(temperature=0.0)).tokens())
     assert got == expected, kind
 

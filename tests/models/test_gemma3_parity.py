@@ -16,7 +16,7 @@ import transformers
 from llmos.engine.generate import Generation
 from llmos.engine.sampling import SamplingParams
 from llmos.models.kv_cache import KVCache
-from llmos.weights.load import load_hf, read_hf_config
+from hf_reference import hf_greedy, reference, saved_and_loaded
 
 WINDOW = 16
 CONFIGS = {
@@ -31,26 +31,17 @@ CONFIGS = {
 
 
 def _reference(kind: str):
-    torch.manual_seed(0)
     config = transformers.Gemma3TextConfig(
         vocab_size=256, hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
         head_dim=32, max_position_embeddings=256, sliding_window=WINDOW, **CONFIGS[kind])
-    model = transformers.Gemma3ForCausalLM(config).eval()
     # Norm weights start at zero (a multiplier of 1): give them values so a missed "+1" shows.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.3)
-    return model
+    return reference(config, noise=0.3)
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def pair(request, tmp_path_factory):
     ref = _reference(request.param)
-    folder = tmp_path_factory.mktemp(request.param)
-    ref.save_pretrained(folder)
-    config = read_hf_config(folder)
-    return request.param, ref, load_hf(folder, config), config
+    return request.param, ref, *saved_and_loaded(ref, tmp_path_factory.mktemp(request.param))
 
 
 def test_config_reads_the_layer_kinds(pair):
@@ -91,9 +82,7 @@ def test_window_matters(pair):
 def test_greedy_32_tokens_match(pair):
     kind, ref, model, _ = pair
     prompt = [5, 17, 99, 3, 250, 42, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]  # past the window by the end
-    with torch.no_grad():
-        expected = ref.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
-                                min_new_tokens=32, eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    expected = hf_greedy(ref, prompt, 32)
     got = list(Generation(model, prompt, max_new_tokens=32, params=SamplingParams(temperature=0.0)).tokens())
     assert got == expected, kind
 

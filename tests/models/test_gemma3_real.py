@@ -98,3 +98,26 @@ def test_tokenizer_builds_from_the_file(gemma3_path):
     print(f"gemma3 tokenizer built in {time.perf_counter() - start:.2f} s")
     assert tok.vocab_size == 262144
     assert tok.decode(tok.encode("Où est la gare ?"), skip_special_tokens=True) == "Où est la gare ?"
+
+
+def test_hf_export_reloads_in_transformers(gemma, tmp_path):
+    """The real model exported with save_hf (norms back to Hugging Face's w, tokenizer.json of Gemma's
+    SentencePiece vocabulary): transformers loads the folder and gives llmos' logits and token ids, past
+    the window too; GGUF export refuses that vocabulary in one line (it writes byte-level BPE only)."""
+    transformers = pytest.importorskip("transformers")
+    from llmos.errors import LlmosError
+    from llmos.weights.export import save_gguf, save_hf
+
+    folder = save_hf(gemma.model, gemma.config, gemma.tokenizer, tmp_path / "hf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    for text in TEXTS + PROMPTS:
+        assert gemma.encode(text) == tokenizer.encode(text), text[:40]
+    for prompt in (PROMPTS[1], LONG):
+        ids = gemma.encode(prompt)
+        with torch.no_grad():
+            expected = model(torch.tensor([ids])).logits[0]
+        assert (gemma.logits(ids) - expected).abs().max().item() < 1e-3, prompt[:40]
+    with pytest.raises(LlmosError, match="byte-level BPE"):
+        save_gguf(gemma.model, gemma.config, gemma.tokenizer, tmp_path / "gemma.gguf")
+    assert not (tmp_path / "gemma.gguf").exists()

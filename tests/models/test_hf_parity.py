@@ -13,7 +13,7 @@ import transformers
 from llmos.engine.generate import Generation
 from llmos.engine.sampling import SamplingParams
 from llmos.models.kv_cache import KVCache
-from llmos.weights.load import load_hf, read_hf_config
+from hf_reference import hf_greedy, reference, saved_and_loaded
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
             num_attention_heads=4, max_position_embeddings=128)
@@ -31,24 +31,14 @@ CONFIGS = {
 
 
 def _reference(kind: str):
-    torch.manual_seed(0)
-    config = CONFIGS[kind]()
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     # Random init leaves biases at zero; give them values so a dropped bias cannot pass unnoticed.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name or "ln" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
+    return reference(CONFIGS[kind](), noisy=("bias", "norm", "ln"))
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def pair(request, tmp_path_factory):
     ref = _reference(request.param)
-    folder = tmp_path_factory.mktemp(request.param)
-    ref.save_pretrained(folder)
-    config = read_hf_config(folder)
-    return request.param, ref, load_hf(folder, config), config
+    return request.param, ref, *saved_and_loaded(ref, tmp_path_factory.mktemp(request.param))
 
 
 def test_logits_match(pair):
@@ -65,9 +55,7 @@ def test_logits_match(pair):
 def test_greedy_32_tokens_match(pair):
     kind, ref, model, _ = pair
     prompt = [5, 17, 99, 3, 250, 42]
-    with torch.no_grad():
-        expected = ref.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
-                                min_new_tokens=32, eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    expected = hf_greedy(ref, prompt, 32)
     got = list(Generation(model, prompt, max_new_tokens=32, params=SamplingParams(temperature=0.0)).tokens())
     assert got == expected, kind
 
