@@ -99,12 +99,20 @@ class LLM:
         """Text pieces as tokens are produced (UTF-8 safe; stop strings never leak)."""
         return self._pieces(self.start(self.encode(prompt), controls))
 
+    def chat_ids(self, messages: list[dict[str, str]], add_generation_prompt: bool = True, *,
+                 template: str | None = None, variables: dict[str, Any] | None = None) -> list[int]:
+        """The token ids of a conversation rendered with the model's chat template (or `template`).
+
+        The template already writes any BOS the model wants; message texts never become special
+        tokens (chat, ask, summarize and translate all build their prompts here)."""
+        return self.tokenizer.chat_ids(messages, add_generation_prompt, template=template, variables=variables)
+
     def chat(self, messages: list[dict[str, str]], **controls: Any) -> Completion:
         """Reply to a conversation, rendered with the model's chat template."""
-        return complete(self.start(self._chat_ids(messages), controls, default_new=512))
+        return complete(self.start(self.chat_ids(messages), controls, default_new=512))
 
     def chat_stream(self, messages: list[dict[str, str]], **controls: Any) -> Iterator[str]:
-        return self._pieces(self.start(self._chat_ids(messages), controls, default_new=512))
+        return self._pieces(self.start(self.chat_ids(messages), controls, default_new=512))
 
     # --- tasks (thin: the work lives in llmos/tasks/) --------------------------------------------
     def ask(self, question: str, index: Any = None, **kwargs: Any) -> Any:
@@ -157,12 +165,6 @@ class LLM:
 
         return pieces()
 
-    def _chat_ids(self, messages: list[dict[str, str]], add_generation_prompt: bool = True, *,
-                  template: str | None = None, variables: dict[str, Any] | None = None) -> list[int]:
-        # The template already writes any BOS the model wants; message texts never become special
-        # tokens (chat, ask, summarize and translate all build their prompts here).
-        return self.tokenizer.chat_ids(messages, add_generation_prompt, template=template, variables=variables)
-
 
 class ChatSession:
     """A multi-turn chat that reuses the KV cache of the shared history prefix between turns.
@@ -188,7 +190,7 @@ class ChatSession:
         (also when the caller stops it early, with what was produced so far)."""
         self.messages.append({"role": "user", "content": text})
         try:
-            ids = self.llm._chat_ids(self.messages)
+            ids = self.llm.chat_ids(self.messages)
             run = self.llm.start(ids, {**self.controls, **controls}, default_new=512)
         except Exception:
             self.messages.pop()

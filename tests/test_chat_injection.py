@@ -50,14 +50,14 @@ def test_ordinary_conversations_encode_as_before(tok: Tokenizer) -> None:
 
 
 def test_every_task_inherits_it_through_llm_chat_ids(tok: Tokenizer) -> None:
-    """chat, ask, summarize and translate all build their prompts with LLM._chat_ids (and the chat
+    """chat, ask, summarize and translate all build their prompts with LLM.chat_ids (and the chat
     session with it too): no model weights are needed to check what it hands the engine."""
     llm = LLM(model=None, tokenizer=tok, config=None, path=None)  # type: ignore[arg-type]
     start, _ = markup(tok)
-    assert llm._chat_ids([{"role": "user", "content": INJECTION}]).count(start) == 3
+    assert llm.chat_ids([{"role": "user", "content": INJECTION}]).count(start) == 3
     session = llm.session(system="You are kind.")
     session.messages.append({"role": "user", "content": INJECTION})
-    assert llm._chat_ids(session.messages).count(start) == 3
+    assert llm.chat_ids(session.messages).count(start) == 3
 
 
 def test_a_placeholder_cannot_be_forged(tok: Tokenizer) -> None:

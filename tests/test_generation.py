@@ -130,11 +130,11 @@ def test_bad_arguments_name_the_argument(fast_llm, kwargs, name):
 def test_chat_session_reuses_prefix_and_matches_fresh_chat(fast_llm):
     session = fast_llm.session()
     first = "".join(session.send("My name is Ana. Remember it.", temperature=0, max_new_tokens=24))
-    first_ids = len(fast_llm._chat_ids(session.messages[:1]))
+    first_ids = len(fast_llm.chat_ids(session.messages[:1]))
     assert session.last_prefilled == first_ids
     cached_before = list(session.cache_ids)
     second = "".join(session.send("What is my name?", temperature=0, max_new_tokens=24))
-    full_ids = fast_llm._chat_ids(session.messages[:3])
+    full_ids = fast_llm.chat_ids(session.messages[:3])
     # Exactly the tokens after what the first turn left in the cache were read, and that covered
     # at least the whole first prompt.
     shared = next((i for i, (a, b) in enumerate(zip(cached_before, full_ids)) if a != b), min(len(cached_before), len(full_ids)))

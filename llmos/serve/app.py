@@ -428,7 +428,7 @@ async def chat_completions(request: Request) -> Any:
     if req.documents:
         return await _answer_from_documents(request, server, req, llm, started)
     try:
-        ids = llm._chat_ids([m.turn() for m in req.messages], **_request_template(server, req))
+        ids = llm.chat_ids([m.turn() for m in req.messages], **_request_template(server, req))
     except LlmosError as exc:
         raise S.invalid(str(exc), "messages") from None
     _check_stops(llm, req)
@@ -468,7 +468,7 @@ async def _answer_from_documents(request: Request, server: Server, req: S.ChatCo
         answer = found.declined
     else:
         controls = {**qa.ANSWER_CONTROLS, "max_new_tokens": req.max_tokens or qa.DEFAULT_MAX_NEW_TOKENS}
-        run = _Run(server, [server.submit(llm._chat_ids(found.messages()), controls, "messages")], 1, started)
+        run = _Run(server, [server.submit(llm.chat_ids(found.messages()), controls, "messages")], 1, started)
         if not await run.collect(request):
             return Response(status_code=499)
         done = run.tickets[0].run.choices
@@ -711,7 +711,7 @@ async def tokenize(request: Request) -> Any:
         raise S.invalid("give exactly one of prompt or messages", "prompt")
     try:
         if req.messages is not None:
-            ids = llm._chat_ids([m.turn() for m in req.messages], add_generation_prompt=req.add_generation_prompt)
+            ids = llm.chat_ids([m.turn() for m in req.messages], add_generation_prompt=req.add_generation_prompt)
         else:
             ids = llm.encode(req.prompt, add_special_tokens=req.add_special_tokens)
     except LlmosError as exc:

@@ -18,9 +18,12 @@ import functools
 import re
 import unicodedata
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from llmos.errors import LlmosError
+
+if TYPE_CHECKING:
+    from llmos.tasks.chat_model import ChatModel
 
 
 class Language(NamedTuple):
@@ -205,7 +208,7 @@ KNOWN_MODELS: dict[str, tuple[str, ...]] = {
 }
 
 
-def model_languages(llm: Any) -> tuple[str, ...] | None:
+def model_languages(llm: ChatModel) -> tuple[str, ...] | None:
     """ISO codes the model's files say it was trained on, or None when nothing says."""
     path = Path(llm.path)
     source = path if path.is_file() else path / "README.md"  # what is read, and so what a change shows in
@@ -271,7 +274,7 @@ def _card_languages(readme: Path) -> list[str]:
     return []
 
 
-def support_note(llm: Any, source: Language, target: Language) -> str | None:
+def support_note(llm: ChatModel, source: Language, target: Language) -> str | None:
     """A plain sentence when the model's files say it was not trained on `source` or `target`."""
     langs = model_languages(llm)
     if langs is None:

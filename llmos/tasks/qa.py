@@ -40,7 +40,7 @@ from llmos.tasks import evidence
 from llmos.tasks.evidence import Ranked, Sentence
 
 if TYPE_CHECKING:
-    from llmos.api import LLM
+    from llmos.tasks.chat_model import ChatModel
     from llmos.tasks.index import Index
 
 NOTHING_FOUND = "I found nothing relevant to this question in the indexed documents, so I cannot answer it from them."
@@ -126,7 +126,7 @@ class AnswerStream:
 
 
 def ask(
-    llm: LLM,
+    llm: ChatModel,
     question: str,
     index: Index | None = None,
     *,
@@ -270,7 +270,7 @@ def _standing_on(text: str, sources: list[Source], question: str = "") -> list[S
     return sorted(used, key=lambda s: s.number)
 
 
-def _plain(llm: LLM, question: str, stream: bool, max_new_tokens: int, controls: dict[str, Any]) -> Answer | AnswerStream:
+def _plain(llm: ChatModel, question: str, stream: bool, max_new_tokens: int, controls: dict[str, Any]) -> Answer | AnswerStream:
     messages = [{"role": "user", "content": question}]
     if stream:
         run = llm.chat_stream(messages, max_new_tokens=max_new_tokens, **controls)

@@ -28,7 +28,7 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
@@ -36,6 +36,9 @@ from llmos.errors import LlmosError
 from llmos.generation import complete
 from llmos.tasks import faithful, ingest
 from llmos.tasks.textfiles import require_text
+
+if TYPE_CHECKING:
+    from llmos.tasks.chat_model import ChatModel
 
 STYLES = ("paragraph", "bullets")
 # Chunks stay this small even when the context is larger: a small model keeps track of a 2k-token
@@ -96,7 +99,7 @@ class Summary(str):
         return self
 
 
-def summarize(llm: Any, text: str, *, words: int = 150, style: str = "paragraph", progress: bool = True,
+def summarize(llm: ChatModel, text: str, *, words: int = 150, style: str = "paragraph", progress: bool = True,
               chunk_tokens: int | None = None, check: bool = True, embedder: Any = None, **controls: Any) -> Summary:
     """Summarize `text` in about `words` words as a paragraph or bullets (see the module docstring).
 
@@ -158,7 +161,7 @@ def summarize(llm: Any, text: str, *, words: int = 150, style: str = "paragraph"
 class _Run:
     """Prompts, token budgets and call statistics for one summarize() call."""
 
-    def __init__(self, llm: Any, controls: dict[str, Any], progress: bool) -> None:
+    def __init__(self, llm: ChatModel, controls: dict[str, Any], progress: bool) -> None:
         self.llm, self.progress = llm, progress
         self.max_new = controls.pop("max_new_tokens", None)  # the caller's cap on every call
         self.controls = controls
@@ -193,7 +196,7 @@ class _Run:
 
     def ids(self, kind: str, text: str, words: int) -> list[int]:
         if not self.plain:
-            return self.llm._chat_ids(self.messages(kind, text, words))
+            return self.llm.chat_ids(self.messages(kind, text, words))
         cue = "\n\nKey points:\n- " if kind.endswith("bullets") else "\n\nSummary:"
         return self.llm.tokenizer.text_ids(f"{SYSTEM}\n\n{PROMPTS[kind].format(words=words, text=text)}{cue}")
 

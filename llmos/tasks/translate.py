@@ -37,7 +37,7 @@ import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
@@ -48,6 +48,10 @@ from llmos.tasks.languages import Language
 from llmos.tasks.textfiles import require_text
 
 DEFAULT_MODEL = "gemma3-270m"  # multilingual; the default chat model (SmolLM2) was trained on English only
+
+if TYPE_CHECKING:
+    from llmos.tasks.chat_model import ChatModel
+
 SEGMENT_TOKENS = 200  # a longer unit is cut at sentence ends: small models translate sentences best
 MARGIN = 8
 NON_LATIN = {"ar", "bg", "bn", "el", "fa", "gu", "he", "hi", "ja", "kn", "ko", "mk", "ml", "mr", "ne", "pa", "ru",
@@ -111,7 +115,7 @@ class Translation(str):
         return self
 
 
-def translate(llm: Any, text: str, *, to: str | Language, source: str | Language | None = None, beams: int = 4,
+def translate(llm: ChatModel, text: str, *, to: str | Language, source: str | Language | None = None, beams: int = 4,
               progress: bool = False, **controls: Any) -> Translation:
     """Translate `text` (plain text or Markdown) into `to`; see the module docstring."""
     target = languages.resolve(to)
@@ -394,7 +398,7 @@ _QUOTES = ('"', "'", "\u201c", "\u201d", "\u00ab", "\u00bb", "\u201e")
 
 
 class _Translator:
-    def __init__(self, llm: Any, source: Language, target: Language, beams: int, controls: dict[str, Any]) -> None:
+    def __init__(self, llm: ChatModel, source: Language, target: Language, beams: int, controls: dict[str, Any]) -> None:
         self.llm, self.source, self.target = llm, source, target
         self.max_new = controls.pop("max_new_tokens", None)
         self.controls = {"temperature": 0, "num_beams": beams, "early_stopping": True, "stop": ["\n"],
@@ -414,7 +418,7 @@ class _Translator:
     def _ids(self, text: str) -> list[int]:
         if self.plain:
             return self.llm.tokenizer.text_ids(plain_prompt(text, self.source, self.target))
-        return self.llm._chat_ids([{"role": "system", "content": self.system}, {"role": "user", "content": text}])
+        return self.llm.chat_ids([{"role": "system", "content": self.system}, {"role": "user", "content": text}])
 
     def count(self, text: str) -> int:
         return len(self.llm.encode(text, add_special_tokens=False))

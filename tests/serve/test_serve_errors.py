@@ -231,9 +231,9 @@ def test_errors_inside_generation(tiny_model, monkeypatch):
             def broken(*a, **k):
                 raise KeyError("a bug")
 
-            saved, server.llm._chat_ids = server.llm._chat_ids, broken
+            saved, server.llm.chat_ids = server.llm.chat_ids, broken
             envelope(await client.post(CHAT, json=OK_BODY), 500, code="internal_error")
-            server.llm._chat_ids = saved
+            server.llm.chat_ids = saved
             assert (await client.post(CHAT, json=OK_BODY)).status_code == 200
         server.shutdown()
 

@@ -32,7 +32,7 @@ class Spy:
         real = llm.chat
 
         def chat(messages, **controls):
-            self.calls.append((messages, len(llm._chat_ids(messages)), controls["max_new_tokens"]))
+            self.calls.append((messages, len(llm.chat_ids(messages)), controls["max_new_tokens"]))
             return real(messages, **controls)
 
         monkeypatch.setattr(llm, "chat", chat)
