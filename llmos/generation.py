@@ -3,7 +3,8 @@
 The engine yields token ids; this layer turns them into text the way users expect:
 
 - `parse_controls` validates every keyword a caller may pass (transformers and OpenAI names), and
-  refuses unknown ones, naming them.
+  refuses unknown ones, naming them. `response_format` (OpenAI's json_object / json_schema) becomes
+  a logits mask the engine applies before its warpers (`llmos.json_constraint`).
 - Prompts that do not fit the context fail with both numbers, unless a truncation side is asked for;
   the result then says what was cut.
 - `TextGeneration` yields `Delta`s: UTF-8-safe text pieces per choice, with stop strings held back
@@ -23,12 +24,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
 from llmos.engine.generate import Generation
-from llmos.engine.sampling import SamplingParams
+from llmos.engine.sampling import LogitsMask, SamplingParams
 from llmos.errors import ContextLengthError, LlmosError
+from llmos.json_constraint import JsonFormat, parse_response_format
 from llmos.models.kv_cache import KVCache
 from llmos.tokenizer import Tokenizer
 
@@ -38,7 +39,7 @@ _SAMPLING = set(SamplingParams.__dataclass_fields__)
 _OTHER = {
     "max_new_tokens", "max_length", "min_new_tokens", "stop", "seed", "n", "num_return_sequences",
     "logprobs", "top_logprobs", "truncate", "repetition_guard", "num_beams", "length_penalty",
-    "early_stopping", "processors",
+    "early_stopping", "masks", "response_format",
 }
 
 
@@ -57,7 +58,8 @@ class Controls:
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: bool | str = False
-    processors: tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...] = ()
+    masks: tuple[LogitsMask, ...] = ()  # the engine's hook: after the penalties, before the warpers
+    response_format: JsonFormat | None = None  # constrained JSON output (a mask built per request)
 
 
 def _int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
@@ -117,8 +119,11 @@ def parse_controls(controls: dict[str, Any], defaults: dict[str, Any] | None = N
         num_beams=_int("num_beams", merged.get("num_beams", 1), 1, 64),
         length_penalty=float(length_penalty),
         early_stopping=early,
-        processors=tuple(merged.get("processors", ())),
+        masks=tuple(merged.get("masks", ())),
+        response_format=None if "response_format" not in merged else parse_response_format(merged["response_format"]),
     )
+    if c.num_beams > 1 and (c.masks or c.response_format is not None):
+        raise LlmosError("masks and response_format need sampling or greedy decoding, not beam search", param="num_beams")
     if c.num_beams > 1 and c.n > c.num_beams:
         raise LlmosError(f"n ({c.n}) must not exceed num_beams ({c.num_beams}) with beam search", param="n")
     return c
@@ -367,7 +372,7 @@ class TextGeneration:
             self.model, self.budget.ids, max_new_tokens=self.budget.max_new_tokens, params=c.params,
             stop_ids=self.tokenizer.stop_ids, min_new_tokens=c.min_new_tokens, n=c.n, seed=c.seed,
             cache=self.cache, cached=self.cached, logprobs=(c.logprobs or 0) + (1 if c.logprobs is not None else 0),
-            processors=c.processors, should_stop=self.should_stop,
+            masks=self.masks(), should_stop=self.should_stop,
         )
         self.generation = gen
         states = [self.choice_state(row) for row in range(c.n)]
@@ -385,6 +390,12 @@ class TextGeneration:
             if state.finish_reason is None:
                 yield state.finish(gen.finish_reasons[row] or "length")
         self.choices = [s.choice() for s in states]
+
+    def masks(self) -> tuple[LogitsMask, ...]:
+        """The request's logits masks: its own, then the JSON constraint its response_format asks for."""
+        rf = self.controls.response_format
+        extra = () if rf is None else (rf.mask(self.tokenizer, len(self.budget.ids)),)
+        return self.controls.masks + extra
 
     def _logprob(self, gen: Generation, row: int, token: int) -> TokenLogprob:
         chosen, top_ids, top_vals = gen.last_logprobs

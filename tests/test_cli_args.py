@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from llmos.cli.generate import sampling_kwargs
@@ -25,3 +26,24 @@ def test_the_chat_repl_uses_the_models_recommended_sampling_and_the_loop_guard(d
     assert controls["temperature"] == 0.2 and controls["top_p"] == 0.9  # SmolLM2's card
     args = build_parser().parse_args(["chat", "-t", "0.9"])
     assert chat_controls(Path(default_gguf_path), args)["temperature"] == 0.9  # a flag wins
+
+
+def test_json_schema_reaches_the_controls_as_a_response_format(tmp_path):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    (tmp_path / "point.json").write_text(json.dumps(schema))
+    (tmp_path / "any.json").write_text("{}")
+    args = build_parser().parse_args(["generate", "x", "--json-schema", str(tmp_path / "point.json")])
+    assert sampling_kwargs(args)["response_format"] == {"type": "json_schema",
+                                                        "json_schema": {"name": "point", "schema": schema}}
+    args = build_parser().parse_args(["chat", "--json-schema", str(tmp_path / "any.json")])
+    assert sampling_kwargs(args)["response_format"] == {"type": "json_object"}
+
+
+def test_json_schema_constrains_the_generated_text(llmos_run, tmp_path, default_gguf_path):
+    schema = {"type": "object", "required": ["name"], "additionalProperties": False,
+              "properties": {"name": {"type": "string", "maxLength": 12}}}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    out = llmos_run("generate", "A person:", "-t", "0", "-n", "40", "--model", default_gguf_path,
+                    "--json-schema", str(tmp_path / "s.json"))
+    assert out.returncode == 0, out.stderr
+    assert list(json.loads(out.stdout[len("A person:"):])) == ["name"]

@@ -43,7 +43,27 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     out = {k: getattr(args, k) for k in _CONTROL_ARGS if getattr(args, k) is not None}
     if args.repetition_guard:
         out["repetition_guard"] = True
+    if getattr(args, "json_schema", None) is not None:
+        out["response_format"] = json_schema_format(args.json_schema)
     return out
+
+
+def add_json_schema_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json-schema", type=Path, default=None, metavar="FILE",
+                   help="constrain the output to JSON matching the schema in FILE ('{}' for any object)")
+
+
+def json_schema_format(path: Path) -> dict[str, Any]:
+    """The response_format for a JSON schema file (the controls' own, so llm.generate checks it)."""
+    from llmos.errors import LlmosError
+
+    try:
+        schema = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise LlmosError(f"--json-schema {path}: cannot read a JSON schema: {exc}") from None
+    if schema == {}:
+        return {"type": "json_object"}
+    return {"type": "json_schema", "json_schema": {"name": path.stem, "schema": schema}}
 
 
 def load_model(args: argparse.Namespace):
@@ -58,11 +78,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompt", help="text to continue ('-' reads stdin)")
     add_model_args(p)
     add_sampling_args(p)
+    add_json_schema_arg(p)
     p.add_argument("--quiet", "-q", action="store_true", help="nothing on stderr, even on a model's first load")
     p.set_defaults(func=run_generate)
     c = sub.add_parser("chat", help="interactive chat in the terminal")
     add_model_args(c)
     add_sampling_args(c)
+    add_json_schema_arg(c)
     c.add_argument("--system", default=None, help="system prompt")
     c.set_defaults(func=run_chat)
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from llmos.engine import native
-from llmos.engine.sampling import SamplingParams, process, sample
+from llmos.engine.sampling import LogitsMask, SamplingParams, process, sample
 from llmos.errors import LlmosError
 from llmos.models.kv_cache import KVCache, cache_dtype
 
@@ -70,13 +70,13 @@ class Generation:
         cache: KVCache | None = None,
         cached: int = 0,
         logprobs: int = 0,
-        processors: Sequence[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = (),
+        masks: Sequence[LogitsMask] = (),
         should_stop: Callable[[], bool] | None = None,
     ) -> None:
         """`logprobs`: after each step, `last_logprobs` holds (chosen (B,), top ids (B, k), top
         values (B, k)) from the model's own distribution (log-softmax of the raw logits), as the
-        OpenAI API reports them. `processors`: extra functions (logits (B, V), ids so far (B, N)) ->
-        logits, applied after the sampling controls (constrained decoding plugs in here)."""
+        OpenAI API reports them. `masks`: functions (logits (B, V), ids so far (B, N)) -> logits,
+        applied after the penalties and before the warpers (constrained decoding plugs in here)."""
         if not prompt:
             raise LlmosError("the prompt is empty: give at least one token")
         if max_new_tokens < 0:
@@ -99,7 +99,7 @@ class Generation:
         self.cache, self.cached = cache, min(cached, len(prompt) - 1)  # at least one token to prefill
         self.finish_reasons: list[str | None] = [None] * n
         self.stop_tokens: list[int | None] = [None] * n  # the stop id each row ended on
-        self.logprobs, self.processors = logprobs, tuple(processors)
+        self.logprobs, self.masks = logprobs, tuple(masks)
         self.should_stop = should_stop
         self.last_logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.generated = 0
@@ -129,9 +129,8 @@ class Generation:
                 history[:, :cur] if needs_history else None,
                 history[:, T:cur] if needs_output else None,
                 suppress=stop if step < self.min_new_tokens and stop.numel() else None,
+                masks=self.masks, ids=history[:, :cur] if self.masks else None,
             )
-            for fn in self.processors:
-                logits = fn(logits, history[:, :cur])
             token = sample(logits, self.params, self.generator)  # (B,)
             if self.logprobs:
                 lp = raw.log_softmax(dim=-1)  # (B, V)

@@ -4,20 +4,24 @@ Every function takes logits (B, V) float32 and returns new logits or token ids; 
 Penalties follow the meaning users know: `repetition_penalty` and `no_repeat_ngram_size` as in
 transformers (over prompt and output), `presence_penalty`/`frequency_penalty` as in the OpenAI API
 (over the output only). Order, as transformers and vLLM apply them: bias and penalties, then
-suppressed ids (stop ids under min_new_tokens), then temperature, top-k, top-p, min-p, then a draw
-from the seeded generator. Each function gives the same tensor as the transformers processor of the
+suppressed ids (stop ids under min_new_tokens), then the caller's masks (constrained decoding), then
+temperature, top-k, top-p, min-p, then a draw from the seeded generator. Each function gives the same tensor as the transformers processor of the
 same name (tests/engine/test_sampling.py), ties and -inf included.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from llmos.errors import LlmosError
 
+
+# A logits mask: (logits (B, V), ids so far (B, N)) -> logits with the disallowed tokens at -inf.
+LogitsMask = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 TINY = 1e-30  # a temperature or penalty below this can overflow a logit to inf when it divides it
 
@@ -170,12 +174,15 @@ def process(
     history: torch.Tensor | None = None,
     output: torch.Tensor | None = None,
     suppress: torch.Tensor | None = None,
+    masks: Sequence[LogitsMask] = (),
+    ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Apply bias, penalties and warpers to logits (B, V); history/output are token ids (B, N).
+    """Apply bias, penalties, masks and warpers to logits (B, V); history/output are token ids (B, N).
 
     `suppress`: token ids (S,) set to -inf after the penalties and before the warpers, where
-    transformers' MinNewTokensLengthLogitsProcessor bans stop ids; top-k/top-p/min-p then choose
-    among the tokens that remain allowed.
+    transformers' MinNewTokensLengthLogitsProcessor bans stop ids. `masks` run next, each given the
+    logits and `ids` (B, N), the prompt and output so far. Top-k/top-p/min-p then choose among the
+    tokens that remain allowed.
     """
     if params.logit_bias:
         logits = apply_logit_bias(logits, params.logit_bias)
@@ -193,6 +200,8 @@ def process(
                 logits[row, list(banned)] = -math.inf
     if suppress is not None and suppress.numel():
         logits = logits.index_fill(-1, suppress, -math.inf)
+    for mask in masks:
+        logits = mask(logits, ids)
     if params.greedy:
         return logits
     if params.temperature != 1.0:

@@ -58,8 +58,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from llmos import __version__, store
 from llmos.errors import ContextLengthError, LlmosError
 from llmos.generation import Delta, TokenLogprob, parse_controls
+from llmos.json_constraint import JsonFormat, token_texts
 from llmos.serve import schema as S
-from llmos.serve.json_constraint import OBJECT, JsonConstraint, TokenTexts, check_output, check_schema
 from llmos.serve.metrics import Metrics
 from llmos.serve.stream import DONE, EventStream, merged, sse, wait_disconnect
 from llmos.serve.worker import Aborted, QueueFull, Ticket, Worker, WorkerError
@@ -126,7 +126,6 @@ class Server:
         self.llm: Any = None
         self.sampling: dict[str, float] = {}  # for the controls a request does not set; set on load
         self.worker: Worker | None = None
-        self.texts: TokenTexts | None = None
         self.embedder: Any = None
         self._embed_lock = asyncio.Lock()
         self._token_bytes: dict[int, list[int]] = {}
@@ -156,7 +155,7 @@ class Server:
             path = store.resolve(self.config.model, pull_missing=False)  # never a download
             self.sampling = self.config.sampling if self.config.sampling is not None else sampling_defaults(path, {})
             llm = llmos.load(path, dtype=self.config.dtype, threads=self.config.threads)  # else picked as the CLI picks
-            self.texts = TokenTexts(llm.tokenizer)
+            token_texts(llm.tokenizer)  # built now, not inside the first response_format request
             self.worker = Worker(llm, max_active=self.config.max_active, max_queue=self.config.max_queue)
             self.fingerprint = f"llmos-{__version__}-{llm.dtype}"
             self.llm, self.status = llm, "ok"
@@ -242,6 +241,8 @@ class Server:
             return S.invalid(str(exc), param)
         names = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "logprobs": "top_logprobs"}
         known = names.get(exc.param or "", exc.param if exc.param in S._Sampling.model_fields else None)
+        if (exc.param or "").startswith("response_format"):
+            known = exc.param
         return S.invalid(str(exc), known)
 
     async def get_embedder(self) -> Any:
@@ -433,8 +434,8 @@ async def chat_completions(request: Request) -> Any:
         raise S.invalid(str(exc), "messages") from None
     _check_stops(llm, req)
     controls = req.controls(llm.config.vocab_size)
-    schema = _json_mode(server, req, controls, len(ids))
     ticket = server.submit(ids, controls, "messages")
+    schema = ticket.run.controls.response_format
     run = _Run(server, [ticket], req.n, started)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if req.stream:
@@ -516,31 +517,9 @@ def _check_stops(llm: Any, req: S._Sampling) -> None:
                             "tokens, so it could never match; shorten it", "stop")
 
 
-def _json_mode(server: Server, req: S.ChatCompletionRequest, controls: dict[str, Any], prompt_len: int) -> Any:
-    """Add the JSON constraint for response_format; returns the schema to check the output against
-    (None for json_object, False when the format is plain text)."""
-    rf = req.response_format
-    if rf is None or rf.type == "text":
-        return False
-    schema = rf.json_schema.schema_ if rf.type == "json_schema" else None
-    node = OBJECT
-    if schema is not None:
-        try:
-            node = check_schema(schema)
-        except LlmosError as exc:
-            raise S.invalid(str(exc), "response_format.json_schema.schema") from None
-    params = server.validate(controls, "response_format").params
-    # The warpers run inside the constraint, after its mask (see json_constraint's docstring).
-    controls.update(top_k=0, top_p=1.0, min_p=0.0)
-    controls["processors"] = (JsonConstraint(server.texts, node, prompt_len, server.llm.tokenizer.stop_ids,
-                                             greedy=params.greedy, top_k=params.top_k, top_p=params.top_p,
-                                             min_p=params.min_p),)
-    return schema
-
-
-def _check_json(schema: Any, choice: _Choice) -> None:
-    if schema is not False and choice.finish == "stop":
-        problem = check_output(choice.text, schema)
+def _check_json(fmt: JsonFormat | None, choice: _Choice) -> None:
+    if fmt is not None and choice.finish == "stop":
+        problem = fmt.problem(choice.text)
         if problem:
             log.warning("constrained JSON output does not match the requested format: %s", problem)
 
@@ -575,7 +554,7 @@ def _event_stream(run: _Run, base: dict[str, Any], usage: bool, choices: AsyncIt
     return EventStream(events(), run.tickets)
 
 
-async def _chat_chunks(server: Server, run: _Run, schema: Any) -> AsyncIterator[dict[str, Any]]:
+async def _chat_chunks(server: Server, run: _Run, schema: JsonFormat | None) -> AsyncIterator[dict[str, Any]]:
     def choice(index: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None) -> dict[str, Any]:
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 

@@ -209,6 +209,8 @@ class ChatCompletionRequest(_Sampling):
         c = super().controls(vocab_size)
         if self.logprobs:
             c["logprobs"] = self.top_logprobs or 0
+        if self.response_format is not None:  # the library constrains the output (llmos.json_constraint)
+            c["response_format"] = self.response_format.model_dump(by_alias=True, exclude_none=True)
         return c
 
 

@@ -5,9 +5,9 @@ worker thread pushes each delta into its ticket's asyncio queue with `loop.call_
 Each turn of the thread advances every active request, in one of two ways:
 
 - Batched: a request the continuous-batching engine runs exactly as it would run alone (one choice,
-  no beams, no logprobs, no logits processors, prompt + max tokens within the engine's slot) joins
-  the worker's `BatchEngine`. One turn is one engine step: a single forward pass decodes a token for
-  every such request at once. Each token goes through the request's `ChoiceState` (detokenization,
+  no beams, no logprobs, no logits masks or response_format, prompt + max tokens within the
+  engine's slot) joins the worker's `BatchEngine`. One turn is one engine step: a single forward
+  pass decodes a token for every such request at once. Each token goes through the request's `ChoiceState` (detokenization,
   stop strings, the loop guard: the same code `TextGeneration` runs) to become its Deltas; a choice
   that ends on a stop string or a loop leaves the engine at once.
 - Round-robin: every other request runs its own `TextGeneration`, advanced by one delta per turn.
@@ -204,7 +204,8 @@ class Worker:
             return None
         c, budget = run.controls, run.budget
         bias = c.params.logit_bias or {}
-        exact = c.n == 1 and c.num_beams == 1 and c.logprobs is None and not c.processors
+        exact = c.n == 1 and c.num_beams == 1 and c.logprobs is None
+        exact = exact and not c.masks and c.response_format is None
         fits = 1 <= budget.max_new_tokens and len(budget.ids) + budget.max_new_tokens <= self.engine.max_len
         # A token the sampler would refuse fails the whole engine step: such a request fails alone.
         safe = all(0 <= t < self.llm.config.vocab_size and v > -math.inf for t, v in bias.items())

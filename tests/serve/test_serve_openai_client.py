@@ -131,7 +131,7 @@ def test_tiny_json_object_is_valid_json(tiny):
     if r.choices[0].finish_reason == "stop":
         assert isinstance(json.loads(r.choices[0].message.content), dict)
     else:  # cut by max_tokens: still a valid JSON prefix, checked through the constraint itself
-        from llmos.serve.json_constraint import OBJECT, feed_text, start
+        from llmos.json_constraint import OBJECT, feed_text, start
         assert feed_text(start(OBJECT), r.choices[0].message.content) is not None
 
 

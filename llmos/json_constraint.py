@@ -1,6 +1,6 @@
 """Constrained decoding for `response_format` json_object and json_schema.
 
-`JsonConstraint` is a logits processor (the engine's `processors` hook): at each step it lets
+`JsonConstraint` is a logits mask (the engine's `masks` hook): at each step it lets
 through only tokens whose text keeps the output a valid prefix of a JSON value, and the end token
 only once the value is complete (after which only the end token is allowed). Validity is checked
 character by character by a small pushdown automaton (`feed`) whose states are immutable tuples, so
@@ -16,8 +16,13 @@ local `$ref`s into `$defs`/`definitions` (recursive ones too). Other keywords (p
 minimum...) are not enforced while decoding; `check_output` validates the finished text with the
 `jsonschema` package when it is installed.
 
-The top-k / top-p / min-p warpers must run after the mask (otherwise they may keep only tokens the
-mask then removes), so the server turns them off in the engine and hands them to this processor.
+The engine applies masks after the penalties and before temperature and the top-k / top-p / min-p
+warpers, so the warpers choose among the tokens the mask allows (had they run first they could keep
+only tokens the mask then removes).
+
+`parse_response_format` reads OpenAI's `response_format` ({"type": "text" | "json_object" |
+"json_schema", "json_schema": {"schema": ...}}) into a `JsonFormat`; `generation.parse_controls`
+calls it, so `llm.generate`, `llm.chat`, the server and `--json-schema` share one path.
 
 Small models loop easily, so the automaton also bounds what JSON allows without limit: a key may not
 repeat within an object, whitespace between tokens is capped (MAX_WS), and numbers have at most
@@ -28,11 +33,12 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from llmos.engine.sampling import apply_min_p, apply_top_k, apply_top_p
 from llmos.errors import LlmosError
 from llmos.tokenizer import Tokenizer
 
@@ -432,19 +438,15 @@ class TokenTexts:
 
 
 class JsonConstraint:
-    """Logits processor: only tokens that keep each row a valid JSON prefix (see module docstring).
+    """Logits mask: only tokens that keep each row a valid JSON prefix (see module docstring).
 
-    `prompt_len` tells where generated tokens begin in the ids the engine passes; `top_k`, `top_p`
-    and `min_p` are the request's warpers, applied after the mask (`greedy` skips them).
-    """
+    `prompt_len` tells where generated tokens begin in the ids the engine passes."""
 
     def __init__(self, texts: TokenTexts, schema: Node, prompt_len: int, stop_ids: frozenset[int], *,
-                 greedy: bool = False, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                  candidates: int = CANDIDATES) -> None:
         self.texts, self.schema, self.prompt_len = texts, schema, prompt_len
         self.stop_ids = sorted(stop_ids)
         self._stops = frozenset(stop_ids)  # for membership tests, per token tried
-        self.greedy, self.top_k, self.top_p, self.min_p = greedy, top_k, top_p, min_p
         self.candidates = candidates
         self.rows: dict[int, tuple[int, State | None]] = {}  # row -> (tokens consumed, state; None once ended)
 
@@ -505,17 +507,61 @@ class JsonConstraint:
                 keep = self.stop_ids
             idx = torch.tensor(keep, dtype=torch.long)
             vals = logits[row, idx]
-            vals = torch.where(torch.isfinite(vals), vals, torch.zeros_like(vals))[None]  # (1, K)
-            if not self.greedy:  # the warpers, over the allowed tokens only
-                vals = apply_min_p(apply_top_p(apply_top_k(vals, self.top_k), self.top_p), self.min_p)
-            out[row, idx] = vals[0]
+            out[row, idx] = torch.where(torch.isfinite(vals), vals, torch.zeros_like(vals))
         return out
+
+
+_TEXTS: weakref.WeakKeyDictionary[Tokenizer, TokenTexts] = weakref.WeakKeyDictionary()
+
+
+def token_texts(tokenizer: Tokenizer) -> TokenTexts:
+    """The tokenizer's TokenTexts, built once and kept while the tokenizer lives (its texts are
+    decoded on demand and cached: a second request reuses them)."""
+    texts = _TEXTS.get(tokenizer)
+    if texts is None:
+        texts = _TEXTS[tokenizer] = TokenTexts(tokenizer)
+    return texts
+
+
+@dataclass(frozen=True)
+class JsonFormat:
+    """A parsed response_format: the automaton's schema, and the JSON schema to check the finished
+    text against (None for json_object: any object)."""
+
+    node: Node
+    schema: dict[str, Any] | None
+
+    def mask(self, tokenizer: Tokenizer, prompt_len: int) -> JsonConstraint:
+        return JsonConstraint(token_texts(tokenizer), self.node, prompt_len, tokenizer.stop_ids)
+
+    def problem(self, text: str) -> str | None:
+        """Why finished `text` does not match the format (None when it does, or cannot be checked)."""
+        return check_output(text, self.schema)
+
+
+def parse_response_format(rf: Any) -> JsonFormat | None:
+    """OpenAI's response_format as a JsonFormat; None for {"type": "text"}. LlmosError names what is wrong."""
+    if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
+        raise LlmosError('response_format must be {"type": "text" | "json_object" | "json_schema", ...}, '
+                         f"got {rf!r}", param="response_format")
+    if rf["type"] == "text":
+        return None
+    if rf["type"] == "json_object":
+        return JsonFormat(OBJECT, None)
+    spec = rf.get("json_schema")
+    if not isinstance(spec, dict):
+        raise LlmosError('response_format of type json_schema needs {"json_schema": {"schema": {...}}}',
+                         param="response_format.json_schema")
+    if spec.get("schema") is None:  # a named format with no schema: any JSON object
+        return JsonFormat(OBJECT, None)
+    return JsonFormat(check_schema(spec["schema"]), spec["schema"])
 
 
 def check_schema(schema: Any) -> Node:
     """`schema` compiled for the automaton; LlmosError when it is not a usable JSON schema."""
     if not isinstance(schema, dict):
-        raise LlmosError(f"response_format.json_schema.schema must be an object, got {type(schema).__name__}")
+        raise LlmosError(f"response_format.json_schema.schema must be an object, got {type(schema).__name__}",
+                         param="response_format.json_schema.schema")
     try:
         import jsonschema
     except ImportError:
@@ -524,8 +570,12 @@ def check_schema(schema: Any) -> Node:
         try:
             jsonschema.validators.validator_for(schema).check_schema(schema)
         except jsonschema.SchemaError as exc:
-            raise LlmosError(f"response_format.json_schema.schema is not a valid JSON schema: {exc.message}") from exc
-    return compile_schema(schema)
+            raise LlmosError(f"response_format.json_schema.schema is not a valid JSON schema: {exc.message}",
+                             param="response_format.json_schema.schema") from exc
+    try:
+        return compile_schema(schema)
+    except LlmosError as exc:
+        raise LlmosError(str(exc), param="response_format.json_schema.schema") from None
 
 
 def check_output(text: str, schema: dict[str, Any] | None) -> str | None:

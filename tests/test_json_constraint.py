@@ -10,7 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmos.serve.json_constraint import (
+from llmos.engine.sampling import SamplingParams, process
+from llmos.json_constraint import (
     ANY, OBJECT, JsonConstraint, TokenTexts, check_output, complete, compile_schema, feed_text, start,
 )
 
@@ -90,11 +91,11 @@ def decode_with_random_logits(texts, node, seed: int, steps: int) -> tuple[str, 
     tok = texts.tokenizer
     gen = torch.Generator().manual_seed(seed)
     prompt = [1, 2, 3]
-    c = JsonConstraint(texts, node, len(prompt), tok.stop_ids, top_p=0.9)
+    c = JsonConstraint(texts, node, len(prompt), tok.stop_ids)
     ids = list(prompt)
     for _ in range(steps):
         logits = torch.randn(1, tok.vocab_size, generator=gen) * 3
-        out = c(logits, torch.tensor([ids]))[0]
+        out = process(logits, SamplingParams(top_p=0.9), masks=[c], ids=torch.tensor([ids]))[0]
         allowed = torch.isfinite(out).nonzero()[:, 0]
         token = int(allowed[torch.multinomial(out[allowed].softmax(-1), 1, generator=gen)])
         if token in tok.stop_ids:
@@ -119,3 +120,52 @@ def test_processor_keeps_a_valid_prefix_and_ends_only_when_complete(texts):
     assert state is not None
     if ended:
         assert isinstance(json.loads(text), dict)
+
+
+# --- the engine's mask hook and the library feature ----------------------------------------------
+
+
+def test_masks_run_between_the_penalties_and_the_warpers():
+    """top_k=1 after a mask that bans the top token keeps the best allowed one (a mask after the
+    warpers would leave nothing); penalties see the logits before the mask."""
+    logits = torch.tensor([[5.0, 4.0, 3.0, 2.0]])
+    seen = []
+
+    def ban_first(lg, ids):
+        seen.append(lg.clone())
+        return lg.index_fill(-1, torch.tensor([0]), float("-inf"))
+
+    out = process(logits, SamplingParams(top_k=1, logit_bias={3: 10.0}), masks=[ban_first], ids=torch.tensor([[0]]))
+    assert seen[0][0, 3] == 12.0  # the bias ran first
+    assert torch.isfinite(out[0]).tolist() == [False, False, False, True]
+    out = process(logits, SamplingParams(top_k=1), masks=[ban_first], ids=torch.tensor([[0]]))
+    assert torch.isfinite(out[0]).tolist() == [False, True, False, False]
+
+
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["city", "country"],
+          "properties": {"city": {"type": "string", "maxLength": 20}, "country": {"type": "string", "maxLength": 20}}}
+
+
+def test_generate_and_chat_take_a_response_format(fast_llm):
+    rf = {"type": "json_schema", "json_schema": {"name": "place", "schema": SCHEMA}}
+    out = fast_llm.chat([{"role": "user", "content": "Where is the Eiffel Tower? Answer in JSON."}],
+                        response_format=rf, temperature=0, max_new_tokens=60)
+    assert out.finish_reason == "eos", out
+    jsonschema.validate(json.loads(out), SCHEMA)
+    out = fast_llm.generate("A JSON object describing a cat:", response_format={"type": "json_object"},
+                            temperature=0.7, top_k=40, top_p=0.9, seed=1, max_new_tokens=60)
+    assert feed_text(start(OBJECT), str(out)) is not None
+    if out.finish_reason == "eos":
+        assert isinstance(json.loads(out), dict)
+
+
+def test_a_bad_response_format_is_refused_by_name(fast_llm):
+    from llmos.errors import LlmosError
+
+    with pytest.raises(LlmosError) as err:
+        fast_llm.generate("x", response_format={"type": "json_schema", "json_schema": {"schema": {"type": 3}}})
+    assert err.value.param == "response_format.json_schema.schema"
+    with pytest.raises(LlmosError, match="response_format must be"):
+        fast_llm.generate("x", response_format={"type": "yaml"})
+    with pytest.raises(LlmosError, match="beam search"):
+        fast_llm.generate("x", response_format={"type": "json_object"}, num_beams=2)
