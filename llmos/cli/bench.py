@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 from llmos.cli.argtypes import int_in
 
@@ -21,41 +20,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-PROMPT_TOKENS = 512
-
-
-def prompt_ids(vocab: int) -> list[int]:
-    """Deterministic ordinary-text-like ids away from the special tokens at the start of the vocab."""
-    return [1000 + (i * 7919) % (vocab - 2000) for i in range(PROMPT_TOKENS)]
-
-
-def timed(model, vocab: int, tokens: int) -> dict[str, float]:
-    """Prefill tok/s of a 512-token prompt (timed the second time: the first pays page faults and
-    new-shape kernels once) and greedy decode tok/s over `tokens` tokens after the first."""
-    from llmos.engine.generate import Generation
-    from llmos.engine.sampling import SamplingParams
-
-    prompt, greedy = prompt_ids(vocab), SamplingParams(temperature=0.0)
-    for _ in range(2):
-        t0 = time.perf_counter()
-        list(Generation(model, prompt, max_new_tokens=1, params=greedy).tokens())
-        prefill = PROMPT_TOKENS / (time.perf_counter() - t0)
-    it = Generation(model, prompt[:16], max_new_tokens=tokens + 1, params=greedy, min_new_tokens=tokens + 1).tokens()
-    next(it)
-    t0 = time.perf_counter()
-    n = sum(1 for _ in it)
-    return {"prefill_tps": prefill, "decode_tps": n / (time.perf_counter() - t0)}
-
-
-def speed(path, form: str, tokens: int) -> dict[str, float]:
-    from llmos import quality
-
-    t0 = time.perf_counter()
-    model, config, _ = quality.load_form(path, form)
-    load_s = time.perf_counter() - t0
-    return {"load_s": load_s, **timed(model, config.vocab_size, tokens)}
-
-
 def run(args: argparse.Namespace) -> int:
     from llmos import quality, store
     from llmos.engine import native
@@ -63,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     path = store.resolve(args.model)
     forms = [f.strip() for f in args.forms.split(",") if f.strip()]
     decode_step = "native (C++)" if native.build() is not None else f"Python ({native.failure() or 'LLMOS_NATIVE=0'})"
-    result: dict = {"model": str(path), "decode_step": decode_step, "speed": {f: speed(path, f, args.tokens) for f in forms}}
+    result: dict = {"model": str(path), "decode_step": decode_step, "speed": {f: quality.speed(path, f, args.tokens) for f in forms}}
     if args.quality:
         result["quality"] = quality.report(path, forms=tuple(forms))
         result["auto"] = quality.auto_form(path)

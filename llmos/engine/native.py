@@ -34,7 +34,7 @@ from llmos.models import attention
 from llmos.models.kv_cache import KVCache
 from llmos.models.llama import Llama
 from llmos.errors import LlmosError
-from llmos.store import home
+from llmos.files import home
 
 SOURCE = Path(__file__).with_name("native_step.cpp")
 _lock = threading.Lock()

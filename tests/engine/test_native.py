@@ -254,7 +254,7 @@ def test_a_prompt_reuses_freed_memory_instead_of_faulting_in_pages(built, fast_l
     against 6,000-43,000 and ~25% of the prefill time with glibc's defaults)."""
     import resource
 
-    from llmos.cli.bench import prompt_ids
+    from llmos.quality import prompt_ids
 
     prompt = prompt_ids(fast_llm.config.vocab_size)
     greedy = SamplingParams(temperature=0.0)
