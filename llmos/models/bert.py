@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmos.config import ModelConfig
-from llmos.models.gpt2 import MLP  # the same GELU MLP; `act` picks erf (BERT) or tanh (GPT-2)
 
 
 class Embeddings(nn.Module):
@@ -51,6 +50,17 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)  # (B, T, H*D)
         return self.wo(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(config.dim, config.ffn_dim)
+        self.proj = nn.Linear(config.ffn_dim, config.dim)
+        self.approximate = "tanh" if config.act == "gelu_new" else "none"  # BERT's own is erf ("gelu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x), approximate=self.approximate))
 
 
 class Block(nn.Module):
