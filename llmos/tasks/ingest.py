@@ -32,6 +32,8 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 from llmos.errors import LlmosError
+from llmos.tasks.markdown import FENCE, fence_end, top_level_item
+from llmos.tasks.markdown import heading as atx_heading
 
 
 @dataclass(frozen=True)
@@ -108,10 +110,7 @@ def decode(data: bytes, binary_error: str) -> str:
         return data.decode("cp1252", errors="replace")  # legacy Windows text is the common other case
 
 
-_ATX = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.*?)(?:[ \t]+#+)?[ \t]*$")
-_FENCE = re.compile(r"^ {0,3}(```+|~~~+)")
 _UNDERLINE = re.compile(r"^(=+|-+|\*+|~+|\^+|\"+|'+|\++|#+)[ \t]*$")
-_LIST_ITEM = re.compile(r"^ {0,3}(?:[-*+]|\d+[.)])[ \t]+")
 
 
 def split_lines(text: str, kind: str) -> list[Block]:
@@ -148,24 +147,21 @@ def split_lines(text: str, kind: str) -> list[Block]:
     i = 0
     while i < len(lines):
         line = lines[i].rstrip("\r\n")
-        fence = _FENCE.match(line) if markdown else None
-        if fence:
+        if markdown and FENCE.match(line):
             flush()
-            j = i + 1
-            while j < len(lines) and not lines[j].lstrip().startswith(fence.group(1)):
-                j += 1
+            j = fence_end(lines, i)
             para.extend(range(i, min(j + 1, len(lines))))
             flush()
             i = j + 1
             continue
-        atx = _ATX.match(line) if markdown else None
+        atx = atx_heading(line) if markdown else None
         if atx:
             flush()
-            set_heading(len(atx.group(1)), atx.group(2))
+            set_heading(*atx)
         elif not line.strip():
             flush()
         elif (len(para) == 1 and _UNDERLINE.match(line) and len(line.strip()) >= max(3, len(lines[para[0]].strip()) // 2)
-              and not _LIST_ITEM.match(lines[para[0]])):
+              and not top_level_item(lines[para[0]])):
             # "Title" over "=====": the one-line paragraph was a heading. Plain text numbers the
             # underline characters by first appearance, as reStructuredText does.
             char = line.strip()[0]
@@ -174,7 +170,7 @@ def split_lines(text: str, kind: str) -> list[Block]:
             para.clear()
             set_heading(level, title)
         else:
-            if markdown and para and _LIST_ITEM.match(line):
+            if markdown and para and top_level_item(line):
                 flush()
             para.append(i)
         i += 1

@@ -45,6 +45,7 @@ from llmos.errors import LlmosError
 from llmos.generation import complete
 from llmos.tasks import languages
 from llmos.tasks.languages import Language
+from llmos.tasks.markdown import FENCE, HEADING, ITEM, fence_end
 from llmos.tasks.textfiles import require_text
 
 DEFAULT_MODEL = "gemma3-270m"  # multilingual; the default chat model (SmolLM2) was trained on English only
@@ -161,7 +162,6 @@ class Unit:
     cell: bool = False
 
 
-_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
 _BLANK = re.compile(r"^\s*$")
 _HTML_LINE = re.compile(r"^\s*(?:<!--.*-->|</?[A-Za-z][^>]*>\s*)+\s*$")
 _BREAK = re.compile(r"^ {0,3}([-*_])(?:[ \t]*\1){2,}[ \t]*$")
@@ -169,8 +169,6 @@ _SETEXT = re.compile(r"^ {0,3}(?:=+|-+)[ \t]*$")
 _REF_DEF = re.compile(r"^ {0,3}\[[^\]]+\]:\s*\S+")
 _TABLE_SEP = re.compile(r"^\s*\|?\s*:?-+:?\s*(?:\|\s*:?-+:?\s*)*\|?\s*$")
 _QUOTE = re.compile(r"^(?: {0,3}>[ \t]?)+")
-_HEADING = re.compile(r"^( {0,3}#{1,6}[ \t]+)(.*?)([ \t]+#+)?([ \t]*)$")
-_ITEM = re.compile(r"^([ \t]*(?:[-*+]|\d{1,9}[.)])[ \t]+(?:\[[ xX]\][ \t]+)?)(.*)$")
 _INDENT = re.compile(r"^(?: {4}|\t)")
 
 
@@ -201,14 +199,9 @@ def parse_markdown(text: str) -> list[str | Unit]:
         raw = lines[i]
         line = raw.rstrip("\r\n")
         ending = raw[len(line):]
-        fence = _FENCE.match(line)
-        if fence:
+        if FENCE.match(line):
             close()
-            mark = fence.group(1)
-            closing = re.compile(rf"^ {{0,3}}{re.escape(mark[0])}{{{len(mark)},}}\s*$")
-            j = i + 1
-            while j < len(lines) and not closing.match(lines[j]):
-                j += 1
+            j = fence_end(lines, i)
             out.append("".join(lines[i: j + 1]))
             i = j + 1
             continue
@@ -254,8 +247,8 @@ def parse_markdown(text: str) -> list[str | Unit]:
         quote = _QUOTE.match(line)
         prefix = quote.group(0) if quote else ""
         body = line[len(prefix):]
-        heading = _HEADING.match(body)
-        item = _ITEM.match(body)
+        heading = HEADING.match(body)
+        item = ITEM.match(body)
         trailing = re.search(r"(?:  |\\)$", body)  # a hard line break: the unit ends there, the break stays
         if open_unit is not None and not heading and not item and prefix == open_prefix:
             open_unit.append((body[: trailing.start()] if trailing else body).strip())  # a wrapped line

@@ -86,3 +86,17 @@ def test_unsupported_and_missing_files(tmp_path):
     (tmp_path / "bad.pdf").write_bytes(b"not a pdf")
     with pytest.raises(LlmosError, match="PDF"):
         extract(tmp_path / "bad.pdf")
+
+
+def test_ingestion_and_translation_read_code_fences_alike():
+    """One Markdown grammar (tasks/markdown.py): a fence closes only on a run of its own character at
+    least as long, so a `~~~` or a `# comment` inside a ``` block is code for both readers."""
+    from llmos.tasks.ingest import split_lines
+    from llmos.tasks.translate import parse_markdown
+
+    text = "# Title\n\n```sh\n~~~\n# not a heading\n```\n\nAfter.\n"
+    blocks = split_lines(text, "markdown")
+    assert [b.text for b in blocks] == ["```sh\n~~~\n# not a heading\n```", "After."]
+    assert all(b.heading == ("Title",) for b in blocks)
+    parts = parse_markdown(text)
+    assert "```sh\n~~~\n# not a heading\n```\n" in parts
