@@ -92,7 +92,7 @@ def check_bindable(host: str, port: int) -> None:
 
 def serve_sampling(args: argparse.Namespace, path: Path) -> dict[str, float]:
     """The model's recommended sampling, with the --default-* flags over it."""
-    from llmos.serve.app import sampling_defaults
+    from llmos.serve.server import sampling_defaults
 
     flags = {"temperature": args.default_temperature, "top_p": args.default_top_p, "top_k": args.default_top_k}
     return sampling_defaults(path, {k: v for k, v in flags.items() if v is not None})

@@ -9,7 +9,7 @@ import shutil
 
 from llmos import store
 from llmos.api import DEFAULT_SAMPLING
-from llmos.serve.app import ServeConfig, sampling_defaults
+from llmos.serve.server import ServeConfig, sampling_defaults
 
 
 def test_the_default_model_gets_its_model_cards_sampling(default_gguf_path):

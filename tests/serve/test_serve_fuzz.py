@@ -16,7 +16,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
-from llmos.serve.app import openapi_document
+from llmos.serve.endpoints import openapi_document
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     response_schema_conformance,

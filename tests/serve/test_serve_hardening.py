@@ -12,7 +12,8 @@ import threading
 import httpx
 import pytest
 
-from llmos.serve.app import ServeConfig, create_app, host_allowed, origin_allowed
+from llmos.serve.app import ServeConfig, create_app
+from llmos.serve.guard import host_allowed, origin_allowed
 from llmos.serve.worker import Worker
 
 from test_serve_errors import CHAT, OK_BODY, envelope, in_process, still_works
