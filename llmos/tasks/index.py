@@ -5,8 +5,9 @@
     index.search("how do I rotate the api key", k=5, mode="hybrid")   # -> [SearchResult]
     index.remove(["~/notes/old.md"]); index.stats(); index.documents()
 
-Storage: SQLite in WAL mode with `synchronous=FULL`. Each document is written (its row, chunks,
-full-text entries and vectors, replacing any older version) in one transaction of its own, so a crash
+Storage is `IndexDB` (tasks/index_db.py: every SQL statement), SQLite in WAL mode with
+`synchronous=FULL`. Each document is written (its row, chunks, full-text entries and vectors,
+replacing any older version) in one transaction of its own, so a crash
 or `kill -9` in the middle of `add` leaves every completed document present and none half-written;
 the next `add` skips what is there (same sha256) and does the rest. Adding a folder again also drops
 documents that were deleted from it.
@@ -29,9 +30,6 @@ import hashlib
 import itertools
 import json
 import os
-import re
-import sqlite3
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,54 +41,12 @@ from tqdm import tqdm
 from llmos import store
 from llmos.errors import LlmosError
 from llmos.tasks import ingest
+from llmos.tasks.index_db import DocumentInfo, EmbedModel, IndexDB
 
 MODES = ("vector", "keyword", "hybrid")
 DEFAULT_ANN_THRESHOLD = 50_000  # exact search over 50k x 384 takes ~10 ms here; past it, ANN pays
 RRF_K = 60
 STREAM_BATCH = 256  # chunks of a large document packed, embedded and inserted at a time (bounds add()'s memory)
-SCHEMA_VERSION = "1"
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS documents (
-    id INTEGER PRIMARY KEY,
-    path TEXT NOT NULL UNIQUE,
-    kind TEXT NOT NULL,
-    sha256 TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    n_chunks INTEGER NOT NULL,
-    split_blocks INTEGER NOT NULL,
-    indexed_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS chunks (
-    id INTEGER PRIMARY KEY,
-    doc_id INTEGER NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
-    ord INTEGER NOT NULL,
-    text TEXT NOT NULL,
-    heading TEXT NOT NULL,
-    char_start INTEGER NOT NULL,
-    char_end INTEGER NOT NULL,
-    line_start INTEGER NOT NULL,
-    line_end INTEGER NOT NULL,
-    page INTEGER,
-    n_tokens INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS chunks_by_doc ON chunks(doc_id);
-CREATE TABLE IF NOT EXISTS vectors (
-    chunk_id INTEGER PRIMARY KEY REFERENCES chunks(id) ON DELETE CASCADE,
-    vector BLOB NOT NULL
-);
-CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(text, heading, tokenize='porter unicode61 remove_diacritics 2');
-"""
-
-# Words too common to help a keyword query; BM25 would weigh them down anyway, but as OR terms
-# they would pull in every chunk.
-_STOPWORDS = frozenset(
-    "a an and are as at be by can do does for from how i in is it of on or that the this to was what "
-    "when where which who why will with you your my me we our they their there these those into".split()
-)
-
-
 def give_back_freed_memory() -> None:
     """Return the heap pages freed by the last embedding batch to the system (glibc's malloc_trim).
 
@@ -178,16 +134,6 @@ class _Prepared:
 
 
 @dataclass(frozen=True)
-class DocumentInfo:
-    path: str
-    kind: str
-    chunks: int
-    size: int
-    sha256: str
-    indexed_at: float
-
-
-@dataclass(frozen=True)
 class IndexStats:
     path: str
     documents: int
@@ -221,57 +167,21 @@ class Index:
         self.ann_threshold = int(ann_threshold)
         self._embedder = None
         self._embedder_spec = embedder
-        self._matrix: tuple[int, np.ndarray, np.ndarray] | None = None  # (generation, ids, vectors)
         self._ann_index: Any = None
         self._ann_generation = -1
         self._query_vectors: dict[str, np.ndarray] = {}  # recent queries: hybrid after vector embeds once
-        try:
-            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=60.0)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            version = self._meta("schema") if self._has_meta() else None
-            if version is None:
-                tables = self._db.execute("SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0]
-                if tables:
-                    raise LlmosError(f"{self.path} is a SQLite file but not an llmos index")
-                self._db.executescript("BEGIN;" + _SCHEMA + "COMMIT;")
-                self._set_meta({"schema": SCHEMA_VERSION, "generation": "0"})
-            elif version != SCHEMA_VERSION:
-                raise LlmosError(f"{self.path} is an llmos index of schema {version}; this llmos reads schema {SCHEMA_VERSION}")
-        except sqlite3.DatabaseError as exc:
-            raise LlmosError(f"{self.path} is not a usable index ({exc})") from exc
+        self.db = IndexDB(self.path)
         if embedder is not None and not isinstance(embedder, (str, os.PathLike)):
             self._check_model(embedder)
             self._embedder = embedder
 
-    # --- metadata ---------------------------------------------------------------------------------
-
-    def _has_meta(self) -> bool:
-        return self._db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone() is not None
-
-    def _meta(self, key: str) -> str | None:
-        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-        return row[0] if row else None
-
-    def _set_meta(self, values: dict[str, str]) -> None:
-        self._db.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", list(values.items()))
-
     @property
     def embed_model(self) -> str | None:
         """The embedding model this index was built with (None until the first document)."""
-        return self._meta("embed_model")
-
-    def _generation(self) -> int:
-        return int(self._meta("generation") or 0)
+        return self.db.meta("embed_model")
 
     def _check_model(self, embedder: Any) -> None:
-        recorded = self._meta("embed_fingerprint")
-        if recorded is not None and recorded != embedder.fingerprint:
-            raise LlmosError(
-                f"{self.path} was built with embedding model {self.embed_model!r}, not {embedder.name!r}: "
-                "use the same model, or a new index for this one"
-            )
+        self.db.check_model(embedder.name, embedder.fingerprint)
 
     @property
     def embedder(self) -> Any:
@@ -324,9 +234,9 @@ class Index:
         bar.close()
         present = {str(f) for f in files}
         for folder in folders:  # files that are gone from an added folder
-            for path in self._paths_under(folder):
+            for path in self.db.paths_under(folder):
                 if path not in present and not Path(path).exists():
-                    self._delete_document(path)
+                    self.db.delete(path)
                     report.removed.append(path)
         return report
 
@@ -361,8 +271,8 @@ class Index:
             while block := f.read(1 << 20):
                 digest.update(block)
                 size += len(block)
-        row = self._db.execute("SELECT sha256 FROM documents WHERE path=?", (str(path),)).fetchone()
-        if row is not None and row[0] == digest.hexdigest():
+        recorded = self.db.sha256(path)
+        if recorded == digest.hexdigest():
             report.unchanged.append(str(path))
             return None
         document = ingest.extract(path)
@@ -371,7 +281,7 @@ class Index:
         first = list(itertools.islice(chunks, batch_size + 1))
         rest = itertools.chain(first[batch_size:], chunks) if len(first) > batch_size else None
         return _Prepared(path, digest.hexdigest(), size, document.kind, first[:batch_size], rest, counts,
-                         update=row is not None)
+                         update=recorded is not None)
 
     def _embed(self, chunks: list[ingest.Chunk], embedder: Any, batch_size: int, bar: Any) -> np.ndarray:
         out = embedder.embed([c.embed_text for c in chunks], batch_size=batch_size)
@@ -405,73 +315,11 @@ class Index:
 
     def _write(self, p: _Prepared, batches: Iterable[tuple[list[ingest.Chunk], np.ndarray]], embedder: Any,
                report: AddReport) -> None:
-        """One document, replacing any older version of it, in one transaction (a reader sees the old
-        version or the new one, never half of it)."""
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            if self._meta("embed_fingerprint") is None:
-                self._set_meta({"embed_model": _model_label(embedder), "embed_fingerprint": embedder.fingerprint,
-                                "dim": str(embedder.dim)})
-            else:
-                self._check_model(embedder)
-            self._delete_rows(str(p.path))
-            doc_id = db.execute(
-                "INSERT INTO documents(path, kind, sha256, size, n_chunks, split_blocks, indexed_at) VALUES (?,?,?,?,?,?,?)",
-                (str(p.path), p.kind, p.sha256, p.size, 0, 0, time.time()),
-            ).lastrowid
-            ord_ = 0
-            for chunks, vectors in batches:
-                for c, vector in zip(chunks, vectors):
-                    cid = db.execute(
-                        "INSERT INTO chunks(doc_id, ord, text, heading, char_start, char_end, line_start, line_end, page,"
-                        " n_tokens) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                        (doc_id, ord_, c.text, json.dumps(c.heading), c.char_start, c.char_end, c.line_start, c.line_end,
-                         c.page, c.n_tokens),
-                    ).lastrowid
-                    db.execute("INSERT INTO chunks_fts(rowid, text, heading) VALUES (?,?,?)",
-                               (cid, c.text, " > ".join(c.heading)))
-                    db.execute("INSERT INTO vectors(chunk_id, vector) VALUES (?,?)", (cid, vector.astype("<f4").tobytes()))
-                    ord_ += 1
-            split = p.counts.get("split_blocks", 0)
-            db.execute("UPDATE documents SET n_chunks=?, split_blocks=? WHERE id=?", (ord_, split, doc_id))
-            self._bump()
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        model = EmbedModel(_model_label(embedder), embedder.name, embedder.fingerprint, embedder.dim)
+        written = self.db.write(p.path, p.kind, p.sha256, p.size, p.counts, model, batches)
         (report.updated if p.update else report.added).append(str(p.path))
-        report.embedded += ord_
-        report.split_blocks += split
-
-    def _bump(self) -> None:
-        self._db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='generation'")
-
-    def _delete_rows(self, path: str) -> bool:
-        row = self._db.execute("SELECT id FROM documents WHERE path=?", (path,)).fetchone()
-        if row is None:
-            return False
-        ids = "SELECT id FROM chunks WHERE doc_id=?"
-        self._db.execute(f"DELETE FROM chunks_fts WHERE rowid IN ({ids})", (row[0],))
-        self._db.execute(f"DELETE FROM vectors WHERE chunk_id IN ({ids})", (row[0],))
-        self._db.execute("DELETE FROM chunks WHERE doc_id=?", (row[0],))
-        self._db.execute("DELETE FROM documents WHERE id=?", (row[0],))
-        return True
-
-    def _delete_document(self, path: str) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            if self._delete_rows(path):
-                self._bump()
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-
-    def _paths_under(self, folder: Path) -> list[str]:
-        prefix = str(folder).rstrip(os.sep) + os.sep
-        rows = self._db.execute("SELECT path FROM documents WHERE substr(path, 1, ?) = ?", (len(prefix), prefix))
-        return [r[0] for r in rows]
+        report.embedded += written
+        report.split_blocks += p.counts.get("split_blocks", 0)
 
     def remove(self, paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[str]:
         """Drop documents (a folder drops everything under it); returns the paths removed.
@@ -481,24 +329,22 @@ class Index:
         targets: list[str] = []
         for given in paths:
             path = str(Path(given).expanduser().resolve())
-            exact = self._db.execute("SELECT path FROM documents WHERE path=?", (path,)).fetchone()
-            matched = [exact[0]] if exact else self._paths_under(Path(path))
+            matched = [path] if self.db.has(path) else self.db.paths_under(Path(path))
             if not matched:
                 raise LlmosError(f"not in the index: {given}")
             targets.extend(matched)
         for path in targets:
-            self._delete_document(path)
+            self.db.delete(path)
         return targets
 
     # --- reading ----------------------------------------------------------------------------------
 
     def documents(self) -> list[DocumentInfo]:
-        rows = self._db.execute("SELECT path, kind, n_chunks, size, sha256, indexed_at FROM documents ORDER BY path")
-        return [DocumentInfo(*r) for r in rows]
+        return self.db.documents()
 
     def __len__(self) -> int:
         """Number of chunks."""
-        return self._db.execute("SELECT count(*) FROM chunks").fetchone()[0]
+        return self.db.chunk_count()
 
     def search(self, query: str, k: int = 5, mode: str = "hybrid", *, ann: bool | None = None) -> list[SearchResult]:
         """The `k` best passages for `query`. `ann`: None picks by the collection's size, True/False force it."""
@@ -508,7 +354,7 @@ class Index:
             raise LlmosError(f"unknown search mode {mode!r}; use one of {', '.join(MODES)}")
         if k < 1:
             raise LlmosError(f"k must be at least 1, got {k}")
-        if self._db.execute("SELECT 1 FROM chunks LIMIT 1").fetchone() is None:  # no count(*) scan per query
+        if self.db.empty():
             return []
         pool = max(50, 4 * k)
         qvec = None
@@ -522,7 +368,7 @@ class Index:
                 self._query_vectors[query] = qvec
             vec = self._vector_candidates(qvec, pool if mode == "hybrid" else k, ann)
         if mode != "vector":
-            kw = self._keyword_candidates(query, pool if mode == "hybrid" else k)
+            kw = self.db.keyword(query, pool if mode == "hybrid" else k)
         if mode == "vector":
             ranked = vec
         elif mode == "keyword":
@@ -538,13 +384,7 @@ class Index:
     def _results(self, ranked: list[tuple[int, float]], qvec: np.ndarray | None) -> list[SearchResult]:
         if not ranked:
             return []
-        ids = [cid for cid, _ in ranked]
-        marks = ",".join("?" * len(ids))
-        rows = {r[0]: r for r in self._db.execute(
-            "SELECT c.id, d.path, c.text, c.heading, c.line_start, c.line_end, c.char_start, c.char_end, c.page, v.vector"
-            f" FROM chunks c JOIN documents d ON d.id = c.doc_id JOIN vectors v ON v.chunk_id = c.id WHERE c.id IN ({marks})",
-            ids,
-        )}
+        rows = self.db.chunk_rows([cid for cid, _ in ranked])
         out = []
         for rank, (cid, score) in enumerate(ranked, start=1):
             r = rows[cid]
@@ -552,31 +392,8 @@ class Index:
             out.append(SearchResult(rank, float(score), sim, r[1], r[2], tuple(json.loads(r[3])), r[4], r[5], r[6], r[7], r[8], cid))
         return out
 
-    def _keyword_candidates(self, query: str, n: int) -> list[tuple[int, float]]:
-        words = re.findall(r"\w+", query.lower())
-        terms = [w for w in words if w not in _STOPWORDS] or words
-        if not terms:
-            return []
-        match = " OR ".join(f'"{w}"' for w in dict.fromkeys(terms))
-        rows = self._db.execute(
-            "SELECT rowid, bm25(chunks_fts) FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY bm25(chunks_fts) LIMIT ?",
-            (match, n),
-        )
-        return [(r[0], -float(r[1])) for r in rows]
-
-    def _vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        """(ids (N,), vectors (N, D)) of every chunk, cached until the index changes."""
-        generation = self._generation()
-        if self._matrix is None or self._matrix[0] != generation:
-            rows = self._db.execute("SELECT chunk_id, vector FROM vectors ORDER BY chunk_id").fetchall()
-            dim = int(self._meta("dim") or 0)
-            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-            matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), dim)
-            self._matrix = (generation, ids, matrix)
-        return self._matrix[1], self._matrix[2]
-
     def _vector_candidates(self, qvec: np.ndarray, n: int, ann: bool | None) -> list[tuple[int, float]]:
-        ids, matrix = self._vectors()
+        ids, matrix = self.db.vectors()
         use_ann = ann if ann is not None else len(ids) >= self.ann_threshold and _usearch_available()
         if use_ann:
             return self._ann_search(qvec[None], n)[0]
@@ -586,14 +403,14 @@ class Index:
 
     def _ann(self) -> Any:
         """The usearch index, in sync with the database (loaded from PATH.usearch or rebuilt)."""
-        generation = self._generation()
+        generation = self.db.generation()
         if self._ann_index is not None and self._ann_generation == generation:
             return self._ann_index
         try:
             from usearch.index import Index as USearchIndex
         except ImportError:
             raise LlmosError("approximate search needs usearch, a dependency of llmos that is missing here: pip install usearch") from None
-        ids, matrix = self._vectors()
+        ids, matrix = self.db.vectors()
         file, sidecar = Path(f"{self.path}.usearch"), Path(f"{self.path}.usearch.json")
 
         def new_index() -> Any:
@@ -632,7 +449,7 @@ class Index:
 
     def ann_recall(self, n_queries: int = 100, k: int = 10, seed: int = 0) -> float:
         """Mean recall@k of the ANN against exact search, on queries halfway between stored vectors."""
-        ids, matrix = self._vectors()
+        ids, matrix = self.db.vectors()
         if len(ids) < 2:
             raise LlmosError("the index needs at least two chunks to measure ANN recall")
         rng = np.random.default_rng(seed)
@@ -646,9 +463,9 @@ class Index:
     def stats(self, check_ann: bool = False) -> IndexStats:
         """Counts, model, file size, and which vector search runs; `check_ann` (or an index past the
         ANN threshold) measures the ANN's recall@10 against exact search."""
-        docs, split = self._db.execute("SELECT count(*), coalesce(sum(split_blocks), 0) FROM documents").fetchone()
+        docs, split = self.db.totals()
         chunks = len(self)
-        dim = self._meta("dim")
+        dim = self.db.meta("dim")
         over = chunks >= self.ann_threshold
         recall = None
         if not _usearch_available():
@@ -657,12 +474,11 @@ class Index:
             ann = "usearch" if over else "exact"
             if (over or check_ann) and chunks >= 2:
                 recall = self.ann_recall()
-        size = sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())
-        return IndexStats(str(self.path), docs, chunks, self.embed_model, int(dim) if dim else None, size, split,
+        return IndexStats(str(self.path), docs, chunks, self.embed_model, int(dim) if dim else None, self.db.file_size(), split,
                           self.ann_threshold, ann, recall)
 
     def close(self) -> None:
-        self._db.close()
+        self.db.close()
 
     def __enter__(self) -> Index:
         return self

@@ -1,0 +1,273 @@
+"""The storage of an index (tasks/index.py): one SQLite file of documents, chunks, vectors and hashes.
+
+`IndexDB` owns the connection and every SQL statement: the schema, the metadata (schema version,
+embedding model, a generation counter bumped by every change), writing a document in one transaction,
+deleting, listing, BM25 keyword candidates from FTS5, and every chunk's vector as one matrix (cached
+until the generation changes). It knows nothing of embedding models or ranking: `Index` does the
+search above it.
+
+SQLite runs in WAL mode with `synchronous=FULL`: a document's rows (document, chunks, full-text
+entries, vectors, replacing any older version) are written in one transaction, so a crash leaves
+every completed document present and none half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmos.errors import LlmosError
+from llmos.tasks import ingest
+
+SCHEMA_VERSION = "1"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS documents (
+    id INTEGER PRIMARY KEY,
+    path TEXT NOT NULL UNIQUE,
+    kind TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    n_chunks INTEGER NOT NULL,
+    split_blocks INTEGER NOT NULL,
+    indexed_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    id INTEGER PRIMARY KEY,
+    doc_id INTEGER NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
+    ord INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    heading TEXT NOT NULL,
+    char_start INTEGER NOT NULL,
+    char_end INTEGER NOT NULL,
+    line_start INTEGER NOT NULL,
+    line_end INTEGER NOT NULL,
+    page INTEGER,
+    n_tokens INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS chunks_by_doc ON chunks(doc_id);
+CREATE TABLE IF NOT EXISTS vectors (
+    chunk_id INTEGER PRIMARY KEY REFERENCES chunks(id) ON DELETE CASCADE,
+    vector BLOB NOT NULL
+);
+CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(text, heading, tokenize='porter unicode61 remove_diacritics 2');
+"""
+
+# Words too common to help a keyword query; BM25 would weigh them down anyway, but as OR terms
+# they would pull in every chunk.
+_STOPWORDS = frozenset(
+    "a an and are as at be by can do does for from how i in is it of on or that the this to was what "
+    "when where which who why will with you your my me we our they their there these those into".split()
+)
+
+
+@dataclass(frozen=True)
+class DocumentInfo:
+    path: str
+    kind: str
+    chunks: int
+    size: int
+    sha256: str
+    indexed_at: float
+
+
+@dataclass(frozen=True)
+class EmbedModel:
+    """What the index records of the model its vectors come from."""
+
+    label: str  # a store name, or an absolute path
+    name: str  # as the embedder calls itself (for messages)
+    fingerprint: str
+    dim: int
+
+
+class IndexDB:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._matrix: tuple[int, np.ndarray, np.ndarray] | None = None  # (generation, ids, vectors)
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=60.0)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            version = self.meta("schema") if self._has_meta() else None
+            if version is None:
+                tables = self._db.execute("SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0]
+                if tables:
+                    raise LlmosError(f"{self.path} is a SQLite file but not an llmos index")
+                self._db.executescript("BEGIN;" + _SCHEMA + "COMMIT;")
+                self._set_meta({"schema": SCHEMA_VERSION, "generation": "0"})
+            elif version != SCHEMA_VERSION:
+                raise LlmosError(f"{self.path} is an llmos index of schema {version}; this llmos reads schema {SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as exc:
+            raise LlmosError(f"{self.path} is not a usable index ({exc})") from exc
+
+    # --- metadata ---------------------------------------------------------------------------------
+
+    def _has_meta(self) -> bool:
+        return self._db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone() is not None
+
+    def meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def _set_meta(self, values: dict[str, str]) -> None:
+        self._db.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", list(values.items()))
+
+    def generation(self) -> int:
+        """Bumped by every change: caches of the vectors compare it."""
+        return int(self.meta("generation") or 0)
+
+    def check_model(self, name: str, fingerprint: str) -> None:
+        """Refuse vectors from another model than the one the index was built with."""
+        recorded = self.meta("embed_fingerprint")
+        if recorded is not None and recorded != fingerprint:
+            raise LlmosError(
+                f"{self.path} was built with embedding model {self.meta('embed_model')!r}, not {name!r}: "
+                "use the same model, or a new index for this one"
+            )
+
+    # --- writing ----------------------------------------------------------------------------------
+
+    def sha256(self, path: Path) -> str | None:
+        """The content hash recorded for a document (None when it is not in the index)."""
+        row = self._db.execute("SELECT sha256 FROM documents WHERE path=?", (str(path),)).fetchone()
+        return None if row is None else row[0]
+
+    def write(self, path: Path, kind: str, sha256: str, size: int, counts: dict[str, int], model: EmbedModel,
+              batches: Iterable[tuple[list[ingest.Chunk], np.ndarray]]) -> int:
+        """One document, replacing any older version of it, in one transaction (a reader sees the old
+        version or the new one, never half of it); returns its number of chunks. `batches` may chunk
+        and embed as it goes: it is read inside the transaction, and `counts["split_blocks"]` (the
+        chunker's) after it."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if self.meta("embed_fingerprint") is None:
+                self._set_meta({"embed_model": model.label, "embed_fingerprint": model.fingerprint, "dim": str(model.dim)})
+            else:
+                self.check_model(model.name, model.fingerprint)
+            self._delete_rows(str(path))
+            doc_id = db.execute(
+                "INSERT INTO documents(path, kind, sha256, size, n_chunks, split_blocks, indexed_at) VALUES (?,?,?,?,?,?,?)",
+                (str(path), kind, sha256, size, 0, 0, time.time()),
+            ).lastrowid
+            ord_ = 0
+            for chunks, vectors in batches:
+                for c, vector in zip(chunks, vectors):
+                    cid = db.execute(
+                        "INSERT INTO chunks(doc_id, ord, text, heading, char_start, char_end, line_start, line_end, page,"
+                        " n_tokens) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                        (doc_id, ord_, c.text, json.dumps(c.heading), c.char_start, c.char_end, c.line_start, c.line_end,
+                         c.page, c.n_tokens),
+                    ).lastrowid
+                    db.execute("INSERT INTO chunks_fts(rowid, text, heading) VALUES (?,?,?)",
+                               (cid, c.text, " > ".join(c.heading)))
+                    db.execute("INSERT INTO vectors(chunk_id, vector) VALUES (?,?)", (cid, vector.astype("<f4").tobytes()))
+                    ord_ += 1
+            db.execute("UPDATE documents SET n_chunks=?, split_blocks=? WHERE id=?",
+                       (ord_, counts.get("split_blocks", 0), doc_id))
+            self._bump()
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return ord_
+
+    def _bump(self) -> None:
+        self._db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='generation'")
+
+    def _delete_rows(self, path: str) -> bool:
+        row = self._db.execute("SELECT id FROM documents WHERE path=?", (path,)).fetchone()
+        if row is None:
+            return False
+        ids = "SELECT id FROM chunks WHERE doc_id=?"
+        self._db.execute(f"DELETE FROM chunks_fts WHERE rowid IN ({ids})", (row[0],))
+        self._db.execute(f"DELETE FROM vectors WHERE chunk_id IN ({ids})", (row[0],))
+        self._db.execute("DELETE FROM chunks WHERE doc_id=?", (row[0],))
+        self._db.execute("DELETE FROM documents WHERE id=?", (row[0],))
+        return True
+
+    def delete(self, path: str) -> None:
+        """Drop one document (nothing when it is not there), in its own transaction."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            if self._delete_rows(path):
+                self._bump()
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    # --- reading ----------------------------------------------------------------------------------
+
+    def has(self, path: str) -> bool:
+        return self._db.execute("SELECT 1 FROM documents WHERE path=?", (path,)).fetchone() is not None
+
+    def paths_under(self, folder: Path) -> list[str]:
+        prefix = str(folder).rstrip(os.sep) + os.sep
+        rows = self._db.execute("SELECT path FROM documents WHERE substr(path, 1, ?) = ?", (len(prefix), prefix))
+        return [r[0] for r in rows]
+
+    def documents(self) -> list[DocumentInfo]:
+        rows = self._db.execute("SELECT path, kind, n_chunks, size, sha256, indexed_at FROM documents ORDER BY path")
+        return [DocumentInfo(*r) for r in rows]
+
+    def chunk_count(self) -> int:
+        return self._db.execute("SELECT count(*) FROM chunks").fetchone()[0]
+
+    def empty(self) -> bool:
+        return self._db.execute("SELECT 1 FROM chunks LIMIT 1").fetchone() is None  # no count(*) scan per query
+
+    def totals(self) -> tuple[int, int]:
+        """(documents, paragraphs split because they were too long for one chunk)."""
+        return self._db.execute("SELECT count(*), coalesce(sum(split_blocks), 0) FROM documents").fetchone()
+
+    def chunk_rows(self, ids: list[int]) -> dict[int, tuple[Any, ...]]:
+        """chunk id -> (id, path, text, heading JSON, line_start, line_end, char_start, char_end, page, vector bytes)."""
+        marks = ",".join("?" * len(ids))
+        return {r[0]: r for r in self._db.execute(
+            "SELECT c.id, d.path, c.text, c.heading, c.line_start, c.line_end, c.char_start, c.char_end, c.page, v.vector"
+            f" FROM chunks c JOIN documents d ON d.id = c.doc_id JOIN vectors v ON v.chunk_id = c.id WHERE c.id IN ({marks})",
+            ids,
+        )}
+
+    def keyword(self, query: str, n: int) -> list[tuple[int, float]]:
+        """The n best chunks for the query's words by FTS5 BM25: (chunk id, score), best first."""
+        words = re.findall(r"\w+", query.lower())
+        terms = [w for w in words if w not in _STOPWORDS] or words
+        if not terms:
+            return []
+        match = " OR ".join(f'"{w}"' for w in dict.fromkeys(terms))
+        rows = self._db.execute(
+            "SELECT rowid, bm25(chunks_fts) FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY bm25(chunks_fts) LIMIT ?",
+            (match, n),
+        )
+        return [(r[0], -float(r[1])) for r in rows]
+
+    def vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids (N,), vectors (N, D)) of every chunk, cached until the index changes."""
+        generation = self.generation()
+        if self._matrix is None or self._matrix[0] != generation:
+            rows = self._db.execute("SELECT chunk_id, vector FROM vectors ORDER BY chunk_id").fetchall()
+            dim = int(self.meta("dim") or 0)
+            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), dim)
+            self._matrix = (generation, ids, matrix)
+        return self._matrix[1], self._matrix[2]
+
+    def file_size(self) -> int:
+        return sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())
+
+    def close(self) -> None:
+        self._db.close()
