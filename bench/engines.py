@@ -38,7 +38,7 @@ def run_llmos(path: Path, threads: int, dtype: str) -> dict:
     t0 = time.perf_counter()
     llm = llmos.load(str(path), dtype=dtype)
     load_s = time.perf_counter() - t0
-    return {"load_s": load_s, **timed(llm.model, llm.config.vocab_size, DECODE_TOKENS - 1), "form": llm.dtype}
+    return {"load_s": load_s, **timed(llm.model, llm.config.vocab_size, DECODE_TOKENS - 1, llm.kv_dtype), "form": llm.dtype}
 
 
 def run_transformers(path: Path, threads: int, dtype: str) -> dict:

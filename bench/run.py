@@ -150,7 +150,7 @@ def batch(gguf: Path, rounds: int = 3) -> dict:
     runs: dict[int, list[float]] = {n: [] for n in (1, 4, 16)}
     for _ in range(rounds):
         for n in runs:
-            engine = BatchEngine(llm.model, max_batch=n, max_len=512)
+            engine = BatchEngine(llm.model, max_batch=n, max_len=512, kv_dtype=llm.kv_dtype)
             reqs = [Request(llm.encode(f"Story {i}: once upon a time in a small village,"), 128, min_new_tokens=128)
                     for i in range(n)]
             for r in reqs:
@@ -175,21 +175,23 @@ def kv(gguf: Path, tokens: int = 400) -> dict:
 
     from llmos import quality
     from llmos.engine import native
+    from llmos.engine.generate import decode
     from llmos.models.kv_cache import KVCache
+    from llmos.weights.loader import load_model
 
     def decode_ppl(model: torch.nn.Module, ids: list[int], dtype: torch.dtype) -> float:
         cache = KVCache.for_model(model.config, 1, len(ids), dtype)
         nll = 0.0
         for i in range(len(ids) - 1):
-            logits = native.decode(model, torch.tensor([ids[i]]), torch.tensor([i]), cache)[0]
+            logits = decode(model, torch.tensor([ids[i]]), torch.tensor([i]), cache)[0]
             nll -= torch.log_softmax(logits.double(), -1)[ids[i + 1]].item()
         return math.exp(nll / (len(ids) - 1))
 
-    fp32, _, tokenizer = quality.load_form(gguf, "fp32")
+    fp32, _, tokenizer = load_model(gguf, "fp32", kernels=native.kernels())
     ids = tokenizer.encode(quality.quality_text())[:tokens]
     out = {"tokens": len(ids), "fp32": decode_ppl(fp32, ids, torch.float32)}
     del fp32
-    int4, _, _ = quality.load_form(gguf, "int4")
+    int4, _, _ = load_model(gguf, "int4", kernels=native.kernels())
     out["int4, fp32 cache"] = decode_ppl(int4, ids, torch.float32)
     out["int4, fp16 cache"] = decode_ppl(int4, ids, torch.float16)
     for name in ("fp32", "int4, fp32 cache", "int4, fp16 cache"):

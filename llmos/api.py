@@ -15,15 +15,15 @@ from typing import Any
 import torch
 
 from llmos import quality, store
-from llmos.engine import native
 from llmos.config import ModelConfig
+from llmos.engine import native
 from llmos.errors import LlmosError
 from llmos.generation import Completion, TextGeneration, complete, fit_prompt, parse_controls
+from llmos.models.kernels import PYTORCH, Kernels
 from llmos.models.kv_cache import KVCache, cache_dtype
 from llmos.threads import auto_threads
 from llmos.tokenizer import Tokenizer
-from llmos.weights.gguf import GGUFFile
-from llmos.weights.load import read_hf_config
+from llmos.weights import loader
 
 DTYPES = {"auto": "auto", "fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "int8": "int8", "int4": "int4"}
 
@@ -32,9 +32,12 @@ DEFAULT_SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95}
 
 
 class LLM:
-    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, config: ModelConfig, path: Path) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, config: ModelConfig, path: Path, *,
+                 dtype: str = "fp32", kernels: Kernels = PYTORCH) -> None:
         self.model, self.tokenizer, self.config, self.path = model, tokenizer, config, path
-        self.dtype = "fp32"
+        self.dtype = dtype  # the weight form
+        self.kv_dtype = loader.kv_dtype(dtype)  # of every KV cache this model's generations make
+        self.kernels = kernels  # installed on the model (models/kernels.py)
 
     @classmethod
     def load(cls, name_or_path: str | Path = store.DEFAULT_CHAT_MODEL, dtype: str = "auto", *,
@@ -49,16 +52,14 @@ class LLM:
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise LlmosError(f"threads must be an integer >= 1, got {threads!r}", param="threads")
         path = store.resolve(str(name_or_path))
-        if (path / "config.json").is_file() and read_hf_config(path).arch == "bert":
+        if store.kind_of(path) == "hf" and loader.read_config(path).arch == "bert":
             raise LlmosError(f"{path} is an encoder (BERT) model: use llmos.Embedder for embeddings, not text generation")
         if threads is not None or "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(threads or auto_threads())
-        form = quality.auto_form(path, quiet=quiet) if dtype == "auto" else DTYPES[dtype]
-        model, config, tokenizer = quality.load_form(path, form)
-        native.build()  # the C++ decode step: compiled on the first load on a machine, imported after
-        llm = cls(model, tokenizer, config, path)
-        llm.dtype = form
-        return llm
+        kernels = native.kernels()  # the C++ kernels: compiled on the first load on a machine, imported after
+        form = quality.auto_form(path, quiet=quiet, kernels=kernels) if dtype == "auto" else DTYPES[dtype]
+        model, config, tokenizer = loader.load_model(path, form, kernels=kernels)
+        return cls(model, tokenizer, config, path, dtype=form, kernels=kernels)
 
     # --- tokens ---------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -84,7 +85,7 @@ class LLM:
         for Deltas (the server and the chat session build on this)."""
         parsed = parse_controls(controls, DEFAULT_SAMPLING if defaults is None else defaults)
         budget = fit_prompt(list(ids), parsed, self.config.max_seq_len, default_new)
-        return TextGeneration(self.model, self.tokenizer, budget, parsed, cache, cached)
+        return TextGeneration(self.model, self.tokenizer, budget, parsed, cache, cached, self.kv_dtype)
 
     def generate(self, prompt: str, **controls: Any) -> Completion:
         """Continue `prompt`; returns the new text only (a Completion: also counts and finish reason).
@@ -220,7 +221,7 @@ class ChatSession:
         if self.cache is not None and self.cache.max_len >= need:
             return self.cache
         size = min(config.max_seq_len, max(need, 2 * (self.cache.max_len if self.cache else 512)))
-        fresh = KVCache.for_model(config, 1, size, cache_dtype(self.llm.model))
+        fresh = KVCache.for_model(config, 1, size, cache_dtype(self.llm.model, self.llm.kv_dtype))
         if self.cache is not None:  # keep what is cached
             n = self.cache.length
             fresh.k[:, :, :, :n] = self.cache.k[:, :, :, :n]
@@ -259,10 +260,7 @@ def _load_translator(name: str, dtype: str) -> LLM:
 
 def load_tokenizer(name_or_path: str | Path = store.DEFAULT_CHAT_MODEL) -> Tokenizer:
     """Only the tokenizer of a model (no weights are read)."""
-    path = store.resolve(str(name_or_path))
-    if path.is_file():
-        return Tokenizer.from_gguf(GGUFFile(path).metadata)
-    return Tokenizer.from_dir(path)
+    return loader.read_tokenizer(name_or_path)
 
 
 def load(name_or_path: str | Path = store.DEFAULT_CHAT_MODEL, dtype: str = "auto", *, threads: int | None = None,

@@ -163,12 +163,12 @@ class CausalLM:
                 beams = beam_search(self.llm.model, prompt, num_beams=num_beams, max_new_tokens=max_new_tokens,
                                     length_penalty=length_penalty, early_stopping=early_stopping, stop_ids=stops,
                                     num_return_sequences=num_return_sequences, params=params,
-                                    min_new_tokens=min_new_tokens)
+                                    min_new_tokens=min_new_tokens, kv_dtype=self.llm.kv_dtype)
                 # transformers keeps the EOS id in the output, then pads.
                 rows += [prompt + beam.tokens + ([beam.stop_id] if beam.stop_id is not None else []) for beam in beams]
                 continue
             gen = Generation(self.llm.model, prompt, max_new_tokens=max_new_tokens, params=params, stop_ids=stops,
-                             min_new_tokens=min_new_tokens, n=num_return_sequences, seed=seed)
+                             min_new_tokens=min_new_tokens, n=num_return_sequences, seed=seed, kv_dtype=self.llm.kv_dtype)
             rows += _sampled_rows(gen, prompt, num_return_sequences, streamer)
         width = max(len(r) for r in rows)
         return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)

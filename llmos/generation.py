@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from llmos.engine.generate import Generation
@@ -352,8 +353,9 @@ class TextGeneration:
     state with `choice_state` and sets `choices` from it when the choice ends."""
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, budget: Budget, controls: Controls,
-                 cache: KVCache | None = None, cached: int = 0) -> None:
+                 cache: KVCache | None = None, cached: int = 0, kv_dtype: torch.dtype | None = None) -> None:
         self.model, self.tokenizer, self.budget, self.controls = model, tokenizer, budget, controls
+        self.kv_dtype = kv_dtype  # of the caches this request makes (None: the weights' dtype)
         self.cache, self.cached = cache, cached
         self.choices: list[Choice] = []
         self.generation: Generation | None = None
@@ -372,7 +374,7 @@ class TextGeneration:
             self.model, self.budget.ids, max_new_tokens=self.budget.max_new_tokens, params=c.params,
             stop_ids=self.tokenizer.stop_ids, min_new_tokens=c.min_new_tokens, n=c.n, seed=c.seed,
             cache=self.cache, cached=self.cached, logprobs=(c.logprobs or 0) + (1 if c.logprobs is not None else 0),
-            masks=self.masks(), should_stop=self.should_stop,
+            masks=self.masks(), should_stop=self.should_stop, kv_dtype=self.kv_dtype,
         )
         self.generation = gen
         states = [self.choice_state(row) for row in range(c.n)]
@@ -411,7 +413,7 @@ class TextGeneration:
         beams = beam_search(
             self.model, self.budget.ids, num_beams=c.num_beams, max_new_tokens=self.budget.max_new_tokens,
             length_penalty=c.length_penalty, early_stopping=c.early_stopping, stop_ids=self.tokenizer.stop_ids,
-            num_return_sequences=c.n, params=c.params, min_new_tokens=c.min_new_tokens,
+            num_return_sequences=c.n, params=c.params, min_new_tokens=c.min_new_tokens, kv_dtype=self.kv_dtype,
         )
         for row, beam in enumerate(beams):
             matcher = StopMatcher(c.stop)

@@ -1,4 +1,4 @@
-"""Quality and speed of the fast weight forms, measured, not assumed.
+"""Quality and speed of the fast weight forms, measured, not assumed (loading is weights/loader.py's).
 
 `report(path)` loads a model in each form, runs a fixed English text (llmos/data/quality.txt)
 through it and gives perplexity and top-1 agreement with fp32 (the dequantized weights). `auto_form`
@@ -20,13 +20,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from llmos import derived, quant
-from llmos.config import ModelConfig
+from llmos import derived
 from llmos.files import write_atomically
-from llmos.tokenizer import Tokenizer
-from llmos.weights import converted
-from llmos.weights.gguf import GGUFFile
-from llmos.weights.load import load_gguf, load_hf, open_gguf_config, read_hf_config
+from llmos.models.kernels import PYTORCH, Kernels
+from llmos.weights.loader import kv_dtype, load_model, save_converted
 
 # Fastest first, for batch-1 decode on a CPU (see bench/): auto takes the first that passes.
 SPEED_ORDER = ("int4", "int8", "bf16", "fp32")
@@ -35,61 +32,6 @@ MAX_PPL_INCREASE = 0.02
 
 def quality_text() -> str:
     return resources.files("llmos.data").joinpath("quality.txt").read_text(encoding="utf-8")
-
-
-def load_form(path: Path, form: str, use_cache: bool = True) -> tuple[torch.nn.Module, ModelConfig, Tokenizer]:
-    """Model, config and tokenizer of a GGUF file or HF folder with its linears in `form`.
-
-    A converted model is cached in the store (weights/converted.py) and read back on later loads.
-    The quantized forms keep their KV cache in fp16 (models/kv_cache.py)."""
-    model, config, tokenizer = _load_form(path, form, use_cache)
-    if form != "fp32":
-        model.kv_dtype = torch.float16
-    return model, config, tokenizer
-
-
-def _load_form(path: Path, form: str, use_cache: bool) -> tuple[torch.nn.Module, ModelConfig, Tokenizer]:
-    hook = quant.linear_hook(form)
-    cache = _converted_file(path, form) if form != "fp32" and use_cache else None
-    if path.is_dir() and not (path / "config.json").is_file():
-        return _load_adapter_run(path, form, cache)
-    if path.is_file():
-        with GGUFFile(path) as gguf:
-            config = open_gguf_config(gguf)
-            tokenizer = Tokenizer.from_gguf(gguf.metadata)
-            model = converted.load(cache, config) if cache else None
-            if model is None:
-                model = load_gguf(gguf, config, linear_hook=hook)
-                if cache:
-                    _save_converted(model, cache)
-            return model, config, tokenizer
-    config = read_hf_config(path)
-    model = converted.load(cache, config) if cache else None
-    if model is None:
-        model = load_hf(path, config, linear_hook=hook)
-        if cache:
-            _save_converted(model, cache)
-    return model, config, Tokenizer.from_dir(path)
-
-
-def _load_adapter_run(run: Path, form: str, cache: Path | None) -> tuple[torch.nn.Module, ModelConfig, Tokenizer]:
-    """A LoRA run folder (store.resolve lets no other folder without config.json through): its base
-    with the adapter merged in fp32, then converted like any model; the converted copy is keyed by
-    the adapter's content, the base being checked unchanged on every load."""
-    from llmos.train.run import adapter_run_config, load_adapter_run  # training code only for runs
-
-    config, tokenizer = adapter_run_config(run)
-    model = converted.load(cache, config) if cache else None
-    if model is None:
-        model = quant.convert(load_adapter_run(run, merge=True).model, form)
-        if cache:
-            _save_converted(model, cache)
-    return model, config, tokenizer
-
-
-def _save_converted(model: torch.nn.Module, file: Path) -> None:
-    converted.save(model, file)
-    derived.keep_only(file)  # one converted copy per model: the form loaded last
 
 
 @torch.inference_mode()
@@ -102,13 +44,14 @@ def perplexity(logits: torch.Tensor, ids: list[int]) -> float:
 
 
 def report(path: Path, forms: tuple[str, ...] = SPEED_ORDER, stop_at_first_pass: bool = False,
-           quiet: bool = True) -> dict[str, Any]:
-    """{form: {"perplexity", "ppl_increase", "top1_agreement", "passes"}} with fp32 as the reference;
-    unless `quiet`, a progress bar on stderr over the forms measured."""
+           quiet: bool = True, kernels: Kernels = PYTORCH) -> dict[str, Any]:
+    """{form: {"perplexity", "ppl_increase", "top1_agreement", "passes"}} with fp32 as the reference,
+    each form running `kernels` (those it will run with); unless `quiet`, a progress bar on stderr
+    over the forms measured."""
     bar = tqdm(total=len(forms), desc=f"measuring weight forms of {path.name}", unit="form", disable=quiet,
                file=sys.stderr, bar_format="{desc}: {n}/{total} {postfix} [{elapsed}]")
     bar.set_postfix_str("fp32")
-    model, config, tokenizer = load_form(path, "fp32")
+    model, config, tokenizer = load_model(path, "fp32", kernels=kernels)
     ids = tokenizer.encode(quality_text())[: config.max_seq_len]
     ref = _logits(model, ids)
     del model
@@ -119,7 +62,7 @@ def report(path: Path, forms: tuple[str, ...] = SPEED_ORDER, stop_at_first_pass:
             continue
         bar.update()
         bar.set_postfix_str(form)
-        model, _, _ = load_form(path, form, use_cache=False)
+        model, _, _ = load_model(path, form, kernels=kernels, use_cache=False)
         logits = _logits(model, ids)
         ppl = perplexity(logits, ids)
         out[form] = {
@@ -129,7 +72,7 @@ def report(path: Path, forms: tuple[str, ...] = SPEED_ORDER, stop_at_first_pass:
             "passes": ppl / base - 1 <= MAX_PPL_INCREASE,
         }
         if stop_at_first_pass and out[form]["passes"]:
-            _save_converted(model, _converted_file(path, form))  # what `auto` loads next: converted once
+            save_converted(model, derived.converted_file(path, form))  # what `auto` loads next: converted once
             break
     bar.update(bar.total - bar.n)
     bar.close()
@@ -137,15 +80,11 @@ def report(path: Path, forms: tuple[str, ...] = SPEED_ORDER, stop_at_first_pass:
     return out
 
 
-# Keyed by the model's content (derived.py): every path to the same file shares them.
-_converted_file = derived.converted_file
-_cache_file = derived.verdict_file
-
-
-def auto_form(path: Path, quiet: bool = True) -> str:
-    """The fastest form whose perplexity passes the 2% rule (measured once, then cached). Unless
-    `quiet`, the first load says on stderr what it is doing: the measurement takes ~15 s."""
-    cache = _cache_file(path)
+def auto_form(path: Path, quiet: bool = True, kernels: Kernels = PYTORCH) -> str:
+    """The fastest form whose perplexity passes the 2% rule (measured once, then cached in the store,
+    keyed by the model's content: every path to the same file shares it). Unless `quiet`, the first
+    load says on stderr what it is doing: the measurement takes ~15 s."""
+    cache = derived.verdict_file(path)
     try:
         return json.loads(cache.read_text())["auto"]
     except (OSError, ValueError, KeyError):
@@ -154,7 +93,7 @@ def auto_form(path: Path, quiet: bool = True) -> str:
         print(f"llmos: first load of {path}: choosing the fastest weight form within {MAX_PPL_INCREASE:.0%} of "
               "fp32 perplexity and converting to it (once per model; later loads take well under a second)",
               file=sys.stderr, flush=True)
-    result = report(path, stop_at_first_pass=True, quiet=quiet)
+    result = report(path, stop_at_first_pass=True, quiet=quiet, kernels=kernels)
     chosen = next(f for f in SPEED_ORDER if f in result and result[f]["passes"])
     result["auto"] = chosen
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -172,26 +111,28 @@ def prompt_ids(vocab: int) -> list[int]:
     return [1000 + (i * 7919) % (vocab - 2000) for i in range(PROMPT_TOKENS)]
 
 
-def timed(model: torch.nn.Module, vocab: int, tokens: int) -> dict[str, float]:
+def timed(model: torch.nn.Module, vocab: int, tokens: int, kv_dtype: torch.dtype | None = None) -> dict[str, float]:
     """Prefill tok/s of a 512-token prompt (timed the second time: the first pays page faults and
-    new-shape kernels once) and greedy decode tok/s over `tokens` tokens after the first."""
+    new-shape kernels once) and greedy decode tok/s over `tokens` tokens after the first, with a KV
+    cache of `kv_dtype` (None: the weights')."""
     from llmos.engine.generate import Generation
     from llmos.engine.sampling import SamplingParams
 
     prompt, greedy = prompt_ids(vocab), SamplingParams(temperature=0.0)
     for _ in range(2):
         t0 = time.perf_counter()
-        list(Generation(model, prompt, max_new_tokens=1, params=greedy).tokens())
+        list(Generation(model, prompt, max_new_tokens=1, params=greedy, kv_dtype=kv_dtype).tokens())
         prefill = PROMPT_TOKENS / (time.perf_counter() - t0)
-    it = Generation(model, prompt[:16], max_new_tokens=tokens + 1, params=greedy, min_new_tokens=tokens + 1).tokens()
+    it = Generation(model, prompt[:16], max_new_tokens=tokens + 1, params=greedy, min_new_tokens=tokens + 1,
+                    kv_dtype=kv_dtype).tokens()
     next(it)
     t0 = time.perf_counter()
     n = sum(1 for _ in it)
     return {"prefill_tps": prefill, "decode_tps": n / (time.perf_counter() - t0)}
 
 
-def speed(path: Path, form: str, tokens: int) -> dict[str, float]:
+def speed(path: Path, form: str, tokens: int, kernels: Kernels = PYTORCH) -> dict[str, float]:
     t0 = time.perf_counter()
-    model, config, _ = load_form(path, form)
+    model, config, _ = load_model(path, form, kernels=kernels)
     load_s = time.perf_counter() - t0
-    return {"load_s": load_s, **timed(model, config.vocab_size, tokens)}
+    return {"load_s": load_s, **timed(model, config.vocab_size, tokens, kv_dtype(form))}

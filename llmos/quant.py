@@ -9,8 +9,9 @@
 - `int4`: weight-only int4, groups of 32 along the input with a scale and a zero point each, on
   `_weight_int4pack_mm_for_cpu`'s packed layout. GGUF Q4_1 blocks map onto it exactly (scale = d,
   zero = m + 8 d, since the kernel computes (q - 8) * scale + zero), so a Q4_1 model runs its own
-  4-bit weights without requantization. With the native extension (engine/native.py) the rows run
-  its own kernel over the same bytes (exact products, fp32 out; ATen's rounds to bf16), else ATen's.
+  4-bit weights without requantization. With the native kernels installed (models/kernels.py,
+  engine/native.py) the rows run their own kernel over the same bytes (exact products, fp32 out;
+  ATen's rounds to bf16), else ATen's.
 
 A decode step has one row per sequence, where these kernels read 4-8x fewer bytes than fp32. Prefill
 has hundreds of rows, where bf16 matmul is fastest: the quantized layers then dequantize their weight
@@ -28,6 +29,7 @@ from torch import nn
 
 from llmos.errors import LlmosError
 from llmos.models import set_module
+from llmos.models.kernels import PYTORCH, Kernels
 
 FORMS = ("fp32", "bf16", "int8", "int4")
 GROUP = 32
@@ -39,24 +41,6 @@ INT4_DENSE_ROWS = 128
 
 
 _local = threading.local()
-# Set by the native extension (engine/native.py), each returning None when the extension cannot be
-# built: `_native_unpack(packed, scales_zeros, out)` unpacks int4 weights in one C++ pass (True when
-# done); `_native_int4_mm(x, packed, scales_zeros)` is the decode step's int4 matmul (fp32 out, exact
-# products), 1.3-2x faster than ATen's int4 kernel from 1 to 127 rows.
-_native_unpack = None
-_native_int4_mm = None
-# `_native_int8_mm(x, packed, scale)`: the int8 row kernel over Int8Head's layout (fp32 out), or None.
-_native_int8_mm = None
-
-
-def use_native(unpack, int4_mm) -> None:
-    global _native_unpack, _native_int4_mm
-    _native_unpack, _native_int4_mm = unpack, int4_mm
-
-
-def use_native_int8(int8_mm) -> None:
-    global _native_int8_mm
-    _native_int8_mm = int8_mm
 
 
 def _scratch(size: int) -> torch.Tensor:
@@ -116,6 +100,8 @@ class Int8Head(nn.Module):
     beside an fp32 embedding (671 MB), read at the memory's speed by the native kernel (~2x ATen's
     `_weight_int8pack_mm` here). Without the extension, rows run ATen's kernel on an unpacked copy."""
 
+    kernels: Kernels = PYTORCH  # the model's, once installed: its int8_mm runs first
+
     def __init__(self, linear: Int8Linear) -> None:
         super().__init__()
         N, K = linear.out_features, linear.in_features
@@ -141,7 +127,7 @@ class Int8Head(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (M, K)
-        y = _native_int8_mm(rows, self.packed, self.scale) if _native_int8_mm is not None and not rows.requires_grad else None
+        y = None if rows.requires_grad else self.kernels.int8_mm(rows, self.packed, self.scale)
         if y is None:
             y = torch.ops.aten._weight_int8pack_mm(rows, self.qweight(), self.scale)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -161,6 +147,8 @@ class HeadEmbedding(nn.Module):
 
 
 class Int4Linear(nn.Module):
+    kernels: Kernels = PYTORCH  # the model's, once installed: its int4_mm and int4_unpack run first
+
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None) -> None:
         """q (N, K) integers in 0..15; scale, zero (N, K/32); w = (q - 8) * scale + zero."""
         super().__init__()
@@ -195,7 +183,7 @@ class Int4Linear(nn.Module):
         high nibble. Each weight is (q - 8) * scale + zero computed in fp32 and rounded once: one
         pass per nibble here, one pass in all with the native extension (same values)."""
         N, K = self.out_features, self.in_features
-        if out is not None and _native_unpack is not None and _native_unpack(self.packed, self.scales_zeros, out):
+        if out is not None and self.kernels.int4_unpack(self.packed, self.scales_zeros, out):
             return out.view(K, N).t()  # the same values, one pass in C++
         blocks, groups = N // 64, K // GROUP
         nibbles = self.packed.view(blocks, groups, GROUP, 32).permute(1, 2, 0, 3)  # [k/32, k%32, block, r]
@@ -212,8 +200,9 @@ class Int4Linear(nn.Module):
         y = None
         if rows.shape[0] >= INT4_DENSE_ROWS and self.out_features % 64 == 0:
             y = F.linear(rows, self.dequantized(_scratch(self.out_features * self.in_features)))
-        elif _native_int4_mm is not None and not rows.requires_grad and self.out_features % 64 == 0:
-            y = _native_int4_mm(rows, self.packed, self.scales_zeros)
+        elif not rows.requires_grad and self.out_features % 64 == 0:
+            # the native kernels' int4_mm: exact products, fp32 out, 1.3-2x faster than ATen's from 1 to 127 rows
+            y = self.kernels.int4_mm(rows, self.packed, self.scales_zeros)
         if y is None:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP, self.scales_zeros)
         y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)

@@ -508,10 +508,21 @@ def list_models() -> list[ModelInfo]:
     return found
 
 
+def kind_of(path: Path) -> str:
+    """What a resolved model path is: "gguf" (a file), "adapter_run" (a LoRA run: run.json and an
+    adapter, no config.json) or "hf" (a Hugging Face folder). The one place llmos tells them apart
+    (weights/loader.py opens each kind)."""
+    if path.is_file():
+        return "gguf"
+    from llmos.models.lora import is_adapter_run
+
+    return "adapter_run" if is_adapter_run(path) else "hf"
+
+
 def show(name_or_path: str) -> dict[str, Any]:
     """What a model is: architecture, parameter count, tensor types, context length, size, chat template."""
     path = resolve(name_or_path, pull_missing=False)
-    info = _show_gguf(path) if path.is_file() else _show_hf(path)
+    info = _show_gguf(path) if kind_of(path) == "gguf" else _show_hf(path)
     info["path"] = str(path)
     manifest = _manifest(path.parent if path.is_file() else path) or {}
     if manifest.get("license"):
@@ -584,7 +595,7 @@ def recommended_sampling(path: Path) -> dict[str, float]:
         name = None
     if name in RECOMMENDED_SAMPLING:
         return dict(RECOMMENDED_SAMPLING[name])
-    if path.is_file():
+    if kind_of(path) == "gguf":
         from llmos.weights.gguf import GGUFFile
 
         with GGUFFile(path) as gguf:

@@ -9,7 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from llmos import quality, quant
+from llmos import derived, quality, quant
+from llmos.weights import loader
+from llmos.weights.loader import load_model
 from llmos.weights.dequant import q4_1_blocks
 
 
@@ -51,7 +53,7 @@ def test_int4_unpacks_exactly_what_the_kernel_computes():
         assert ((layer.dequantized().float() - kernel_weights.float()).abs() <= ulp + 1e-6).all(), (n, k)
 
 
-def test_native_int4_unpacking_equals_python(monkeypatch):
+def test_native_int4_unpacking_equals_python():
     from llmos.engine import native
 
     module = native.build(quiet=True)
@@ -62,9 +64,9 @@ def test_native_int4_unpacking_equals_python(monkeypatch):
     buffer = torch.empty(192 * 160, dtype=torch.bfloat16)
     module.int4_unpack(layer.packed, layer.scales_zeros, buffer)  # the C++ pass itself
     assert torch.equal(buffer.view(160, 192).t(), python)
-    assert torch.equal(layer.dequantized(buffer), python)
-    monkeypatch.setattr(quant, "_native_unpack", None)
-    assert torch.equal(layer.dequantized(buffer.clone()), python)
+    assert torch.equal(layer.dequantized(buffer), python)  # PyTorch's kernels: the Python unpacking into the buffer
+    layer.kernels = native.kernels()
+    assert torch.equal(layer.dequantized(buffer.clone()), python)  # the native kernels: the C++ pass
 
 
 def test_int4_row_kernel_equals_dense_path():
@@ -98,7 +100,7 @@ def test_int4_runs_q4_1_blocks_as_they_are():
 def test_convert_keeps_model_output_close(llm):
     ids = llm.encode("The quick brown fox jumps over the lazy dog.")
     ref = llm.logits(ids)
-    model, _, _ = quality.load_form(llm.path, "int8")
+    model, _, _ = load_model(llm.path, "int8")
     with torch.inference_mode():
         got = model(torch.tensor([ids]), torch.arange(len(ids)))[0].float()
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
@@ -115,8 +117,8 @@ def test_quality_report_and_auto_pick_a_passing_form(default_gguf_path, tmp_path
         assert result[form]["passes"] == (result[form]["ppl_increase"] <= 0.02)
         assert 0.5 < result[form]["top1_agreement"] <= 1.0
     chosen = quality.auto_form(path)
-    assert quality._converted_file(path, chosen).is_file()  # converted while measured, not again at load
-    cached = quality._cache_file(path)
+    assert derived.converted_file(path, chosen).is_file()  # converted while measured, not again at load
+    cached = derived.verdict_file(path)
     assert cached.is_file()
     verdict = __import__("json").loads(cached.read_text())
     assert verdict["auto"] == chosen and verdict[chosen]["passes"]
@@ -129,10 +131,10 @@ def test_converted_cache_gives_the_same_model(default_gguf_path, tmp_path, monke
     from pathlib import Path
 
     path = Path(default_gguf_path)
-    fresh, _, tok = quality.load_form(path, form)  # converts and writes the cache
+    fresh, _, tok = load_model(path, form)  # converts and writes the cache
     assert list((tmp_path / "converted").glob(f"*-{form}.safetensors"))
-    monkeypatch.setattr(quality, "load_gguf", lambda *a, **k: pytest.fail("converted again instead of read back"))
-    cached, _, _ = quality.load_form(path, form)  # reads it back
+    monkeypatch.setattr(loader, "load_gguf", lambda *a, **k: pytest.fail("converted again instead of read back"))
+    cached, _, _ = load_model(path, form)  # reads it back
     assert type(cached.output) is type(fresh.output)
     ids = tok.encode("The capital of France is")
     with torch.inference_mode():
@@ -146,10 +148,10 @@ def test_damaged_converted_cache_is_rebuilt(default_gguf_path, tmp_path, monkeyp
     from pathlib import Path
 
     path = Path(default_gguf_path)
-    quality.load_form(path, "int8")
+    load_model(path, "int8")
     (entry,) = (tmp_path / "converted").glob("*-int8.safetensors")
     entry.write_bytes(b"\x00garbage")
-    model, _, tok = quality.load_form(path, "int8")
+    model, _, tok = load_model(path, "int8")
     ids = tok.encode("Hello")
     with torch.inference_mode():
         assert torch.isfinite(model(torch.tensor([ids]), torch.arange(len(ids)))).all()

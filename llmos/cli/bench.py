@@ -26,11 +26,13 @@ def run(args: argparse.Namespace) -> int:
 
     path = store.resolve(args.model)
     forms = [f.strip() for f in args.forms.split(",") if f.strip()]
-    decode_step = "native (C++)" if native.build() is not None else f"Python ({native.failure() or 'LLMOS_NATIVE=0'})"
-    result: dict = {"model": str(path), "decode_step": decode_step, "speed": {f: quality.speed(path, f, args.tokens) for f in forms}}
+    kernels = native.kernels()
+    decode_step = "native (C++)" if kernels.name == "native" else f"Python ({native.failure() or 'LLMOS_NATIVE=0'})"
+    speed = {f: quality.speed(path, f, args.tokens, kernels) for f in forms}
+    result: dict = {"model": str(path), "decode_step": decode_step, "speed": speed}
     if args.quality:
-        result["quality"] = quality.report(path, forms=tuple(forms))
-        result["auto"] = quality.auto_form(path)
+        result["quality"] = quality.report(path, forms=tuple(forms), kernels=kernels)
+        result["auto"] = quality.auto_form(path, kernels=kernels)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from llmos.engine import native
-from llmos.engine.generate import new_generator
+from llmos.engine.generate import decode, new_generator
 from llmos.engine.sampling import SamplingParams, process, sample
 from llmos.errors import LlmosError
 from llmos.models.kv_cache import KVCache, cache_dtype
@@ -66,11 +65,11 @@ class Event:
 
 class BatchEngine:
     def __init__(self, model: nn.Module, max_batch: int = 16, max_len: int | None = None, prefill_chunk: int = 256,
-                 share_prefixes: bool = True) -> None:
+                 share_prefixes: bool = True, kv_dtype: torch.dtype | None = None) -> None:
         config = model.config
         self.model, self.max_batch, self.chunk = model, max_batch, prefill_chunk
         self.max_len = min(max_len or config.max_seq_len, config.max_seq_len)
-        self.cache = KVCache.for_model(config, max_batch, self.max_len, cache_dtype(model))
+        self.cache = KVCache.for_model(config, max_batch, self.max_len, cache_dtype(model, kv_dtype))
         self.rows: list[Request] = []  # decoding, in row order 0..n-1
         self.prefilling: Request | None = None  # the one request being prefilled, in row len(rows)
         self.waiting: deque[Request] = deque()
@@ -198,7 +197,7 @@ class BatchEngine:
             positions = torch.tensor([[len(r.prompt) + len(r.output) - 1] for r in live])  # (B, 1)
             if len(live) == 1:  # alone: shared positions (T,) take the model's unmasked single-sequence path
                 positions = positions[0]  # (1,)
-            logits = native.decode(self.model, torch.tensor(tokens), positions, self.cache.rows(0, len(live)))  # (B, V)
+            logits = decode(self.model, torch.tensor(tokens), positions, self.cache.rows(0, len(live)))  # (B, V)
             best = logits.argmax(dim=-1).tolist() if any(r.params.plain_greedy for r in live) else []  # one call a step
             for i, (r, row_logits) in enumerate(zip(live, logits)):
                 self.pending_logits[r.id] = row_logits

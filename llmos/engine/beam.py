@@ -90,8 +90,10 @@ def beam_search(
     num_return_sequences: int = 1,
     params: SamplingParams | None = None,
     min_new_tokens: int = 0,
+    kv_dtype: torch.dtype | None = None,
 ) -> list[Beam]:
-    """The `num_return_sequences` best hypotheses for `prompt`, best first (see the module header)."""
+    """The `num_return_sequences` best hypotheses for `prompt`, best first (see the module header).
+    `kv_dtype`: the KV cache's dtype (None: the weights')."""
     params = params or SamplingParams(temperature=0.0)
     _check(model, prompt, num_beams, max_new_tokens, length_penalty, early_stopping, num_return_sequences, min_new_tokens)
     processors = replace(params, temperature=0.0)  # greedy params: process() stops before the warpers
@@ -103,7 +105,7 @@ def beam_search(
     in_top_k = torch.arange(n_keep) < K  # only these may become finished hypotheses
 
     # Prefill once, into beam 0's row, then copy the prompt's keys/values into the other rows.
-    cache = KVCache.for_model(model.config, K, total, cache_dtype(model))
+    cache = KVCache.for_model(model.config, K, total, cache_dtype(model, kv_dtype))
     logits = prefill(model, torch.tensor([list(prompt)]), 0, cache.rows(0, 1))  # (1, V)
     cache.k[:, 1:, :, :T] = cache.k[:, :1, :, :T]  # (L, K-1, H, T, D) <- (L, 1, H, T, D)
     cache.v[:, 1:, :, :T] = cache.v[:, :1, :, :T]

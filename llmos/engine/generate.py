@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from llmos.engine import native
 from llmos.engine.sampling import LogitsMask, SamplingParams, process, sample
 from llmos.errors import LlmosError
 from llmos.models.kv_cache import KVCache, cache_dtype
@@ -52,7 +51,18 @@ def prefill(model: nn.Module, tokens: torch.Tensor, start: int, cache: KVCache, 
 
 def decode_one(model: nn.Module, token: torch.Tensor, position: int, cache: KVCache) -> torch.Tensor:
     """One decode step for tokens (B,) at `position`; logits (B, V) fp32."""
-    return native.decode(model, token, torch.tensor([position]), cache)
+    return decode(model, token, torch.tensor([position]), cache)
+
+
+@torch.inference_mode()
+def decode(model: nn.Module, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """One decode step, tokens (B,) at `positions` (1,) or per row (B, 1): logits (B, V) fp32. The
+    model's kernels run the whole step where they can (the native C++ step), else its Python forward."""
+    logits = model.kernels.decode(model, tokens, positions, cache)
+    if logits is not None:
+        return logits
+    hidden = model.hidden(tokens[:, None], positions, cache)  # (B, 1, C)
+    return model.logits(hidden[:, -1]).float()
 
 
 class Generation:
@@ -72,11 +82,13 @@ class Generation:
         logprobs: int = 0,
         masks: Sequence[LogitsMask] = (),
         should_stop: Callable[[], bool] | None = None,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         """`logprobs`: after each step, `last_logprobs` holds (chosen (B,), top ids (B, k), top
         values (B, k)) from the model's own distribution (log-softmax of the raw logits), as the
         OpenAI API reports them. `masks`: functions (logits (B, V), ids so far (B, N)) -> logits,
-        applied after the penalties and before the warpers (constrained decoding plugs in here)."""
+        applied after the penalties and before the warpers (constrained decoding plugs in here).
+        `kv_dtype`: the dtype of a new KV cache (None: the weights'; the quantized forms use fp16)."""
         if not prompt:
             raise LlmosError("the prompt is empty: give at least one token")
         if max_new_tokens < 0:
@@ -95,7 +107,7 @@ class Generation:
         self.stop_ids = frozenset(stop_ids)
         self.generator = new_generator(seed)
         if cache is None or cache.max_len < total or cache.k.shape[1] != n:
-            cache, cached = KVCache.for_model(model.config, n, total, cache_dtype(model)), 0
+            cache, cached = KVCache.for_model(model.config, n, total, cache_dtype(model, kv_dtype)), 0
         self.cache, self.cached = cache, min(cached, len(prompt) - 1)  # at least one token to prefill
         self.finish_reasons: list[str | None] = [None] * n
         self.stop_tokens: list[int | None] = [None] * n  # the stop id each row ended on

@@ -1,5 +1,6 @@
-"""The decode step in C++ (native_step.cpp): the Python model file's computation without Python's per-op
-cost. The element-wise work gives the Python step's bits; RMSNorm sums in double, attention runs in
+"""The native kernels (native_step.cpp): a whole decode step in C++, the Python model file's
+computation without Python's per-op cost, and the kernels the Python model calls (int4 matmul and
+unpacking, prompt attention). The element-wise work gives the Python step's bits; RMSNorm sums in double, attention runs in
 its own kernel (one thread per row and kv head, ~3e-7 from SDPA) and int4 layers in their own
 AVX512-BF16 matmul (exact products summed in fp32), so results do not depend on the thread count and
 a row decoded in a batch gets the bits it gets alone (`make bench` and `LLMOS_NATIVE=0 llmos bench`
@@ -9,10 +10,14 @@ The extension is compiled once per PyTorch version and source (about 20 s with g
 $LLMOS_HOME/native, by `build()`; `make run` and `make test` build it, and so does the first
 `llmos.load` on a machine with a compiler. Without a compiler (or with LLMOS_NATIVE=0) everything
 runs the Python path (within 1e-5 in fp32; the bf16-rounded forms can differ by a bf16 step).
-`stepper(model)` returns a function doing one decode step, or None when the model is outside what
-the C++ step covers (GPT-2, Gemma 2, a sliding window, Qwen3's q/k norms, partial rotary, LoRA
-adapters, a layer kind it does not know, head sizes that are not a multiple of 16); callers then use
-the Python path.
+
+`kernels()` is what a loader installs on a model (models/kernels.py): `NativeKernels` over the built
+extension, or the plain PyTorch kernels where it cannot be built. Nothing is set at import: a model
+runs these kernels only once they are installed on it. `stepper(model)` returns a function doing one
+decode step, or None when the model is outside what the C++ step covers (GPT-2, Gemma 2, a sliding
+window, Qwen3's q/k norms, partial rotary, LoRA adapters, a layer kind it does not know, head sizes
+that are not a multiple of 16); the engine then runs the model's Python forward, which still calls
+the kernels it has.
 """
 
 from __future__ import annotations
@@ -25,16 +30,17 @@ import threading
 import weakref
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from llmos import quant
-from llmos.models import attention
-from llmos.models.kv_cache import KVCache
-from llmos.models.llama import Llama
 from llmos.errors import LlmosError
 from llmos.files import home
+from llmos.models.kernels import PYTORCH, Kernels
+from llmos.models.kv_cache import KVCache
+from llmos.models.llama import Llama
 
 SOURCE = Path(__file__).with_name("native_step.cpp")
 _lock = threading.Lock()
@@ -105,43 +111,59 @@ def build(quiet: bool = False):
         return _module
 
 
-def _kernel(name: str) -> Callable | None:
-    """The extension's function `name`; None where the extension is not built, lacks it (a CPU without
-    the instructions it needs) or LLMOS_NATIVE=0 says not to use it."""
-    return getattr(build(), name, None) if enabled() else None
+class NativeKernels(Kernels):
+    """The extension's kernels (see models/kernels.py for the contract): each returns None where the
+    extension lacks the function (a CPU without the instructions it needs) or the arguments are not
+    ones it takes; the caller then runs its PyTorch op. Decode steps are built per model on first use
+    and rebuilt when the model's layers were swapped since (`model.swaps`, counted by set_module)."""
+
+    name = "native"
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+        self._steps: weakref.WeakKeyDictionary[nn.Module, tuple[int, Callable | None]] = weakref.WeakKeyDictionary()
+
+    def causal_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor | None:
+        fn = getattr(self.module, "causal_attention", None)
+        if fn is None or k.dtype not in (torch.float32, torch.float16) or v.dtype != k.dtype or k.stride(-1) != 1 or v.stride(-1) != 1:
+            return None
+        return fn(q, k, v, start)
+
+    def int4_mm(self, x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor | None:
+        fn = getattr(self.module, "int4_mm", None)
+        return None if fn is None else fn(x, packed, scales_zeros)
+
+    def int4_unpack(self, packed: torch.Tensor, scales_zeros: torch.Tensor, out: torch.Tensor) -> bool:
+        fn = getattr(self.module, "int4_unpack", None)
+        if fn is not None:
+            fn(packed, scales_zeros, out)
+        return fn is not None
+
+    def int8_mm(self, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+        fn = getattr(self.module, "int8_mm", None)
+        return None if fn is None else fn(x, packed, scale)
+
+    def decode(self, model: nn.Module, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
+        swaps = model.__dict__.get("swaps", 0)
+        entry = self._steps.get(model)
+        if entry is None or entry[0] != swaps:  # built, or rebuilt after LoRA swapped layers in
+            entry = self._steps[model] = (swaps, stepper(model, self.module))
+        return None if entry[1] is None else entry[1](tokens, positions, cache)
 
 
-def _unpack(packed: torch.Tensor, scales_zeros: torch.Tensor, out: torch.Tensor) -> bool:
-    """quant.Int4Linear's unpacking in one C++ pass; False when the extension is not available."""
-    fn = _kernel("int4_unpack")
-    if fn is not None:
-        fn(packed, scales_zeros, out)
-    return fn is not None
+_kernels: NativeKernels | None = None
 
 
-def _int4_mm(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor | None:
-    """quant.Int4Linear's row kernel: the decode step's int4 matmul; None where it is not built."""
-    fn = _kernel("int4_mm")
-    return None if fn is None else fn(x, packed, scales_zeros)
-
-
-def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor | None:
-    """models/attention.py's prompt attention; None where it is not built or the cache is not fp32/fp16."""
-    fn = _kernel("causal_attention")
-    if fn is None or k.dtype not in (torch.float32, torch.float16) or v.dtype != k.dtype or k.stride(-1) != 1 or v.stride(-1) != 1:
-        return None
-    return fn(q, k, v, start)
-
-
-def _int8_mm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
-    """quant.Int8Head's row kernel (int8_pack's layout); None where it is not built."""
-    fn = _kernel("int8_mm")
-    return None if fn is None else fn(x, packed, scale)
-
-
-quant.use_native(_unpack, _int4_mm)
-quant.use_native_int8(_int8_mm)
-attention.use_native(_causal)
+def kernels(quiet: bool = False) -> Kernels:
+    """The kernels a loader installs: the native ones when the extension is built (compiling it on
+    the first call on a machine) and LLMOS_NATIVE is not 0, else PyTorch's."""
+    global _kernels
+    module = build(quiet) if enabled() else None
+    if module is None:
+        return PYTORCH
+    if _kernels is None or _kernels.module is not module:
+        _kernels = NativeKernels(module)
+    return _kernels
 
 
 def _keep_freed_memory() -> None:
@@ -192,16 +214,17 @@ def _linear_args(layer: nn.Module) -> tuple[int, list[torch.Tensor | None]] | No
     return kind, [layer.packed, layer.scales_zeros, layer.bias]
 
 
-def stepper(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, KVCache], torch.Tensor | None] | None:
+def stepper(model: nn.Module, module: Any = None) -> Callable[[torch.Tensor, torch.Tensor, KVCache], torch.Tensor | None] | None:
     """A function (tokens (B,), positions, cache) -> logits (B, V) fp32 that runs the C++ step (None
-    for a batch too large for it), or None when this model (or this machine) cannot use it."""
+    for a batch too large for it), or None when this model (or this machine) cannot use it.
+    `module`: the built extension (default: build it)."""
     config = model.config
-    if not enabled() or type(model) is not Llama or config.sliding_window is not None \
+    if type(model) is not Llama or config.sliding_window is not None \
             or config.qk_norm or config.rotary_dim != config.head_size \
             or model.embed.weight.dtype != torch.float32 or config.head_size % 16 or config.head_size > 128 \
             or config.n_heads // config.n_kv_heads > 8:  # what the C++ attention handles
         return None
-    module = build()
+    module = module if module is not None else build()
     if module is None:
         return None
     kinds: list[int] = []
@@ -245,34 +268,6 @@ def stepper(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, KVCache],
         return logits
 
     return step
-
-
-_steppers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_registrations = 0  # submodules registered anywhere since import: a stepper may hold a swapped-out layer
-
-
-def _count_registration(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
-    global _registrations
-    _registrations += 1
-
-
-torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
-
-
-@torch.inference_mode()
-def decode(model: nn.Module, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """One decode step, tokens (B,) at `positions` (1,) or per row (B, 1): logits (B, V) fp32. Runs the
-    C++ step where it applies and `model.hidden` + `model.logits` otherwise."""
-    if enabled():
-        entry = _steppers.get(model)
-        if entry is None or entry[0] != _registrations:  # built, or rebuilt after LoRA swapped layers in
-            entry = _steppers[model] = (_registrations, stepper(model))
-        if entry[1] is not None:
-            logits = entry[1](tokens, positions, cache)
-            if logits is not None:
-                return logits
-    hidden = model.hidden(tokens[:, None], positions, cache)  # (B, 1, C)
-    return model.logits(hidden[:, -1]).float()
 
 
 if __name__ == "__main__":  # `python -m llmos.engine.native`: build it now (make run / make test do)

@@ -11,10 +11,11 @@
   attends only to the keys up to its last query, so the masked upper triangle is mostly skipped
   (PyTorch's CPU flash attention computes all of it when the keys fit one block): at 512 tokens,
   2.4 ms instead of 3.3 ms per layer.
-- natively: consecutive new positions (a prompt, or a chunk of one after cached positions) at
-  inference, in fp32, go to the native extension's causal kernel when it is built (engine/native.py
-  sets `_native_causal`): 1.0 ms per layer at 512 tokens, ~3e-7 from SDPA, and a query's result does
-  not depend on how the prompt was split into chunks. The plan keeps the SDPA route for when it is not.
+- by the model's kernels: consecutive new positions (a prompt, or a chunk of one after cached
+  positions) at inference, in fp32, go to `kernels.causal_attention` (models/kernels.py; the native
+  extension's causal kernel: 1.0 ms per layer at 512 tokens, ~3e-7 from SDPA, and a query's result
+  does not depend on how the prompt was split into chunks). The plan keeps the SDPA route for
+  kernels that have none.
 The layers then only call `attend`, with no per-layer branching, host syncs or mask building.
 """
 
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from llmos.models.kernels import PYTORCH, Kernels
 
 
 def attention_mask(q_pos: torch.Tensor, n_keys: int, window: int | None) -> torch.Tensor:
@@ -38,14 +41,6 @@ def attention_mask(q_pos: torch.Tensor, n_keys: int, window: int | None) -> torc
 
 
 CHUNK = 64
-# Set by engine/native.py: (q, k, v, start) -> causal attention of queries at start, start + 1, ...
-# over keys 0.. (fp32, head size a multiple of 16), or None where the extension is not built.
-_native_causal = None
-
-
-def use_native(fn) -> None:
-    global _native_causal
-    _native_causal = fn
 
 
 @dataclass(frozen=True)
@@ -54,7 +49,8 @@ class Plan:
     mask: torch.Tensor | None = None
     rows: tuple[tuple[int, torch.Tensor | None], ...] | None = None  # per row: (keys, mask)
     chunks: tuple[tuple[int, int, int, torch.Tensor | None], ...] | None = None  # (start, stop, keys, mask)
-    start: int | None = None  # consecutive positions from here: the native causal kernel may take them
+    start: int | None = None  # consecutive positions from here: the kernels' causal attention may take them
+    kernels: Kernels = PYTORCH
 
 
 def additive(mask: torch.Tensor) -> torch.Tensor:
@@ -63,7 +59,7 @@ def additive(mask: torch.Tensor) -> torch.Tensor:
     return torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
 
 
-def plan(positions: torch.Tensor, n_keys: int, window: int | None = None) -> Plan:
+def plan(positions: torch.Tensor, n_keys: int, window: int | None = None, kernels: Kernels = PYTORCH) -> Plan:
     """The attention for queries at `positions` (T,) or per row (B, T) over `n_keys` keys."""
     T = positions.shape[-1]
     if positions.dim() == 2 and T == 1:
@@ -72,15 +68,15 @@ def plan(positions: torch.Tensor, n_keys: int, window: int | None = None) -> Pla
             (e, None if window is None else attention_mask(torch.tensor([e - 1]), e, window)) for e in ends))
     if positions.dim() == 1 and window is None:
         start = int(positions[0])
-        native = start if T > 1 and _native_causal is not None and not torch.is_grad_enabled() \
+        native = start if T > 1 and kernels is not PYTORCH and not torch.is_grad_enabled() \
             and n_keys == start + T and torch.equal(positions, torch.arange(start, start + T)) else None
         if T >= 2 * CHUNK and not torch.is_grad_enabled():
-            return Plan(chunks=_chunks(positions), start=native)
+            return Plan(chunks=_chunks(positions), start=native, kernels=kernels)
         if T == n_keys and start == 0:
-            return Plan(causal=True, start=native)
+            return Plan(causal=True, start=native, kernels=kernels)
         if T == 1:
             return Plan()
-        return Plan(mask=additive(attention_mask(positions, n_keys, window)), start=native)
+        return Plan(mask=additive(attention_mask(positions, n_keys, window)), start=native, kernels=kernels)
     return Plan(mask=additive(attention_mask(positions, n_keys, window)))
 
 
@@ -100,7 +96,7 @@ def _chunks(positions: torch.Tensor) -> tuple[tuple[int, int, int, torch.Tensor 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan) -> torch.Tensor:
     """Scaled dot-product attention of q (B, H, T, D) over k, v (B, Hkv, S, D), Hkv dividing H."""
     if plan.start is not None and q.dtype == torch.float32 and q.shape[-1] % 16 == 0:
-        y = _native_causal(q, k, v, plan.start)
+        y = plan.kernels.causal_attention(q, k, v, plan.start)
         if y is not None:
             return y
     if k.dtype != q.dtype:  # an fp16 cache (kv_cache.cache_dtype): attend in the queries' dtype

@@ -28,6 +28,7 @@ from torch import nn
 
 from llmos.config import ModelConfig
 from llmos.models import attention
+from llmos.models.kernels import PYTORCH, Kernels
 from llmos.models.kv_cache import KVCache
 
 CHUNK = 256  # queries per attention chunk: bounds the (B, H, T, S) score tensor of a long prompt
@@ -141,6 +142,8 @@ class Block(nn.Module):
 
 
 class Gemma2(nn.Module):
+    kernels: Kernels = PYTORCH  # installed by the loader (models/kernels.py); its int4 layers use them
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config

@@ -12,6 +12,7 @@ from torch import nn
 
 from llmos.config import ModelConfig
 from llmos.models import attention
+from llmos.models.kernels import PYTORCH, Kernels
 from llmos.models.kv_cache import KVCache
 
 
@@ -61,6 +62,8 @@ class Block(nn.Module):
 
 
 class GPT2(nn.Module):
+    kernels: Kernels = PYTORCH  # the loader installs faster ones (models/kernels.py)
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -79,7 +82,8 @@ class GPT2(nn.Module):
         if int(positions.max()) >= self.config.max_seq_len:
             raise ValueError(f"position {int(positions.max())} is beyond GPT-2's {self.config.max_seq_len} learned positions")
         x = self.embed(tokens) + self.pos_embed(positions)  # (B, T, C)
-        how = attention.plan(positions, positions.shape[-1] if cache is None else cache.begin(positions))
+        how = attention.plan(positions, positions.shape[-1] if cache is None else cache.begin(positions),
+                             kernels=self.kernels)
         for i, block in enumerate(self.layers):
             x = block(x, positions, cache, i, how)
         return self.norm(x)

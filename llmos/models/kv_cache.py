@@ -8,9 +8,10 @@ that shares a history prefix) just lower it. `extent` is where the prompt being 
 the engine before prefilling it in chunks, 0 when unknown): a model whose rotary frequencies depend on
 the sequence's length (LongRoPE) chooses them by it, so every chunk gets what the whole prompt gets.
 
-The cache holds the model's dtype, or the one a loader set as `model.kv_dtype` (`cache_dtype`):
-fp16 for the quantized forms (quality.load_form), which halves the bytes a decode step reads per
-cached position (at 16 rows x 70 positions, 54 MB a step in fp32) at ~5e-4 relative rounding, far
+The cache holds the dtype its caller names (`cache_dtype`), by default the model's weights':
+the loader's choice for a form (weights/loader.py `kv_dtype`) is fp16 for the quantized forms, passed
+explicitly to the engine (`kv_dtype=`) by whoever holds the model (llmos.LLM). That halves the bytes
+a decode step reads per cached position (at 16 rows x 70 positions, 54 MB a step in fp32) at ~5e-4 relative rounding, far
 below their weights' own. Keys and values are rounded once, when written; attention reads them back
 widened to fp32.
 """
@@ -20,9 +21,9 @@ from __future__ import annotations
 import torch
 
 
-def cache_dtype(model) -> torch.dtype:
-    """The dtype a cache for `model` holds: `model.kv_dtype` when a loader set one, else its weights'."""
-    return getattr(model, "kv_dtype", None) or next(model.parameters()).dtype
+def cache_dtype(model, kv_dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype a cache for `model` holds: `kv_dtype` when the caller names one, else its weights'."""
+    return kv_dtype or next(model.parameters()).dtype
 
 
 class KVCache:

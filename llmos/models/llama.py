@@ -33,6 +33,7 @@ from torch import nn
 
 from llmos.config import ModelConfig
 from llmos.models import attention
+from llmos.models.kernels import PYTORCH, Kernels
 from llmos.models.kv_cache import KVCache
 
 
@@ -152,6 +153,8 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
+    kernels: Kernels = PYTORCH  # the loader installs faster ones (models/kernels.py)
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -195,7 +198,7 @@ class Llama(nn.Module):
         cos, sin = self.rope(positions, 0 if cache is None else cache.extent)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         n_keys = positions.shape[-1] if cache is None else cache.begin(positions)
-        how = attention.plan(positions, n_keys, self.config.sliding_window)
+        how = attention.plan(positions, n_keys, self.config.sliding_window, self.kernels)
         for i, block in enumerate(self.layers):
             x = block.forward(x, cos, sin, positions, cache, i, how)
         return self.norm(x)

@@ -141,7 +141,8 @@ class Worker:
         self.llm, self.max_active, self.max_queue = llm, max_active, max_queue
         self.engine: BatchEngine | None = None
         if batch:
-            self.engine = BatchEngine(llm.model, max_batch=max_active, max_len=slot or slot_len(llm.config, max_active))
+            self.engine = BatchEngine(llm.model, max_batch=max_active, max_len=slot or slot_len(llm.config, max_active),
+                                      kv_dtype=llm.kv_dtype)
         self._batched: dict[int, Ticket] = {}  # engine request id -> ticket (worker thread only)
         self._batch_sizes: Counter[int] = Counter()  # engine decode steps by the rows they decoded
         self._pending: deque[Ticket] = deque()

@@ -33,7 +33,7 @@ import torch
 from llmos import store
 from llmos.errors import LlmosError
 from llmos.tokenizer import Tokenizer
-from llmos.weights.load import load_bert, read_hf_config
+from llmos.weights import loader
 
 POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -125,14 +125,13 @@ class Embedder:
         if dtype not in DTYPES:
             raise LlmosError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         path = store.resolve(str(name_or_path))
-        if path.is_file():
+        if store.kind_of(path) == "gguf":
             raise LlmosError(f"{path} is a GGUF file; embedding models are loaded from Hugging Face folders (config.json, *.safetensors, tokenizer.json)")
-        config = read_hf_config(path)
+        config = loader.read_config(path)
         if config.arch != "bert":
             raise LlmosError(f"{path} is a {config.arch} model; embeddings need a BERT-family encoder such as {store.DEFAULT_EMBED_MODEL}")
         pooling = read_pooling_config(path)
-        model = load_bert(path, config, DTYPES[dtype])
-        tokenizer = Tokenizer.from_dir(path)
+        model, _, tokenizer = loader.load_model(path, dtype)
         return cls(model, tokenizer, pooling, name=str(name_or_path), path=path, fingerprint=_fingerprint(path))
 
     def count_tokens(self, text: str) -> int:

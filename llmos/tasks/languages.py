@@ -20,6 +20,7 @@ import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from llmos import store
 from llmos.errors import LlmosError
 
 if TYPE_CHECKING:
@@ -211,7 +212,7 @@ KNOWN_MODELS: dict[str, tuple[str, ...]] = {
 def model_languages(llm: ChatModel) -> tuple[str, ...] | None:
     """ISO codes the model's files say it was trained on, or None when nothing says."""
     path = Path(llm.path)
-    source = path if path.is_file() else path / "README.md"  # what is read, and so what a change shows in
+    source = path if store.kind_of(path) == "gguf" else path / "README.md"  # what is read, and so what a change shows in
     stat = source.stat() if source.exists() else None
     return _declared_languages(str(path), stat.st_mtime_ns if stat else 0, stat.st_size if stat else 0)
 
@@ -221,7 +222,7 @@ def _declared_languages(path_str: str, mtime_ns: int, size: int) -> tuple[str, .
     # Reading a GGUF file's metadata parses its whole vocabulary: once per file (and version) is enough.
     path = Path(path_str)
     declared: list[str] = []
-    if path.is_file():
+    if store.kind_of(path) == "gguf":
         from llmos.weights.gguf import GGUFFile
 
         with GGUFFile(path) as gguf:

@@ -42,25 +42,20 @@ from llmos import derived, store
 from llmos.config import ModelConfig
 from llmos.errors import LlmosError
 from llmos.files import write_atomically
-from llmos.models.lora import (
-    ADAPTER_WEIGHTS,
-    RUN_FILE,
-    is_adapter_run,
-    LoraConfig,
-    apply_lora,
-    load_adapter,
-    merge_lora,
-    save_adapter,
-)
+from llmos.models.lora import RUN_FILE, LoraConfig, apply_lora, is_adapter_run, merge_lora, save_adapter
 from llmos.tokenizer import Tokenizer
 from llmos.train import checkpoint, distributed
 from llmos.train.bpe import load_tokenizer, train_tokenizer
 from llmos.train.data import Shards, Windows, list_files, prepare_data
 from llmos.train.loop import TrainConfig, train
 from llmos.train.presets import init_weights, model_config
+from llmos.weights import loader
 from llmos.weights.export import save_hf, save_tokenizer
-from llmos.weights.gguf import GGUFFile
-from llmos.weights.load import build_model, load_gguf, load_hf, open_gguf_config, read_hf_config
+from llmos.weights.load import build_model
+from llmos.weights.loader import adapter_run_config, read_recipe
+
+__all__ = ["Loaded", "adapter_run_config", "base_config", "finetune", "is_run", "load_adapter_run", "load_base",
+           "load_for_training", "load_model", "load_run", "pretrain", "read_recipe", "resume"]
 
 
 
@@ -139,16 +134,6 @@ def _never_saved(run: Path) -> bool:
     except LlmosError:  # a run.json cut short by the kill
         finished = False
     return not finished and checkpoint.latest(run) is None
-
-
-def read_recipe(run: str | Path) -> dict[str, Any]:
-    path = Path(run) / RUN_FILE
-    if not path.is_file():
-        raise LlmosError(f"{run} is not a training run (no {RUN_FILE}); give the --out folder of a pretrain or finetune")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise LlmosError(f"{path} is damaged ({exc})") from None
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -243,47 +228,18 @@ def _first_tokenizer(recipe: dict[str, Any], progress: bool) -> tuple[Tokenizer,
 
 def base_config(base: str | Path) -> ModelConfig:
     """The ModelConfig of a store name, GGUF file, Hugging Face folder or LoRA run (no weights read)."""
-    path = store.resolve(str(base))
-    if is_adapter_run(path):
-        return ModelConfig(**read_recipe(path)["model"])
-    if path.is_file():
-        with GGUFFile(path) as gguf:
-            return open_gguf_config(gguf)
-    return read_hf_config(path)
+    return loader.read_config(base)
 
 
 def _base_tokenizer_and_config(base: str) -> tuple[Tokenizer, ModelConfig]:
-    path = Path(base)
-    if is_adapter_run(path):
-        return Tokenizer.from_dir(path), base_config(path)
-    if path.is_file():
-        with GGUFFile(path) as gguf:
-            return Tokenizer.from_gguf(gguf.metadata), open_gguf_config(gguf)
-    return Tokenizer.from_dir(path), read_hf_config(path)
+    return loader.read_tokenizer(base), loader.read_config(base)
 
 
 def load_for_training(base: str | Path) -> tuple[nn.Module, ModelConfig]:
-    """A GGUF file or Hugging Face folder as an fp32 model that owns its memory (dequantized)."""
-    path = Path(base)
-    if not path.exists():
+    """A GGUF file, Hugging Face folder or LoRA run (merged) as an fp32 model that owns its memory."""
+    if not Path(base).exists():
         raise LlmosError(f"the base model of this run, {base}, is gone; put it back to resume, load or export the run")
-    if is_adapter_run(path):  # a LoRA run as the base of another: its merged weights, trainable again
-        model = load_adapter_run(path, merge=True).model
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model, base_config(path)
-    if path.is_file():
-        with GGUFFile(path) as gguf:
-            config = open_gguf_config(gguf)
-            model = load_gguf(gguf, config, torch.float32)
-    else:
-        config = read_hf_config(path)
-        model = load_hf(path, config, torch.float32)
-    # The loaders hand out memory-mapped tensors; training writes into them, so own the memory.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.data = p.data.clone()
-    model.tie_weights()
+    model, config, _ = loader.load_model(base, "fp32", owned=True)
     return model, config
 
 
@@ -324,31 +280,16 @@ def is_run(path: str | Path) -> bool:
     return (Path(path) / RUN_FILE).is_file()
 
 
-def adapter_run_config(run: str | Path) -> tuple[ModelConfig, Tokenizer]:
-    """(config, tokenizer) of a LoRA run, after checking that its base is there and unchanged."""
-    run = Path(run)
-    recipe = read_recipe(run)
-    base = Path(recipe["base"])
-    if not base.exists():
-        raise LlmosError(f"{run} is a LoRA adapter on {recipe.get('base_name') or base}, which is no longer at "
-                         f"{base}; put the base model back to load or export the run")
-    want = recipe.get("base_sha256")
-    if want and derived.content_key(base) != want:
-        raise LlmosError(f"{run} is a LoRA adapter on {base}, whose weights have changed since the run trained on "
-                         f"them (sha256 {want}...); put the original base back to load or export the run")
-    return ModelConfig(**recipe["model"]), Tokenizer.from_dir(run)
-
-
 def load_run(run: str | Path) -> Loaded:
     """A run's model: the finished Hugging Face folder, else its newest complete checkpoint."""
     run = Path(run)
     recipe = read_recipe(run)
     if recipe.get("finished") and is_adapter_run(run):
         return load_adapter_run(run, merge=True)
-    tokenizer = Tokenizer.from_dir(run)
     if recipe.get("finished") and (run / "config.json").is_file() and (run / "model.safetensors").is_file():
-        config = read_hf_config(run)
-        return Loaded(load_hf(run, config, torch.float32), tokenizer, config, str(run))
+        model, config, tokenizer = loader.load_model(run, "fp32")  # a finished run is a Hugging Face folder
+        return Loaded(model, tokenizer, config, str(run))
+    tokenizer = Tokenizer.from_dir(run)
     folder = checkpoint.require_latest(run)
     tensors, _ = checkpoint.load(folder)
     model, config = _build(recipe, TrainConfig.from_dict(recipe["train"]))
@@ -385,13 +326,5 @@ def load_model(ref: str | Path) -> Loaded:
 def load_adapter_run(run: str | Path, *, merge: bool = False) -> Loaded:
     """A LoRA run's base (checked unchanged) with its adapter: as adapter modules, or with `merge`
     folded into the base weights (plain nn.Linear layers again, as fast as the base)."""
-    run = Path(run)
-    recipe = read_recipe(run)
-    if not (run / ADAPTER_WEIGHTS).is_file():
-        raise LlmosError(f"{run} has no adapter (not a LoRA run, or merged with --merge)")
-    _, tokenizer = adapter_run_config(run)
-    model, config = load_for_training(recipe["base"])
-    load_adapter(model, run, config.arch)
-    if merge:
-        merge_lora(model)
-    return Loaded(model.eval(), tokenizer, config, str(run) if merge else f"{run} (adapter)")
+    model, config, tokenizer = loader.load_adapter_run(run, merge=merge)
+    return Loaded(model, tokenizer, config, str(run) if merge else f"{run} (adapter)")

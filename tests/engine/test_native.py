@@ -1,4 +1,4 @@
-"""The native (C++) decode step gives the Python step's results (its own attention kernel differs from
+"""The native (C++) kernels, installed on a model at load time, and their decode step, which gives the Python step's results (its own attention kernel differs from
 SDPA by ~3e-7; everything else is the same arithmetic) in every weight form, for shared and per-row
 positions, independently of the thread count; models it does not cover fall back to the Python step;
 a machine without a compiler still generates."""
@@ -12,13 +12,14 @@ from torch import nn
 from llmos import quant
 from llmos.config import ModelConfig
 from llmos.engine import native
-from llmos.engine.generate import Generation
+from llmos.engine.generate import Generation, decode
 from llmos.engine.sampling import SamplingParams
+from llmos.models import attention, set_module
 from llmos.models.gpt2 import GPT2
-from llmos.models.kv_cache import KVCache, cache_dtype
+from llmos.models.kernels import PYTORCH, install
+from llmos.models.kv_cache import KVCache
 from llmos.models.llama import Llama
 from llmos.models.lora import LoraConfig, apply_lora
-from llmos.models import attention, set_module
 
 
 def _tiny(form: str = "fp32", **overrides) -> Llama:
@@ -33,7 +34,7 @@ def _tiny(form: str = "fp32", **overrides) -> Llama:
     if hook is not None:
         for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
             set_module(model, name, hook(name, layer.weight.detach(), None if layer.bias is None else layer.bias.detach(), None))
-    return model
+    return install(model, native.kernels(quiet=True))  # as a loader does: the Python step runs the native kernels too
 
 
 def _python_step(model, tokens, positions, cache):
@@ -107,12 +108,30 @@ def test_native_step_does_not_depend_on_the_thread_count(built, form):
     assert torch.equal(results[0], results[1])
 
 
-def test_default_model_generates_the_same_text_natively(built, llm, monkeypatch):
+def test_default_model_generates_the_same_text_natively(built, llm):
     prompt = "The three primary colours are"
+    assert llm.kernels.name == "native"  # what llmos.load chose
     native_text = llm.generate(prompt, max_new_tokens=24, temperature=0)
-    monkeypatch.setenv("LLMOS_NATIVE", "0")
-    python_text = llm.generate(prompt, max_new_tokens=24, temperature=0)
+    try:
+        install(llm.model, PYTORCH)
+        python_text = llm.generate(prompt, max_new_tokens=24, temperature=0)
+    finally:
+        install(llm.model, llm.kernels)
     assert native_text == python_text and len(native_text.strip()) > 0
+
+
+def test_kernels_are_the_models_own_and_nothing_is_set_at_import(built, monkeypatch):
+    """Two models in one process run the kernels installed on each; importing the extension changes
+    no other module (a model built without `install` runs PyTorch's everywhere); LLMOS_NATIVE=0 at
+    load time gives PyTorch's."""
+    plain = Llama(_tiny().config)
+    assert plain.kernels is PYTORCH and attention.plan(torch.arange(40), 40, None, plain.kernels).start is None
+    fast = _tiny("int4")
+    assert fast.kernels.name == "native"
+    assert {m.kernels.name for m in fast.modules() if isinstance(m, quant.Int4Linear)} == {"native"}
+    assert quant.Int4Linear.kernels is PYTORCH and Llama.kernels is PYTORCH
+    monkeypatch.setenv("LLMOS_NATIVE", "0")
+    assert native.kernels() is PYTORCH
 
 
 def test_default_model_int4_decode_logits_match_the_python_step(built, fast_llm):
@@ -143,14 +162,14 @@ def test_lora_adapters_added_later_are_not_skipped(built):
     model = _tiny()
     cache = KVCache.for_model(model.config, 1, 16)
     tokens = torch.tensor([5])
-    before = native.decode(model, tokens, torch.tensor([0]), cache)
+    before = decode(model, tokens, torch.tensor([0]), cache)
     apply_lora(model, LoraConfig(rank=2))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_b" in name:
                 p.normal_()  # a non-zero adapter changes the output
     expected = _python_step(model, tokens, torch.tensor([0]), KVCache.for_model(model.config, 1, 16))
-    after = native.decode(model, tokens, torch.tensor([0]), KVCache.for_model(model.config, 1, 16))
+    after = decode(model, tokens, torch.tensor([0]), KVCache.for_model(model.config, 1, 16))
     assert torch.equal(after, expected) and not torch.equal(after, before)
 
 
@@ -159,12 +178,12 @@ def test_without_a_compiler_generation_still_works(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setattr(native, "_module", None)
     monkeypatch.setattr(native, "_failed", None)
-    monkeypatch.setattr(native, "_steppers", __import__("weakref").WeakKeyDictionary())
     assert native.build(quiet=True) is None
     assert "C++ compiler" in native.failure()
     model = _tiny()
+    assert model.kernels is PYTORCH  # what kernels() gives without the extension
     cache = KVCache.for_model(model.config, 1, 16)
-    got = native.decode(model, torch.tensor([7]), torch.tensor([0]), cache)
+    got = decode(model, torch.tensor([7]), torch.tensor([0]), cache)
     assert torch.equal(got, _python_step(model, torch.tensor([7]), torch.tensor([0]), KVCache.for_model(model.config, 1, 16)))
 
 
@@ -213,7 +232,7 @@ def test_prompt_prefilled_in_chunks_gets_the_bits_of_one_prefill(built):
     model = _tiny("int4")
     prompt = torch.randint(0, 128, (1, 40))
     with torch.inference_mode():
-        plan = attention.plan(torch.arange(40), 40)
+        plan = attention.plan(torch.arange(40), 40, None, model.kernels)
         assert plan.start == 0  # the native route is planned for a prompt
         whole = KVCache.for_model(model.config, 1, 48)
         want = model.output(model.hidden(prompt, torch.arange(40), whole)[:, -1])
@@ -228,7 +247,7 @@ def test_prompt_prefilled_in_chunks_gets_the_bits_of_one_prefill(built):
         got = model.output(hidden[:, -1])
     assert torch.equal(got, want) and torch.equal(parts.k[:, :, :, :40], whole.k[:, :, :, :40])
     with torch.enable_grad():
-        assert attention.plan(torch.arange(40), 40).start is None  # training keeps SDPA (autograd)
+        assert attention.plan(torch.arange(40), 40, None, model.kernels).start is None  # training keeps SDPA (autograd)
 
 
 def test_quantized_forms_cache_in_fp16_within_its_rounding(built, fast_llm):
@@ -236,7 +255,7 @@ def test_quantized_forms_cache_in_fp16_within_its_rounding(built, fast_llm):
     within 3% of the largest logit, the logits of an fp32 cache (as close as the int4 form's native and
     Python steps are to each other; `python -m bench.run --only kv` measures the perplexity cost)."""
     model = fast_llm.model
-    assert cache_dtype(model) == torch.float16
+    assert fast_llm.kv_dtype == torch.float16
     ids = fast_llm.encode("A short story about a lighthouse keeper:")
     caches = [KVCache.for_model(model.config, 1, 64, dtype) for dtype in (torch.float16, torch.float32)]
     with torch.inference_mode():
@@ -245,7 +264,7 @@ def test_quantized_forms_cache_in_fp16_within_its_rounding(built, fast_llm):
             assert outs[0].argmax() == outs[1].argmax()
             assert (outs[0] - outs[1]).abs().max().item() < 0.03 * outs[1].abs().max().item()
             token, position = outs[1].argmax(-1).reshape(1), torch.tensor([len(ids) + i])
-            outs = [native.decode(model, token, position, c) for c in caches]
+            outs = [decode(model, token, position, c) for c in caches]
 
 
 def test_a_prompt_reuses_freed_memory_instead_of_faulting_in_pages(built, fast_llm):
@@ -261,7 +280,7 @@ def test_a_prompt_reuses_freed_memory_instead_of_faulting_in_pages(built, fast_l
     faults = []
     for _ in range(3):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        list(Generation(fast_llm.model, prompt, max_new_tokens=1, params=greedy).tokens())
+        list(Generation(fast_llm.model, prompt, max_new_tokens=1, params=greedy, kv_dtype=fast_llm.kv_dtype).tokens())
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     assert min(faults[1:]) < 3000, faults
 

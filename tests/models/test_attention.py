@@ -9,13 +9,6 @@ import torch.nn.functional as F
 from llmos.models import attention
 
 
-@pytest.fixture(autouse=True)
-def sdpa_only(monkeypatch):
-    """These tests are about the SDPA plans: without this, once engine/native.py is imported (by any
-    earlier test) a prompt takes the native kernel and the chunks under test never run."""
-    monkeypatch.setattr(attention, "_native_causal", None)
-
-
 def _qkv(T: int, S: int):
     torch.manual_seed(0)
     return torch.randn(1, 6, T, 32), torch.randn(1, 2, S, 32), torch.randn(1, 2, S, 32)

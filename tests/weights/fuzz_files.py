@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from llmos.errors import LlmosError  # noqa: E402
-from llmos.quality import load_form  # noqa: E402
+from llmos.weights.loader import load_model  # noqa: E402
 from tiny_checkpoints import write_gguf, write_hf  # noqa: E402
 
 CASE_SECONDS = 20
@@ -50,7 +50,7 @@ def check(path: Path, label: str) -> None:
     """Load and run `path`: a working model or one LlmosError line; anything else propagates."""
     signal.alarm(CASE_SECONDS)
     try:
-        model, config, tokenizer = load_form(path, "fp32", use_cache=False)
+        model, config, tokenizer = load_model(path, "fp32", use_cache=False)
         with torch.inference_mode():
             ids = tokenizer.encode("hi", add_special_tokens=False)[:2] or [0]
             logits = model(torch.tensor([ids]), torch.arange(len(ids)))

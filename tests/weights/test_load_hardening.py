@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from llmos.errors import LlmosError
-from llmos.quality import load_form
+from llmos.weights.loader import load_model
 from tiny_checkpoints import write_gguf, write_hf
 
 
@@ -30,7 +30,7 @@ def refused(path: Path, *words: str, seconds: float = 10.0) -> str:
     """Loading `path` fails with one LlmosError line holding `words`, within `seconds`."""
     start = time.monotonic()
     with pytest.raises(LlmosError) as info:
-        load_form(path, "fp32", use_cache=False)
+        load_model(path, "fp32", use_cache=False)
     message = str(info.value)
     assert time.monotonic() - start < seconds, message
     assert "\n" not in message and all(w in message for w in words), message
@@ -66,7 +66,7 @@ def test_shards_inside_the_folder_and_hf_cache_links_load(tmp_path):
     folder = sharded(tmp_path, "weights/part-1.safetensors")
     (folder / "weights").mkdir()
     shutil.move(tmp_path / "models" / "secret.safetensors", folder / "weights" / "part-1.safetensors")
-    assert load_form(folder, "fp32", use_cache=False)[1].n_layers == 2
+    assert load_model(folder, "fp32", use_cache=False)[1].n_layers == 2
     # the Hugging Face cache: snapshots/<rev>/file -> ../../blobs/<hash>
     repo = tmp_path / "models--org--m"
     (repo / "blobs").mkdir(parents=True)
@@ -78,7 +78,7 @@ def test_shards_inside_the_folder_and_hf_cache_links_load(tmp_path):
     index = json.loads((snap / "model.safetensors.index.json").read_text())
     index["weight_map"] = {n: "model.safetensors" for n in index["weight_map"]}
     (snap / "model.safetensors.index.json").write_text(json.dumps(index))
-    assert load_form(snap, "fp32", use_cache=False)[1].n_layers == 2
+    assert load_model(snap, "fp32", use_cache=False)[1].n_layers == 2
 
 
 def test_a_tensor_listed_twice_is_refused(tmp_path):
