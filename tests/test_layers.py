@@ -241,3 +241,35 @@ def test_the_checks_see_relative_imports_and_re_exports(tmp_path):
     probe.write_text("from ..engine import sampling\nfrom . import qa\nimport llmos\nllmos.load\nfrom llmos import Index\n")
     found = {t for _, t in imports("llmos.tasks.probe", probe)}
     assert {"llmos.engine.sampling", "llmos.tasks.qa", "llmos.api", "llmos.tasks.index"} <= found
+
+
+# Format readers: only weights/ itself calls them; everything else opens models through weights/loader.py.
+READERS = {"load_gguf", "load_hf", "load_bert", "read_hf_config", "open_gguf_config"}
+
+
+def test_models_are_opened_only_through_the_loader():
+    wrong = [f"{name}: {said}" for mods in (PACKAGE_MODULES, BENCH_MODULES) for name, path in mods.items()
+             if not name.startswith("llmos.weights") for said, _ in imports(name, path)
+             if said.startswith("llmos.weights.load:") and said.partition(":")[2] in READERS]
+    assert not wrong, "open models with llmos.weights.loader (load_model, read_config, read_tokenizer):\n" + "\n".join(wrong)
+
+
+def test_no_module_changes_another_at_import():
+    """No top-level `other_module.attr = ...` and no process-wide hook registered at import: a module's
+    behaviour must not depend on whether some other module was imported (the native kernels are
+    installed on a model, models/kernels.py)."""
+    wrong = []
+    for name, path in PACKAGE_MODULES.items():
+        tree = ast.parse(path.read_text())
+        modules_bound = {(a.asname or a.name).split(".")[0] for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
+                         for a in node.names}
+        for node in tree.body:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AugAssign) else []
+            for t in targets:
+                if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id in modules_bound:
+                    wrong.append(f"{name}: sets {t.value.id}.{t.attr} at import")
+            if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
+                call = ast.unparse(node.value.func)
+                if "register_" in call and "hook" in call or call.endswith("use_native"):
+                    wrong.append(f"{name}: calls {call} at import")
+    assert not wrong, "\n".join(wrong)

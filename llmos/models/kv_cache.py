@@ -8,11 +8,11 @@ that shares a history prefix) just lower it. `extent` is where the prompt being 
 the engine before prefilling it in chunks, 0 when unknown): a model whose rotary frequencies depend on
 the sequence's length (LongRoPE) chooses them by it, so every chunk gets what the whole prompt gets.
 
-The cache holds the dtype its caller names (`cache_dtype`), by default the model's weights':
-the loader's choice for a form (weights/loader.py `kv_dtype`) is fp16 for the quantized forms, passed
-explicitly to the engine (`kv_dtype=`) by whoever holds the model (llmos.LLM). That halves the bytes
-a decode step reads per cached position (at 16 rows x 70 positions, 54 MB a step in fp32) at ~5e-4 relative rounding, far
-below their weights' own. Keys and values are rounded once, when written; attention reads them back
+The cache holds the dtype its caller names (`cache_dtype`), by default the model's weights': the
+loader's choice for a form (weights/loader.py `kv_dtype`) is fp16 for the quantized forms, passed
+explicitly to the engine (`kv_dtype=`) by whoever holds the model (llmos.LLM). That halves the
+bytes a decode step reads per cached position (at 16 rows x 70 positions, 54 MB a step in fp32) at
+~5e-4 relative rounding, far below their weights' own. Keys and values are rounded once, when written; attention reads them back
 widened to fp32.
 """
 
