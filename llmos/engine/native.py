@@ -1,10 +1,10 @@
 """The native kernels (native_step.cpp): a whole decode step in C++, the Python model file's
 computation without Python's per-op cost, and the kernels the Python model calls (int4 matmul and
-unpacking, prompt attention). The element-wise work gives the Python step's bits; RMSNorm sums in double, attention runs in
-its own kernel (one thread per row and kv head, ~3e-7 from SDPA) and int4 layers in their own
-AVX512-BF16 matmul (exact products summed in fp32), so results do not depend on the thread count and
-a row decoded in a batch gets the bits it gets alone (`make bench` and `LLMOS_NATIVE=0 llmos bench`
-show the speed with it and without it).
+unpacking, prompt attention). The element-wise work gives the Python step's bits; RMSNorm sums in
+double, attention runs in its own kernel (one thread per row and kv head, ~3e-7 from SDPA) and int4
+layers in their own AVX512-BF16 matmul (exact products summed in fp32), so results do not depend on
+the thread count and a row decoded in a batch gets the bits it gets alone (`make bench` and
+`LLMOS_NATIVE=0 llmos bench` show the speed with it and without it).
 
 The extension is compiled once per PyTorch version and source (about 20 s with g++), into
 $LLMOS_HOME/native, by `build()`; `make run` and `make test` build it, and so does the first

@@ -112,6 +112,9 @@ def load_model(ref: str | Path, form: str = "fp32", *, kernels: Kernels = PYTORC
         raise LlmosError(f"a model that owns its memory (for training) loads in fp32, not {form}")
     path = resolve(ref)
     kind = store.kind_of(path)
+    config = read_hf_config(path) if kind == "hf" else None
+    if config is not None and config.arch == "bert":
+        return _encoder(path, config, form), config, Tokenizer.from_dir(path)
     cache = derived.converted_file(path, form) if form != "fp32" and use_cache else None
     if kind == "adapter_run":
         model, config, tokenizer = _adapter_run(path, form, cache, owned)
@@ -125,10 +128,7 @@ def load_model(ref: str | Path, form: str = "fp32", *, kernels: Kernels = PYTORC
                 if cache:
                     save_converted(model, cache)
     else:
-        config = read_hf_config(path)
         tokenizer = Tokenizer.from_dir(path)
-        if config.arch == "bert":
-            return _encoder(path, config, form), config, tokenizer
         model = converted.load(cache, config) if cache else None
         if model is None:
             model = load_hf(path, config, linear_hook=quant.linear_hook(form))
