@@ -49,7 +49,9 @@ PYTORCH = Kernels()
 
 
 def install(model: nn.Module, kernels: Kernels) -> nn.Module:
-    """Hand `kernels` to the model and to every layer of it that uses kernels; returns the model."""
+    """Hand `kernels` to the model (whose class declares `kernels = PYTORCH`: the engine asks it) and to
+    every layer of it that uses kernels; returns the model."""
+    model.kernels = kernels
     for module in model.modules():
         if hasattr(type(module), "kernels"):
             module.kernels = kernels
