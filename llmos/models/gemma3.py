@@ -27,6 +27,7 @@ from torch import nn
 
 from llmos.config import ModelConfig
 from llmos.models import attention
+from llmos.models.kernels import PYTORCH, Kernels
 from llmos.models.kv_cache import KVCache
 from llmos.models.llama import apply_rope, rope_inv_freq
 
@@ -108,6 +109,8 @@ class Block(nn.Module):
 
 
 class Gemma3(nn.Module):
+    kernels: Kernels = PYTORCH  # installed by the loader (models/kernels.py): prompt attention, the int8 head
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -150,7 +153,8 @@ class Gemma3(nn.Module):
         n_keys = positions.shape[-1] if cache is None else cache.begin(positions)
         kinds = {block.sliding for block in self.layers}
         ropes = {s: tuple(t.to(x.dtype) for t in self.rope(positions, s)) for s in kinds}
-        plans = {s: attention.plan(positions, n_keys, self.config.sliding_window if s else None) for s in kinds}
+        plans = {s: attention.plan(positions, n_keys, self.config.sliding_window if s else None, self.kernels)
+                 for s in kinds}
         for i, block in enumerate(self.layers):
             cos, sin = ropes[block.sliding]
             x = block.forward(x, cos, sin, positions, cache, i, plans[block.sliding])

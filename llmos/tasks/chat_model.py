@@ -13,10 +13,12 @@ from typing import Any, Protocol
 
 from llmos.config import ModelConfig
 from llmos.generation import Completion, TextGeneration
+from llmos.tokenizer import Tokenizer
 
 
 class ChatModel(Protocol):
     config: ModelConfig
+    tokenizer: Tokenizer  # base models (no chat template) get plain prompts from it (tokenizer.text_ids)
     path: Path  # the model's file or folder: the languages it declares are read from there
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
