@@ -59,6 +59,7 @@ class LLM:
         kernels = native.kernels()  # the C++ kernels: compiled on the first load on a machine, imported after
         form = quality.auto_form(path, quiet=quiet, kernels=kernels) if dtype == "auto" else DTYPES[dtype]
         model, config, tokenizer = loader.load_model(path, form, kernels=kernels)
+        native.keep_freed_memory()  # for the prompts to come (after the load: see its docstring)
         return cls(model, tokenizer, config, path, dtype=form, kernels=kernels)
 
     # --- tokens ---------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
     path = store.resolve(args.model)
     forms = [f.strip() for f in args.forms.split(",") if f.strip()]
     kernels = native.kernels()
+    native.keep_freed_memory()  # as a served model runs (engine/native.py)
     decode_step = "native (C++)" if kernels.name == "native" else f"Python ({native.failure() or 'LLMOS_NATIVE=0'})"
     speed = {f: quality.speed(path, f, args.tokens, kernels) for f in forms}
     result: dict = {"model": str(path), "decode_step": decode_step, "speed": speed}

@@ -81,7 +81,6 @@ def build(quiet: bool = False):
     with _lock:
         if _module is not None or _failed is not None or not enabled():
             return _module
-        _keep_freed_memory()  # once, with the native kernels: the process is here to run a model
         try:
             built = _build_dir() / "llmos_native_step.so"
         except LlmosError as exc:  # a store it cannot use (LLMOS_HOME a file): the Python step runs
@@ -166,14 +165,16 @@ def kernels(quiet: bool = False) -> Kernels:
     return _kernels
 
 
-def _keep_freed_memory() -> None:
+def keep_freed_memory() -> None:
     """Let glibc keep large freed blocks for reuse. With its defaults a prompt's multi-MB activations
     are mapped and unmapped (or trimmed off the heap) over and over, faulting in fresh pages: 6,000-
     43,000 minor faults a 512-token prefill of the default model. Blocks up to 64 MB now come from the
     heap and up to 256 MB of free heap is kept: 0-300 faults (tests/engine/test_native.py), peak
-    memory unchanged (bench/run.py measures it). No-op outside glibc; `build` calls it once, unless
-    LLMOS_NATIVE=0."""
-    if not sys.platform.startswith("linux"):
+    memory unchanged (bench/run.py measures it). A process-wide setting, so called explicitly by the
+    process that is here to run a model, after loading it (`llmos.load`, `llmos bench`): set before,
+    a load's own temporary buffers stay on the heap (Gemma 3's peak RSS: +20-28 MB). No-op outside
+    glibc and with LLMOS_NATIVE=0."""
+    if not sys.platform.startswith("linux") or not enabled():
         return
     import ctypes
 
