@@ -60,6 +60,16 @@ inline void k_scale_min(const uint8_t* q, int j, int& sc, int& m) {
   }
 }
 
+#ifdef LLMOS_GGUF_AVX512
+inline __m512 iota() { return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+// 16 bytes widened to 16 x 32-bit lanes.
+inline __m512i bytes16(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+// Codes 0-15 in q, the fifth bit of each in `high`: lo[q] or hi[q].
+inline __m512 code5(__m512i q, __mmask16 high, __m512 lo, __m512 hi) {
+  return _mm512_permutex2var_ps(lo, _mm512_mask_or_epi32(q, high, q, _mm512_set1_epi32(16)), hi);
+}
+#endif
+
 // ---------------------------------------------------------------------------------------------------
 // Per type: the block's size in elements and bytes, and `chunks(block, f)` calling f(c, w) for each run
 // of 16 weights (elements 16c .. 16c + 15) in order; w holds them in fp32 as gguf-py computes them.
@@ -75,13 +85,14 @@ struct Q4_0 {
     }
   }
 #ifdef LLMOS_GGUF_AVX512
+  // A 16-entry table of the block's weights by code, then one permute per 16 weights (the permute
+  // reads the low 4 bits of each index: the high nibble needs no mask).
   template <typename F>
   static inline void chunks(const uint8_t* b, F&& f) {
-    const __m512 d = _mm512_set1_ps(h2f(b));
-    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2)));
-    const __m512i eight = _mm512_set1_epi32(8), lo = _mm512_set1_epi32(15);
-    f(std::integral_constant<int, 0>{}, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(q, lo), eight))));
-    f(std::integral_constant<int, 1>{}, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(q, 4), eight))));
+    const __m512 t = _mm512_mul_ps(_mm512_set1_ps(h2f(b)), _mm512_sub_ps(iota(), _mm512_set1_ps(8.0f)));
+    const __m512i q = bytes16(b + 2);
+    f(std::integral_constant<int, 0>{}, _mm512_permutexvar_ps(q, t));
+    f(std::integral_constant<int, 1>{}, _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), t));
   }
 #endif
 };
@@ -98,10 +109,10 @@ struct Q4_1 {
 #ifdef LLMOS_GGUF_AVX512
   template <typename F>
   static inline void chunks(const uint8_t* b, F&& f) {
-    const __m512 d = _mm512_set1_ps(h2f(b)), m = _mm512_set1_ps(h2f(b + 2));
-    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 4)));
-    f(std::integral_constant<int, 0>{}, _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(15)))), m));
-    f(std::integral_constant<int, 1>{}, _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4))), m));
+    const __m512 t = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(h2f(b)), iota()), _mm512_set1_ps(h2f(b + 2)));
+    const __m512i q = bytes16(b + 4);
+    f(std::integral_constant<int, 0>{}, _mm512_permutexvar_ps(q, t));
+    f(std::integral_constant<int, 1>{}, _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), t));
   }
 #endif
 };
@@ -118,16 +129,15 @@ struct Q5_0 {
     }
   }
 #ifdef LLMOS_GGUF_AVX512
+  // Two 16-entry tables (codes 0-15, 16-31); the fifth bit of each code picks the table.
   template <typename F>
   static inline void chunks(const uint8_t* b, F&& f) {
     const __m512 d = _mm512_set1_ps(h2f(b));
+    const __m512 lo = _mm512_mul_ps(d, _mm512_sub_ps(iota(), _mm512_set1_ps(16.0f))), hi = _mm512_mul_ps(d, iota());
     const uint32_t qh = u32(b + 2);
-    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 6)));
-    const __m512i sixteen = _mm512_set1_epi32(16);
-    // q - 16 where the fifth bit is set is the nibble itself; where clear, the nibble - 16.
-    const __m512i n0 = _mm512_and_si512(q, _mm512_set1_epi32(15)), n1 = _mm512_srli_epi32(q, 4);
-    f(std::integral_constant<int, 0>{}, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_mask_sub_epi32(n0, static_cast<__mmask16>(~qh), n0, sixteen))));
-    f(std::integral_constant<int, 1>{}, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_mask_sub_epi32(n1, static_cast<__mmask16>(~(qh >> 16)), n1, sixteen))));
+    const __m512i q = bytes16(b + 6);
+    f(std::integral_constant<int, 0>{}, code5(_mm512_and_si512(q, _mm512_set1_epi32(15)), static_cast<__mmask16>(qh), lo, hi));
+    f(std::integral_constant<int, 1>{}, code5(_mm512_srli_epi32(q, 4), static_cast<__mmask16>(qh >> 16), lo, hi));
   }
 #endif
 };
@@ -146,14 +156,12 @@ struct Q5_1 {
   template <typename F>
   static inline void chunks(const uint8_t* b, F&& f) {
     const __m512 d = _mm512_set1_ps(h2f(b)), m = _mm512_set1_ps(h2f(b + 2));
+    const __m512 lo = _mm512_add_ps(_mm512_mul_ps(d, iota()), m);
+    const __m512 hi = _mm512_add_ps(_mm512_mul_ps(d, _mm512_add_ps(iota(), _mm512_set1_ps(16.0f))), m);
     const uint32_t qh = u32(b + 4);
-    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 8)));
-    const __m512i sixteen = _mm512_set1_epi32(16);
-    const __m512i n0 = _mm512_and_si512(q, _mm512_set1_epi32(15)), n1 = _mm512_srli_epi32(q, 4);
-    const __m512i q0 = _mm512_mask_or_epi32(n0, static_cast<__mmask16>(qh), n0, sixteen);
-    const __m512i q1 = _mm512_mask_or_epi32(n1, static_cast<__mmask16>(qh >> 16), n1, sixteen);
-    f(std::integral_constant<int, 0>{}, _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(q0)), m));
-    f(std::integral_constant<int, 1>{}, _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(q1)), m));
+    const __m512i q = bytes16(b + 8);
+    f(std::integral_constant<int, 0>{}, code5(_mm512_and_si512(q, _mm512_set1_epi32(15)), static_cast<__mmask16>(qh), lo, hi));
+    f(std::integral_constant<int, 1>{}, code5(_mm512_srli_epi32(q, 4), static_cast<__mmask16>(qh >> 16), lo, hi));
   }
 #endif
 };
@@ -200,21 +208,48 @@ struct QK45 {
       }
   }
 #ifdef LLMOS_GGUF_AVX512
+  // The 8 (D, M) pairs in vector registers (llama.cpp's unpacking of the 12 scale bytes), then per
+  // sub-block a table of its 16 (or 32) weights by code and one permute per 16 weights.
+  static inline void vfactors(const uint8_t* b, float* D, float* Mn) {
+    uint32_t u[4];
+    std::memcpy(u, b + 4, 12);
+    constexpr uint32_t k1 = 0x3f3f3f3f, k2 = 0x0f0f0f0f, k3 = 0x03030303;
+    u[3] = ((u[2] >> 4) & k2) | (((u[1] >> 6) & k3) << 4);
+    const uint32_t mins03 = u[1] & k1;
+    u[1] = (u[2] & k2) | (((u[0] >> 6) & k3) << 4);
+    u[2] = mins03;
+    u[0] &= k1;  // bytes of u[0..1]: scales 0-7; of u[2..3]: mins 0-7
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u));
+    const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v));  // scales 0-7, mins 0-7
+    const __m512 dd = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(h2f(b)), _mm512_set1_ps(h2f(b + 2)));
+    alignas(64) float both[16];
+    _mm512_store_ps(both, _mm512_mul_ps(dd, f));
+    std::memcpy(D, both, 32);
+    std::memcpy(Mn, both + 8, 32);
+  }
   template <typename F>
   static inline void chunks(const uint8_t* b, F&& f) {
-    alignas(16) float D[8], Mn[8];
-    factors(b, D, Mn);
-    const __m512i lo = _mm512_set1_epi32(15);
-    unroll<16>([&](auto cc) __attribute__((always_inline)) {
-      constexpr int c = cc, s = c / 2, i0 = (c % 2) * 16;
-      const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + QS + 32 * (s / 2) + i0)));
-      __m512i q = (s % 2) ? _mm512_srli_epi32(bytes, 4) : _mm512_and_si512(bytes, lo);
-      if constexpr (FIVE) {
-        const __m512i h = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16 + i0)));
-        const __mmask16 bit = _mm512_test_epi32_mask(h, _mm512_set1_epi32(1 << s));
-        q = _mm512_mask_or_epi32(q, bit, q, _mm512_set1_epi32(16));
-      }
-      f(cc, _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(D[s]), _mm512_cvtepi32_ps(q)), _mm512_set1_ps(Mn[s])));
+    alignas(32) float D[8], Mn[8];
+    vfactors(b, D, Mn);
+    unroll<4>([&](auto pc) __attribute__((always_inline)) {  // 32 bytes: sub-blocks 2p (low), 2p + 1 (high)
+      constexpr int p = pc;
+      const __m512i a0 = bytes16(b + QS + 32 * p), a1 = bytes16(b + QS + 32 * p + 16);
+      unroll<2>([&](auto hc) __attribute__((always_inline)) {
+        constexpr int half = hc, s = 2 * p + half;
+        const __m512 d = _mm512_set1_ps(D[s]), m = _mm512_set1_ps(Mn[s]);
+        const __m512 lo = _mm512_sub_ps(_mm512_mul_ps(d, iota()), m);
+        const __m512i q0 = half ? _mm512_srli_epi32(a0, 4) : a0, q1 = half ? _mm512_srli_epi32(a1, 4) : a1;
+        if constexpr (FIVE) {
+          const __m512 hi = _mm512_sub_ps(_mm512_mul_ps(d, _mm512_add_ps(iota(), _mm512_set1_ps(16.0f))), m);
+          const __m512i bit = _mm512_set1_epi32(1 << s), low4 = _mm512_set1_epi32(15);
+          const __mmask16 h0 = _mm512_test_epi32_mask(bytes16(b + 16), bit), h1 = _mm512_test_epi32_mask(bytes16(b + 32), bit);
+          f(std::integral_constant<int, 2 * s>{}, code5(_mm512_and_si512(q0, low4), h0, lo, hi));
+          f(std::integral_constant<int, 2 * s + 1>{}, code5(_mm512_and_si512(q1, low4), h1, lo, hi));
+        } else {
+          f(std::integral_constant<int, 2 * s>{}, _mm512_permutexvar_ps(q0, lo));
+          f(std::integral_constant<int, 2 * s + 1>{}, _mm512_permutexvar_ps(q1, lo));
+        }
+      });
     });
   }
 #endif
@@ -238,19 +273,31 @@ struct Q6_K {
     }
   }
 #ifdef LLMOS_GGUF_AVX512
+  // The 256 codes - 32 as int8, unpacked 64 bytes at a time, then per 16: widen, scale, hand over.
   template <typename F>
   static inline void chunks(const uint8_t* b, F&& f) {
-    const float d = h2f(b + 208);
-    const __m512i lo = _mm512_set1_epi32(15), three = _mm512_set1_epi32(3), bias = _mm512_set1_epi32(32);
+    alignas(64) int8_t codes[256];
+    alignas(64) float D[16];
+    const __m512i low4 = _mm512_set1_epi8(0x0F), two = _mm512_set1_epi8(0x30), bias = _mm512_set1_epi8(32);
+    // 16-bit shift counts: the first 32 bytes (codes 0-31 of a quarter) by one, the next 32 by another.
+    const __m512i up = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi16(4), _mm512_set1_epi16(2));
+    const __m512i down = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi16(0), _mm512_set1_epi16(2));
+    for (int h = 0; h < 2; ++h) {
+      const __m512i l = _mm512_loadu_si512(b + 64 * h);
+      const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h)));
+      const __m512i hb01 = _mm512_and_si512(_mm512_sllv_epi16(qh, up), two);    // bits 0-1 / 2-3 -> 4-5
+      const __m512i hb23 = _mm512_and_si512(_mm512_srlv_epi16(qh, down), two);  // bits 4-5 / 6-7 -> 4-5
+      const __m512i q0 = _mm512_or_si512(_mm512_and_si512(l, low4), hb01);
+      const __m512i q1 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), low4), hb23);
+      _mm512_store_si512(codes + 128 * h, _mm512_sub_epi8(q0, bias));
+      _mm512_store_si512(codes + 128 * h + 64, _mm512_sub_epi8(q1, bias));
+    }
+    const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192))));
+    _mm512_store_ps(D, _mm512_mul_ps(_mm512_set1_ps(h2f(b + 208)), sc));
     unroll<16>([&](auto cc) __attribute__((always_inline)) {
-      constexpr int c = cc, h = c / 8, j0 = (c % 8) * 16, t = j0 / 32, l0 = j0 % 32;
-      const __m512i ql = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 64 * h + (j0 & 63))));
-      const __m512i qh = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 128 + 32 * h + l0)));
-      const __m512i low = j0 < 64 ? _mm512_and_si512(ql, lo) : _mm512_srli_epi32(ql, 4);
-      const __m512i high = _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(qh, 2 * t), three), 4);
-      const __m512i q = _mm512_sub_epi32(_mm512_or_si512(low, high), bias);
-      const float D = d * static_cast<float>(static_cast<int8_t>(b[192 + c]));
-      f(cc, _mm512_mul_ps(_mm512_set1_ps(D), _mm512_cvtepi32_ps(q)));
+      constexpr int c = cc;
+      const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(codes + 16 * c))));
+      f(cc, _mm512_mul_ps(_mm512_set1_ps(D[c]), q));
     });
   }
 #endif
@@ -270,7 +317,9 @@ inline void tile(const uint8_t* w, int64_t row_bytes, const float* x, int64_t K,
   for (int64_t j = 0; j < nb; ++j) {
     unroll<NT>([&](auto n) __attribute__((always_inline)) {
       const uint8_t* blk = w + n * row_bytes + j * T::BB;
-      __builtin_prefetch(blk + 512);  // each output row is its own stream
+      // This block of the next tile's row n: one tile of work ahead of use. Without it the heavier
+      // types (Q6_K, Q5_K) read memory at a quarter of the speed they reach from cache.
+      for (int l = 0; l < T::BB; l += 64) __builtin_prefetch(blk + NT * row_bytes + l);
       T::chunks(blk, [&](auto c, __m512 wv) __attribute__((always_inline)) {
         unroll<MT>([&](auto m) __attribute__((always_inline)) {
           acc[n][m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * K + j * T::BS + 16 * c), acc[n][m]);
