@@ -386,15 +386,34 @@ void matmul_type(const uint8_t* w, const float* x, float* y, int64_t M, int64_t 
 #endif
 }
 
+#ifdef LLMOS_GGUF_AVX512
+inline void store16(float* o, __m512 w) { _mm512_storeu_ps(o, w); }
+#if defined(__AVX512BF16__)
+inline void store16(c10::BFloat16* o, __m512 w) {  // rounded to nearest even, as c10::BFloat16(float)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), (__m256i)_mm512_cvtneps_pbh(w));
+}
+#else
+inline void store16(c10::BFloat16* o, __m512 w) {
+  alignas(64) float v[16];
+  _mm512_store_ps(v, w);
+  for (int i = 0; i < 16; ++i) o[i] = static_cast<c10::BFloat16>(v[i]);
+}
+#endif
+#endif
+
 template <typename T, typename Out>
 void dequantize_type(const uint8_t* w, Out* out, int64_t N, int64_t K) {
   const int64_t nb = K / T::BS, total = N * nb;
   at::parallel_for(0, total, 256, [&](int64_t b0, int64_t b1) {
-    float v[T::BS];
     for (int64_t b = b0; b < b1; ++b) {
-      T::values(w + b * T::BB, v);
       Out* o = out + b * T::BS;
+#ifdef LLMOS_GGUF_AVX512
+      T::chunks(w + b * T::BB, [&](auto c, __m512 v) __attribute__((always_inline)) { store16(o + 16 * c, v); });
+#else
+      float v[T::BS];
+      T::values(w + b * T::BB, v);
       for (int e = 0; e < T::BS; ++e) o[e] = static_cast<Out>(v[e]);
+#endif
     }
   });
 }
