@@ -13,7 +13,7 @@ NAMES = {qtype: GGML_TYPES[qtype][0] for qtype in HALF_FIELDS}
 
 def random_blocks(qtype: int, n: int, k: int, rng: np.random.Generator, scale: str = "random") -> np.ndarray:
     """(n * k / block) blocks of `qtype` as uint8 (n, row_bytes): random codes, scales by `scale`:
-    "random" (|d| ~ 1e-3..1e-1, either sign for the offsets), "zero", "max" (65504, the largest fp16),
+    "random" (|d| ~ 1e-3..1e-1, either sign), "small" (2e-5..2e-4: K-quant weights of ~0.1), "zero", "max" (65504, the largest fp16),
     "subnormal" (fp16 subnormals) or "mixed" (all of them, block by block)."""
     _, block, size = GGML_TYPES[qtype]
     count = n * k // block
@@ -26,6 +26,7 @@ def random_blocks(qtype: int, n: int, k: int, rng: np.random.Generator, scale: s
 def _halves(count: int, scale: str, rng: np.random.Generator) -> np.ndarray:
     kinds = {
         "random": lambda: (rng.uniform(1e-3, 1e-1, count) * rng.choice([-1, 1], count)).astype(np.float16),
+        "small": lambda: (rng.uniform(2e-5, 2e-4, count) * rng.choice([-1, 1], count)).astype(np.float16),
         "zero": lambda: np.zeros(count, np.float16),
         "max": lambda: np.full(count, 65504, np.float16) * rng.choice([-1, 1], count).astype(np.float16),
         "subnormal": lambda: rng.integers(1, 1024, count, dtype=np.uint16).view(np.float16),
