@@ -28,9 +28,11 @@ from llmos.engine import gguf_kernels
 from llmos.errors import LlmosError
 from llmos.weights.dequant import GGML_TYPES, dequantize, type_name
 
-# Rows at or above which the layer dequantizes to bf16 for a dense matmul. Measured, 2048 x 2048, one
-# thread: the row kernel is ahead up to 8 rows (Q4_K 1.02 vs 1.09 ms), behind from 16 (2.06 vs 1.56).
-DENSE_ROWS = 12
+# Rows at or above which the layer dequantizes to bf16 for a dense matmul. The row kernel is ahead up
+# to ~8 rows (2048 x 2048 Q4_K, one thread: 1.08 vs 1.10 ms at 8, 1.84 vs 1.45 at 16), but decode
+# batches stay on it up to quant.DENSE_ROWS like the int8 form, so a row decoded in a batch of up to
+# 31 gets the exact (fp32, gguf's weights) bits it gets alone.
+DENSE_ROWS = quant.DENSE_ROWS
 
 
 class GGUFLinear(nn.Module):

@@ -17,6 +17,7 @@
 // those rounded once to bf16, for the dense prefill path) into a caller's buffer.
 #include <torch/extension.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <utility>
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -311,8 +312,9 @@ struct Q6_K {
 template <typename T, int NT, int MT>
 inline void tile(const uint8_t* w, int64_t row_bytes, const float* x, int64_t K, float* y, int64_t N) {
   __m512 acc[NT][MT];
-  for (int n = 0; n < NT; ++n)
-    for (int m = 0; m < MT; ++m) acc[n][m] = _mm512_setzero_ps();
+  unroll<NT>([&](auto n) __attribute__((always_inline)) {
+    unroll<MT>([&](auto m) __attribute__((always_inline)) { acc[n][m] = _mm512_setzero_ps(); });
+  });
   const int64_t nb = K / T::BS;
   for (int64_t j = 0; j < nb; ++j) {
     unroll<NT>([&](auto n) __attribute__((always_inline)) {
@@ -327,22 +329,61 @@ inline void tile(const uint8_t* w, int64_t row_bytes, const float* x, int64_t K,
       });
     });
   }
-  for (int n = 0; n < NT; ++n)
-    for (int m = 0; m < MT; ++m) y[m * N + n] = _mm512_reduce_add_ps(acc[n][m]);
+  // Unrolled: an indexed loop here makes GCC keep acc in memory, stored back every iteration above.
+  unroll<NT>([&](auto n) __attribute__((always_inline)) {
+    unroll<MT>([&](auto m) __attribute__((always_inline)) { y[m * N + n] = _mm512_reduce_add_ps(acc[n][m]); });
+  });
+}
+
+// Several rows: NT outputs' weights dequantized once into `buf` (NT x K fp32, in L1/L2), then every
+// tile of up to 4 rows runs over them, each x vector loaded once for NT multiply-adds. The operations
+// per (row, output) are those of `tile`: the same lanes, the same order, fused multiply-adds from zero.
+template <int NT, int MT>
+inline void dense_tile(const float* buf, const float* x, int64_t K, float* y, int64_t N) {
+  __m512 acc[NT][MT];
+  unroll<NT>([&](auto n) __attribute__((always_inline)) {
+    unroll<MT>([&](auto m) __attribute__((always_inline)) { acc[n][m] = _mm512_setzero_ps(); });
+  });
+  for (int64_t e = 0; e < K; e += 16) {
+    __m512 wv[NT];
+    unroll<NT>([&](auto n) __attribute__((always_inline)) { wv[n] = _mm512_load_ps(buf + n * K + e); });
+    unroll<MT>([&](auto m) __attribute__((always_inline)) {
+      const __m512 xv = _mm512_loadu_ps(x + m * K + e);
+      unroll<NT>([&](auto n) __attribute__((always_inline)) { acc[n][m] = _mm512_fmadd_ps(wv[n], xv, acc[n][m]); });
+    });
+  }
+  // Unrolled: an indexed loop here makes GCC keep acc in memory, stored back every iteration above.
+  unroll<NT>([&](auto n) __attribute__((always_inline)) {
+    unroll<MT>([&](auto m) __attribute__((always_inline)) { y[m * N + n] = _mm512_reduce_add_ps(acc[n][m]); });
+  });
 }
 
 template <typename T, int NT>
-inline void tiles(const uint8_t* w, int64_t row_bytes, const float* x, int64_t M, int64_t K, float* y, int64_t N) {
+inline void buffered(const uint8_t* w, int64_t row_bytes, const float* x, int64_t M, int64_t K, float* y, int64_t N, float* buf) {
+  for (int64_t j = 0; j < K / T::BS; ++j)
+    unroll<NT>([&](auto n) __attribute__((always_inline)) {
+      const uint8_t* blk = w + n * row_bytes + j * T::BB;
+      for (int l = 0; l < T::BB; l += 64) __builtin_prefetch(blk + NT * row_bytes + l);
+      float* o = buf + n * K + j * T::BS;
+      T::chunks(blk, [&](auto c, __m512 wv) __attribute__((always_inline)) { _mm512_store_ps(o + 16 * c, wv); });
+    });
   int64_t m = 0;
-  for (; m + 8 <= M; m += 8) tile<T, NT, 8>(w, row_bytes, x + m * K, K, y + m * N, N);
+  for (; m + 4 <= M; m += 4) dense_tile<NT, 4>(buf, x + m * K, K, y + m * N, N);
   switch (M - m) {
-    case 7: tile<T, NT, 7>(w, row_bytes, x + m * K, K, y + m * N, N); break;
-    case 6: tile<T, NT, 6>(w, row_bytes, x + m * K, K, y + m * N, N); break;
-    case 5: tile<T, NT, 5>(w, row_bytes, x + m * K, K, y + m * N, N); break;
-    case 4: tile<T, NT, 4>(w, row_bytes, x + m * K, K, y + m * N, N); break;
-    case 3: tile<T, NT, 3>(w, row_bytes, x + m * K, K, y + m * N, N); break;
-    case 2: tile<T, NT, 2>(w, row_bytes, x + m * K, K, y + m * N, N); break;
-    case 1: tile<T, NT, 1>(w, row_bytes, x + m * K, K, y + m * N, N); break;
+    case 3: dense_tile<NT, 3>(buf, x + m * K, K, y + m * N, N); break;
+    case 2: dense_tile<NT, 2>(buf, x + m * K, K, y + m * N, N); break;
+    case 1: dense_tile<NT, 1>(buf, x + m * K, K, y + m * N, N); break;
+  }
+}
+
+// One to four rows: straight from the blocks, nothing stored.
+template <typename T, int NT>
+inline void direct(const uint8_t* w, int64_t row_bytes, const float* x, int64_t M, int64_t K, float* y, int64_t N) {
+  switch (M) {
+    case 4: tile<T, NT, 4>(w, row_bytes, x, K, y, N); break;
+    case 3: tile<T, NT, 3>(w, row_bytes, x, K, y, N); break;
+    case 2: tile<T, NT, 2>(w, row_bytes, x, K, y, N); break;
+    case 1: tile<T, NT, 1>(w, row_bytes, x, K, y, N); break;
   }
 }
 #endif
@@ -351,21 +392,24 @@ template <typename T>
 void matmul_type(const uint8_t* w, const float* x, float* y, int64_t M, int64_t N, int64_t K) {
   const int64_t row_bytes = K / T::BS * T::BB;
 #ifdef LLMOS_GGUF_AVX512
-  // Two outputs at a time for several rows (16 accumulators), four for one to three rows: independent
-  // chains of multiply-adds while the next block is being unpacked.
-  const int64_t NT = M > 3 ? 2 : 4;
+  // Four outputs at a time: independent chains of multiply-adds while the next blocks are unpacked.
+  constexpr int64_t NT = 4;
   at::parallel_for(0, (N + NT - 1) / NT, 16, [&](int64_t t0, int64_t t1) {
+    float* buf = M > 4 ? static_cast<float*>(std::aligned_alloc(64, NT * K * sizeof(float))) : nullptr;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t * NT;
-      const uint8_t* wn = w + n * row_bytes;
       if (n + NT > N) {
-        for (int64_t r = n; r < N; ++r) tiles<T, 1>(w + r * row_bytes, row_bytes, x, M, K, y + r, N);
-      } else if (NT == 4) {
-        tiles<T, 4>(wn, row_bytes, x, M, K, y + n, N);
+        for (int64_t r = n; r < N; ++r) {
+          if (buf) buffered<T, 1>(w + r * row_bytes, row_bytes, x, M, K, y + r, N, buf);
+          else direct<T, 1>(w + r * row_bytes, row_bytes, x, M, K, y + r, N);
+        }
+      } else if (buf) {
+        buffered<T, NT>(w + n * row_bytes, row_bytes, x, M, K, y + n, N, buf);
       } else {
-        tiles<T, 2>(wn, row_bytes, x, M, K, y + n, N);
+        direct<T, NT>(w + n * row_bytes, row_bytes, x, M, K, y + n, N);
       }
     }
+    std::free(buf);
   });
 #else
   // Portable path: the same weights, summed in 16 lanes as above.
