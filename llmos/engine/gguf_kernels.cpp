@@ -19,6 +19,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -307,6 +308,10 @@ struct Q6_K {
 // ---------------------------------------------------------------------------------------------------
 
 #ifdef LLMOS_GGUF_AVX512
+// How far ahead to prefetch a tile's rows: whole tiles (the same block of a later tile's rows), at
+// least 8 KB, which covers DRAM latency at the rate the kernels read.
+inline int64_t prefetch_distance(int64_t tile_bytes) { return (8192 + tile_bytes - 1) / tile_bytes * tile_bytes; }
+
 // NT outputs (rows of W from `w`, `row_bytes` apart) x MT rows of x (from `x`, K apart): each pair's 16
 // lanes accumulate w * x with one fused multiply-add per 16 weights, in input order.
 template <typename T, int NT, int MT>
@@ -315,13 +320,13 @@ inline void tile(const uint8_t* w, int64_t row_bytes, const float* x, int64_t K,
   unroll<NT>([&](auto n) __attribute__((always_inline)) {
     unroll<MT>([&](auto m) __attribute__((always_inline)) { acc[n][m] = _mm512_setzero_ps(); });
   });
-  const int64_t nb = K / T::BS;
+  const int64_t nb = K / T::BS, ahead = prefetch_distance(NT * row_bytes);
   for (int64_t j = 0; j < nb; ++j) {
     unroll<NT>([&](auto n) __attribute__((always_inline)) {
       const uint8_t* blk = w + n * row_bytes + j * T::BB;
-      // This block of the next tile's row n: one tile of work ahead of use. Without it the heavier
-      // types (Q6_K, Q5_K) read memory at a quarter of the speed they reach from cache.
-      for (int l = 0; l < T::BB; l += 64) __builtin_prefetch(blk + NT * row_bytes + l);
+      // This block of row n some tiles ahead (at least ~8 KB: DRAM latency at this rate). Without it
+      // the heavier types (Q6_K, Q5_K) read memory at a quarter of the speed they reach from cache.
+      for (int l = 0; l < T::BB; l += 64) __builtin_prefetch(blk + ahead + l);
       T::chunks(blk, [&](auto c, __m512 wv) __attribute__((always_inline)) {
         unroll<MT>([&](auto m) __attribute__((always_inline)) {
           acc[n][m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * K + j * T::BS + 16 * c), acc[n][m]);
@@ -360,10 +365,11 @@ inline void dense_tile(const float* buf, const float* x, int64_t K, float* y, in
 
 template <typename T, int NT>
 inline void buffered(const uint8_t* w, int64_t row_bytes, const float* x, int64_t M, int64_t K, float* y, int64_t N, float* buf) {
+  const int64_t ahead = prefetch_distance(NT * row_bytes);
   for (int64_t j = 0; j < K / T::BS; ++j)
     unroll<NT>([&](auto n) __attribute__((always_inline)) {
       const uint8_t* blk = w + n * row_bytes + j * T::BB;
-      for (int l = 0; l < T::BB; l += 64) __builtin_prefetch(blk + NT * row_bytes + l);
+      for (int l = 0; l < T::BB; l += 64) __builtin_prefetch(blk + ahead + l);
       float* o = buf + n * K + j * T::BS;
       T::chunks(blk, [&](auto c, __m512 wv) __attribute__((always_inline)) { _mm512_store_ps(o + 16 * c, wv); });
     });
@@ -405,6 +411,13 @@ void matmul_type(const uint8_t* w, const float* x, float* y, int64_t M, int64_t 
         }
       } else if (buf) {
         buffered<T, NT>(w + n * row_bytes, row_bytes, x, M, K, y + n, N, buf);
+      } else if (std::is_same_v<T, Q8_0> && K <= 1024) {
+        // Q8_0 in short rows (Gemma 3's 262,144 x 640 head) one output at a time: Q8_0 is bound by
+        // reading (the cheapest unpacking per byte), and one sequential stream read it from memory
+        // at 12 GB/s where the tile of 4 got 5.7 (1 thread, same run). The 4-bit types there are
+        // bound by arithmetic and lose from the shorter chains (Q4_0 4.9 vs 6.9), as every type
+        // does with 2048-wide rows.
+        for (int64_t r = n; r < n + NT; ++r) direct<T, 1>(w + r * row_bytes, row_bytes, x, M, K, y + r, N);
       } else {
         direct<T, NT>(w + n * row_bytes, row_bytes, x, M, K, y + n, N);
       }
