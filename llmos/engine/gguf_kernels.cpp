@@ -12,9 +12,11 @@
 // operations whatever the batch size, the tiling or the thread count, so a row computed in a batch
 // gets the bits it gets alone.
 //
-// The weights are read once per tile of up to 8 rows (twice for 16 rows) and never stored dequantized:
-// a matrix-vector product reads only the file's bytes. `dequantize` writes the same fp32 values (or
-// those rounded once to bf16, for the dense prefill path) into a caller's buffer.
+// Up to 4 rows read the blocks once per tile of 4 outputs and never store the weights (each 16
+// weights come from a per-block table of the block's 16 or 32 possible values by one permute, or, for
+// Q6_K and Q8_0, by widening the codes and one multiply); more rows dequantize 4 outputs into an L1
+// buffer once and run every 4-row tile over it. `dequantize` writes the same fp32 values (or those
+// rounded once to bf16, for the dense prefill path) into a caller's buffer.
 #include <torch/extension.h>
 
 #include <cstdlib>
