@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -40,11 +41,16 @@ def llama_tensors(vocab: int, n_layers: int, dim: int, heads: int, kv: int, ffn:
     return {n: (rng.standard_normal(s) * 0.05).astype(np.float32) for n, s in out.items()}
 
 
-def write_gguf(path: Path, metadata: dict[str, Any] | None = None, seed: int = 0) -> Path:
-    """A loadable 2-layer Llama GGUF (tied output head); `metadata` overrides llama.* keys by short name."""
+def write_gguf(path: Path, metadata: dict[str, Any] | None = None, seed: int = 0, shape: dict[str, int] | None = None,
+               encode: Callable[[str, np.ndarray], tuple[np.ndarray, Any]] | None = None) -> Path:
+    """A loadable 2-layer Llama GGUF (tied output head); `metadata` overrides llama.* keys by short name
+    (the header only: a mismatch with the tensors is the point of some tests); `shape` overrides
+    SHAPE's sizes for both; `encode(name, fp32)` -> (data, GGML type or None) stores a tensor in
+    another type (quantized blocks as uint8 (rows, row_bytes))."""
     import gguf
 
-    s = {**SHAPE, **(metadata or {})}
+    sizes = {**SHAPE, **(shape or {})}
+    s = {**sizes, **(metadata or {})}
     tokens = byte_tokens()
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(s["n_layers"])
@@ -63,9 +69,13 @@ def write_gguf(path: Path, metadata: dict[str, Any] | None = None, seed: int = 0
     w.add_bos_token_id(256)
     w.add_eos_token_id(257)
     w.add_chat_template(TEMPLATE)
-    for name, arr in llama_tensors(len(tokens), **{k: SHAPE[k] for k in ("n_layers", "dim", "heads", "kv", "ffn")},
+    for name, arr in llama_tensors(len(tokens), **{k: sizes[k] for k in ("n_layers", "dim", "heads", "kv", "ffn")},
                                    seed=seed).items():
-        w.add_tensor(name, arr)
+        data, qtype = encode(name, arr) if encode else (arr, None)
+        if qtype is None:
+            w.add_tensor(name, data)
+        else:
+            w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=gguf.GGMLQuantizationType(qtype))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -1,0 +1,133 @@
+"""Matrix products over a GGUF file's own quantized blocks (gguf_kernels.cpp), for Q4_0, Q4_1, Q5_0,
+Q5_1, Q8_0, Q4_K, Q5_K and Q6_K: `matmul(x, raw, qtype, n)` is x (M, K) fp32 @ W^T -> (M, N) fp32 with W
+given as the tensor's bytes exactly as stored (a view of the memory map: nothing is repacked or
+copied), and `dequantize(raw, qtype, out)` writes W into a caller's fp32 or bf16 (N, K) buffer.
+
+Contract: the weights multiplied are bit for bit `gguf.quants.dequantize` of the blocks (no second
+rounding); the result differs from `x @ dequantize(W).T` in fp32 only by summation order; every
+(row, output) pair is computed by the same operations whatever the number of rows or threads, so a
+row computed in a batch has the bits it has alone. AVX-512 where the CPU has it, a portable C++ loop
+otherwise.
+
+The extension is compiled once per source, flags, PyTorch version and CPU (about 20 s with g++) into
+$LLMOS_HOME/native, as engine/native.py compiles the decode step; without a compiler, with a store it
+cannot write, or with LLMOS_NATIVE=0, `build()` returns None (the reason in `failure()`) and
+`matmul`/`dequantize` return None/False so callers take the Python path (weights/dequant.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+from llmos.errors import LlmosError
+from llmos.store import home
+
+SOURCE = Path(__file__).with_name("gguf_kernels.cpp")
+NAME = "llmos_gguf_kernels"
+# GGML type ids the kernels read (dequant.GGML_TYPES names them).
+QTYPES = frozenset({2, 3, 6, 7, 8, 12, 13, 14})
+# -march=native: the AVX-512 path where the CPU has it (the build folder is named by the CPU's flags).
+# -ffp-contract=off: the weights must be rebuilt with gguf-py's separate multiply and add, never a
+# fused multiply-add (which would round once where gguf-py rounds twice).
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
+
+_lock = threading.Lock()
+_module = None
+_failed: str | None = None
+
+
+def enabled() -> bool:
+    return os.environ.get("LLMOS_NATIVE", "1") != "0"
+
+
+def _cpu_flags() -> bytes:
+    try:
+        return next((line for line in Path("/proc/cpuinfo").read_bytes().splitlines() if line.startswith(b"flags")), b"")
+    except OSError:
+        return b""
+
+
+def _build_dir() -> Path:
+    key = SOURCE.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode() + _cpu_flags()
+    digest = hashlib.sha256(key).hexdigest()[:16]
+    return home() / "native" / f"gguf-torch-{torch.__version__}-{digest}"
+
+
+def _import(path: Path):
+    spec = importlib.util.spec_from_file_location(NAME, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build(quiet: bool = False):
+    """Compile (once) and import the extension; None when it cannot be built (reason in `failure()`)."""
+    global _module, _failed
+    with _lock:
+        if _module is not None or _failed is not None or not enabled():
+            return _module
+        try:
+            built = _build_dir() / f"{NAME}.so"
+        except LlmosError as exc:
+            _failed = f"build failed: {exc} - using the Python path for GGUF blocks"
+            return None
+        if built.exists():
+            try:
+                _module = _import(built)
+                return _module
+            except (ImportError, OSError):  # damaged by a crash mid-build: build it again
+                built.unlink()
+        if shutil.which(os.environ.get("CXX", "c++")) is None:
+            _failed = "no C++ compiler on PATH (install g++) - using the Python path for GGUF blocks"
+            return None
+        from torch.utils.cpp_extension import load
+
+        if not quiet:
+            print("llmos: compiling the GGUF block kernels (once, ~30 s)...", file=sys.stderr, flush=True)
+        try:
+            built.parent.mkdir(parents=True, exist_ok=True)
+            _module = load(NAME, [str(SOURCE)], build_directory=str(built.parent),
+                           extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+        except Exception as e:  # a broken toolchain or a read-only store must not stop text generation
+            _failed = f"building the GGUF block kernels failed ({str(e).strip().splitlines()[-1][:200]}) - using the Python path"
+            if not quiet:
+                print(f"llmos: {_failed}", file=sys.stderr)
+        return _module
+
+
+def failure() -> str | None:
+    return _failed
+
+
+def supported(qtype: int) -> bool:
+    return qtype in QTYPES
+
+
+def matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, n: int) -> torch.Tensor | None:
+    """x (M, K) fp32 @ W^T -> (M, n) fp32, W (n, K) the GGML blocks `raw` (contiguous uint8); None where
+    the extension is not available."""
+    module = build() if enabled() else None
+    return None if module is None else module.matmul(x, raw, qtype, n)
+
+
+def dequantize(raw: torch.Tensor, qtype: int, out: torch.Tensor) -> bool:
+    """The weights of `raw` into `out` ((N, K) fp32, gguf-py's values, or bf16, those rounded once);
+    False where the extension is not available."""
+    module = build() if enabled() else None
+    if module is None:
+        return False
+    module.dequantize(raw, qtype, out)
+    return True
+
+
+if __name__ == "__main__":  # `python -m llmos.engine.gguf_kernels`: build it now
+    if build() is None:
+        print(f"llmos: {failure() or 'native kernels disabled (LLMOS_NATIVE=0)'}", file=sys.stderr)
