@@ -34,6 +34,9 @@ LAYERS = {
     "llmos.weights": 2, "llmos.store": 2, "llmos.derived": 2,
     # L3: the engine, token ids only
     "llmos.engine": 3,
+    # GGUFLinear runs engine/gguf_kernels.cpp over a file's own blocks; not wired into the loader yet
+    # (issue 18): once it is, the kernels object hands it in and it moves down with quant.
+    "llmos.gguf_linear": 3,
     # L4: text above the engine, the Python API, tasks, training
     "llmos.generation": 4, "llmos.json_constraint": 4, "llmos.quality": 4, "llmos.api": 4, "llmos.auto": 4,
     "llmos.tasks": 4, "llmos.train": 4,

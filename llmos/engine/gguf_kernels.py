@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from llmos.errors import LlmosError
-from llmos.store import home
+from llmos.files import home
 
 SOURCE = Path(__file__).with_name("gguf_kernels.cpp")
 NAME = "llmos_gguf_kernels"
