@@ -3,8 +3,10 @@
     python -m bench.embed            # a few minutes on 2 cores; writes bench/results/embed-DATE.json
 
 Measures, on the default embedding model (all-MiniLM-L6-v2, fp32):
-- embedding throughput, sentences/s, batch 32, inputs of exactly 128 tokens: llmos's own encoder and
-  sentence-transformers on the same folder, rounds alternating, best round of each;
+- embedding throughput, sentences/s, batch 32, 432 real texts of mixed lengths and languages (license
+  and README paragraphs and sentences, the multilingual check set): each llmos form (fp32, bf16, auto)
+  and sentence-transformers on the same folder, rounds alternating, medians, with each form's min
+  cosine to sentence-transformers' vectors;
 - vector query latency p50/p95 over 100k chunks (synthetic unit vectors, 384 dims, clustered around
   2,000 random topics, stored in a real index file): exact matrix-product search vs the usearch HNSW graph, with the graph's build
   time and its recall@10 against exact;
@@ -29,43 +31,61 @@ import torch
 from llmos import store
 
 RESULTS = Path(__file__).parent / "results"
-N_SENTENCES, BATCH, TOKENS = 256, 32, 128
+N_SENTENCES, BATCH, ROUNDS = 432, 32, 5
 N_CHUNKS, N_QUERIES = 100_000, 200
 
 
-def sentences_of(embedder, n: int, tokens: int) -> list[str]:
-    """`n` different texts of exactly `tokens` tokens each ([CLS] and [SEP] included)."""
-    words = "river stone light market engine garden signal paper winter orbit table music".split()
-    out = []
-    for i in range(n):
-        text, j = f"sample {i}", 0
-        while embedder.count_tokens(text + " " + words[(i + j) % len(words)]) <= tokens:
-            text += " " + words[(i + j) % len(words)]
-            j += 1
-        assert embedder.count_tokens(text) == tokens, embedder.count_tokens(text)
-        out.append(text)
-    return out
+def mixed_texts(n: int = N_SENTENCES) -> list[str]:
+    """`n` real texts of mixed lengths and languages: paragraphs and sentences of the shipped license
+    and README corpora (a few words to past 256 tokens), then the multilingual check set."""
+    import re
+    from importlib import resources
+
+    from llmos.tasks.embed import check_texts
+
+    root = resources.files("llmos.data").joinpath("eval", "qa")
+    pieces: list[str] = []
+    for corpus in ("licenses", "readmes"):
+        for f in sorted(root.joinpath(corpus).iterdir(), key=lambda f: f.name):
+            for para in re.split(r"\n\s*\n", f.read_text(encoding="utf-8")):
+                para = " ".join(para.split())
+                if para:
+                    pieces.append(para)
+                    pieces.extend(s for s in re.split(r"(?<=[.!?])\s+", para)[1:2] if s)
+    pieces = [p for p in check_texts() if p] + pieces
+    return [pieces[(i * 7) % len(pieces)] for i in range(n)]  # spread over the corpora, deterministic
 
 
-def embedding_throughput(path: Path, rounds: int = 2) -> dict:
+def embedding_throughput(path: Path, rounds: int = ROUNDS, forms: tuple[str, ...] = ("fp32", "bf16", "auto")) -> dict:
+    """sentences/s of each llmos form and sentence-transformers (fp32) on the same texts and weights,
+    rounds alternating (the machine is shared: medians of rounds, and ratios within the run), and
+    each form's min cosine with sentence-transformers' vectors."""
     from sentence_transformers import SentenceTransformer
 
     from llmos.tasks.embed import Embedder
 
-    ours = Embedder.load(path)
     ref = SentenceTransformer(str(path), device="cpu")
-    texts = sentences_of(ours, N_SENTENCES, TOKENS)
-    best = {"llmos": 0.0, "sentence-transformers": 0.0}
-    runs = {"llmos": lambda: ours.embed(texts, batch_size=BATCH),
-            "sentence-transformers": lambda: ref.encode(texts, batch_size=BATCH)}
-    for name, run in runs.items():  # warm-up
-        run()
+    texts = mixed_texts()
+    ours = {form: Embedder.load(path, form) for form in forms}
+    runs = {"sentence-transformers": lambda: ref.encode(texts, batch_size=BATCH)}
+    runs.update({f"llmos {form}" + (f" ({e.form})" if form == "auto" else ""): (lambda e=e: e.embed(texts, batch_size=BATCH).vectors)
+                 for form, e in ours.items()})
+    reference = ref.encode(texts, batch_size=BATCH, normalize_embeddings=True)
+    speeds: dict[str, list[float]] = {name: [] for name in runs}
+    out: dict = {"texts": len(texts), "tokens": sum(min(ours["fp32"].count_tokens(t), 256) for t in texts), "forms": {}}
+    for name, run in runs.items():  # warm-up; the vectors' agreement with the reference
+        v = np.asarray(run(), dtype=np.float32)
+        v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+        out["forms"][name] = {"min_cosine": float((v * reference).sum(axis=1).min())}
     for _ in range(rounds):
         for name, run in runs.items():
             t0 = time.perf_counter()
             run()
-            best[name] = max(best[name], len(texts) / (time.perf_counter() - t0))
-    return best
+            speeds[name].append(len(texts) / (time.perf_counter() - t0))
+    base = statistics.median(speeds["sentence-transformers"])
+    for name, s in speeds.items():
+        out["forms"][name].update(sentences_per_s=statistics.median(s), ratio=statistics.median(s) / base, rounds=s)
+    return out
 
 
 def synthetic_vectors(rng: np.random.Generator, n: int, dim: int, topics: int = 2000, spread: float = 1.0) -> np.ndarray:
@@ -134,42 +154,64 @@ def indexing_throughput(embedder, folder: Path, n_topics: int = 24) -> dict:
             "chunks_per_s": report.embedded / elapsed}
 
 
-def run() -> dict:
+SECTIONS = ("embedding", "latency", "indexing")
+
+
+def run(sections: tuple[str, ...] = SECTIONS, threads: int | None = None) -> dict:
     from llmos.tasks.embed import Embedder
 
+    if threads:
+        torch.set_num_threads(threads)
     path = store.pull(store.DEFAULT_EMBED_MODEL, quiet=True)
-    embedder = Embedder.load(path)
+    result: dict = {"date": date.today().isoformat(),
+                    "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                                "python": sys.version.split()[0], "torch": torch.__version__}}
     with tempfile.TemporaryDirectory() as tmp:
-        result = {
-            "date": date.today().isoformat(),
-            "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                        "python": sys.version.split()[0], "torch": torch.__version__},
-            "embedding": embedding_throughput(path),
-            "latency": query_latency(embedder, Path(tmp)),
-            "indexing": indexing_throughput(embedder, Path(tmp)),
-        }
+        if "embedding" in sections:
+            result["embedding"] = embedding_throughput(path)
+        embedder = Embedder.load(path, "auto") if {"latency", "indexing"} & set(sections) else None
+        if "latency" in sections:
+            result["latency"] = query_latency(embedder, Path(tmp))
+        if "indexing" in sections:
+            result["indexing"] = indexing_throughput(embedder, Path(tmp))
     return result
 
 
 def table(r: dict) -> str:
-    e, lat, ix = r["embedding"], r["latency"], r["indexing"]
-    rows = [
-        f"{'metric':<44}{'llmos':>12}{'reference':>14}{'ratio':>9}",
-        f"{'embed sentences/s (batch 32, 128 tokens)':<44}{e['llmos']:>12.1f}{e['sentence-transformers']:>14.1f}"
-        f"{e['llmos'] / e['sentence-transformers']:>8.2f}x   (reference: sentence-transformers)",
-        f"{'query p50 ms, 100k chunks (ANN vs exact)':<44}{lat['ann_p50_ms']:>12.2f}{lat['exact_p50_ms']:>14.2f}"
-        f"{lat['exact_p50_ms'] / lat['ann_p50_ms']:>8.2f}x   (reference: exact)",
-        f"{'query p95 ms, 100k chunks (ANN vs exact)':<44}{lat['ann_p95_ms']:>12.2f}{lat['exact_p95_ms']:>14.2f}"
-        f"{lat['exact_p95_ms'] / lat['ann_p95_ms']:>8.2f}x",
-        f"{'ANN recall@10 vs exact / build seconds':<44}{lat['ann_recall_at_10']:>12.3f}{lat['ann_build_s']:>14.1f}",
-        f"{'indexing chunks/s (Index.add, pydoc topics)':<44}{ix['chunks_per_s']:>12.1f}"
-        f"{'':>14}         ({ix['chunks']} chunks in {ix['seconds']:.1f} s)",
-    ]
+    rows = [f"{'metric':<48}{'llmos':>12}{'reference':>14}{'ratio':>9}"]
+    if "embedding" in r:
+        e = r["embedding"]
+        ref = e["forms"]["sentence-transformers"]
+        rows.append(f"embeddings, {e['texts']} texts of mixed lengths ({e['tokens']} tokens), batch {BATCH}, "
+                    f"{r['machine']['threads']} threads; reference: sentence-transformers fp32")
+        for name, f in e["forms"].items():
+            if name != "sentence-transformers":
+                rows.append(f"{'  ' + name + ' sentences/s':<48}{f['sentences_per_s']:>12.1f}{ref['sentences_per_s']:>14.1f}"
+                            f"{f['ratio']:>8.2f}x   min cosine {f['min_cosine']:.5f}")
+    if "latency" in r:
+        lat = r["latency"]
+        rows += [
+            f"{'query p50 ms, 100k chunks (ANN vs exact)':<48}{lat['ann_p50_ms']:>12.2f}{lat['exact_p50_ms']:>14.2f}"
+            f"{lat['exact_p50_ms'] / lat['ann_p50_ms']:>8.2f}x   (reference: exact)",
+            f"{'query p95 ms, 100k chunks (ANN vs exact)':<48}{lat['ann_p95_ms']:>12.2f}{lat['exact_p95_ms']:>14.2f}"
+            f"{lat['exact_p95_ms'] / lat['ann_p95_ms']:>8.2f}x",
+            f"{'ANN recall@10 vs exact / build seconds':<48}{lat['ann_recall_at_10']:>12.3f}{lat['ann_build_s']:>14.1f}",
+        ]
+    if "indexing" in r:
+        ix = r["indexing"]
+        rows.append(f"{'indexing chunks/s (Index.add, pydoc topics)':<48}{ix['chunks_per_s']:>12.1f}"
+                    f"{'':>14}         ({ix['chunks']} chunks in {ix['seconds']:.1f} s)")
     return "\n".join(rows)
 
 
 if __name__ == "__main__":
-    result = run()
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", choices=SECTIONS, action="append", help="run only this section (repeatable)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args()
+    result = run(tuple(args.only or SECTIONS), args.threads)
     print(table(result))
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"embed-{result['date']}.json"

@@ -1,0 +1,122 @@
+"""The fast encoder path: packed attention (the C++ kernel and the per-length SDPA path) against
+padded, masked SDPA; each weight form against fp32, sentence by sentence; batched equal to single;
+dtype="auto" picking the fastest form that passes and caching the verdict."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmos.models.bert import Packing
+from llmos.tasks.encoder_native import packed_attention
+from tests.tasks.test_embed_parity import SENTENCES
+
+H, D = 4, 32
+
+
+def _padded_reference(qkv: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Plain attention: pad to (B, H, T, D), mask padding keys, unpad."""
+    B, T = len(lengths), max(lengths)
+    mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]  # (B, T)
+    padded = torch.zeros(B * T, qkv.shape[1], dtype=qkv.dtype)
+    padded[mask.reshape(-1)] = qkv
+    x = padded.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
+    y = F.scaled_dot_product_attention(x[0], x[1], x[2], attn_mask=mask[:, None, None, :])  # (B, H, T, D)
+    return y.transpose(1, 2).reshape(B * T, H * D)[mask.reshape(-1)]
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "native"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_attention_equals_padded_masked_attention(kernel, dtype):
+    fn = packed_attention() if kernel == "native" else None
+    if kernel == "native" and fn is None:
+        pytest.skip("the encoder's attention kernel could not be built here")
+    torch.manual_seed(0)
+    lengths = [1, 3, 3, 16, 17, 40, 40, 40, 129]  # runs of equal lengths, tile edges, a lone token
+    mask = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
+    qkv = torch.randn(sum(lengths), 3 * H * D).to(dtype)
+    got = Packing.of(mask, fn).attend(qkv, H)
+    want = _padded_reference(qkv.float(), lengths)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the inputs' rounding, then one rounding of the output
+    assert got.shape == want.shape and got.dtype == dtype
+    assert (got.float() - want).abs().max().item() < tol
+
+
+def _tiny_bert():
+    from llmos.config import ModelConfig
+    from llmos.models.bert import Bert
+
+    config = ModelConfig(arch="bert", vocab_size=100, dim=H * D, n_layers=2, n_heads=H, n_kv_heads=H, ffn_dim=256,
+                         max_seq_len=64, type_vocab_size=2, norm_eps=1e-12, act="gelu")
+    torch.manual_seed(0)
+    model = Bert(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "native"])
+def test_a_text_in_a_padded_batch_gets_what_it_gets_alone(kernel):
+    fn = packed_attention() if kernel == "native" else None
+    if kernel == "native" and fn is None:
+        pytest.skip("the encoder's attention kernel could not be built here")
+    model = _tiny_bert()
+    lengths = [7, 30, 2, 30, 19]
+    tokens = torch.randint(0, 100, (len(lengths), 30))
+    mask = torch.arange(30)[None, :] < torch.tensor(lengths)[:, None]
+    with torch.inference_mode():
+        together = model.forward_packed(tokens, Packing.of(mask, fn))
+        offsets = np.cumsum([0, *lengths])
+        for b, L in enumerate(lengths):
+            alone = model.forward_packed(tokens[b:b + 1, :L], Packing.of(torch.ones(1, L, dtype=torch.bool), fn))
+            assert torch.allclose(together[offsets[b]:offsets[b + 1]], alone, atol=1e-5)
+        padded = model(tokens, mask)  # the (B, T, C) contract: zeros at padding
+    assert torch.equal(padded[~mask], torch.zeros_like(padded[~mask]))
+
+
+@pytest.fixture(scope="module")
+def forms(embed_model_path):
+    from llmos.tasks.embed import Embedder
+
+    return {form: Embedder.load(embed_model_path, form) for form in ("fp32", "bf16")}
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_each_form_against_fp32_sentence_by_sentence(forms):
+    fp32 = forms["fp32"].embed(SENTENCES).vectors
+    bf16 = _cosines(forms["bf16"].embed(SENTENCES).vectors, fp32)
+    assert bf16.min() >= 0.999, f"bf16 worst {bf16.min()} at {SENTENCES[int(bf16.argmin())][:40]!r}"
+    assert bf16.max() < 1 - 1e-7  # it is another form, not fp32 under another name
+
+
+@pytest.mark.parametrize("form, tolerance", [("fp32", 1e-6), ("bf16", 2e-4)])
+def test_batched_equals_single_within_the_forms_rounding(forms, form, tolerance):
+    embedder = forms[form]
+    texts = SENTENCES[:12] + SENTENCES[-6:]
+    together = embedder.embed(texts, batch_size=8).vectors
+    alone = np.stack([embedder.embed([t]).vectors[0] for t in texts])
+    assert (1 - _cosines(together, alone)).max() < tolerance
+
+
+def test_auto_picks_the_fastest_passing_form_once_and_caches_it(embed_model_path, tmp_path, monkeypatch):
+    from llmos.tasks import embed
+
+    monkeypatch.setenv("LLMOS_HOME", str(tmp_path))
+    measured = []
+    real = embed.form_cosines
+    monkeypatch.setattr(embed, "form_cosines", lambda path: measured.append(path) or real(path))
+    first = embed.Embedder.load(embed_model_path, "auto")
+    cache = json.loads(next((tmp_path / "quality").glob("embed-*.json")).read_text())
+    passing = [f for f in embed.FORMS if cache[f]["passes"]]
+    assert first.form == cache["auto"] == passing[0] == "bf16"
+    assert all(cache[f]["passes"] == (cache[f]["min_cosine"] >= embed.MIN_COSINE) for f in embed.FORMS)
+    second = embed.Embedder.load(embed_model_path, "auto")
+    assert second.form == "bf16" and len(measured) == 1  # the verdict came from the cache
