@@ -37,7 +37,7 @@ class Stub:  # the embedder's interface without its model: what is left is the p
         out = Out(); out.truncated = []; out.n_tokens = [len(t) // 4 for t in texts]
         out.vectors = np.ones((len(texts), 384), dtype=np.float32); return out
 
-embedder = Stub() if sys.argv[3] == "stub" else Embedder.load()
+embedder = Stub() if sys.argv[3] == "stub" else Embedder.load(dtype="auto")  # what Index loads
 start = time.perf_counter()
 with Index(sys.argv[2], embedder=embedder) as index:
     report = index.add([sys.argv[1]])

@@ -26,10 +26,14 @@ refuses to mix in vectors from another model. Search modes:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
 import os
+import queue
+import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,17 +124,129 @@ class AddReport:
 
 @dataclass
 class _Prepared:
-    """A file read, with its first chunks; `rest` holds the others, still to be packed (None: the
-    document fits in `chunks`), so a large file is embedded and written batch by batch."""
+    """A file read, with its first chunks; `rest` holds the others, in batches still to be packed
+    (None: the document fits in `chunks`), so a large file is embedded and written batch by batch."""
 
     path: Path
     sha256: str
     size: int
     kind: str
     chunks: list[ingest.Chunk]
-    rest: Iterator[ingest.Chunk] | None
+    rest: Iterator[Any] | None
     counts: dict[str, int]  # split_blocks, as the chunker counts them
     update: bool  # an older version is in the index
+    n_chars: int = 1  # of the extracted text: progress is shown in bytes by how far into it a chunk ends
+
+
+class _Pipeline:
+    """Reading, extracting and chunking on a thread of its own, ahead of the embedding.
+
+    Iterating yields ("unchanged", path, None), ("failed", path, reason) or ("document", path,
+    _Prepared) in file order. A large document's `rest` is an iterator over the batches of
+    STREAM_BATCH chunks the reader thread packs meanwhile; a chunking error mid-document comes out
+    of it as an LlmosError (its transaction then rolls back). The queue holds at most QUEUE_DEPTH
+    items, so memory stays bounded however far the reader could run ahead. Leaving the `with` block
+    early (an error, Ctrl-C) stops the thread before the exception goes on.
+
+    The tokenizers library releases the GIL while it counts a chunk's tokens, and PyTorch while it
+    multiplies, so the two threads share the cores."""
+
+    QUEUE_DEPTH = 4
+    _END = object()
+
+    def __init__(self, index: Index, files: list[Path], recorded: dict[Path, str | None], embedder: Any,
+                 batch_size: int) -> None:
+        self._queue: queue.Queue = queue.Queue(self.QUEUE_DEPTH)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, args=(index, files, recorded, embedder, batch_size),
+                                        name="llmos-index-reader", daemon=True)
+
+    def __enter__(self) -> _Pipeline:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        while self._thread.is_alive():  # unblock a reader waiting on a full queue
+            with contextlib.suppress(queue.Empty):
+                self._queue.get(timeout=0.05)
+        self._thread.join()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            with contextlib.suppress(queue.Full):
+                self._queue.put(item, timeout=0.1)
+                return True
+        return False
+
+    def _read(self, index: Index, files: list[Path], recorded: dict[Path, str | None], embedder: Any,
+              batch_size: int) -> None:
+        try:
+            for file in files:
+                try:
+                    prepared = index._prepare(file, recorded.get(file), embedder, batch_size)
+                except LlmosError as exc:
+                    if not self._put(("failed", file, str(exc).removeprefix(f"{file}: "))):
+                        return
+                    continue
+                except OSError as exc:  # gone or unreadable since it was listed
+                    if not self._put(("failed", file, str(exc))):
+                        return
+                    continue
+                if prepared is None:
+                    if not self._put(("unchanged", file, None)):
+                        return
+                    continue
+                if prepared.rest is None:
+                    if not self._put(("document", file, prepared)):
+                        return
+                    continue
+                chunks, batches, abandoned = prepared.rest, queue.Queue(self.QUEUE_DEPTH), threading.Event()
+                prepared.rest = self._drain(batches, abandoned)
+                if not self._put(("document", file, prepared)):
+                    return
+                # The rest of this document goes through its own queue, read inside its transaction;
+                # `abandoned`: the writer gave up on it (its transaction failed), go on to the next file.
+                try:
+                    while batch := list(itertools.islice(chunks, STREAM_BATCH)):
+                        if not self._put_to(batches, batch, abandoned):
+                            break
+                    else:
+                        self._put_to(batches, self._END, abandoned)
+                except LlmosError as exc:
+                    self._put_to(batches, exc, abandoned)
+                if self._stop.is_set():
+                    return
+        except BaseException as exc:  # a bug in the reader: the writer raises it
+            self._put(("error", None, exc))
+        finally:
+            self._put(("done", None, None))
+
+    def _put_to(self, target: queue.Queue, item: Any, abandoned: threading.Event) -> bool:
+        while not self._stop.is_set() and not abandoned.is_set():
+            with contextlib.suppress(queue.Full):
+                target.put(item, timeout=0.1)
+                return True
+        return False
+
+    def _drain(self, batches: queue.Queue, abandoned: threading.Event) -> Iterator[list[ingest.Chunk]]:
+        """The writer's side of one document's batches; closing it early abandons the document."""
+        try:
+            while (item := batches.get()) is not self._END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            abandoned.set()
+
+    def __iter__(self) -> Iterator[tuple[str, Path, Any]]:
+        while True:
+            kind, file, value = self._queue.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise value
+            yield kind, file, value
 
 
 @dataclass(frozen=True)
@@ -190,7 +306,7 @@ class Index:
             from llmos.tasks.embed import Embedder
 
             spec = self._embedder_spec or self.embed_model or store.DEFAULT_EMBED_MODEL
-            embedder = Embedder.load(spec)
+            embedder = Embedder.load(spec, "auto")
             self._check_model(embedder)
             self._embedder = embedder
         return self._embedder
@@ -202,7 +318,10 @@ class Index:
         """Index files and folders (recursively; hidden entries skipped). Unchanged files are not
         re-embedded; files deleted from an added folder are dropped. A named file that is missing or
         of an unsupported type is an error before anything is written; a file that fails to read
-        inside a folder is reported in `failed` and the rest go on."""
+        inside a folder is reported in `failed` and the rest go on.
+
+        A reader thread hashes, extracts and chunks the next files while this one embeds and writes
+        (`_Pipeline`); each document is still written in one transaction of its own."""
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
         report = AddReport()
@@ -210,27 +329,36 @@ class Index:
         if not files and not folders:
             raise LlmosError("nothing to add: give files or folders")
         embedder = self.embedder
+        recorded = {f: self.db.sha256(f) for f in files}  # read here: the SQLite connection stays on this thread
+        total = sum(f.stat().st_size for f in files if f.exists())
+        bar = tqdm(desc="indexing", unit="B", unit_scale=True, total=total, disable=not progress)
         # Small documents are embedded together (one batch serves many files), then each is still
-        # committed in its own transaction. A large one streams: its chunks are packed, embedded and
-        # written STREAM_BATCH at a time inside its transaction, so memory does not grow with it.
+        # committed in its own transaction. A large one streams: its chunks are embedded and written
+        # STREAM_BATCH at a time inside its transaction, so memory does not grow with it.
         pending: list[_Prepared] = []
-        bar = tqdm(desc="indexing", unit="chunk", disable=not progress, total=None)
-        for file in files:
-            bar.set_postfix_str(file.name, refresh=False)
-            try:
-                prepared = self._prepare(file, embedder, report, batch_size)
-                if prepared is not None and prepared.rest is not None:
+        started, embedded = time.perf_counter(), 0
+        with _Pipeline(self, files, recorded, embedder, batch_size) as pipeline:
+            for kind, file, value in pipeline:
+                if kind == "unchanged":
+                    report.unchanged.append(str(file))
+                    bar.update(file.stat().st_size)
+                elif kind == "failed":
+                    report.failed.append((str(file), value))
+                elif value.rest is None:  # "document", small: wait for company
+                    pending.append(value)
+                    if sum(len(p.chunks) for p in pending) >= batch_size:
+                        self._embed_and_write(pending, embedder, report, batch_size, bar)
+                else:
                     self._embed_and_write(pending, embedder, report, batch_size, bar)
-                    self._write_streaming(prepared, embedder, report, batch_size, bar)
-                    prepared = None
-            except LlmosError as exc:
-                report.failed.append((str(file), str(exc).removeprefix(f"{file}: ")))
-                continue
-            if prepared is not None:
-                pending.append(prepared)
-            if sum(len(p.chunks) for p in pending) >= batch_size:
-                self._embed_and_write(pending, embedder, report, batch_size, bar)
-        self._embed_and_write(pending, embedder, report, batch_size, bar)
+                    try:
+                        self._write_streaming(value, embedder, report, batch_size, bar)
+                    except LlmosError as exc:
+                        report.failed.append((str(file), str(exc).removeprefix(f"{file}: ")))
+                if report.embedded != embedded:
+                    embedded = report.embedded
+                    bar.set_postfix_str(f"{embedded} chunks, {embedded / (time.perf_counter() - started):.1f} chunks/s",
+                                        refresh=False)
+            self._embed_and_write(pending, embedder, report, batch_size, bar)
         bar.close()
         present = {str(f) for f in files}
         for folder in folders:  # files that are gone from an added folder
@@ -264,54 +392,64 @@ class Index:
                                  f"llmos indexes text files, {', '.join(sorted(ingest.READERS))}")
         return list(files), folders
 
-    def _prepare(self, path: Path, embedder: Any, report: AddReport, batch_size: int) -> _Prepared | None:
-        """Hash one file and start chunking it; None when the index already has this exact content."""
+    @staticmethod
+    def _prepare(path: Path, recorded: str | None, embedder: Any, first: int) -> _Prepared | None:
+        """Hash one file and start chunking it; None when the index already has this exact content.
+        Runs on the pipeline's reader thread: no database access here (`recorded` is the sha256 the
+        index holds for the path)."""
         digest, size = hashlib.sha256(), 0
         with open(path, "rb") as f:  # in blocks: the hash needs no second copy of a large file
             while block := f.read(1 << 20):
                 digest.update(block)
                 size += len(block)
-        recorded = self.db.sha256(path)
         if recorded == digest.hexdigest():
-            report.unchanged.append(str(path))
             return None
         document = ingest.extract(path)
         counts: dict[str, int] = {}
         chunks = ingest.iter_chunks(document, embedder.count_tokens, embedder.max_tokens, counts)
-        first = list(itertools.islice(chunks, batch_size + 1))
-        rest = itertools.chain(first[batch_size:], chunks) if len(first) > batch_size else None
-        return _Prepared(path, digest.hexdigest(), size, document.kind, first[:batch_size], rest, counts,
-                         update=recorded is not None)
+        head = list(itertools.islice(chunks, first + 1))
+        rest = itertools.chain(head[first:], chunks) if len(head) > first else None
+        return _Prepared(path, digest.hexdigest(), size, document.kind, head[:first], rest, counts,
+                         update=recorded is not None, n_chars=max(len(document.text), 1))
 
-    def _embed(self, chunks: list[ingest.Chunk], embedder: Any, batch_size: int, bar: Any) -> np.ndarray:
+    def _embed(self, chunks: list[ingest.Chunk], embedder: Any, batch_size: int) -> np.ndarray:
         out = embedder.embed([c.embed_text for c in chunks], batch_size=batch_size)
         give_back_freed_memory()
         if out.truncated:  # the chunker measured every chunk with this tokenizer; this is a bug
             raise RuntimeError(f"{len(out.truncated)} chunks exceed the embedding model's {embedder.max_tokens} tokens")
-        bar.update(len(chunks))
         return _normalized(out.vectors)
 
     def _embed_and_write(self, pending: list[_Prepared], embedder: Any, report: AddReport, batch_size: int,
                          bar: Any) -> None:
         if not pending:
             return
-        vectors = self._embed([c for p in pending for c in p.chunks], embedder, batch_size, bar)
+        vectors = self._embed([c for p in pending for c in p.chunks], embedder, batch_size)
         start = 0
         for p in pending:
             n = len(p.chunks)
             self._write(p, [(p.chunks, vectors[start:start + n])], embedder, report)
+            bar.update(p.size)
             start += n
         pending.clear()
 
     def _write_streaming(self, p: _Prepared, embedder: Any, report: AddReport, batch_size: int, bar: Any) -> None:
-        """A large document, STREAM_BATCH chunks at a time: packed, embedded and inserted in turn."""
-        chunks = itertools.chain(p.chunks, p.rest)
+        """A large document, STREAM_BATCH chunks at a time: embedded and inserted in turn, in one
+        transaction; the reader thread packs the next batch meanwhile."""
+        shown = 0
 
         def batches() -> Iterator[tuple[list[ingest.Chunk], np.ndarray]]:
-            while batch := list(itertools.islice(chunks, STREAM_BATCH)):
-                yield batch, self._embed(batch, embedder, batch_size, bar)
+            nonlocal shown
+            for batch in itertools.chain([p.chunks], p.rest):
+                yield batch, self._embed(batch, embedder, batch_size)
+                done = p.size * batch[-1].char_end // p.n_chars  # progress in bytes, by how far into the text
+                bar.update(max(done - shown, 0))
+                shown = max(done, shown)
 
-        self._write(p, batches(), embedder, report)
+        try:
+            self._write(p, batches(), embedder, report)
+        finally:
+            p.rest.close()  # written or failed, the reader thread moves on to the next file
+        bar.update(p.size - shown)
 
     def _write(self, p: _Prepared, batches: Iterable[tuple[list[ingest.Chunk], np.ndarray]], embedder: Any,
                report: AddReport) -> None:
