@@ -45,19 +45,25 @@ def _whole_documents(path) -> dict[str, int]:
     return out
 
 
-def test_a_failure_mid_document_leaves_nothing_half_committed(tmp_path, monkeypatch):
-    monkeypatch.setattr(index_module, "STREAM_BATCH", 20)
-    small, big, later = _corpus(tmp_path / "docs")
+def _failing_embedder(on_call: int, error: Exception) -> StubEmbedder:
     embedder = StubEmbedder()
     calls = []
 
     def failing(texts, batch_size=32):
         calls.append(len(texts))
-        if len(calls) == 4:  # inside the big document's transaction, batches already inserted
-            raise LlmosError("the embedder failed")
+        if len(calls) == on_call:
+            raise error
         return StubEmbedder.embed(embedder, texts)
 
     embedder.embed = failing
+    return embedder
+
+
+def test_a_failure_mid_document_leaves_nothing_half_committed(tmp_path, monkeypatch):
+    monkeypatch.setattr(index_module, "STREAM_BATCH", 20)
+    small, big, later = _corpus(tmp_path / "docs")
+    # The 4th call is inside the big document's transaction, with batches of it already inserted.
+    embedder = _failing_embedder(4, LlmosError("the embedder failed"))
     with Index(tmp_path / "i.sqlite", embedder) as index:
         report = index.add([tmp_path / "docs"])
         assert [p for p, _ in report.failed] == [str(big)]
@@ -75,16 +81,7 @@ def test_a_failure_mid_document_leaves_nothing_half_committed(tmp_path, monkeypa
 def test_an_unexpected_error_stops_the_reader_and_keeps_what_was_committed(tmp_path, monkeypatch):
     monkeypatch.setattr(index_module, "STREAM_BATCH", 20)
     small, big, _ = _corpus(tmp_path / "docs")
-    embedder = StubEmbedder()
-    calls = []
-
-    def crashing(texts, batch_size=32):
-        calls.append(len(texts))
-        if len(calls) == 3:
-            raise RuntimeError("out of memory, say")
-        return StubEmbedder.embed(embedder, texts)
-
-    embedder.embed = crashing
+    embedder = _failing_embedder(3, RuntimeError("out of memory, say"))
     with Index(tmp_path / "i.sqlite", embedder) as index:
         with pytest.raises(RuntimeError, match="out of memory"):
             index.add([tmp_path / "docs"])
