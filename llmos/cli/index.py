@@ -70,10 +70,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=cmd_embed)
 
-    e = get_eval_subparsers(sub).add_parser("retrieval", help="recall@1/5/10 and MRR per search mode on a question set")
+    e = get_eval_subparsers(sub).add_parser("retrieval", help="recall@1/3/10 and MRR per search mode on question sets")
     e.add_argument("questions", nargs="?", default=None, metavar="QA.jsonl",
-                   help="question set (default: the shipped set over Python's pydoc topics, indexed on first use)")
+                   help="question set (default: every shipped development set, each corpus indexed on first use)")
     e.add_argument("--index", default=None, help="index to evaluate (required with your own question set)")
+    e.add_argument("--tune", action="store_true", help="score the hybrid fusion's settings (RRF k, vector weight) instead")
     e.add_argument("--modes", default=",".join(MODES), help="comma-separated modes")
     e.add_argument("--quiet", "-q", action="store_true", help="no progress bar while the shipped corpus is indexed")
     e.set_defaults(func=cmd_eval_retrieval)
@@ -265,36 +266,52 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 def cmd_eval_retrieval(args: argparse.Namespace) -> int:
     from llmos.tasks import evaluate_retrieval as ev
-    from llmos.tasks.index import Index
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for mode in modes:
         if mode not in MODES:
             raise LlmosError(f"unknown search mode {mode!r}; use {', '.join(MODES)}")
-    # The shipped set, however it is named (the README gives its path), runs on its own corpus.
-    shipped = args.questions is None or Path(args.questions).resolve() == ev.SHIPPED_QA.resolve()
-    if shipped:
-        questions = ev.load_questions(ev.SHIPPED_QA)
-        if args.index is None:  # the shipped set's documents, written out and indexed once
-            corpus = ev.write_pydoc_corpus(store.home() / "eval" / "pydoc_topics")
-            index = Index(store.home() / "eval" / "pydoc_topics.sqlite")
-            if not args.quiet and not len(index):
-                print("indexing Python's pydoc topics, the shipped set's documents (once; about 2 minutes)",
-                      file=sys.stderr, flush=True)
-            report = index.add([corpus], progress=not args.quiet)
-            if report.embedded:
-                print(f"indexed {len(report.added) + len(report.updated)} pydoc topics ({report.embedded} chunks)", file=sys.stderr)
-        else:
-            index = _open(args.index)
-        name = "shipped pydoc topics set"
-    else:
-        questions = ev.load_questions(args.questions)
-        index = _open(args.index)
-        name = args.questions
-    scores = ev.evaluate(index, questions, modes)
-    print(f"{name}: {len(questions)} questions, index {index.path} ({len(index)} chunks)")
-    print(ev.format_table(scores))
+    if args.questions is not None and args.index is not None:
+        sets = [(args.questions, _open(args.index))]
+    else:  # shipped sets (all of them by default) run on their own corpora, indexed once
+        files = [args.questions] if args.questions is not None else [str(f) for f in ev.SHIPPED_SETS]
+        sets = [(f, _shipped_index(f, args.quiet)) for f in files]
+    loaded = [(f, index, ev.load_questions(f)) for f, index in sets]
+    if args.tune:
+        k, w = ev.current_fusion()
+        results = ev.tune_fusion([(index, qs) for _, index, qs in loaded])
+        print("hybrid fusion settings, best mean MRR first (" + ", ".join(Path(f).name for f, _, _ in loaded) + ")")
+        for rk, rw, per_set in results[:8] + [r for r in results if (r[0], r[1]) == (k, w)]:
+            mark = "  (current)" if (rk, rw) == (k, w) else ""
+            cells = "  ".join(f"R@3 {s.recall[3]:.3f} MRR {s.mrr:.3f}" for s in per_set)
+            print(f"k={rk:<5g} vector weight={rw:<5g} mean MRR {sum(s.mrr for s in per_set) / len(per_set):.3f}   {cells}{mark}")
+        return 0
+    for f, index, questions in loaded:
+        scores = ev.evaluate(index, questions, modes)
+        print(f"{Path(f).name}: {len(questions)} questions, index {index.path} ({len(index)} chunks)")
+        print(ev.format_table(scores))
     return 0
+
+
+def _shipped_index(file: str, quiet: bool):
+    """The index of a shipped question set's documents, built (or brought up to date) on first use."""
+    from llmos.tasks import evaluate_qa, evaluate_retrieval as ev
+    from llmos.tasks.index import Index
+
+    home = store.home() / "eval"
+    corpus = evaluate_qa.corpus_of(file, home)
+    if Path(file).resolve() == ev.SHIPPED_QA.resolve() or Path(file).stem.startswith("pydoc"):
+        corpus, index = ev.write_pydoc_corpus(home / "pydoc_topics"), Index(home / "pydoc_topics.sqlite")
+    elif corpus is None:
+        raise LlmosError(f"{file}: give --index, the index its questions are about")
+    else:
+        index = Index(home / f"qa-{Path(file).stem}.sqlite")
+    if not quiet and not len(index):
+        print(f"indexing {corpus} for {Path(file).name} (once)", file=sys.stderr, flush=True)
+    report = index.add([corpus], progress=not quiet)
+    if report.embedded:
+        print(f"indexed {len(report.added) + len(report.updated)} documents of {corpus} ({report.embedded} chunks)", file=sys.stderr)
+    return index
 
 
 def cmd_eval_qa(args: argparse.Namespace) -> int:

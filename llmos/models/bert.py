@@ -14,12 +14,11 @@ Padding positions come out as zeros.
 Only the real tokens are computed: the batch is packed into one (N, C) matrix of its N real tokens
 (no padding rows in the matmuls, norms and MLP, which are nearly all the work), and attention runs
 per text over its own tokens, never over padding (`Packing`). `forward_packed` takes that packing
-directly, with a compiled attention kernel when the caller has one (tasks/embed.py).
+directly (tasks/embed.py pools from it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,26 +28,21 @@ from torch import nn
 from llmos.config import ModelConfig
 
 
-# (qkv (N, 3C) packed, offsets (B+1,), n_heads) -> (N, C): a compiled kernel for `Packing.kernel`
-PackedAttention = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
-
-
 @dataclass(frozen=True)
 class Packing:
     """Where the N real tokens of a padded (B, T) batch sit once packed: `index` (N,) into the
     flattened B*T positions, text b at packed rows offsets[b] .. offsets[b+1]-1. Attention runs per
-    text: through `kernel` when one is given (tasks/encoder_native.py), else PyTorch's SDPA over each
-    run of equal-length texts, unmasked (sorted batches have few distinct lengths)."""
+    text: PyTorch's SDPA over each run of equal-length texts, unmasked, so no query ever looks at
+    padding (length-sorted batches have few distinct lengths, so few calls)."""
 
     batch: int
     length: int
     index: torch.Tensor
     lengths: tuple[int, ...]
     offsets: torch.Tensor
-    kernel: PackedAttention | None = None
 
     @classmethod
-    def of(cls, attention_mask: torch.Tensor, kernel: PackedAttention | None = None) -> Packing:
+    def of(cls, attention_mask: torch.Tensor) -> Packing:
         B, T = attention_mask.shape
         real = attention_mask.bool()
         lengths = real.sum(dim=1)
@@ -56,7 +50,7 @@ class Packing:
             raise ValueError("every row of attention_mask needs at least one real token")
         offsets = torch.zeros(B + 1, dtype=torch.long)
         offsets[1:] = lengths.cumsum(0)
-        return cls(B, T, real.reshape(-1).nonzero().squeeze(1), tuple(lengths.tolist()), offsets, kernel)
+        return cls(B, T, real.reshape(-1).nonzero().squeeze(1), tuple(lengths.tolist()), offsets)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """(N, F) packed rows -> (B, T, F), zeros at padding."""
@@ -66,8 +60,6 @@ class Packing:
 
     def attend(self, qkv: torch.Tensor, n_heads: int) -> torch.Tensor:
         """Each token's attention over its own text's tokens: qkv (N, 3*H*D) -> (N, H*D)."""
-        if self.kernel is not None:
-            return self.kernel(qkv.contiguous(), self.offsets, n_heads)
         H, D = n_heads, qkv.shape[1] // (3 * n_heads)
         out, start, b = [], 0, 0
         while b < self.batch:

@@ -40,8 +40,7 @@ import torch
 from llmos import store
 from llmos.errors import LlmosError
 from llmos.files import write_atomically
-from llmos.models.bert import PackedAttention, Packing
-from llmos.tasks.encoder_native import packed_attention
+from llmos.models.bert import Packing
 from llmos.tokenizer import Tokenizer
 from llmos.weights import loader
 
@@ -126,9 +125,8 @@ class Embedder:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, pooling: PoolingConfig, *,
-                 name: str, path: Path, fingerprint: str, attention: PackedAttention | None = None) -> None:
+                 name: str, path: Path, fingerprint: str) -> None:
         self.model, self.tokenizer, self.pooling = model, tokenizer, pooling
-        self.attention = attention  # the compiled packed-attention kernel, or None: SDPA per length
         self.name, self.path, self.fingerprint = name, path, fingerprint
         limit = model.config.max_seq_len
         self.max_tokens: int = min(pooling.max_tokens or limit, limit)
@@ -154,8 +152,7 @@ class Embedder:
         if dtype == "auto":
             dtype = auto_form(path, fingerprint)
         model, _, tokenizer = loader.load_model(path, dtype)
-        embedder = cls(model, tokenizer, pooling, name=str(name_or_path), path=path, fingerprint=fingerprint,
-                       attention=packed_attention())
+        embedder = cls(model, tokenizer, pooling, name=str(name_or_path), path=path, fingerprint=fingerprint)
         embedder.form = dtype
         return embedder
 
@@ -207,7 +204,7 @@ class Embedder:
         mask = torch.from_numpy(np.arange(T)[None, :] < lengths[:, None])  # (B, T)
         tokens = torch.full((len(rows), T), self.pad_id, dtype=torch.long)  # (B, T)
         tokens[mask] = torch.from_numpy(np.fromiter((t for r in rows for t in r), dtype=np.int64, count=int(lengths.sum())))
-        packing = Packing.of(mask, self.attention)
+        packing = Packing.of(mask)
         hidden = packing.pad(self.model.forward_packed(tokens, packing).float())  # (B, T, C), zeros at padding
         out = pool(hidden, mask, self.pooling.mode)
         if self.pooling.normalize:

@@ -50,6 +50,7 @@ from llmos.tasks.index_db import DocumentInfo, EmbedModel, IndexDB
 MODES = ("vector", "keyword", "hybrid")
 DEFAULT_ANN_THRESHOLD = 50_000  # exact search over 50k x 384 takes ~10 ms here; past it, ANN pays
 RRF_K = 60
+VECTOR_WEIGHT = 1.0  # the vector list's weight in the fusion; the keyword list's is 1
 STREAM_BATCH = 256  # chunks of a large document packed, embedded and inserted at a time (bounds add()'s memory)
 def give_back_freed_memory() -> None:
     """Return the heap pages freed by the last embedding batch to the system (glibc's malloc_trim).
@@ -512,12 +513,13 @@ class Index:
         elif mode == "keyword":
             ranked = kw
         else:
-            fused: dict[int, float] = {}
-            for candidates in (vec, kw):
-                for rank, (cid, _) in enumerate(candidates):
-                    fused[cid] = fused.get(cid, 0.0) + 1.0 / (RRF_K + rank + 1)
-            ranked = sorted(fused.items(), key=lambda item: -item[1])
+            ranked = fuse(vec, kw)
         return self._results(ranked[:k], qvec)
+
+    def candidates(self, query: str, n: int) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+        """The vector and keyword candidate lists hybrid search fuses, n each (for tuning the fusion)."""
+        qvec = _normalized(self.embedder.embed_query(query)[None])[0]
+        return self._vector_candidates(qvec, n, None), self.db.keyword(query, n)
 
     def _results(self, ranked: list[tuple[int, float]], qvec: np.ndarray | None) -> list[SearchResult]:
         if not ranked:
@@ -626,6 +628,16 @@ class Index:
 
     def __repr__(self) -> str:
         return f"Index({str(self.path)!r})"
+
+
+def fuse(vector: list[tuple[int, float]], keyword: list[tuple[int, float]], k: float = RRF_K,
+         vector_weight: float = VECTOR_WEIGHT) -> list[tuple[int, float]]:
+    """Weighted reciprocal-rank fusion of two ranked candidate lists: (id, score), best first."""
+    fused: dict[int, float] = {}
+    for weight, candidates in ((vector_weight, vector), (1.0, keyword)):
+        for rank, (cid, _) in enumerate(candidates):
+            fused[cid] = fused.get(cid, 0.0) + weight / (k + rank + 1)
+    return sorted(fused.items(), key=lambda item: -item[1])
 
 
 def exact_search(matrix: np.ndarray, ids: np.ndarray, queries: np.ndarray, n: int) -> list[list[tuple[int, float]]]:

@@ -1,5 +1,4 @@
-"""The fast encoder path: packed attention (the C++ kernel and the per-length SDPA path) against
-padded, masked SDPA; each weight form against fp32, sentence by sentence; batched equal to single;
+"""The fast encoder path: packed attention (SDPA per run of equal lengths) against padded, masked SDPA; each weight form against fp32, sentence by sentence; batched equal to single;
 dtype="auto" picking the fastest form that passes and caching the verdict."""
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from llmos.models.bert import Packing
-from llmos.tasks.encoder_native import packed_attention
 from tests.tasks.test_embed_parity import SENTENCES
 
 H, D = 4, 32
@@ -29,19 +27,15 @@ def _padded_reference(qkv: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     return y.transpose(1, 2).reshape(B * T, H * D)[mask.reshape(-1)]
 
 
-@pytest.mark.parametrize("kernel", ["sdpa", "native"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_attention_equals_padded_masked_attention(kernel, dtype):
-    fn = packed_attention() if kernel == "native" else None
-    if kernel == "native" and fn is None:
-        pytest.skip("the encoder's attention kernel could not be built here")
+def test_packed_attention_equals_padded_masked_attention(dtype):
     torch.manual_seed(0)
     lengths = [1, 3, 3, 16, 17, 40, 40, 40, 129]  # runs of equal lengths, tile edges, a lone token
     mask = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
     qkv = torch.randn(sum(lengths), 3 * H * D).to(dtype)
-    got = Packing.of(mask, fn).attend(qkv, H)
+    got = Packing.of(mask).attend(qkv, H)
     want = _padded_reference(qkv.float(), lengths)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the inputs' rounding, then one rounding of the output
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: SDPA's bf16 arithmetic against fp32
     assert got.shape == want.shape and got.dtype == dtype
     assert (got.float() - want).abs().max().item() < tol
 
@@ -60,20 +54,16 @@ def _tiny_bert():
     return model
 
 
-@pytest.mark.parametrize("kernel", ["sdpa", "native"])
-def test_a_text_in_a_padded_batch_gets_what_it_gets_alone(kernel):
-    fn = packed_attention() if kernel == "native" else None
-    if kernel == "native" and fn is None:
-        pytest.skip("the encoder's attention kernel could not be built here")
+def test_a_text_in_a_padded_batch_gets_what_it_gets_alone():
     model = _tiny_bert()
     lengths = [7, 30, 2, 30, 19]
     tokens = torch.randint(0, 100, (len(lengths), 30))
     mask = torch.arange(30)[None, :] < torch.tensor(lengths)[:, None]
     with torch.inference_mode():
-        together = model.forward_packed(tokens, Packing.of(mask, fn))
+        together = model.forward_packed(tokens, Packing.of(mask))
         offsets = np.cumsum([0, *lengths])
         for b, L in enumerate(lengths):
-            alone = model.forward_packed(tokens[b:b + 1, :L], Packing.of(torch.ones(1, L, dtype=torch.bool), fn))
+            alone = model.forward_packed(tokens[b:b + 1, :L], Packing.of(torch.ones(1, L, dtype=torch.bool)))
             assert torch.allclose(together[offsets[b]:offsets[b + 1]], alone, atol=1e-5)
         padded = model(tokens, mask)  # the (B, T, C) contract: zeros at padding
     assert torch.equal(padded[~mask], torch.zeros_like(padded[~mask]))
