@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -306,6 +307,12 @@ def _shipped_index(file: str, quiet: bool):
         raise LlmosError(f"{file}: give --index, the index its questions are about")
     else:
         index = Index(home / f"qa-{Path(file).stem}.sqlite")
+    # The index holds this corpus only: a set's documents found at another place (another checkout
+    # of llmos) would be retrieved twice.
+    prefix = str(corpus.resolve()).rstrip(os.sep) + os.sep
+    strays = [d.path for d in index.documents() if not d.path.startswith(prefix)]
+    if strays:
+        index.remove(strays)
     if not quiet and not len(index):
         print(f"indexing {corpus} for {Path(file).name} (once)", file=sys.stderr, flush=True)
     report = index.add([corpus], progress=not quiet)
