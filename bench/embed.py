@@ -105,7 +105,7 @@ def query_latency(embedder, folder: Path) -> dict:
     rng = np.random.default_rng(0)
     vectors = synthetic_vectors(rng, N_CHUNKS, embedder.dim)
     index = Index(folder / "latency.sqlite", embedder)
-    db = index._db  # bulk-load synthetic rows directly: the benchmark is about search, not ingestion
+    db = index.db._db  # bulk-load synthetic rows directly: the benchmark is about search, not ingestion
     db.execute("BEGIN")
     db.executemany("INSERT INTO meta(key, value) VALUES (?, ?)",
                    [("embed_model", embedder.name), ("embed_fingerprint", embedder.fingerprint), ("dim", str(embedder.dim))])
@@ -121,7 +121,7 @@ def query_latency(embedder, folder: Path) -> dict:
     db.execute("UPDATE meta SET value = '1' WHERE key = 'generation'")
     db.execute("COMMIT")
     queries = synthetic_vectors(rng, N_QUERIES, embedder.dim)
-    index._vectors()  # load the matrix once, as a long-running process would
+    index.db.vectors()  # load the matrix once, as a long-running process would
     t0 = time.perf_counter()
     index._ann()
     build_s = time.perf_counter() - t0
