@@ -109,3 +109,19 @@ def test_llmos_version(llmos_run):
     from llmos import __version__
 
     assert llmos_run("--version").stdout == f"llmos {__version__}\n"
+
+
+def test_every_file_the_package_reads_is_package_data():
+    """A non-editable install carries only what package-data names: every data file and C++ source
+    under llmos/ must match one of its patterns (quality.txt and the kernels' sources once did not)."""
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["llmos"]
+    package = root / "llmos"
+    files = [p.relative_to(package).as_posix() for p in package.rglob("*")
+             if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts]
+    assert files
+    missing = [f for f in files if not any(fnmatch.fnmatch(f, pat) for pat in patterns)]
+    assert not missing, f"add to [tool.setuptools.package-data] in pyproject.toml: {missing}"
