@@ -61,7 +61,7 @@ def int8_weights(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale.to(torch.bfloat16)
 
 
-def bench_shape(n: int, k: int, rounds: int, bandwidth: float) -> None:
+def bench_shape(n: int, k: int, rounds: int, bandwidth: float) -> dict:
     rng = np.random.default_rng(0)
     types = [t for t in sorted(NAMES) if k % GGML_TYPES[t][1] == 0]
     raws = {t: torch.from_numpy(random_blocks(t, n, k, rng).reshape(-1)) for t in types}
@@ -86,12 +86,26 @@ def bench_shape(n: int, k: int, rounds: int, bandwidth: float) -> None:
           f"int8pack bf16 {int8 * 1e3:.3f} ms ({n * k / int8 / 1e9:.1f} GB/s)")
     print(f"{'type':6} {'bytes MB':>8} {'kernel ms':>9} {'GB/s':>6} {'floor ms':>8} {'x floor':>7} "
           f"{'k16/row ms':>10} {'vs fp32':>7} {'vs int8':>7}")
+    out: dict = {"fp32_ms": fp32 * 1e3, "int8pack_ms": int8 * 1e3}
     for t in types:
         kern = med[("kernel", t)]
         nbytes = raws[t].numel()
         floor = nbytes / bandwidth
         print(f"{NAMES[t]:6} {nbytes / 1e6:8.1f} {kern * 1e3:9.3f} {nbytes / kern / 1e9:6.1f} {floor * 1e3:8.3f} "
               f"{kern / floor:7.2f} {med[('k16', t)] / 16 * 1e3:10.3f} {fp32 / kern:6.2f}x {int8 / kern:6.2f}x")
+        out[NAMES[t]] = {"kernel_ms": kern * 1e3, "gb_per_s": nbytes / kern / 1e9, "x_floor": kern / floor,
+                         "k16_per_row_ms": med[("k16", t)] / 16 * 1e3, "vs_fp32": fp32 / kern, "vs_int8": int8 / kern}
+    return out
+
+
+def run(rounds: int = 3, shapes: list[tuple[int, int]] | None = None) -> dict:
+    """`make bench`'s section (bench/run.py): every shape, at the current thread count."""
+    if gguf_kernels.build() is None:
+        return {"error": f"the GGUF kernels are not available: {gguf_kernels.failure()}"}
+    bandwidth = read_bandwidth(rounds)
+    print(f"threads {torch.get_num_threads()}, read bandwidth (1 GiB torch sum) {bandwidth / 1e9:.1f} GB/s")
+    return {"threads": torch.get_num_threads(), "read_gb_per_s": bandwidth / 1e9,
+            **{f"{n}x{k}": bench_shape(n, k, rounds, bandwidth) for n, k in (shapes or SHAPES)}}
 
 
 def main() -> None:

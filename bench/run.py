@@ -14,7 +14,10 @@ Sections (each prints a table and adds to bench/results/bench-DATE.json):
   OpenMP's active and passive wait policies (bench/busy.py).
 - gemma3: the multilingual model (Gemma 3 270M, GGUF Q4_K_M; pulled if missing): load, prefill 512,
   decode batch 1, peak RSS of llmos (auto form) at 1 and 2 threads, beside llama-cpp-python when installed.
-- the task benchmarks in bench/*.py (embeddings, serving, text, training) when present.
+- the task benchmarks in bench/*.py when present: embeddings (beside sentence-transformers),
+  ingestion (1 MB and 10 MB: chunks/s, peak RSS), GGUF block kernels per type (beside today's fp32 and
+  int8 paths and the read-bandwidth floor), vector search (HNSW vs exact scan over 100k synthetic
+  vectors), serving, text tasks, training.
 `python -m bench.run --only core,batch` runs a subset.
 """
 
@@ -36,7 +39,7 @@ from bench import busy
 from llmos import store
 
 RESULTS = Path(__file__).parent / "results"
-TASK_BENCHES = ("bench.embed", "bench.ingest", "bench.serve", "bench.text", "bench.train")
+TASK_BENCHES = ("bench.embed", "bench.ingest", "bench.kquants", "bench.search", "bench.serve", "bench.text", "bench.train")
 
 
 def measure(engine: str, gguf: Path, threads: int, dtype: str) -> dict:

@@ -29,7 +29,11 @@ def percentile(values: list[float], q: float) -> float:
     return sorted(values)[min(len(values) - 1, int(q * len(values)))]
 
 
-def run(n: int, dim: int = 384, queries: int = 200, batch: int = 50_000) -> dict:
+# `make bench` indexes this many (~3 minutes of building here); `python -m bench.search --n 1000000` is the scale.
+BENCH_N = 100_000
+
+
+def run(n: int = BENCH_N, dim: int = 384, queries: int = 200, batch: int = 50_000) -> dict:
     from usearch.index import Index as USearchIndex
 
     rng = np.random.default_rng(0)
