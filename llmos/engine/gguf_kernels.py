@@ -17,18 +17,14 @@ cannot write, or with LLMOS_NATIVE=0, `build()` returns None (the reason in `fai
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import os
-import shutil
 import sys
 import threading
 from pathlib import Path
 
 import torch
 
-from llmos.errors import LlmosError
-from llmos.files import home
+from llmos.engine import extension
 
 SOURCE = Path(__file__).with_name("gguf_kernels.cpp")
 NAME = "llmos_gguf_kernels"
@@ -48,58 +44,14 @@ def enabled() -> bool:
     return os.environ.get("LLMOS_NATIVE", "1") != "0"
 
 
-def _cpu_flags() -> bytes:
-    try:
-        return next((line for line in Path("/proc/cpuinfo").read_bytes().splitlines() if line.startswith(b"flags")), b"")
-    except OSError:
-        return b""
-
-
-def _build_dir() -> Path:
-    key = SOURCE.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode() + _cpu_flags()
-    digest = hashlib.sha256(key).hexdigest()[:16]
-    return home() / "native" / f"gguf-torch-{torch.__version__}-{digest}"
-
-
-def _import(path: Path):
-    spec = importlib.util.spec_from_file_location(NAME, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def build(quiet: bool = False):
     """Compile (once) and import the extension; None when it cannot be built (reason in `failure()`)."""
     global _module, _failed
     with _lock:
-        if _module is not None or _failed is not None or not enabled():
-            return _module
-        try:
-            built = _build_dir() / f"{NAME}.so"
-        except LlmosError as exc:
-            _failed = f"build failed: {exc} - using the Python path for GGUF blocks"
-            return None
-        if built.exists():
-            try:
-                _module = _import(built)
-                return _module
-            except (ImportError, OSError):  # damaged by a crash mid-build: build it again
-                built.unlink()
-        if shutil.which(os.environ.get("CXX", "c++")) is None:
-            _failed = "no C++ compiler on PATH (install g++) - using the Python path for GGUF blocks"
-            return None
-        from torch.utils.cpp_extension import load
-
-        if not quiet:
-            print("llmos: compiling the GGUF block kernels (once, ~30 s)...", file=sys.stderr, flush=True)
-        try:
-            built.parent.mkdir(parents=True, exist_ok=True)
-            _module = load(NAME, [str(SOURCE)], build_directory=str(built.parent),
-                           extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
-        except Exception as e:  # a broken toolchain or a read-only store must not stop text generation
-            _failed = f"building the GGUF block kernels failed ({str(e).strip().splitlines()[-1][:200]}) - using the Python path"
-            if not quiet:
-                print(f"llmos: {_failed}", file=sys.stderr)
+        if _module is None and _failed is None and enabled():
+            _module, _failed = extension.compile_once(NAME, SOURCE, prefix="gguf-", what="the GGUF block kernels",
+                                                      fallback="the Python path for GGUF blocks", seconds=30,
+                                                      quiet=quiet, cflags=CFLAGS)
         return _module
 
 

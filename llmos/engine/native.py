@@ -22,9 +22,7 @@ the kernels it has.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
 import sys
 import threading
 import weakref
@@ -36,8 +34,7 @@ import torch
 from torch import nn
 
 from llmos import quant
-from llmos.errors import LlmosError
-from llmos.files import home
+from llmos.engine import extension
 from llmos.models.kernels import PYTORCH, Kernels
 from llmos.models.kv_cache import KVCache
 from llmos.models.llama import Llama
@@ -52,61 +49,14 @@ def enabled() -> bool:
     return os.environ.get("LLMOS_NATIVE", "1") != "0"
 
 
-# Built for the CPU it runs on (-march=native) without contracting a * b + c into fused multiply-adds,
-# which would change the bits the loops must share with the Python ops; with OpenMP, without which
-# at::parallel_for in an extension runs on one thread (the process then shares PyTorch's own libgomp,
-# loaded first under the same name).
-CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
-
-
-def _cpu_flags() -> bytes:
-    try:
-        return next((line for line in Path("/proc/cpuinfo").read_bytes().splitlines() if line.startswith(b"flags")), b"")
-    except OSError:
-        return b""
-
-
-def _build_dir() -> Path:
-    """Named by the source, the flags, PyTorch's version and the CPU's features: a store shared by
-    machines never hands one a binary built for another."""
-    key = SOURCE.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode() + _cpu_flags()
-    digest = hashlib.sha256(key).hexdigest()[:16]
-    return home() / "native" / f"torch-{torch.__version__}-{digest}"
-
-
 def build(quiet: bool = False):
     """Compile (once) and import the extension; None when it cannot be built, with the reason kept
     in `failure()`."""
     global _module, _failed
     with _lock:
-        if _module is not None or _failed is not None or not enabled():
-            return _module
-        try:
-            built = _build_dir() / "llmos_native_step.so"
-        except LlmosError as exc:  # a store it cannot use (LLMOS_HOME a file): the Python step runs
-            _failed = f"build failed: {exc} - using the Python decode step"
-            return None
-        if built.exists():  # the folder is named by the source and torch version: up to date
-            try:
-                _module = _import(built)
-                return _module
-            except (ImportError, OSError):  # damaged by a crash mid-build: build it again
-                built.unlink()
-        if shutil.which(os.environ.get("CXX", "c++")) is None:
-            _failed = "no C++ compiler on PATH (install g++) - using the Python decode step"
-            return None
-        from torch.utils.cpp_extension import load
-
-        if not quiet:
-            print("llmos: compiling the native decode step (once, ~20 s)...", file=sys.stderr, flush=True)
-        try:
-            built.parent.mkdir(parents=True, exist_ok=True)
-            _module = load("llmos_native_step", [str(SOURCE)], build_directory=str(built.parent),
-                           extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
-        except Exception as e:  # a broken toolchain or a read-only store must not stop text generation
-            _failed = f"building the native decode step failed ({str(e).strip().splitlines()[-1][:200]}) - using the Python decode step"
-            if not quiet:
-                print(f"llmos: {_failed}", file=sys.stderr)
+        if _module is None and _failed is None and enabled():
+            _module, _failed = extension.compile_once("llmos_native_step", SOURCE, prefix="", what="the native decode step",
+                                                      fallback="the Python decode step", seconds=20, quiet=quiet)
         return _module
 
 
@@ -187,14 +137,6 @@ def keep_freed_memory() -> None:
     mallopt(M_MMAP_THRESHOLD, 64 << 20)
     mallopt(M_TRIM_THRESHOLD, 256 << 20)
 
-
-def _import(path: Path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("llmos_native_step", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def failure() -> str | None:
