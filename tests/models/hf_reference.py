@@ -45,3 +45,26 @@ def hf_greedy(ref: transformers.PreTrainedModel, prompt: list[int], n: int) -> l
         out = ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                            max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
     return out[0, len(prompt):].tolist()
+
+
+def llmos_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
+    """llmos' n greedy tokens after `prompt`, through the engine's generation loop."""
+    from llmos.engine.generate import Generation
+    from llmos.engine.sampling import SamplingParams
+
+    return list(Generation(model, prompt, max_new_tokens=n, params=SamplingParams(temperature=0.0)).tokens())
+
+
+def cached_vs_full(model: torch.nn.Module, config, length: int, prompt: int = 10) -> float:
+    """Largest logit difference between decoding `length` random tokens through the KV cache (a
+    `prompt`-token prefill, then one token a step) and one full forward over the same tokens."""
+    from llmos.models.kv_cache import KVCache
+
+    torch.manual_seed(2)
+    tokens = torch.randint(0, 256, (1, length))
+    with torch.no_grad():
+        full = model(tokens, torch.arange(length))
+        cache = KVCache.for_model(config, 1, length)
+        steps = [model(tokens[:, :prompt], torch.arange(prompt), cache)]
+        steps += [model(tokens[:, i:i + 1], torch.tensor([i]), cache) for i in range(prompt, length)]
+    return (torch.cat(steps, dim=1) - full).abs().max().item()
