@@ -22,6 +22,7 @@ the kernels it has.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -37,6 +38,7 @@ from llmos import quant
 from llmos.engine import extension
 from llmos.models.kernels import PYTORCH, Kernels
 from llmos.models.kv_cache import KVCache
+from llmos.models.gemma3 import Gemma3
 from llmos.models.llama import Llama
 
 SOURCE = Path(__file__).with_name("native_step.cpp")
@@ -157,41 +159,77 @@ def _linear_args(layer: nn.Module) -> tuple[int, list[torch.Tensor | None]] | No
     return kind, [layer.packed, layer.scales_zeros, layer.bias]
 
 
+def _head_args(head: nn.Module, module: Any) -> tuple[int, list[torch.Tensor | None]] | None:
+    """The vocabulary head as decode_step's kind and tensors: int8 heads in int8_mm's layout."""
+    if isinstance(head, quant.Int8Head):  # a tied Gemma table, already in that layout
+        return (4, [head.packed, head.scale, None]) if hasattr(module, "int8_mm") else None
+    args = _linear_args(head)
+    if args is not None and args[0] == 2 and hasattr(module, "int8_mm") and head.out_features % 64 == 0 \
+            and head.in_features % 32 == 0:
+        # The vocabulary head in int8_mm's layout: a second copy of its int8 weights (28 MB for the
+        # default model) for the faster kernel.
+        return 4, [module.int8_pack(head.qweight), head.scale, head.bias]
+    return args
+
+
+def _covered(model: nn.Module) -> bool:
+    """Whether the C++ step computes what this model's Python forward computes."""
+    config = model.config
+    if type(model) is Llama:
+        embed_dtype = model.embed.weight.dtype
+    elif type(model) is Gemma3:
+        embed_dtype = torch.float32 if isinstance(model.embed, quant.HeadEmbedding) else model.embed.weight.dtype
+    else:  # GPT-2, Gemma 2 (soft-capping), BERT
+        return False
+    return embed_dtype == torch.float32 and config.rotary_dim == config.head_size \
+        and config.head_size % 16 == 0 and config.head_size <= 256 \
+        and config.n_heads // config.n_kv_heads <= 8  # what the C++ attention handles
+
+
 def stepper(model: nn.Module, module: Any = None) -> Callable[[torch.Tensor, torch.Tensor, KVCache], torch.Tensor | None] | None:
     """A function (tokens (B,), positions, cache) -> logits (B, V) fp32 that runs the C++ step (None
     for a batch too large for it), or None when this model (or this machine) cannot use it.
-    `module`: the built extension (default: build it)."""
-    config = model.config
-    if type(model) is not Llama or config.sliding_window is not None \
-            or config.qk_norm or config.rotary_dim != config.head_size \
-            or model.embed.weight.dtype != torch.float32 or config.head_size % 16 or config.head_size > 128 \
-            or config.n_heads // config.n_kv_heads > 8:  # what the C++ attention handles
+    `module`: the built extension (default: build it).
+
+    Llama (with Mistral's window and Qwen3's q/k norms) and Gemma 3 share the step: Gemma 3 adds its
+    norms of the attention and MLP outputs, q/k norms, GeGLU, the query scale, and per layer a window
+    and a RoPE base; its embeddings are scaled here, before the step."""
+    if not _covered(model):
         return None
     module = module if module is not None else build()
     if module is None:
         return None
+    config = model.config
+    gemma = type(model) is Gemma3
     kinds: list[int] = []
     tensors: list[torch.Tensor | None] = []
     norms: list[torch.Tensor] = []
     for block in model.layers:
         norms += [block.attn_norm.weight, block.mlp_norm.weight]
+        if gemma:
+            norms += [block.post_attn_norm.weight, block.post_mlp_norm.weight]
+        if block.attn.q_norm is not None:
+            norms += [block.attn.q_norm.weight, block.attn.k_norm.weight]
         for layer in (block.attn.wqkv, block.attn.wo, block.mlp.w13, block.mlp.w2):
             args = _linear_args(layer)
             if args is None:
                 return None
             kinds.append(args[0])
             tensors += args[1]
-    head = _linear_args(model.output)
+    head = _head_args(model.output, module)
     if head is None:
         return None
-    if head[0] == 2 and hasattr(module, "int8_mm") and model.output.out_features % 64 == 0 \
-            and model.output.in_features % 32 == 0:
-        # The vocabulary head in int8_mm's layout: a second copy of its int8 weights (28 MB for the
-        # default model) for the faster kernel.
-        head = 4, [module.int8_pack(model.output.qweight), model.output.scale, model.output.bias]
     kinds.append(head[0])
     tensors += head[1]
     norms.append(model.norm.weight)
+    qk_norm = model.layers[0].attn.q_norm is not None
+    if gemma:  # per layer: sliding (table 1, the local base, and the window) or full (table 0)
+        rope_of = [int(block.sliding) for block in model.layers]
+        windows = [(config.sliding_window or 0) if block.sliding else 0 for block in model.layers]
+        q_scale, embed_scale = model.layers[0].attn.q_scale, torch.tensor(math.sqrt(config.dim), dtype=torch.float32)
+    else:
+        rope_of, windows = [0] * config.n_layers, [config.sliding_window or 0] * config.n_layers
+        q_scale, embed_scale = 1.0, None
     heads, kv_heads, head_dim, eps = config.n_heads, config.n_kv_heads, config.head_size, config.norm_eps
     dense_rows = min(quant.DENSE_ROWS, quant.INT4_DENSE_ROWS)
 
@@ -202,11 +240,16 @@ def stepper(model: nn.Module, module: Any = None) -> Callable[[torch.Tensor, tor
             return None
         n_keys = cache.begin(positions)
         x = model.embed(tokens)  # (B, C)
-        cos, sin = model.rope(positions)  # rows of (D,) for the shared position or each row's
+        if embed_scale is not None:
+            x = x * embed_scale  # as Gemma3.hidden: the factor rounded to fp32 first
+        # rows of (D,) for the shared position or each row's: Llama's one table, Gemma's full and sliding
+        tables = [model.rope(positions, sliding) for sliding in (False, True)] if gemma else [model.rope(positions)]
         per_row = positions.dim() == 2
-        D = cos.shape[-1]
-        logits = module.decode_step(x, positions.flatten().tolist(), per_row, n_keys, cos.reshape(-1, D), sin.reshape(-1, D),
-                                    cache.k, cache.v, norms, kinds, tensors, heads, kv_heads, head_dim, eps)
+        D = head_dim
+        logits = module.decode_step(x, positions.flatten().tolist(), per_row, n_keys,
+                                    [c.reshape(-1, D) for c, _ in tables], [s.reshape(-1, D) for _, s in tables],
+                                    rope_of, windows, cache.k, cache.v, norms, kinds, tensors, heads, kv_heads, head_dim,
+                                    eps, gemma, qk_norm, gemma, q_scale)
         cache.wrote()
         return logits
 

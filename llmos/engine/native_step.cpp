@@ -343,8 +343,8 @@ inline double sum_squares(const float* x, int64_t n) {
 #endif
 }
 
-// Rotary embedding of one head: dst[d] = x[d] * c[d] + x[(d + D/2) % D] * s[d], x = o(r, base + .)
-inline void rope_head(const Out& o, int64_t r, int64_t base, const float* c, const float* s, int64_t D, float* dst) {
+// Rotary embedding of one head: dst[d] = x[d] * c[d] + x[(d + D/2) % D] * s[d]
+inline void rope_into(const float* x, const float* c, const float* s, int64_t D, float* dst) {
   const int64_t half = D / 2;
 #if defined(__AVX512F__)
   for (int64_t part = 0; part < 2; ++part) {  // d in [0, half): partner d + half; [half, D): d - half
@@ -352,14 +352,21 @@ inline void rope_head(const Out& o, int64_t r, int64_t base, const float* c, con
     for (int64_t j = 0; j < half; j += 16) {
       const __mmask16 m = lanes(half - j);
       const int64_t d = from + j;
-      const __m512 a = _mm512_mul_ps(out16(o, r, base + d, m), _mm512_maskz_loadu_ps(m, c + d));
-      const __m512 b = _mm512_mul_ps(out16(o, r, base + d + partner, m), _mm512_maskz_loadu_ps(m, s + d));
+      const __m512 a = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + d), _mm512_maskz_loadu_ps(m, c + d));
+      const __m512 b = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + d + partner), _mm512_maskz_loadu_ps(m, s + d));
       _mm512_mask_storeu_ps(dst + d, m, _mm512_add_ps(a, b));
     }
   }
 #else
-  for (int64_t d = 0; d < D; ++d) dst[d] = o.at(r, base + d) * c[d] + o.at(r, base + (d + half) % D) * s[d];
+  for (int64_t d = 0; d < D; ++d) dst[d] = x[d] * c[d] + x[(d + half) % D] * s[d];
 #endif
+}
+
+// RMSNorm of n values in place: x * rsqrt(mean(x * x) + eps) * w, the mean of squares summed in double
+// (see decode_step's norm_into).
+inline void rms_norm_inplace(float* x, const float* w, int64_t n, double eps) {
+  const float r = 1.0f / std::sqrt(static_cast<float>(sum_squares(x, n) / n) + static_cast<float>(eps));
+  scale_into(x, r, w, n, x);
 }
 
 // The raw output of linear `i` for input rows x (B, K) already in the layer's input dtype.
@@ -441,38 +448,54 @@ inline void weighted_columns(const float* p, int64_t stride, const T* v, int64_t
   }
 }
 
-// Decode attention: one query per (row, head) over that row's first keys[row] cached keys. q (B, H, D)
+// weighted_rows for all R = rep query heads of a kv head (up to 4), in passes of 64 columns: the heads share
+// each value row loaded (Gemma 3 270M: 4 heads of 256 over one kv head).
+template <typename T>
+inline void weighted_heads(int64_t rep, const float* p, int64_t stride, const T* v, int64_t vstride, int64_t e, const float* inv,
+                           float* out, int64_t D) {
+  for (int64_t dc = 0; dc < D; dc += 64) {
+    switch (rep) {
+      case 1: weighted_rows<1, 4>(p, stride, v + dc, vstride, e, inv, 1, out + dc, D); break;
+      case 2: weighted_rows<2, 4>(p, stride, v + dc, vstride, e, inv, 2, out + dc, D); break;
+      case 3: weighted_rows<3, 4>(p, stride, v + dc, vstride, e, inv, 3, out + dc, D); break;
+      default: weighted_rows<4, 4>(p, stride, v + dc, vstride, e, inv, 4, out + dc, D); break;
+    }
+  }
+}
+
+// Decode attention: one query per (row, head) over that row's cached keys first[row]..keys[row]-1 (a
+// sliding window starts past 0). q (B, H, D)
 // contiguous; k, v a layer's cache (B, Hkv, S, D) by strides (rows, heads, positions; D contiguous);
 // out (B, H, D). One thread computes a (row, kv head) pair in a fixed order, so a row's result does not
 // depend on the thread count or on the other rows of the step: decoded in a batch it gets the bits it
 // gets alone. Replaces per-row SDPA calls (~20 us each with their setup; 16 rows x 30 layers were 35%
 // of a 16-row step); differs from SDPA by ~3e-7.
 template <typename T>
-void decode_attention(const float* q, const T* k, const T* v, const int64_t* ks, const int64_t* vs, const std::vector<int64_t>& keys,
-            int64_t B, int64_t H, int64_t n_kv, int64_t D, float* out) {
+void decode_attention(const float* q, const T* k, const T* v, const int64_t* ks, const int64_t* vs, const std::vector<int64_t>& first,
+                      const std::vector<int64_t>& keys, int64_t B, int64_t H, int64_t n_kv, int64_t D, float* out) {
   const int64_t rep = H / n_kv, dv = D / 16;
   const float scale = 1.0f / std::sqrt((float)D);
   at::parallel_for(0, B * n_kv, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> p;
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t r = t / n_kv, g = t % n_kv, e = keys[r];
-      const T* kr = k + r * ks[0] + g * ks[1];
-      const T* vr = v + r * vs[0] + g * vs[1];
+      const int64_t r = t / n_kv, g = t % n_kv, e = keys[r] - first[r];  // keys counted from the first one read
+      const T* kr = k + r * ks[0] + g * ks[1] + first[r] * ks[2];
+      const T* vr = v + r * vs[0] + g * vs[1] + first[r] * vs[2];
       if (t + 1 < t1) {  // the next pair's keys and values while this one computes (short streams stall on memory)
         const int64_t rn = (t + 1) / n_kv, gn = (t + 1) % n_kv;
-        for (int64_t s = 0; s < keys[rn]; ++s) {
+        for (int64_t s = first[rn]; s < keys[rn]; ++s) {
           prefetch(k + rn * ks[0] + gn * ks[1] + s * ks[2], D * sizeof(T));
           prefetch(v + rn * vs[0] + gn * vs[1] + s * vs[2], D * sizeof(T));
         }
       }
       const int64_t stride = (e + 15) / 16 * 16;
       p.assign(rep * stride, 0.0f);
-      __m512 qv[8][8];  // up to 8 query heads per kv head, D up to 128
+      __m512 qv[8][16];  // up to 8 query heads per kv head, D up to 256
       for (int64_t h = 0; h < rep; ++h)
         for (int64_t j = 0; j < dv; ++j) qv[h][j] = _mm512_mul_ps(_mm512_loadu_ps(q + ((r * H + g * rep + h) * D) + 16 * j), _mm512_set1_ps(scale));
       for (int64_t s = 0; s < e; ++s) {
         const T* ksr = kr + s * ks[2];
-        __m512 kv[8];
+        __m512 kv[16];
         for (int64_t j = 0; j < dv; ++j) kv[j] = load16(ksr + 16 * j);
         for (int64_t h = 0; h < rep; ++h) {
           __m512 acc = _mm512_mul_ps(qv[h][0], kv[0]);
@@ -490,6 +513,7 @@ void decode_attention(const float* q, const T* k, const T* v, const int64_t* ks,
       else if (rep == 4 && dv == 4) weighted_rows<4, 4>(p.data(), stride, vr, vs[2], e, inv, R, oh, D);
       else if (rep == 1 && dv == 8) weighted_rows<1, 8>(p.data(), stride, vr, vs[2], e, inv, R, oh, D);
       else if (rep == 2 && dv == 8) weighted_rows<2, 8>(p.data(), stride, vr, vs[2], e, inv, R, oh, D);
+      else if (rep <= 4 && dv % 4 == 0) weighted_heads<T>(rep, p.data(), stride, vr, vs[2], e, inv, oh, D);  // Gemma's 256
       else
         for (int64_t h = 0; h < rep; ++h) weighted_columns<1>(p.data() + h * stride, stride, vr, vs[2], e, inv + h, 1, oh + h * D, D);
     }
@@ -530,22 +554,35 @@ inline void causal_scores(const float* q, const float* kt, int64_t stride, int64
 
 }  // namespace
 
-// x: (B, C) embeddings; cos, sin: (B or 1, D) rope rows; kc, vc: (L, B, Hkv, S, D) caches (views allowed).
+// x: (B, C) embeddings (Gemma's already scaled); kc, vc: (L, B, Hkv, S, D) caches (views allowed).
 // positions: each row's position; per_row: rows at their own positions, each attending over exactly its
 // own keys (the batched engine), else one shared position (positions[0]) for all rows, attending over
-// n_keys keys. norms: 2 per layer (attention, MLP) then the final one. kinds/tensors: 4 linears per
-// layer (wqkv, wo, w13, w2) then the head, 3 tensors each (None where unused). Returns logits (B, V) fp32.
+// n_keys keys. cos, sin: rope tables, (B or 1, D) rows each; layer i rotates by table rope_of[i] and, where
+// windows[i] > 0, attends only to the last windows[i] positions up to its own (a sliding window).
+// norms: per layer the attention and MLP norms, then (post_norms) the norms of the attention and MLP
+// outputs, then (qk_norm) the per-head q and k norms; the final norm last. kinds/tensors: 4 linears per
+// layer (wqkv, wo, w13, w2) then the head, 3 tensors each (None where unused). gelu: the MLP is GeGLU
+// (tanh GELU) rather than SwiGLU; q_scale multiplies the rotated queries (Gemma's query_pre_attn_scalar;
+// 1: not applied). Returns logits (B, V) fp32.
 //
-// Per layer this issues four matmuls to ATen; the norms, the rotary embedding with the cache writes,
-// attention, the residual adds and the SwiGLU product run here (no fused multiply-add outside the
-// attention kernel: built with -ffp-contract=off).
+// That covers models/llama.py (Llama, Mistral's window, Qwen3's q/k norms) and models/gemma3.py (four
+// norms a block, q/k norms, GeGLU, per-layer windows and RoPE bases). Per layer this issues four matmuls
+// to ATen or the kernels above; the norms, the rotary embedding with the cache writes, attention, the
+// residual adds and the gated product run here (no fused multiply-add outside the attention kernel:
+// built with -ffp-contract=off).
 torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions, bool per_row, int64_t n_keys,
-                          const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& kc, const torch::Tensor& vc,
+                          const std::vector<torch::Tensor>& cos, const std::vector<torch::Tensor>& sin,
+                          const std::vector<int64_t>& rope_of, const std::vector<int64_t>& windows,
+                          const torch::Tensor& kc, const torch::Tensor& vc,
                           const std::vector<torch::Tensor>& norms, const std::vector<int64_t>& kinds,
                           const std::vector<c10::optional<torch::Tensor>>& tensors, int64_t n_heads, int64_t n_kv,
-                          int64_t head_dim, double eps) {
+                          int64_t head_dim, double eps, bool post_norms, bool qk_norm, bool gelu, double q_scale) {
   torch::NoGradGuard no_grad;
-  const int64_t L = kc.size(0), B = x.size(0), C = x.size(-1), H = n_heads, D = head_dim, half = D / 2;
+  const int64_t L = kc.size(0), B = x.size(0), C = x.size(-1), H = n_heads, D = head_dim;
+  const int64_t per_layer = 2 + (post_norms ? 2 : 0) + (qk_norm ? 2 : 0);  // norms a layer
+  TORCH_CHECK(D % 16 == 0 && D <= 256 && static_cast<int64_t>(norms.size()) == per_layer * L + 1
+              && static_cast<int64_t>(rope_of.size()) == L && static_cast<int64_t>(windows.size()) == L,
+              "decode_step: arguments do not match the model");
   static const torch::Tensor none;
   x = x.reshape({B, C}).contiguous();
   float* xp = x.data_ptr<float>();
@@ -571,13 +608,24 @@ torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions
     const auto& b = tensors[3 * i + 1];
     return Out(raw_linear(kinds[i], *tensors[3 * i], b.has_value() ? *b : none, tensors[3 * i + 2], in), tensors[3 * i + 2], kinds[i]);
   };
-  auto residual = [&](const Out& o) {
-    for (int64_t r = 0; r < B; ++r) add_out(xp + r * C, o, r, C);
+  // x += o, or (post_norms) x += RMSNorm(o) with norm weight w
+  std::vector<float> post(post_norms ? C : 0);
+  auto residual = [&](const Out& o, const torch::Tensor& w) {
+    for (int64_t r = 0; r < B; ++r) {
+      if (!post_norms) {
+        add_out(xp + r * C, o, r, C);
+        continue;
+      }
+      copy_out(o, r, 0, C, post.data());
+      rms_norm_inplace(post.data(), w.data_ptr<float>(), C, eps);
+      for (int64_t j = 0; j < C; ++j) xp[r * C + j] = xp[r * C + j] + post[j];
+    }
   };
-  const auto cos_c = cos.contiguous(), sin_c = sin.contiguous();
-  const float* cp = cos_c.data_ptr<float>();
-  const float* sp = sin_c.data_ptr<float>();
-  const int64_t rope_stride = cos_c.size(0) == 1 ? 0 : D;
+  std::vector<torch::Tensor> cos_c, sin_c;
+  for (size_t t = 0; t < cos.size(); ++t) {
+    cos_c.push_back(cos[t].contiguous());
+    sin_c.push_back(sin[t].contiguous());
+  }
   auto q = torch::empty({B, H, 1, D}, x.options());
   auto y = torch::empty({B, H, D}, x.options());
   auto attn_bf16 = torch::empty({B, H * D}, x.options().dtype(at::kBFloat16));
@@ -589,53 +637,72 @@ torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions
   char* kbase = static_cast<char*>(kc.data_ptr());
   char* vbase = static_cast<char*>(vc.data_ptr());
   const int64_t es = kc.element_size();
-  alignas(64) float kv_row[128];  // a rotated key or a value before it is stored in the cache
+  alignas(64) float head_in[256], kv_row[256];  // a head of the qkv output; a rotated key before it is stored
+  std::vector<int64_t> first(B), keys(B);
   for (int64_t layer = 0; layer < L; ++layer) {
-    Out qkv = lin(4 * layer, norm_into(4 * layer, norms[2 * layer]));
-    // Rotary embedding of q and k (x * cos + roll(x, D/2) * sin), k and v written into the cache.
+    const torch::Tensor* w = &norms[per_layer * layer];  // this layer's norms
+    const torch::Tensor* qk_w = qk_norm ? w + per_layer - 2 : nullptr;
+    Out qkv = lin(4 * layer, norm_into(4 * layer, w[0]));
+    // Per head: (q/k norm,) rotary embedding of q and k (x * cos + roll(x, D/2) * sin), k and v written
+    // into the cache.
+    const float* cp = cos_c[rope_of[layer]].data_ptr<float>();
+    const float* sp = sin_c[rope_of[layer]].data_ptr<float>();
+    const int64_t rope_stride = cos_c[rope_of[layer]].size(0) == 1 ? 0 : D;
     for (int64_t r = 0; r < B; ++r) {
       const int64_t pos = per_row ? positions[r] : positions[0];
       const float* c = cp + r * rope_stride;
       const float* s = sp + r * rope_stride;
       for (int64_t head = 0; head < H + 2 * n_kv; ++head) {
-        const int64_t base = head * D;
-        if (head < H) {
-          rope_head(qkv, r, base, c, s, D, qp + (r * H + head) * D);
+        const bool is_q = head < H, is_v = head >= H + n_kv;
+        copy_out(qkv, r, head * D, D, head_in);
+        if (qk_norm && !is_v) rms_norm_inplace(head_in, qk_w[is_q ? 0 : 1].data_ptr<float>(), D, eps);
+        if (is_q) {
+          float* dst = qp + (r * H + head) * D;
+          rope_into(head_in, c, s, D, dst);
+          if (q_scale != 1.0)
+            for (int64_t d = 0; d < D; ++d) dst[d] = dst[d] * static_cast<float>(q_scale);
           continue;
         }
-        const bool is_v = head >= H + n_kv;
         const int64_t g = is_v ? head - H - n_kv : head - H;
         const auto& st = is_v ? vs : ks;
-        if (is_v) copy_out(qkv, r, base, D, kv_row);
-        else rope_head(qkv, r, base, c, s, D, kv_row);
-        store_cache((is_v ? vbase : kbase) + (layer * st[0] + r * st[1] + g * st[2] + pos * st[3]) * es, half_cache, st[4], kv_row, D);
+        if (!is_v) rope_into(head_in, c, s, D, kv_row);
+        store_cache((is_v ? vbase : kbase) + (layer * st[0] + r * st[1] + g * st[2] + pos * st[3]) * es, half_cache, st[4],
+                    is_v ? head_in : kv_row, D);
       }
     }
     {
-      std::vector<int64_t> keys(B);
-      for (int64_t r = 0; r < B; ++r) keys[r] = per_row ? positions[r] + 1 : n_keys;
+      // Which keys each row reads: its own up to its position (per row) or all n_keys, a window's last ones.
+      for (int64_t r = 0; r < B; ++r) {
+        const int64_t pos = per_row ? positions[r] : positions[0];
+        keys[r] = per_row ? pos + 1 : n_keys;
+        first[r] = 0;
+        if (windows[layer] > 0) {
+          keys[r] = std::min(keys[r], pos + 1);
+          first[r] = std::max<int64_t>(0, pos + 1 - windows[layer]);
+        }
+      }
       const int64_t kst[3] = {ks[1], ks[2], ks[3]}, vst[3] = {vs[1], vs[2], vs[3]};
 #if defined(__AVX512F__)
       if (half_cache)
         decode_attention(qp, reinterpret_cast<const c10::Half*>(kbase) + layer * ks[0], reinterpret_cast<const c10::Half*>(vbase) + layer * vs[0],
-                         kst, vst, keys, B, H, n_kv, D, y.data_ptr<float>());
+                         kst, vst, first, keys, B, H, n_kv, D, y.data_ptr<float>());
       else
         decode_attention(qp, reinterpret_cast<const float*>(kbase) + layer * ks[0], reinterpret_cast<const float*>(vbase) + layer * vs[0],
-                         kst, vst, keys, B, H, n_kv, D, y.data_ptr<float>());
+                         kst, vst, first, keys, B, H, n_kv, D, y.data_ptr<float>());
 #else
       // Without AVX-512: SDPA per row over its own keys.
       for (int64_t r = 0; r < B; ++r)
-        y[r].copy_(at::scaled_dot_product_attention(q.slice(0, r, r + 1), kc[layer].slice(0, r, r + 1).slice(2, 0, keys[r]).to(at::kFloat),
-                                                    vc[layer].slice(0, r, r + 1).slice(2, 0, keys[r]).to(at::kFloat), c10::nullopt, 0.0,
+        y[r].copy_(at::scaled_dot_product_attention(q.slice(0, r, r + 1), kc[layer].slice(0, r, r + 1).slice(2, first[r], keys[r]).to(at::kFloat),
+                                                    vc[layer].slice(0, r, r + 1).slice(2, first[r], keys[r]).to(at::kFloat), c10::nullopt, 0.0,
                                                     false, c10::nullopt, n_kv != n_heads)[0].squeeze(1));
 #endif
     }
     // (B, H, D) -> (B, H * D) in wo's input dtype, cast as the Python layer casts it.
     const auto attn = y.view({B, H * D});
-    residual(lin(4 * layer + 1, kinds[4 * layer + 1] != 0 ? attn_bf16.copy_(attn) : attn));
-    Out gate_up = lin(4 * layer + 2, norm_into(4 * layer + 2, norms[2 * layer + 1]));
+    residual(lin(4 * layer + 1, kinds[4 * layer + 1] != 0 ? attn_bf16.copy_(attn) : attn), post_norms ? w[2] : none);
+    Out gate_up = lin(4 * layer + 2, norm_into(4 * layer + 2, w[1]));
     const int64_t F = gate_up.n / 2;
-    // SwiGLU: silu(gate) * up, rounded to the down projection's input dtype.
+    // SwiGLU or GeGLU: act(gate) * up, rounded to the down projection's input dtype.
     if (!gate.defined()) {
       gate = torch::empty({B, F}, x.options());
       act = torch::empty({B, F}, x.options());
@@ -644,7 +711,8 @@ torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions
     }
     float* gp = gate.data_ptr<float>();
     for (int64_t r = 0; r < B; ++r) copy_out(gate_up, r, 0, F, gp + r * F);
-    at::silu_out(act, gate);
+    if (gelu) at::gelu_out(act, gate, "tanh");
+    else at::silu_out(act, gate);
     const float* ap = act.data_ptr<float>();
     const bool down_bf16 = kinds[4 * layer + 3] != 0;
     auto& prod = down_bf16 ? prod_bf16 : prod_f32;
@@ -652,9 +720,9 @@ torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions
       if (down_bf16) mul_out(ap + r * F, gate_up, r, F, F, prod_bf16.data_ptr<c10::BFloat16>() + r * F);
       else mul_out(ap + r * F, gate_up, r, F, F, prod_f32.data_ptr<float>() + r * F);
     }
-    residual(lin(4 * layer + 3, prod));
+    residual(lin(4 * layer + 3, prod), post_norms ? w[3] : none);
   }
-  return lin(4 * L, norm_into(4 * L, norms[2 * L])).y.to(at::kFloat);  // the head (Llama's has no bias)
+  return lin(4 * L, norm_into(4 * L, norms[per_layer * L])).y.to(at::kFloat);  // the head (no bias in these families)
 }
 
 // An int4 layer's weights as bf16 for a dense matmul (quant.Int4Linear's prefill path): packed is PyTorch's
@@ -765,5 +833,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("causal_attention", &causal_attention, "Causal attention of consecutive query positions (see native_step.cpp)");
 #endif
   m.def("int4_unpack", &int4_unpack, "Int4 packed weights to bf16 W^T (see native_step.cpp)");
-  m.def("decode_step", &decode_step, "One Llama decode step (see native_step.cpp)");
+  m.def("decode_step", &decode_step, "One decode step of a Llama or Gemma 3 model (see native_step.cpp)");
 }

@@ -1,7 +1,9 @@
 """The native (C++) kernels, installed on a model at load time, and their decode step, which gives the Python step's results (its own attention kernel differs from
 SDPA by ~3e-7; everything else is the same arithmetic) in every weight form, for shared and per-row
-positions, independently of the thread count; models it does not cover fall back to the Python step;
-a machine without a compiler still generates."""
+positions, independently of the thread count, for the Llama family (with Qwen3's q/k norms and
+Mistral's window) and Gemma 3 (its norms, GeGLU, query scale, sliding and full layers with their own
+RoPE bases, prompts longer than the window); models it does not cover fall back to the Python step; a
+machine without a compiler still generates."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from llmos.engine import native
 from llmos.engine.generate import Generation, decode
 from llmos.engine.sampling import SamplingParams
 from llmos.models import attention, set_module
+from llmos.models.gemma2 import Gemma2
+from llmos.models.gemma3 import Gemma3
 from llmos.models.gpt2 import GPT2
 from llmos.models.kernels import PYTORCH, install
 from llmos.models.kv_cache import KVCache
@@ -22,18 +26,29 @@ from llmos.models.llama import Llama
 from llmos.models.lora import LoraConfig, apply_lora
 
 
-def _tiny(form: str = "fp32", **overrides) -> Llama:
+GEMMA3 = {"arch": "gemma3", "n_layers": 4, "n_kv_heads": 1, "head_dim": 32, "norm_eps": 1e-6, "tie_embeddings": True,
+          "sliding_window": 6, "rope_theta": 1e6, "rope_local_theta": 1e4, "query_pre_attn_scalar": 24,
+          "layer_types": ("sliding_attention", "sliding_attention", "full_attention", "sliding_attention")}
+
+
+def _tiny(form: str = "fp32", **overrides) -> Llama | Gemma3:
+    """A random Llama (or, with GEMMA3's overrides, Gemma 3) in `form`, built as the loader builds it."""
     torch.manual_seed(0)
     config = ModelConfig(**{"arch": "llama", "vocab_size": 128, "dim": 64, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2,
                             "ffn_dim": 96, "max_seq_len": 64, **overrides})
-    model = Llama(config).eval()
+    model = (Gemma3 if config.arch == "gemma3" else Llama)(config).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.2)
+    model.tie_weights()
     hook = quant.linear_hook(form)
     if hook is not None:
         for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
-            set_module(model, name, hook(name, layer.weight.detach(), None if layer.bias is None else layer.bias.detach(), None))
+            new = hook(name, layer.weight.detach(), None if layer.bias is None else layer.bias.detach(), None)
+            if config.tie_embeddings and name == "output" and hasattr(new, "tied"):
+                new = new.tied()  # as the loader does: one int8 table serves the head and the embeddings
+                model.embed_from_head(new)
+            set_module(model, name, new)
     return install(model, native.kernels(quiet=True))  # as a loader does: the Python step runs the native kernels too
 
 
@@ -54,15 +69,25 @@ def built():
 TOLERANCE = {"fp32": 1e-5, "bf16": 1e-2, "int8": 1e-2, "int4": 1e-2}
 
 
+# Model variants the step covers: Llama, Qwen2's biases, Qwen3's q/k norms, Mistral's window (shorter than
+# the prompt), Gemma 3 (a window shorter than the prompt on three layers of four), Gemma 3 with 256-wide heads.
+VARIANTS = {"llama": {}, "qkv_bias": {"qkv_bias": True}, "qk_norm": {"qk_norm": True}, "window": {"sliding_window": 5},
+            "gemma3": GEMMA3, "gemma3-256": {**GEMMA3, "head_dim": 256, "query_pre_attn_scalar": 256}}
+
+
 @pytest.mark.parametrize("form, kv", [("fp32", torch.float32), ("bf16", torch.float32), ("int8", torch.float16),
                                       ("int4", torch.float32), ("int4", torch.float16), ("fp32", torch.float16)])
-@pytest.mark.parametrize("qkv_bias", [False, True])
-def test_native_step_equals_python_step(built, form, kv, qkv_bias):
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_native_step_equals_python_step(built, form, kv, variant):
     """Also with an fp16 KV cache (the quantized forms' default): both paths round keys and values
-    to fp16 once when writing them and attend over the same values."""
-    model = _tiny(form, qkv_bias=qkv_bias)
+    to fp16 once when writing them and attend over the same values. Prompts of 8 and decoding to
+    position 19 cross the windows (5, 6): keys leave them at every step."""
+    model = _tiny(form, **VARIANTS[variant])
     step = native.stepper(model)
     assert step is not None
+    # An fp16 cache value one fp16 step apart between the paths (below) moves fp32 logits by up to
+    # ~1.5e-5, while both paths are ~2.5e-4 from a float64 model there (measured).
+    tolerance = TOLERANCE[form] if kv == torch.float32 else max(TOLERANCE[form], 1e-4)
     torch.manual_seed(1)
     for rows, per_row in ((1, False), (3, False), (4, True)):
         fast, slow = KVCache.for_model(model.config, rows, 40, kv), KVCache.for_model(model.config, rows, 40, kv)
@@ -71,18 +96,42 @@ def test_native_step_equals_python_step(built, form, kv, qkv_bias):
             model.hidden(prompt, torch.arange(8), fast)
             model.hidden(prompt, torch.arange(8), slow)
         start = torch.tensor([[8], [10], [12], [9]])[:rows] if per_row else torch.tensor([8])
-        for i in range(6):
+        for i in range(8):
             tokens = torch.randint(0, 128, (rows,))
             positions = start + i
             with torch.inference_mode():
                 got = step(tokens, positions, fast)
             want = _python_step(model, tokens, positions, slow)
-            assert (got - want).abs().max().item() < TOLERANCE[form], (form, rows, per_row, i)
+            assert (got - want).abs().max().item() < tolerance, (form, rows, per_row, i)
         assert fast.k.dtype == kv
         for a, b in ((fast.k, slow.k), (fast.v, slow.v)):  # fp16: values ~1e-7 apart may round one fp16 step apart
             bound = TOLERANCE[form] if kv == torch.float32 else max(TOLERANCE[form], 2 ** -10 * b.abs().max().item())
             assert (a.float() - b.float()).abs().max().item() < bound
         assert fast.length == slow.length
+
+
+@pytest.mark.parametrize("form", ["int4", "int8"])
+def test_gemma3_rows_decoded_in_a_batch_get_the_bits_they_get_alone(built, form):
+    """Per-row positions on both sides of the window (6): each row of the batch equals that row decoded
+    by itself, bit for bit, in the forms whose matmuls compute each row alone (fp32 runs ATen's GEMM,
+    whose summation order depends on the number of rows: within 1e-5 there)."""
+    model = _tiny(form, **GEMMA3)
+    step = native.stepper(model)
+    torch.manual_seed(4)
+    lengths = [3, 9, 14]
+    prompts = [torch.randint(0, 128, (n,)) for n in lengths]
+    batch = KVCache.for_model(model.config, 3, 40, torch.float16)
+    alone = [KVCache.for_model(model.config, 1, 40, torch.float16) for _ in lengths]
+    with torch.inference_mode():
+        for r, (p, cache) in enumerate(zip(prompts, alone)):
+            model.hidden(p[None], torch.arange(len(p)), cache)
+            model.hidden(p[None], torch.arange(len(p)), batch.rows(r, r + 1))
+        for i in range(6):
+            tokens = torch.randint(0, 128, (3,))
+            positions = torch.tensor([[n + i] for n in lengths])
+            together = step(tokens, positions, batch)
+            for r, cache in enumerate(alone):
+                assert torch.equal(together[r], step(tokens[r : r + 1], positions[r], cache)[0]), (r, i)
 
 
 @pytest.mark.parametrize("form", ["fp32", "int4"])
@@ -155,7 +204,10 @@ def test_models_outside_the_native_step_use_the_python_step(built):
     gpt2 = GPT2(ModelConfig(arch="gpt2", vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=64,
                             max_seq_len=32, act="gelu_new"))
     assert native.stepper(gpt2) is None
-    assert native.stepper(_tiny(sliding_window=4)) is None
+    assert native.stepper(_tiny(rope_dim=8)) is None  # partial rotary
+    gemma2 = Gemma2(ModelConfig(arch="gemma2", vocab_size=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=64,
+                                max_seq_len=32, sliding_window=4, attn_softcap=50.0, final_softcap=30.0))
+    assert native.stepper(gemma2) is None
 
 
 def test_lora_adapters_added_later_are_not_skipped(built):
@@ -288,7 +340,8 @@ def test_a_prompt_reuses_freed_memory_instead_of_faulting_in_pages(built, fast_l
 @pytest.mark.parametrize("heads, kv_heads, dim", [(6, 2, 384), (4, 4, 256), (4, 2, 256), (2, 1, 256), (6, 2, 768)])
 def test_native_attention_head_layouts_equal_the_python_step(built, heads, kv_heads, dim):
     """The decode attention's specialised value sums (3, 1 or 2 query heads per kv head of size 64, 2 of
-    size 128) and its general loop (3 of size 128) give the Python step's logits within 1e-5 in fp32."""
+    size 128) and its passes of 64 columns (3 of size 128) give the Python step's logits within 1e-5 in
+    fp32."""
     model = _tiny("fp32", n_heads=heads, n_kv_heads=kv_heads, dim=dim)
     step = native.stepper(model)
     assert step is not None
