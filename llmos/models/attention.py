@@ -61,6 +61,10 @@ def additive(mask: torch.Tensor) -> torch.Tensor:
 
 def plan(positions: torch.Tensor, n_keys: int, window: int | None = None, kernels: Kernels = PYTORCH) -> Plan:
     """The attention for queries at `positions` (T,) or per row (B, T) over `n_keys` keys."""
+    if window is not None and int(positions.max()) < window:
+        # No query is far enough along for a key to leave its window: plain causal attention, so a
+        # sliding layer's prompt (Gemma's up to 512 tokens) gets the causal kernel, not a mask.
+        window = None
     T = positions.shape[-1]
     if positions.dim() == 2 and T == 1:
         ends = (positions[:, 0] + 1).tolist()

@@ -200,6 +200,32 @@ def test_default_model_int4_decode_logits_match_the_python_step(built, fast_llm)
             token = want.argmax(-1)
 
 
+def test_gemma3_decode_past_the_window_matches_the_python_step(built, gemma3_path):
+    """The real Gemma 3 270M file in the form llmos.load picks, decoding from position 522 (past the
+    512-position window of five layers in six): the C++ step's logits match the Python step's within
+    the quantized forms' rounding, with the same greedy token, for 6 steps."""
+    import llmos
+    from llmos.quality import prompt_ids
+
+    gemma = llmos.load(gemma3_path, quiet=True)
+    model = gemma.model
+    step = native.stepper(model)
+    assert step is not None
+    ids = prompt_ids(gemma.config.vocab_size)[:40] * 13 + [2000, 3000]  # 522 tokens
+    fast, slow = (KVCache.for_model(model.config, 1, 560, gemma.kv_dtype) for _ in range(2))
+    with torch.inference_mode():
+        model.hidden(torch.tensor([ids]), torch.arange(len(ids)), fast)
+        model.hidden(torch.tensor([ids]), torch.arange(len(ids)), slow)
+        token = torch.tensor([ids[-1]])
+        for i in range(6):
+            position = torch.tensor([len(ids) + i])
+            got = step(token, position, fast)
+            want = _python_step(model, token, position, slow)
+            assert (got - want).abs().max().item() < 0.03 * want.abs().max().item(), i
+            assert got.argmax() == want.argmax()
+            token = want.argmax(-1)
+
+
 def test_models_outside_the_native_step_use_the_python_step(built):
     gpt2 = GPT2(ModelConfig(arch="gpt2", vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=64,
                             max_seq_len=32, act="gelu_new"))

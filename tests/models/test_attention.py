@@ -39,3 +39,14 @@ def test_chunks_after_cached_positions_match_the_masked_attention():
 def test_training_keeps_one_causal_attention():
     with torch.enable_grad():
         assert attention.plan(torch.arange(256), 256).causal
+
+
+def test_a_window_no_key_has_left_plans_plain_causal_attention():
+    """Queries at positions below the window see every earlier key: no mask, so the causal kernel and the
+    query chunks serve a sliding layer's prompt; from the first position a key leaves, the mask is back."""
+    within = attention.plan(torch.arange(40), 40, window=40)
+    assert within.causal and within.mask is None
+    past = attention.plan(torch.arange(41), 41, window=40)  # position 40 no longer sees key 0
+    assert past.mask is not None and not bool(past.mask[40, 0] == 0)
+    rows = attention.plan(torch.tensor([[5], [39]]), 40, window=40)
+    assert all(mask is None for _, mask in rows.rows)
