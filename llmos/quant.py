@@ -3,8 +3,8 @@
 `linear_hook(form)` gives the loader (weights/load.py) a function that builds each Linear as:
 
 - `bf16`: weights in bfloat16 (half the bytes of fp32).
-- `int8`: weight-only int8, one symmetric scale per output channel, on PyTorch's packed CPU kernel
-  `_weight_int8pack_mm`. Activations enter the kernel as bfloat16 (the kernel is ~20x slower with
+- `int8`: weight-only int8, one symmetric scale per output channel, on the native kernels' int8 matmul
+  when installed, else PyTorch's `_weight_int8pack_mm`. Activations enter the kernel as bfloat16 (the kernel is ~20x slower with
   fp32 activations) and leave in the caller's dtype, so the residual stream stays fp32.
 - `int4`: weight-only int4, groups of 32 along the input with a scale and a zero point each, on
   `_weight_int4pack_mm_for_cpu`'s packed layout. GGUF Q4_1 blocks map onto it exactly (scale = d,
@@ -65,6 +65,8 @@ class BF16Linear(nn.Module):
 
 
 class Int8Linear(nn.Module):
+    kernels: Kernels = PYTORCH  # the model's, once installed: its int8_linear_mm runs first
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         w = weight.float()
@@ -84,9 +86,14 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (M, K)
+        y = None
         if rows.shape[0] >= DENSE_ROWS:
             y = F.linear(rows, self.dequantized())
-        else:
+        elif not rows.requires_grad:
+            # the native kernels' int8_linear_mm: exact products, fp32 out, at the memory's speed where
+            # ATen's kernel (bf16 out) is ~1.4x slower in a decode step; the C++ step runs it too
+            y = self.kernels.int8_linear_mm(rows, self.qweight, self.scale)
+        if y is None:
             y = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scale)
         y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias

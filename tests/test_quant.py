@@ -209,25 +209,34 @@ def test_native_int4_kernel_is_exact_and_row_independent():
     assert torch.equal(one, y)
 
 
-def test_native_int8_kernel_is_exact_and_row_independent():
-    """The decode step's int8 matmul for the vocabulary head (int8_mm, over int8_pack's layout): the
-    exact product of bf16 activations and int8 weights times their scales up to fp32 rounding, each
-    row's bits independent of the other rows."""
+@pytest.mark.parametrize("kernel", ["int8_mm", "int8_linear_mm"])
+def test_native_int8_kernels_are_exact_and_row_independent(kernel):
+    """The decode step's int8 matmuls, for the vocabulary head (int8_mm, over int8_pack's layout) and
+    for Int8Linear's layers (int8_linear_mm, over its (N, K) weights as they are): the exact product of
+    bf16 activations and int8 weights times their scales up to fp32 rounding, each row's bits independent
+    of the other rows and of the thread count."""
     from llmos.engine import native
 
     module = native.build(quiet=True)
     assert module is not None, native.failure()
-    if not hasattr(module, "int8_mm"):
+    if not hasattr(module, kernel):
         pytest.skip("this CPU lacks AVX512-BF16/VBMI: the decode step uses ATen's int8 kernel")
     torch.manual_seed(6)
-    for n, k in ((64, 32), (320, 576)):
+    threads = torch.get_num_threads()
+    for n, k in ((64, 32), (320, 576), (1536, 640)):
         layer = quant.Int8Linear(torch.randn(n, k), None)
-        packed = module.int8_pack(layer.qweight)
+        weight = module.int8_pack(layer.qweight) if kernel == "int8_mm" else layer.qweight
+        fn = getattr(module, kernel)
         weights = layer.qweight.double() * layer.scale.double()[:, None]
         for rows in (1, 7, 16):
             x = torch.randn(rows, k).to(torch.bfloat16)
-            y = module.int8_mm(x, packed, layer.scale)
+            y = fn(x, weight, layer.scale)
             want = x.double() @ weights.t()
             assert (y.double() - want).abs().max().item() < 1e-5 * want.abs().max().item(), (n, k, rows)
-            alone = torch.cat([module.int8_mm(x[i:i + 1], packed, layer.scale) for i in range(rows)])
+            alone = torch.cat([fn(x[i:i + 1], weight, layer.scale) for i in range(rows)])
             assert torch.equal(y, alone)
+            try:
+                torch.set_num_threads(1 if threads > 1 else 2)
+                assert torch.equal(fn(x, weight, layer.scale), y)
+            finally:
+                torch.set_num_threads(threads)

@@ -94,6 +94,12 @@ class NativeKernels(Kernels):
         fn = getattr(self.module, "int8_mm", None)
         return None if fn is None else fn(x, packed, scale)
 
+    def int8_linear_mm(self, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+        fn = getattr(self.module, "int8_linear_mm", None)
+        if fn is None or qweight.shape[0] % 4 or qweight.shape[1] % 32 or not qweight.is_contiguous():
+            return None
+        return fn(x, qweight, scale)
+
     def decode(self, model: nn.Module, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
         swaps = model.__dict__.get("swaps", 0)
         entry = self._steps.get(model)

@@ -1,7 +1,7 @@
 """Kernels: how a model's heavy operations run, chosen once at load time and handed to the model.
 
 A model's layers ask their kernels first where a faster implementation may exist: prompt attention,
-the int4 matrix product and unpacking, the int8 head of a tied table (quant.Int8Head); each method returns None (False for unpacking) when
+the int4 and int8 matrix products and int4 unpacking, the int8 head of a tied table (quant.Int8Head); each method returns None (False for unpacking) when
 it has nothing for those arguments, and the layer then runs its own PyTorch op. The engine asks
 them for a whole decode step (`decode`), and runs the model's Python forward when they have none.
 `Kernels()` (`PYTORCH`) is the plain PyTorch path; the engine's C++ extension supplies
@@ -38,6 +38,10 @@ class Kernels:
 
     def int8_mm(self, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
         """Rows x (M, K) bf16 times an int8 head in quant.Int8Head's packed layout: (M, N) fp32."""
+        return None
+
+    def int8_linear_mm(self, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+        """Rows x (M, K) bf16 times quant.Int8Linear's weights (qweight int8 (N, K), scale bf16 (N,)): (M, N) fp32."""
         return None
 
     def decode(self, model: nn.Module, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor | None:
