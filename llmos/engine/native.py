@@ -14,10 +14,10 @@ runs the Python path (within 1e-5 in fp32; the bf16-rounded forms can differ by 
 `kernels()` is what a loader installs on a model (models/kernels.py): `NativeKernels` over the built
 extension, or the plain PyTorch kernels where it cannot be built. Nothing is set at import: a model
 runs these kernels only once they are installed on it. `stepper(model)` returns a function doing one
-decode step, or None when the model is outside what the C++ step covers (GPT-2, Gemma 2, a sliding
-window, Qwen3's q/k norms, partial rotary, LoRA adapters, a layer kind it does not know, head sizes
-that are not a multiple of 16); the engine then runs the model's Python forward, which still calls
-the kernels it has.
+decode step of a Llama-family model (Mistral's window and Qwen3's q/k norms included) or a Gemma 3
+model, or None when the model is outside what the C++ step covers (GPT-2, Gemma 2's soft-capping,
+partial rotary, LoRA adapters, a layer kind it does not know, head sizes that are not a multiple of 16
+or over 256); the engine then runs the model's Python forward, which still calls the kernels it has.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-// One decode step of a Llama-family model (one new token per row), computing what the Python model file
-// computes (models/llama.py, quant.py, kv_cache.py, models/attention.py): ATen's kernels for the fp32,
-// bf16 and int8-layer matmuls, AVX512-BF16 kernels of its own for int4 layers and the int8 vocabulary
-// head (int4_mm, int8_mm: exact products summed in fp32, where ATen's kernels round to bf16),
+// One decode step of a Llama-family or Gemma 3 model (one new token per row), computing what the Python
+// model file computes (models/llama.py or gemma3.py, quant.py, kv_cache.py, models/attention.py): ATen's
+// kernels for the fp32 and bf16 matmuls, AVX512-BF16 kernels of its own for the int4 and int8 layers and
+// the int8 vocabulary head (int4_mm, int8_linear_mm, int8_mm: exact products summed in fp32, where ATen's
+// kernels round to bf16; ATen's int8 kernel without AVX512-BF16),
 // vectorized loops with the scalar code's IEEE operations for the element-wise work, RMSNorm's mean
 // of squares summed in double, and an AVX-512 attention kernel in place of per-row SDPA calls (~3e-7
 // from SDPA). Every row is computed on its own in a fixed order: results do not depend on the thread
