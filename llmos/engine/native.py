@@ -14,10 +14,10 @@ runs the Python path (within 1e-5 in fp32; the bf16-rounded forms can differ by 
 `kernels()` is what a loader installs on a model (models/kernels.py): `NativeKernels` over the built
 extension, or the plain PyTorch kernels where it cannot be built. Nothing is set at import: a model
 runs these kernels only once they are installed on it. `stepper(model)` returns a function doing one
-decode step of a Llama-family model (Mistral's window and Qwen3's q/k norms included) or a Gemma 3
-model, or None when the model is outside what the C++ step covers (GPT-2, Gemma 2's soft-capping,
-partial rotary, LoRA adapters, a layer kind it does not know, head sizes that are not a multiple of 16
-or over 256); the engine then runs the model's Python forward, which still calls the kernels it has.
+decode step of a Llama-family model (Mistral's window and Qwen3's q/k norms included), a Gemma 2 or a
+Gemma 3 model, or None when the model is outside what the C++ step covers (GPT-2, partial rotary,
+LoRA adapters, a layer kind it does not know, head sizes that are not a multiple of 16 or over 256;
+Gemma 2 on a CPU without AVX-512); the engine then runs the model's Python forward, which still calls the kernels it has.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from llmos import quant
 from llmos.engine import extension
 from llmos.models.kernels import PYTORCH, Kernels
 from llmos.models.kv_cache import KVCache
+from llmos.models.gemma2 import Gemma2, softcap
 from llmos.models.gemma3 import Gemma3
 from llmos.models.llama import Llama
 
@@ -178,18 +179,39 @@ def _head_args(head: nn.Module, module: Any) -> tuple[int, list[torch.Tensor | N
     return args
 
 
-def _covered(model: nn.Module) -> bool:
+def _covered(model: nn.Module, module: Any) -> bool:
     """Whether the C++ step computes what this model's Python forward computes."""
     config = model.config
-    if type(model) is Llama:
-        embed_dtype = model.embed.weight.dtype
-    elif type(model) is Gemma3:
-        embed_dtype = torch.float32 if isinstance(model.embed, quant.HeadEmbedding) else model.embed.weight.dtype
-    else:  # GPT-2, Gemma 2 (soft-capping), BERT
+    if type(model) not in (Llama, Gemma2, Gemma3):  # GPT-2, BERT
         return False
+    if type(model) is Gemma2 and not hasattr(module, "causal_attention"):
+        return False  # soft-capped scores need the AVX-512 attention kernel (built with it)
+    embed = model.embed
+    embed_dtype = torch.float32 if isinstance(embed, quant.HeadEmbedding) else embed.weight.dtype
     return embed_dtype == torch.float32 and config.rotary_dim == config.head_size \
         and config.head_size % 16 == 0 and config.head_size <= 256 \
         and config.n_heads // config.n_kv_heads <= 8  # what the C++ attention handles
+
+
+def _family(model: nn.Module) -> dict[str, Any]:
+    """What decode_step needs to know of the model's family beyond the weights (native_step.cpp)."""
+    config, layers = model.config, model.layers
+    head_dim = config.head_size
+    if type(model) is Llama:
+        return {"post_norms": False, "norm_plus_one": False, "act": "silu", "q_scale": 1.0, "attn_scale": head_dim ** -0.5,
+                "attn_cap": 0.0, "embed_scale": None, "final_cap": None, "rope_of": [0] * config.n_layers,
+                "windows": [config.sliding_window or 0] * config.n_layers}
+    window = [(config.sliding_window or 0) if block.sliding else 0 for block in layers]
+    # sqrt(dim) rounded to fp32 first, as the Gemma files scale their embeddings
+    embed_scale = torch.tensor(math.sqrt(config.dim), dtype=torch.float32)
+    if type(model) is Gemma2:
+        return {"post_norms": True, "norm_plus_one": True, "act": "gelu_tanh" if layers[0].mlp.approximate == "tanh" else "gelu",
+                "q_scale": 1.0, "attn_scale": layers[0].attn.scale, "attn_cap": config.attn_softcap or 0.0,
+                "embed_scale": embed_scale, "final_cap": config.final_softcap, "rope_of": [0] * config.n_layers, "windows": window}
+    # Gemma 3: per layer, sliding (rope table 1, the local base, and the window) or full (table 0)
+    return {"post_norms": True, "norm_plus_one": False, "act": "gelu_tanh", "q_scale": layers[0].attn.q_scale,
+            "attn_scale": head_dim ** -0.5, "attn_cap": 0.0, "embed_scale": embed_scale, "final_cap": None,
+            "rope_of": [int(block.sliding) for block in layers], "windows": window}
 
 
 def stepper(model: nn.Module, module: Any = None) -> Callable[[torch.Tensor, torch.Tensor, KVCache], torch.Tensor | None] | None:
@@ -197,24 +219,24 @@ def stepper(model: nn.Module, module: Any = None) -> Callable[[torch.Tensor, tor
     for a batch too large for it), or None when this model (or this machine) cannot use it.
     `module`: the built extension (default: build it).
 
-    Llama (with Mistral's window and Qwen3's q/k norms) and Gemma 3 share the step: Gemma 3 adds its
-    norms of the attention and MLP outputs, q/k norms, GeGLU, the query scale, and per layer a window
-    and a RoPE base; its embeddings are scaled here, before the step."""
-    if not _covered(model):
-        return None
+    Llama (with Mistral's window and Qwen3's q/k norms), Gemma 2 and Gemma 3 share the step: the Gemmas
+    add norms of the attention and MLP outputs, GeGLU, per-layer windows, embeddings scaled here before
+    the step; Gemma 3 q/k norms, a query scale and a RoPE base per layer kind; Gemma 2 (1 + w) norms and
+    soft-capped scores and logits (the final cap applied here, with the model's own function)."""
     module = module if module is not None else build()
-    if module is None:
+    if module is None or not _covered(model, module):
         return None
     config = model.config
-    gemma = type(model) is Gemma3
+    family = _family(model)
     kinds: list[int] = []
     tensors: list[torch.Tensor | None] = []
     norms: list[torch.Tensor] = []
+    qk_norm = getattr(model.layers[0].attn, "q_norm", None) is not None
     for block in model.layers:
         norms += [block.attn_norm.weight, block.mlp_norm.weight]
-        if gemma:
+        if family["post_norms"]:
             norms += [block.post_attn_norm.weight, block.post_mlp_norm.weight]
-        if block.attn.q_norm is not None:
+        if qk_norm:
             norms += [block.attn.q_norm.weight, block.attn.k_norm.weight]
         for layer in (block.attn.wqkv, block.attn.wo, block.mlp.w13, block.mlp.w2):
             args = _linear_args(layer)
@@ -228,36 +250,32 @@ def stepper(model: nn.Module, module: Any = None) -> Callable[[torch.Tensor, tor
     kinds.append(head[0])
     tensors += head[1]
     norms.append(model.norm.weight)
-    qk_norm = model.layers[0].attn.q_norm is not None
-    if gemma:  # per layer: sliding (table 1, the local base, and the window) or full (table 0)
-        rope_of = [int(block.sliding) for block in model.layers]
-        windows = [(config.sliding_window or 0) if block.sliding else 0 for block in model.layers]
-        q_scale, embed_scale = model.layers[0].attn.q_scale, torch.tensor(math.sqrt(config.dim), dtype=torch.float32)
-    else:
-        rope_of, windows = [0] * config.n_layers, [config.sliding_window or 0] * config.n_layers
-        q_scale, embed_scale = 1.0, None
     heads, kv_heads, head_dim, eps = config.n_heads, config.n_kv_heads, config.head_size, config.norm_eps
     dense_rows = min(quant.DENSE_ROWS, quant.INT4_DENSE_ROWS)
+    embed_scale, final_cap = family["embed_scale"], family["final_cap"]
+    # Gemma 3's rope tables differ by layer kind (full, sliding); the other families have one
+    kinds_of_rope = (False, True) if type(model) is Gemma3 else None
 
     def step(tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
         """tokens (B,) at `positions`: (1,) shared by every row, or (B, 1) per row (the batched
-        engine's rows, each attending over its own keys): as `model.hidden` then `model.output`."""
+        engine's rows, each attending over its own keys): as `model.hidden` then `model.logits`."""
         if tokens.shape[0] >= dense_rows or cache.k.dtype not in (torch.float32, torch.float16):  # the Python path covers these
             return None
         n_keys = cache.begin(positions)
         x = model.embed(tokens)  # (B, C)
         if embed_scale is not None:
-            x = x * embed_scale  # as Gemma3.hidden: the factor rounded to fp32 first
-        # rows of (D,) for the shared position or each row's: Llama's one table, Gemma's full and sliding
-        tables = [model.rope(positions, sliding) for sliding in (False, True)] if gemma else [model.rope(positions)]
+            x = x * embed_scale
+        # rows of (D,) for the shared position or each row's
+        tables = [model.rope(positions, sliding) for sliding in kinds_of_rope] if kinds_of_rope else [model.rope(positions)]
         per_row = positions.dim() == 2
         D = head_dim
         logits = module.decode_step(x, positions.flatten().tolist(), per_row, n_keys,
                                     [c.reshape(-1, D) for c, _ in tables], [s.reshape(-1, D) for _, s in tables],
-                                    rope_of, windows, cache.k, cache.v, norms, kinds, tensors, heads, kv_heads, head_dim,
-                                    eps, gemma, qk_norm, gemma, q_scale)
+                                    family["rope_of"], family["windows"], cache.k, cache.v, norms, kinds, tensors,
+                                    heads, kv_heads, head_dim, eps, family["post_norms"], qk_norm, family["norm_plus_one"],
+                                    family["act"], family["q_scale"], family["attn_scale"], family["attn_cap"])
         cache.wrote()
-        return logits
+        return logits if final_cap is None else softcap(logits, final_cap)
 
     return step
 

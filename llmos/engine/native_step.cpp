@@ -1,5 +1,5 @@
-// One decode step of a Llama-family or Gemma 3 model (one new token per row), computing what the Python
-// model file computes (models/llama.py or gemma3.py, quant.py, kv_cache.py, models/attention.py): ATen's
+// One decode step of a Llama-family, Gemma 2 or Gemma 3 model (one new token per row), computing what the
+// Python model file computes (models/llama.py, gemma2.py or gemma3.py, quant.py, kv_cache.py, models/attention.py): ATen's
 // kernels for the fp32 and bf16 matmuls, AVX512-BF16 kernels of its own for the int4 and int8 layers and
 // the int8 vocabulary head (int4_mm, int8_linear_mm, int8_mm: exact products summed in fp32, where ATen's
 // kernels round to bf16; ATen's int8 kernel without AVX512-BF16),
@@ -26,6 +26,7 @@
 #include <immintrin.h>
 #endif
 #include <algorithm>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -532,15 +533,15 @@ inline void weighted_heads(int64_t rep, const float* p, int64_t stride, const T*
 // Decode attention: one query per (row, head) over that row's cached keys first[row]..keys[row]-1 (a
 // sliding window starts past 0). q (B, H, D)
 // contiguous; k, v a layer's cache (B, Hkv, S, D) by strides (rows, heads, positions; D contiguous);
-// out (B, H, D). One thread computes a (row, kv head) pair in a fixed order, so a row's result does not
+// out (B, H, D). Scores are q . k * scale, soft-capped when cap > 0. One thread computes a (row, kv head) pair in a fixed order, so a row's result does not
 // depend on the thread count or on the other rows of the step: decoded in a batch it gets the bits it
 // gets alone. Replaces per-row SDPA calls (~20 us each with their setup; 16 rows x 30 layers were 35%
 // of a 16-row step); differs from SDPA by ~3e-7.
 template <typename T>
 void decode_attention(const float* q, const T* k, const T* v, const int64_t* ks, const int64_t* vs, const std::vector<int64_t>& first,
-                      const std::vector<int64_t>& keys, int64_t B, int64_t H, int64_t n_kv, int64_t D, float* out) {
+                      const std::vector<int64_t>& keys, int64_t B, int64_t H, int64_t n_kv, int64_t D, float scale, float cap,
+                      float* out) {
   const int64_t rep = H / n_kv, dv = D / 16;
-  const float scale = 1.0f / std::sqrt((float)D);
   at::parallel_for(0, B * n_kv, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> p;
     for (int64_t t = t0; t < t1; ++t) {
@@ -569,6 +570,9 @@ void decode_attention(const float* q, const T* k, const T* v, const int64_t* ks,
           p[h * stride + s] = _mm512_reduce_add_ps(acc);
         }
       }
+      if (cap > 0.0f)  // Gemma 2's soft-capped scores: cap * tanh(score / cap)
+        for (int64_t h = 0; h < rep; ++h)
+          for (int64_t s = 0; s < e; ++s) p[h * stride + s] = std::tanh(p[h * stride + s] / cap) * cap;
       float inv[8];
       for (int64_t h = 0; h < rep; ++h) inv[h] = softmax_row(p.data() + h * stride, e, e);
       float* oh = out + (r * H + g * rep) * D;
@@ -626,13 +630,16 @@ inline void causal_scores(const float* q, const float* kt, int64_t stride, int64
 // n_keys keys. cos, sin: rope tables, (B or 1, D) rows each; layer i rotates by table rope_of[i] and, where
 // windows[i] > 0, attends only to the last windows[i] positions up to its own (a sliding window).
 // norms: per layer the attention and MLP norms, then (post_norms) the norms of the attention and MLP
-// outputs, then (qk_norm) the per-head q and k norms; the final norm last. kinds/tensors: 4 linears per
-// layer (wqkv, wo, w13, w2) then the head, 3 tensors each (None where unused). gelu: the MLP is GeGLU
-// (tanh GELU) rather than SwiGLU; q_scale multiplies the rotated queries (Gemma's query_pre_attn_scalar;
-// 1: not applied). Returns logits (B, V) fp32.
+// outputs, then (qk_norm) the per-head q and k norms; the final norm last; norm_plus_one: each norm scales
+// by (1 + w) (Gemma 2 keeps w), else by w. kinds/tensors: 4 linears per layer (wqkv, wo, w13, w2) then the
+// head, 3 tensors each (None where unused). act: the MLP's gate, "silu" (SwiGLU), "gelu_tanh" or "gelu"
+// (GeGLU); q_scale multiplies the rotated queries (Gemma 3's query_pre_attn_scalar; 1: not applied);
+// attention scores are q . k * attn_scale, soft-capped by attn_cap when it is > 0 (Gemma 2). Returns
+// logits (B, V) fp32 (before Gemma 2's final soft-cap, which the caller applies as the model does).
 //
-// That covers models/llama.py (Llama, Mistral's window, Qwen3's q/k norms) and models/gemma3.py (four
-// norms a block, q/k norms, GeGLU, per-layer windows and RoPE bases). Per layer this issues four matmuls
+// That covers models/llama.py (Llama, Mistral's window, Qwen3's q/k norms), models/gemma3.py (four
+// norms a block, q/k norms, GeGLU, per-layer windows and RoPE bases) and models/gemma2.py (the same
+// norms as (1 + w), soft-capped scores, alternating windows). Per layer this issues four matmuls
 // to ATen or the kernels above; the norms, the rotary embedding with the cache writes, attention, the
 // residual adds and the gated product run here (no fused multiply-add outside the attention kernel:
 // built with -ffp-contract=off).
@@ -642,14 +649,26 @@ torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions
                           const torch::Tensor& kc, const torch::Tensor& vc,
                           const std::vector<torch::Tensor>& norms, const std::vector<int64_t>& kinds,
                           const std::vector<c10::optional<torch::Tensor>>& tensors, int64_t n_heads, int64_t n_kv,
-                          int64_t head_dim, double eps, bool post_norms, bool qk_norm, bool gelu, double q_scale) {
+                          int64_t head_dim, double eps, bool post_norms, bool qk_norm, bool norm_plus_one, const std::string& act,
+                          double q_scale, double attn_scale, double attn_cap) {
   torch::NoGradGuard no_grad;
   const int64_t L = kc.size(0), B = x.size(0), C = x.size(-1), H = n_heads, D = head_dim;
   const int64_t per_layer = 2 + (post_norms ? 2 : 0) + (qk_norm ? 2 : 0);  // norms a layer
   TORCH_CHECK(D % 16 == 0 && D <= 256 && static_cast<int64_t>(norms.size()) == per_layer * L + 1
               && static_cast<int64_t>(rope_of.size()) == L && static_cast<int64_t>(windows.size()) == L,
               "decode_step: arguments do not match the model");
+  TORCH_CHECK(act == "silu" || act == "gelu_tanh" || act == "gelu", "decode_step: unknown activation ", act);
   static const torch::Tensor none;
+  // A norm's multiplier: its weight, or (norm_plus_one) 1 + weight computed in fp32 as gemma2.py does.
+  std::vector<float> plus_one[2];
+  auto weight_of = [&](const torch::Tensor& w, int which) -> const float* {
+    const float* wp = w.data_ptr<float>();
+    if (!norm_plus_one) return wp;
+    auto& buf = plus_one[which];
+    buf.resize(w.numel());
+    for (int64_t j = 0; j < w.numel(); ++j) buf[j] = 1.0f + wp[j];
+    return buf.data();
+  };
   x = x.reshape({B, C}).contiguous();
   float* xp = x.data_ptr<float>();
   // RMSNorm of x into linear i's input dtype: x * rsqrt(mean(x * x) + eps) * w, in F.rms_norm's order.
@@ -662,7 +681,7 @@ torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions
     float* rp = rstd.data_ptr<float>();
     for (int64_t b = 0; b < B; ++b)
       rp[b] = 1.0f / std::sqrt(static_cast<float>(sum_squares(xp + b * C, C) / C) + static_cast<float>(eps));
-    const float* wp = w.data_ptr<float>();
+    const float* wp = weight_of(w, 0);
     if (kinds[i] != 0) {
       for (int64_t b = 0; b < B; ++b) scale_into(xp + b * C, rp[b], wp, C, normed_bf16.data_ptr<c10::BFloat16>() + b * C);
       return normed_bf16;
@@ -683,7 +702,7 @@ torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions
         continue;
       }
       copy_out(o, r, 0, C, post.data());
-      rms_norm_inplace(post.data(), w.data_ptr<float>(), C, eps);
+      rms_norm_inplace(post.data(), weight_of(w, 0), C, eps);
       for (int64_t j = 0; j < C; ++j) xp[r * C + j] = xp[r * C + j] + post[j];
     }
   };
@@ -695,7 +714,7 @@ torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions
   auto q = torch::empty({B, H, 1, D}, x.options());
   auto y = torch::empty({B, H, D}, x.options());
   auto attn_bf16 = torch::empty({B, H * D}, x.options().dtype(at::kBFloat16));
-  torch::Tensor gate, act, prod_bf16, prod_f32;  // (B, F), allocated at the first MLP
+  torch::Tensor gate, gated, prod_bf16, prod_f32;  // (B, F), allocated at the first MLP
   float* qp = q.data_ptr<float>();
   const auto ks = kc.strides(), vs = vc.strides();
   const bool half_cache = kc.scalar_type() == at::kHalf;
@@ -707,7 +726,8 @@ torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions
   std::vector<int64_t> first(B), keys(B);
   for (int64_t layer = 0; layer < L; ++layer) {
     const torch::Tensor* w = &norms[per_layer * layer];  // this layer's norms
-    const torch::Tensor* qk_w = qk_norm ? w + per_layer - 2 : nullptr;
+    const float* q_w = qk_norm ? weight_of(w[per_layer - 2], 0) : nullptr;
+    const float* k_w = qk_norm ? weight_of(w[per_layer - 1], 1) : nullptr;
     Out qkv = lin(4 * layer, norm_into(4 * layer, w[0]));
     // Per head: (q/k norm,) rotary embedding of q and k (x * cos + roll(x, D/2) * sin), k and v written
     // into the cache.
@@ -721,7 +741,7 @@ torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions
       for (int64_t head = 0; head < H + 2 * n_kv; ++head) {
         const bool is_q = head < H, is_v = head >= H + n_kv;
         copy_out(qkv, r, head * D, D, head_in);
-        if (qk_norm && !is_v) rms_norm_inplace(head_in, qk_w[is_q ? 0 : 1].data_ptr<float>(), D, eps);
+        if (qk_norm && !is_v) rms_norm_inplace(head_in, is_q ? q_w : k_w, D, eps);
         if (is_q) {
           float* dst = qp + (r * H + head) * D;
           rope_into(head_in, c, s, D, dst);
@@ -751,16 +771,16 @@ torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions
 #if defined(__AVX512F__)
       if (half_cache)
         decode_attention(qp, reinterpret_cast<const c10::Half*>(kbase) + layer * ks[0], reinterpret_cast<const c10::Half*>(vbase) + layer * vs[0],
-                         kst, vst, first, keys, B, H, n_kv, D, y.data_ptr<float>());
+                         kst, vst, first, keys, B, H, n_kv, D, static_cast<float>(attn_scale), static_cast<float>(attn_cap), y.data_ptr<float>());
       else
         decode_attention(qp, reinterpret_cast<const float*>(kbase) + layer * ks[0], reinterpret_cast<const float*>(vbase) + layer * vs[0],
-                         kst, vst, first, keys, B, H, n_kv, D, y.data_ptr<float>());
+                         kst, vst, first, keys, B, H, n_kv, D, static_cast<float>(attn_scale), static_cast<float>(attn_cap), y.data_ptr<float>());
 #else
-      // Without AVX-512: SDPA per row over its own keys.
+      // Without AVX-512: SDPA per row over its own keys (no soft-cap: native.py keeps Gemma 2 in Python there).
       for (int64_t r = 0; r < B; ++r)
         y[r].copy_(at::scaled_dot_product_attention(q.slice(0, r, r + 1), kc[layer].slice(0, r, r + 1).slice(2, first[r], keys[r]).to(at::kFloat),
                                                     vc[layer].slice(0, r, r + 1).slice(2, first[r], keys[r]).to(at::kFloat), c10::nullopt, 0.0,
-                                                    false, c10::nullopt, n_kv != n_heads)[0].squeeze(1));
+                                                    false, attn_scale, n_kv != n_heads)[0].squeeze(1));
 #endif
     }
     // (B, H, D) -> (B, H * D) in wo's input dtype, cast as the Python layer casts it.
@@ -771,15 +791,15 @@ torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions
     // SwiGLU or GeGLU: act(gate) * up, rounded to the down projection's input dtype.
     if (!gate.defined()) {
       gate = torch::empty({B, F}, x.options());
-      act = torch::empty({B, F}, x.options());
+      gated = torch::empty({B, F}, x.options());
       prod_bf16 = torch::empty({B, F}, x.options().dtype(at::kBFloat16));
       prod_f32 = torch::empty({B, F}, x.options());
     }
     float* gp = gate.data_ptr<float>();
     for (int64_t r = 0; r < B; ++r) copy_out(gate_up, r, 0, F, gp + r * F);
-    if (gelu) at::gelu_out(act, gate, "tanh");
-    else at::silu_out(act, gate);
-    const float* ap = act.data_ptr<float>();
+    if (act == "silu") at::silu_out(gated, gate);
+    else at::gelu_out(gated, gate, act == "gelu_tanh" ? "tanh" : "none");
+    const float* ap = gated.data_ptr<float>();
     const bool down_bf16 = kinds[4 * layer + 3] != 0;
     auto& prod = down_bf16 ? prod_bf16 : prod_f32;
     for (int64_t r = 0; r < B; ++r) {
@@ -900,5 +920,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("causal_attention", &causal_attention, "Causal attention of consecutive query positions (see native_step.cpp)");
 #endif
   m.def("int4_unpack", &int4_unpack, "Int4 packed weights to bf16 W^T (see native_step.cpp)");
-  m.def("decode_step", &decode_step, "One decode step of a Llama or Gemma 3 model (see native_step.cpp)");
+  m.def("decode_step", &decode_step, "One decode step of a Llama, Gemma 2 or Gemma 3 model (see native_step.cpp)");
 }

@@ -31,12 +31,12 @@ GEMMA3 = {"arch": "gemma3", "n_layers": 4, "n_kv_heads": 1, "head_dim": 32, "nor
           "layer_types": ("sliding_attention", "sliding_attention", "full_attention", "sliding_attention")}
 
 
-def _tiny(form: str = "fp32", **overrides) -> Llama | Gemma3:
-    """A random Llama (or, with GEMMA3's overrides, Gemma 3) in `form`, built as the loader builds it."""
+def _tiny(form: str = "fp32", **overrides) -> Llama | Gemma2 | Gemma3:
+    """A random Llama (or, with GEMMA2's or GEMMA3's overrides, a Gemma) in `form`, built as the loader builds it."""
     torch.manual_seed(0)
     config = ModelConfig(**{"arch": "llama", "vocab_size": 128, "dim": 64, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2,
                             "ffn_dim": 96, "max_seq_len": 64, **overrides})
-    model = (Gemma3 if config.arch == "gemma3" else Llama)(config).eval()
+    model = {"gemma2": Gemma2, "gemma3": Gemma3}.get(config.arch, Llama)(config).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.2)
@@ -45,7 +45,7 @@ def _tiny(form: str = "fp32", **overrides) -> Llama | Gemma3:
     if hook is not None:
         for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
             new = hook(name, layer.weight.detach(), None if layer.bias is None else layer.bias.detach(), None)
-            if config.tie_embeddings and name == "output" and hasattr(new, "tied"):
+            if config.tie_embeddings and name == "output" and hasattr(new, "tied") and hasattr(model, "embed_from_head"):
                 new = new.tied()  # as the loader does: one int8 table serves the head and the embeddings
                 model.embed_from_head(new)
             set_module(model, name, new)
@@ -54,7 +54,7 @@ def _tiny(form: str = "fp32", **overrides) -> Llama | Gemma3:
 
 def _python_step(model, tokens, positions, cache):
     with torch.inference_mode():
-        return model.output(model.hidden(tokens[:, None], positions, cache)[:, -1]).float()
+        return model.logits(model.hidden(tokens[:, None], positions, cache)[:, -1]).float()
 
 
 @pytest.fixture(scope="module")
@@ -64,15 +64,28 @@ def built():
     return module
 
 
-# fp32 as the issue asks (atol 1e-5); the other forms round activations (and their logits) to bf16,
-# where a last-bit difference from attention can move a value by a bf16 step or two (2**-8 relative).
-TOLERANCE = {"fp32": 1e-5, "bf16": 1e-2, "int8": 1e-2, "int4": 1e-2}
+def _bound(form: str, kv: torch.dtype, want: torch.Tensor) -> float:
+    """How far the C++ step's logits may be from the Python step's `want`. In fp32 with an fp32 cache
+    1e-5, as the issue asks. With an fp16 cache, whose values can round one fp16 step apart between the
+    paths, an fp16 step of the largest logit (measured: both paths ~2.5e-4 from a float64 model there,
+    ~2e-5 apart). The other forms round activations (and their logits) to bf16, where a last-bit
+    difference from attention can move a value by a bf16 step or two: two bf16 steps of the largest
+    logit (measured up to 0.96 of one; Gemma 2's logits run up to its cap)."""
+    top = want.abs().max().item()
+    if form == "fp32":
+        return 1e-5 if kv == torch.float32 else max(1e-5, 2 ** -11 * top)
+    return max(1e-5, 2 ** -7 * top)
 
 
 # Model variants the step covers: Llama, Qwen2's biases, Qwen3's q/k norms, Mistral's window (shorter than
-# the prompt), Gemma 3 (a window shorter than the prompt on three layers of four), Gemma 3 with 256-wide heads.
+# the prompt), Gemma 3 (a window shorter than the prompt on three layers of four), Gemma 3 with 256-wide
+# heads, Gemma 2 (caps low enough to bend the scores and logits; tanh and erf GELU).
+GEMMA2 = {"arch": "gemma2", "n_layers": 4, "n_kv_heads": 2, "head_dim": 32, "norm_eps": 1e-6, "tie_embeddings": True,
+          "sliding_window": 6, "query_pre_attn_scalar": 24, "attn_softcap": 5.0, "final_softcap": 3.0, "act": "gelu_new",
+          "layer_types": ("sliding_attention", "full_attention") * 2}
 VARIANTS = {"llama": {}, "qkv_bias": {"qkv_bias": True}, "qk_norm": {"qk_norm": True}, "window": {"sliding_window": 5},
-            "gemma3": GEMMA3, "gemma3-256": {**GEMMA3, "head_dim": 256, "query_pre_attn_scalar": 256}}
+            "gemma3": GEMMA3, "gemma3-256": {**GEMMA3, "head_dim": 256, "query_pre_attn_scalar": 256},
+            "gemma2": GEMMA2, "gemma2-erf-gelu": {**GEMMA2, "act": "gelu"}}
 
 
 @pytest.mark.parametrize("form, kv", [("fp32", torch.float32), ("bf16", torch.float32), ("int8", torch.float16),
@@ -85,9 +98,6 @@ def test_native_step_equals_python_step(built, form, kv, variant):
     model = _tiny(form, **VARIANTS[variant])
     step = native.stepper(model)
     assert step is not None
-    # An fp16 cache value one fp16 step apart between the paths (below) moves fp32 logits by up to
-    # ~1.5e-5, while both paths are ~2.5e-4 from a float64 model there (measured).
-    tolerance = TOLERANCE[form] if kv == torch.float32 else max(TOLERANCE[form], 1e-4)
     torch.manual_seed(1)
     for rows, per_row in ((1, False), (3, False), (4, True)):
         fast, slow = KVCache.for_model(model.config, rows, 40, kv), KVCache.for_model(model.config, rows, 40, kv)
@@ -102,11 +112,12 @@ def test_native_step_equals_python_step(built, form, kv, variant):
             with torch.inference_mode():
                 got = step(tokens, positions, fast)
             want = _python_step(model, tokens, positions, slow)
-            assert (got - want).abs().max().item() < tolerance, (form, rows, per_row, i)
+            assert (got - want).abs().max().item() < _bound(form, kv, want), (form, rows, per_row, i)
         assert fast.k.dtype == kv
         for a, b in ((fast.k, slow.k), (fast.v, slow.v)):  # fp16: values ~1e-7 apart may round one fp16 step apart
-            bound = TOLERANCE[form] if kv == torch.float32 else max(TOLERANCE[form], 2 ** -10 * b.abs().max().item())
-            assert (a.float() - b.float()).abs().max().item() < bound
+            top = b.abs().max().item()
+            bound = 1e-5 if form == "fp32" else 2 ** -7 * top  # two bf16 steps (Gemma 2's cache runs to ~2)
+            assert (a.float() - b.float()).abs().max().item() < (bound if kv == torch.float32 else max(bound, 2 ** -10 * top))
         assert fast.length == slow.length
 
 
@@ -218,9 +229,6 @@ def test_models_outside_the_native_step_use_the_python_step(built):
                             max_seq_len=32, act="gelu_new"))
     assert native.stepper(gpt2) is None
     assert native.stepper(_tiny(rope_dim=8)) is None  # partial rotary
-    gemma2 = Gemma2(ModelConfig(arch="gemma2", vocab_size=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=64,
-                                max_seq_len=32, sliding_window=4, attn_softcap=50.0, final_softcap=30.0))
-    assert native.stepper(gemma2) is None
 
 
 def test_lora_adapters_added_later_are_not_skipped(built):
