@@ -15,6 +15,8 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from llmos.errors import LlmosError
 from llmos.tokenizer import IncrementalDecoder, Tokenizer, TokenizerError
+import sentencepiece_fields
+from sentencepiece_fields import CORPUS as SPM_CORPUS
 
 TEXTS = [
     "Hello, world! How are you today?",
@@ -198,34 +200,9 @@ def test_decode_rejects_ids_outside_the_vocabulary(tok: Tokenizer) -> None:
 
 # --- SentencePiece ("llama") GGUF vocabularies --------------------------------------------------
 
-SPM_CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Hello world, hello there, hello again and again.",
-    "Tokenizers turn text into numbers and numbers back into text.",
-    "A café in Zürich serves crème brûlée at half past nine.",
-] * 20
-
-
 @pytest.fixture(scope="module")
 def spm_fields() -> dict:
-    """An SPM-shaped vocabulary (unk, bos, eos, 256 byte pieces, then pieces best-first with
-    score = -rank), trained here so the test needs no download."""
-    trained = Backend(models.BPE(unk_token="<unk>"))
-    trained.pre_tokenizer = pre_tokenizers.Metaspace()
-    trained.train_from_iterator(SPM_CORPUS, trainers.BpeTrainer(vocab_size=200, show_progress=False))
-    pieces = [p for p, _ in sorted(trained.get_vocab().items(), key=lambda kv: kv[1])]
-    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *pieces]
-    types = [2, 3, 3, *[6] * 256, *[1] * len(pieces)]
-    scores = [0.0] * 259 + [-float(rank) for rank in range(len(pieces))]
-    return {
-        "tokenizer.ggml.model": "llama",
-        "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.token_type": types,
-        "tokenizer.ggml.scores": scores,
-        "tokenizer.ggml.bos_token_id": 1,
-        "tokenizer.ggml.eos_token_id": 2,
-        "tokenizer.ggml.unknown_token_id": 0,
-    }
+    return sentencepiece_fields.llama()
 
 
 SPM_TEXTS = ["Hello world", "The lazy dog jumps.", "crème brûlée, Zürich", "a  b   c\nnew line", "日本 🦙 unk", "x"]
@@ -266,25 +243,7 @@ def test_sentencepiece_space_prefix_follows_llama_cpp(spm_fields: dict) -> None:
 
 @pytest.fixture(scope="module")
 def gemma_fields() -> dict:
-    """A Gemma-shaped GGUF vocabulary: pad, eos, bos, unk, two turn markers, 256 byte pieces, runs of
-    real spaces (as Gemma's files spell them), then trained pieces in merge order; no merges, no prefix."""
-    trained = Backend(models.BPE(unk_token="<unk>"))
-    trained.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
-    trained.train_from_iterator(SPM_CORPUS, trainers.BpeTrainer(vocab_size=300, show_progress=False))
-    pieces = [p for p, _ in sorted(trained.get_vocab().items(), key=lambda kv: kv[1]) if p != "<unk>"]
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
-    tokens = [*specials, *(f"<0x{b:02X}>" for b in range(256)), "  ", "   ", *pieces]
-    return {
-        "general.architecture": "gemma3",
-        "tokenizer.ggml.model": "llama",
-        "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.token_type": [3, 3, 3, 2, 3, 3, *[6] * 256, *[1] * (len(tokens) - 262)],
-        "tokenizer.ggml.scores": [0.0] * len(tokens),  # Gemma's scores do not rank its merges; unused
-        "tokenizer.ggml.bos_token_id": 2,
-        "tokenizer.ggml.eos_token_id": 1,
-        "tokenizer.ggml.unknown_token_id": 3,
-        "tokenizer.ggml.add_space_prefix": False,
-    }
+    return sentencepiece_fields.gemma()
 
 
 GEMMA_TEXTS = [*SPM_TEXTS, "Hello   world  again", "<start_of_turn>user\nhello<end_of_turn>", "  lead", ""]
