@@ -21,10 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmos import store
-from llmos.files import write_atomically
-
-_CHUNK = 1 << 20
-
+from llmos.files import sha256_of, write_atomically
 
 @dataclass(frozen=True)
 class Derived:
@@ -50,12 +47,7 @@ def content_key(path: Path) -> str:
         return json.loads(memo.read_text())["key"]
     except (OSError, ValueError, KeyError):
         pass
-    digest = hashlib.sha256()
-    for weights in _weights(path):
-        with open(weights, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                digest.update(chunk)
-    key = digest.hexdigest()[:24]
+    key = sha256_of(_weights(path))[:24]
     memo.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(memo, json.dumps({"key": key, "path": str(path.resolve())}))
     return key
