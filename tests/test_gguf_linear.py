@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import llmos
+from llmos import derived, quality
 from llmos.engine import gguf_kernels, native
 from llmos.engine.generate import Generation
 from llmos.engine.sampling import SamplingParams
@@ -177,3 +178,17 @@ def test_the_gguf_form_refuses_a_model_that_is_not_a_gguf_file(tmp_path):
     folder = write_hf(tmp_path / "hf")
     with pytest.raises(LlmosError, match="not a GGUF file"):
         load_model(folder, "gguf")
+
+
+def test_auto_runs_the_files_own_form_except_for_q4_1_layers(tmp_path, default_gguf_path, gemma3_path):
+    mixed = write(tmp_path / "mix.gguf", MIXED)
+    assert quality.runs_own_form(mixed) and quality.runs_own_form(Path(gemma3_path))  # Q4_K_M: its own blocks
+    assert quality.auto_form(mixed, kernels=native.kernels()) == "gguf"
+    assert not derived.verdict_file(mixed).exists()  # decided without measuring
+    # Q4_1 layers (the default model, its table in Q8_0) are int4's own bits: auto measures, as before
+    q4_1 = write(tmp_path / "q4_1.gguf", dict({k: 3 for k in MIXED}, token_embd=8))
+    assert not quality.runs_own_form(q4_1) and not quality.runs_own_form(Path(default_gguf_path))
+    assert quality.forms_of(q4_1) == ("fp32", "bf16", "int8", "int4", "gguf")  # llmos bench shows it beside them
+    assert "gguf" not in quality.forms_of(write(tmp_path / "f32.gguf", {k: 0 for k in MIXED}))
+    # PyTorch's kernels would dequantize the blocks every call: auto does not pick the form for them
+    assert quality.native_blocks(native.kernels()) and not quality.native_blocks(PYTORCH)

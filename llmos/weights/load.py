@@ -157,14 +157,22 @@ def check_shapes(model: nn.Module, config: ModelConfig, canonical: dict[str, str
         if not parts:
             continue  # missing: _assemble names it
         try:
-            got = fuse(transform(p, torch.empty(shapes[canonical[p]], device="meta")) for p in parts).shape
+            got = _fused_shape([transform(p, torch.empty(shapes[canonical[p]], device="meta")).shape for p in parts])
         except RuntimeError:
-            got = None  # parts that cannot be transformed or stacked: a mismatch all the same
+            got = None  # parts that cannot be transformed: a mismatch all the same
         if got != expected.shape:
             stored = ", ".join(str(tuple(shapes[canonical[p]])) for p in parts)
             raise LlmosError(f"{origin}: {', '.join(canonical[p] for p in parts)} stored as {stored} does not fit {key} "
                              f"{tuple(expected.shape)} from the config's {_fields_at_fault(config, key, expected.shape, got)}; "
                              "the config and the weights disagree")
+
+
+def _fused_shape(shapes: list[torch.Size]) -> torch.Size | None:
+    """The shape `fuse` gives parts of these shapes (None: they cannot be stacked), worked out rather
+    than run on the meta device: torch.cat there imports ~800 modules (68 MB, ~1 s) at first use."""
+    if len({s[1:] for s in shapes}) != 1:
+        return None
+    return torch.Size((sum(s[0] for s in shapes), *shapes[0][1:]))
 
 
 def _fields_at_fault(config: ModelConfig, key: str, expected: torch.Size, got: torch.Size | None) -> str:
