@@ -121,3 +121,19 @@ def test_hf_export_reloads_in_transformers(gemma, tmp_path):
     with pytest.raises(LlmosError, match="byte-level BPE"):
         save_gguf(gemma.model, gemma.config, gemma.tokenizer, tmp_path / "gemma.gguf")
     assert not (tmp_path / "gemma.gguf").exists()
+
+
+def test_the_files_own_form_gives_the_fp32_logits_and_keeps_no_fp32_copy(gemma, gemma3_path):
+    """`--dtype gguf` (what auto picks for this file): the Q4_K/Q5_0/Q6_K/Q8_0 blocks as the file holds
+    them, the 262,144 x 640 table once (head and embeddings), nothing dequantized to fp32 but the norms;
+    on a short prompt (the row kernels, exactly the file's weights) the fp32 path's logits."""
+    from llmos.gguf_linear import GGUFLinear
+
+    own = llmos.load(gemma3_path, dtype="gguf", quiet=True)
+    assert own.dtype == "gguf" and isinstance(own.model.output, GGUFLinear)
+    tensors = [*own.model.parameters(), *own.model.buffers()]
+    assert {t.dtype for t in tensors} == {torch.uint8, torch.float32}
+    assert max(t.numel() for t in tensors if t.dtype == torch.float32) <= own.config.dim  # norms only
+    assert sum(t.numel() for t in tensors if t.dtype == torch.uint8) < Path(gemma3_path).stat().st_size
+    ids = gemma.encode(PROMPTS[1])
+    assert (own.logits(ids) - gemma.logits(ids)).abs().max().item() < 1e-3
