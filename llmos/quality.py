@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from llmos import derived, store
+from llmos import derived, quant, store
 from llmos.files import write_atomically
 from llmos.gguf_linear import QTYPES
 from llmos.models.kernels import PYTORCH, Kernels
@@ -108,10 +108,10 @@ def forms_of(path: Path) -> tuple[str, ...]:
     """The forms a model loads in, fastest-first order aside: fp32, bf16, int8, int4, and "gguf" for a
     GGUF file with quantized blocks the kernels run (`llmos bench` compares them all)."""
     if store.kind_of(path) != "gguf":
-        return ("fp32", "bf16", "int8", "int4")
+        return quant.FORMS
     with GGUFFile(path) as gguf:
         own = any(t.qtype in QTYPES for t in gguf.tensors.values())
-    return ("fp32", "bf16", "int8", "int4") + (("gguf",) if own else ())
+    return quant.FORMS + (("gguf",) if own else ())
 
 
 def native_blocks(kernels: Kernels) -> bool:

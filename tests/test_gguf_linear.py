@@ -192,3 +192,26 @@ def test_auto_runs_the_files_own_form_except_for_q4_1_layers(tmp_path, default_g
     assert "gguf" not in quality.forms_of(write(tmp_path / "f32.gguf", {k: 0 for k in MIXED}))
     # PyTorch's kernels would dequantize the blocks every call: auto does not pick the form for them
     assert quality.native_blocks(native.kernels()) and not quality.native_blocks(PYTORCH)
+
+
+@torch.inference_mode()
+def test_an_untied_head_and_table_each_keep_their_own_blocks(tmp_path, monkeypatch):
+    from tests.weights import tiny_checkpoints
+
+    plain = tiny_checkpoints.llama_tensors
+
+    def with_head(vocab: int, *args, **kwargs) -> dict[str, np.ndarray]:
+        tensors = plain(vocab, *args, **kwargs)
+        return tensors | {"output.weight": tensors["token_embd.weight"][::-1].copy()}  # a head of its own
+
+    monkeypatch.setattr(tiny_checkpoints, "llama_tensors", with_head)
+    path = write(tmp_path / "untied.gguf", dict(MIXED, output=6))  # the table Q8_0, the head Q5_0
+    reference, config, _ = load_model(path, "fp32")
+    model, _, _ = load_model(path, "gguf", kernels=native.kernels())
+    assert not config.tie_embeddings
+    assert isinstance(model.output, GGUFLinear) and model.output.qtypes == [6]
+    assert isinstance(model.embed, GGUFEmbedding) and model.embed.table is not model.output
+    assert {n.split(".")[0] for n in model.state_dict() if n.endswith("raw0") and "layers" not in n} == {"embed", "output"}
+    tokens = torch.tensor([[1, 17, 200, 33]])
+    want = reference(tokens, torch.arange(4))
+    assert (model(tokens, torch.arange(4)) - want).abs().max().item() < 1e-4 * want.abs().max().item()

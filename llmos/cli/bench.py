@@ -48,5 +48,7 @@ def run(args: argparse.Namespace) -> int:
             line += f"{q['perplexity']:>12.3f}{q['ppl_increase'] * 100:>+9.2f}%{q['top1_agreement']:>8.3f}"
         print(line)
     if args.quality:
-        print(f"auto picks: {result['auto']} (fastest within {quality.MAX_PPL_INCREASE:.0%} of fp32 perplexity)")
+        why = ("the file's own blocks: a quantized GGUF whose layers are not Q4_1" if result["auto"] == "gguf"
+               else f"fastest within {quality.MAX_PPL_INCREASE:.0%} of fp32 perplexity")
+        print(f"auto picks: {result['auto']} ({why})")
     return 0
