@@ -215,3 +215,18 @@ def test_an_untied_head_and_table_each_keep_their_own_blocks(tmp_path, monkeypat
     tokens = torch.tensor([[1, 17, 200, 33]])
     want = reference(tokens, torch.arange(4))
     assert (model(tokens, torch.arange(4)) - want).abs().max().item() < 1e-4 * want.abs().max().item()
+
+
+def test_the_batch_engine_gives_each_request_its_solo_tokens(models):
+    """Continuous batching over gguf layers (per-row positions, rows decoded together): each request
+    gets the greedy tokens it gets alone, as the row kernels promise."""
+    from llmos.engine.batch import BatchEngine, Request
+
+    _, model, _ = models
+    prompts = [[256, 40, 41, 42], [256, 7, 8], [256, 100, 101, 102, 103, 104]]
+    solo = [list(Generation(model, p, max_new_tokens=6, min_new_tokens=6, params=SamplingParams(temperature=0.0),
+                            kv_dtype=torch.float16).tokens()) for p in prompts]
+    with torch.inference_mode():
+        done = BatchEngine(model, max_batch=4, kv_dtype=torch.float16).run(
+            [Request(p, max_new_tokens=6, min_new_tokens=6) for p in prompts])
+    assert [r.output for r in done] == solo
