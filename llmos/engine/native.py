@@ -170,7 +170,8 @@ def stepper(model: nn.Module, module: Any = None) -> Callable[[torch.Tensor, tor
     config = model.config
     if type(model) is not Llama or config.sliding_window is not None \
             or config.qk_norm or config.rotary_dim != config.head_size \
-            or getattr(model.embed, "weight", None) is None or model.embed.weight.dtype != torch.float32 or config.head_size % 16 or config.head_size > 128 \
+            or not isinstance(model.embed, nn.Embedding) or model.embed.weight.dtype != torch.float32 \
+            or config.head_size % 16 or config.head_size > 128 \
             or config.n_heads // config.n_kv_heads > 8:  # what the C++ attention handles
         return None
     module = module if module is not None else build()
