@@ -74,6 +74,15 @@ class ModelConfig:
         return self.rope_dim if self.rope_dim is not None else self.head_size
 
     @property
+    def rope_switch(self) -> int | None:
+        """LongRoPE's original context: a sequence longer than this rotates all its positions with the
+        long factors, so keys cached while it was shorter go stale (None: rotation ignores length)."""
+        scaling = self.rope_scaling
+        if scaling is None or scaling["rope_type"] != "longrope":
+            return None
+        return int(scaling["original_max_position_embeddings"])
+
+    @property
     def n_rep(self) -> int:
         """Query heads sharing one key/value head (grouped-query attention)."""
         return self.n_heads // self.n_kv_heads

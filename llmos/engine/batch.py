@@ -7,7 +7,8 @@ admitted between steps: each step prefills up to `prefill_chunk` prompt tokens i
 prompt over several steps, several short ones in one), so a long prompt never stalls the sequences
 already decoding for more than one chunk, and a burst of short requests starts decoding together.
 Requests that share a prompt prefix with a live sequence copy that prefix's keys/values instead of
-recomputing them.
+recomputing them (except under LongRoPE, where a key depends on its sequence's length); a row that
+passes LongRoPE's original context is run again whole, as it would be alone (generate.py `restarts`).
 
 Each request samples from its own seeded generator with its own controls, so it gets exactly the
 tokens it would get alone (given equal logits: greedy and same-seed sampling agree). The engine sees
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from llmos.engine.generate import decode, new_generator
+from llmos.engine.generate import decode, new_generator, prefill, restarts
 from llmos.engine.sampling import SamplingParams, process, sample
 from llmos.errors import LlmosError
 from llmos.models.kv_cache import KVCache, cache_dtype
@@ -134,7 +135,8 @@ class BatchEngine:
                 req = self.waiting.popleft()
                 req.row = len(self.rows)
                 self.prefilling = req
-                if self.share_prefixes:
+                # A LongRoPE key depends on how long its sequence is, not only on its token and position.
+                if self.share_prefixes and self.model.config.rope_switch is None:
                     self._reuse_prefix(req)
             req = self.prefilling
             row = self.cache.rows(req.row, req.row + 1)
@@ -198,6 +200,10 @@ class BatchEngine:
             if len(live) == 1:  # alone: shared positions (T,) take the model's unmasked single-sequence path
                 positions = positions[0]  # (1,)
             logits = decode(self.model, torch.tensor(tokens), positions, self.cache.rows(0, len(live)))  # (B, V)
+            for i, r in enumerate(live):
+                end = len(r.prompt) + len(r.output)
+                if restarts(self.model, end - 1, end):  # LongRoPE past its original context: this row anew
+                    logits[i] = prefill(self.model, torch.tensor([r.prompt + r.output]), 0, self.cache.rows(i, i + 1))[0]
             best = logits.argmax(dim=-1).tolist() if any(r.params.plain_greedy for r in live) else []  # one call a step
             for i, (r, row_logits) in enumerate(zip(live, logits)):
                 self.pending_logits[r.id] = row_logits

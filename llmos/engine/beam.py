@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from llmos.engine.generate import decode_one, prefill
+from llmos.engine.generate import decode_one, prefill, restarts
 from llmos.engine.sampling import SamplingParams, check_range, is_int, process
 from llmos.errors import LlmosError
 from llmos.models.kv_cache import KVCache, cache_dtype
@@ -127,7 +127,9 @@ def beam_search(
 
     for cur in range(T, total):
         step = cur - T
-        if step:
+        if step and restarts(model, cur - 1, cur):  # LongRoPE past its original context: every beam anew
+            logits = prefill(model, seqs[:, :cur], 0, cache)  # (K, V)
+        elif step:
             logits = decode_one(model, seqs[:, cur - 1], cur - 1, cache)  # (K, V)
         output = seqs[:, T:cur] if needs_output else None
         suppress = stop if step < min_new_tokens else None

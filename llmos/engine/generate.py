@@ -49,6 +49,16 @@ def prefill(model: nn.Module, tokens: torch.Tensor, start: int, cache: KVCache, 
     return model.logits(hidden[:, -1]).float()
 
 
+def restarts(model: nn.Module, start: int, end: int) -> bool:
+    """Whether a forward over positions start..end-1 must run the whole sequence from position 0
+    instead: a LongRoPE model (Phi-3) rotates a sequence that has passed its original context with
+    other frequencies (`config.rope_switch`), so the keys cached before it got there are stale.
+    transformers drops them and runs the sequence again at that step (Phi3ForCausalLM's
+    prepare_inputs_for_generation: past length <= original context < new length), and so does llmos."""
+    switch = model.config.rope_switch
+    return switch is not None and 0 < start <= switch < end
+
+
 def decode_one(model: nn.Module, token: torch.Tensor, position: int, cache: KVCache) -> torch.Tensor:
     """One decode step for tokens (B,) at `position`; logits (B, V) fp32."""
     return decode(model, token, torch.tensor([position]), cache)
@@ -126,6 +136,8 @@ class Generation:
         if self.max_new_tokens == 0:
             self.finish_reasons = ["length"] * n
             return
+        if restarts(self.model, self.cached, T):
+            self.cached = 0
         self.cache.length = self.cached
         rest = history[:, self.cached:T]
         logits = prefill(self.model, rest, self.cached, self.cache, should_stop=self.should_stop)
@@ -162,7 +174,10 @@ class Generation:
             yield out
             if step + 1 == self.max_new_tokens:
                 break
-            logits = decode_one(self.model, token, cur, self.cache)
+            if restarts(self.model, cur, cur + 1):
+                logits = prefill(self.model, history[:, :cur + 1], 0, self.cache)
+            else:
+                logits = decode_one(self.model, token, cur, self.cache)
         for row in range(n):
             if self.finish_reasons[row] is None:
                 self.finish_reasons[row] = "length"

@@ -9,9 +9,10 @@ from Phi-3's checkpoints.
 LongRoPE (Phi-3) has two sets of frequencies: a forward whose furthest position is past the
 pretraining context (`original_max_position_embeddings`) uses the long factors for all its positions,
 otherwise the short ones, as transformers does; a prompt prefilled in chunks counts as one forward
-(the cache's `extent` says where it ends). Keys already cached keep the rotation they got (transformers
-recomputes them when a generation first crosses that point; see the README). Per-row positions choose
-per row, so a batch row gets what it gets alone.
+(the cache's `extent` says where it ends). Keys cached while the sequence was shorter keep the rotation
+they got: the engine runs the whole sequence again when it first passes that point, as transformers
+does (engine/generate.py `restarts`). Per-row positions choose per row, so a batch row gets what it
+gets alone.
 
 Contract: `forward(tokens (B, T), positions (T,) or (B, T), cache=None) -> logits (B, T, V)` in the
 weights' dtype. `positions` are absolute; with a cache the model attends to every cached position up
@@ -174,19 +175,19 @@ class Llama(nn.Module):
         # Built lazily (not a buffer) so meta-device init and state dicts stay free of derived tables,
         # and grown by doubling so a 128k-context model does not pay for positions it never sees.
         need = max(int(positions.max()) + 1, extent)
-        scaling = self.config.rope_scaling
-        longrope = scaling is not None and scaling["rope_type"] == "longrope"
+        switch = self.config.rope_switch
+        longrope = switch is not None
         if self._rope is None or self._rope[0].shape[0] < need:
             size = min(max(need, 2 * (0 if self._rope is None else self._rope[0].shape[0]), 256), self.config.max_seq_len)
             self._rope = rope_tables(self.config, max(size, need))
             self._rope_long = rope_tables(self.config, max(size, need), long=True) if longrope else None
         cos, sin = self._rope
-        if longrope and need > scaling["original_max_position_embeddings"]:
+        if longrope and need > switch:
             long_cos, long_sin = self._rope_long
             if positions.dim() == 1:
                 cos, sin = long_cos, long_sin
             else:  # per row: the long set for rows whose furthest position is past the original context
-                long = (positions.amax(dim=1) >= scaling["original_max_position_embeddings"])[:, None, None]  # (B, 1, 1)
+                long = (positions.amax(dim=1) >= switch)[:, None, None]  # (B, 1, 1)
                 return (torch.where(long, long_cos[positions], cos[positions]).unsqueeze(-2),
                         torch.where(long, long_sin[positions], sin[positions]).unsqueeze(-2))
         # (T, 1, D) or per row (B, T, 1, D): broadcast over the heads of a (B, T, heads, D) tensor.

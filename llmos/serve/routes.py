@@ -251,8 +251,11 @@ def _model_card(server: Server, name: str, capabilities: list[str]) -> dict[str,
 
 
 def _models(server: Server) -> list[dict[str, Any]]:
-    return [_model_card(server, server.name, ["chat", "completions"]),
-            _model_card(server, server.config.embed_model, ["embeddings"])]
+    """The chat model, and the embedding model once it is in the store (/v1/embeddings does not pull it)."""
+    cards = [_model_card(server, server.name, ["chat", "completions"])]
+    if server.embedder_available():
+        cards.append(_model_card(server, server.config.embed_model, ["embeddings"]))
+    return cards
 
 
 async def list_models(request: Request) -> Any:

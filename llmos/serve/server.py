@@ -200,6 +200,16 @@ class Server:
             known = exc.param
         return S.invalid(str(exc), known)
 
+    def embedder_available(self) -> bool:
+        """Whether /v1/embeddings can answer: its model is loaded, or in the store (it never pulls one)."""
+        if self.embedder is not None:
+            return True
+        try:
+            store.resolve(self.config.embed_model, pull_missing=False)
+        except LlmosError:
+            return False
+        return True
+
     async def get_embedder(self) -> Any:
         async with self._embed_lock:
             if self.embedder is None:

@@ -20,7 +20,8 @@ Contract:
 - `save_gguf(model, config, tokenizer, path, qtype="f16"|"q8_0")` writes one GGUF file (with the
   tokenizer and chat template inside) that `llmos.load(path)` runs. Q8_0 applies to 2-D weights whose
   rows split into 32-value blocks; other 2-D weights are F16 and 1-D tensors (norms, biases) F32, as
-  llama.cpp does. Only byte-level BPE tokenizers can be written (GGUF tokenizer model "gpt2").
+  llama.cpp does. Byte-level BPE tokenizers are written as GGUF tokenizer model "gpt2", SentencePiece
+  BPE ones (Llama 2, Phi-3, Gemma) as "llama"; llmos, transformers and gguf-py read them back alike.
 Both write to a temporary name in the destination folder, fsync and rename: a crash leaves either
 the old file or the new one.
 """
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -369,7 +371,7 @@ def save_gguf(model: nn.Module, config: ModelConfig, tokenizer: Tokenizer, path:
                 writer.add_attn_logit_softcapping(config.attn_softcap)
             if config.final_softcap is not None:
                 writer.add_final_logit_softcapping(config.final_softcap)
-    _add_gguf_tokenizer(writer, tokenizer, config.vocab_size)
+    _add_gguf_tokenizer(writer, tokenizer, config.vocab_size, arch)
     for name, tensor in gguf_tensors(model, config):
         data = tensor.numpy()
         if data.ndim == 1:
@@ -401,33 +403,25 @@ def _add_phi3_rope(writer: Any, config: ModelConfig) -> None:
         writer.add_tensor(name, np.asarray(scaling[key], dtype=np.float32))
 
 
-def _add_gguf_tokenizer(writer: Any, tokenizer: Tokenizer, vocab_size: int) -> None:
-    import gguf
-
+def _add_gguf_tokenizer(writer: Any, tokenizer: Tokenizer, vocab_size: int, arch: str) -> None:
+    """The tokenizer as llama.cpp writes it: byte-level BPE as model "gpt2" (pieces, types, merges,
+    the pre-tokenizer's name), or SentencePiece BPE (byte fallback, spaces as "▁") as model "llama"
+    (pieces, types, scores; merges too, except for Gemma, whose files carry none: readers derive them
+    from the pieces' order). Both with the BOS/EOS/pad ids, what `encode` adds, and the chat template."""
     spec = json.loads(tokenizer.to_json())
     model = spec.get("model") or {}
-    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
-        raise LlmosError("only byte-level BPE tokenizers can be written into GGUF; export --format hf instead")
-    vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
-    tokens: list[str | None] = [None] * max(vocab_size, len(vocab))
-    for piece, i in vocab.items():
-        tokens[i] = piece
-    added = {a["id"]: a for a in spec.get("added_tokens") or []}
-    types = []
-    for i, piece in enumerate(tokens):
-        if piece is None:  # the model's vocabulary is larger than the tokenizer's (padding rows)
-            tokens[i] = f"[PAD{i}]"
-            types.append(gguf.TokenType.UNUSED)
-        elif i in added:
-            types.append(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
-        else:
-            types.append(gguf.TokenType.NORMAL)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_gguf_pre_name(spec))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
+    if model.get("type") == "BPE" and "ByteLevel" in json.dumps(spec.get("pre_tokenizer")):
+        tokens, types = _gguf_pieces(tokenizer, spec, vocab_size)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(_gguf_pre_name(spec))
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(_merge_strings(model))
+    elif model.get("type") == "BPE" and model.get("byte_fallback") and _SPM_SPACE in json.dumps(spec.get("normalizer"), ensure_ascii=False):
+        _add_gguf_sentencepiece(writer, tokenizer, spec, vocab_size, gemma=arch in ("gemma2", "gemma3"))
+    else:
+        raise LlmosError("only byte-level BPE and SentencePiece BPE tokenizers can be written into GGUF; "
+                         "export --format hf instead")
     for add, i in ((writer.add_bos_token_id, tokenizer.bos_id), (writer.add_eos_token_id, tokenizer.eos_id),
                    (writer.add_pad_token_id, tokenizer.pad_id)):
         if i is not None:
@@ -438,6 +432,74 @@ def _add_gguf_tokenizer(writer: Any, tokenizer: Tokenizer, vocab_size: int) -> N
     writer.add_add_eos_token(bool(single) and "SpecialToken" in single[-1])
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
+
+
+_SPM_SPACE = "\u2581"
+_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
+_CONTROL_SCORE = -1000.0  # what SentencePiece (and llama.cpp's converter) gives control and user-defined pieces
+
+
+def _gguf_pieces(tokenizer: Tokenizer, spec: dict[str, Any], vocab_size: int) -> tuple[list[str], list[int]]:
+    """Every id's piece and GGUF token type: added special tokens are CONTROL, other added ones
+    USER_DEFINED, ids past the tokenizer's vocabulary (the model's padding rows) UNUSED "[PADn]"."""
+    import gguf
+
+    vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
+    tokens: list[str | None] = [None] * max(vocab_size, len(vocab))
+    for piece, i in vocab.items():
+        tokens[i] = piece
+    added = {a["id"]: a for a in spec.get("added_tokens") or []}
+    types = []
+    for i, piece in enumerate(tokens):
+        if piece is None:
+            tokens[i] = f"[PAD{i}]"
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            types.append(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, types  # type: ignore[return-value]  # every None was replaced
+
+
+def _add_gguf_sentencepiece(writer: Any, tokenizer: Tokenizer, spec: dict[str, Any], vocab_size: int,
+                            gemma: bool) -> None:
+    """SentencePiece BPE as llama.cpp's converter writes it: `<0xNN>` pieces typed BYTE, the unknown
+    piece UNKNOWN, scores as SentencePiece gives them (0 for bytes, -1000 for control and user-defined
+    pieces, minus the rank for the others), and the space prefix the normalizer adds. Gemma's pieces of
+    two or more spaces are written with real spaces, user-defined, as its files spell them (readers
+    respell them "▁"), and its merges are left out as there."""
+    import gguf
+
+    model = spec["model"]
+    tokens, types = _gguf_pieces(tokenizer, spec, vocab_size)
+    for i, piece in enumerate(tokens):
+        if types[i] != gguf.TokenType.NORMAL:
+            continue
+        if _BYTE_PIECE.fullmatch(piece):
+            types[i] = gguf.TokenType.BYTE
+        elif piece == model.get("unk_token"):
+            types[i] = gguf.TokenType.UNKNOWN
+        elif gemma and len(piece) > 1 and not piece.strip(_SPM_SPACE):
+            tokens[i], types[i] = " " * len(piece), gguf.TokenType.USER_DEFINED
+    first = next((i for i, t in enumerate(types) if t == gguf.TokenType.NORMAL), 0)
+    unscored = (gguf.TokenType.BYTE, gguf.TokenType.UNKNOWN, gguf.TokenType.UNUSED)
+    scores = [float(first - i) if t == gguf.TokenType.NORMAL else 0.0 if t in unscored else _CONTROL_SCORE
+              for i, t in enumerate(types)]
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_scores(scores)
+    if not gemma:
+        writer.add_token_merges(_merge_strings(model))
+    unk = tokenizer.backend.token_to_id(model["unk_token"]) if model.get("unk_token") else None
+    if unk is not None:
+        writer.add_unk_token_id(unk)
+    writer.add_add_space_prefix("Prepend" in json.dumps(spec.get("normalizer")))
+
+
+def _merge_strings(model: dict[str, Any]) -> list[str]:
+    return [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
 
 
 def _gguf_pre_name(spec: dict[str, Any]) -> str:

@@ -37,7 +37,7 @@ from llmos.config import ModelConfig
 from llmos.errors import LlmosError
 from llmos.models.kernels import PYTORCH, Kernels, install
 from llmos.models.lora import ADAPTER_WEIGHTS, RUN_FILE, load_adapter, merge_lora
-from llmos.tokenizer import Tokenizer
+from llmos.tokenizer import Tokenizer, derives_merges
 from llmos.weights import converted
 from llmos.weights.gguf import GGUFFile
 from llmos.weights.dequant import type_name
@@ -88,8 +88,19 @@ def read_tokenizer(ref: str | Path) -> Tokenizer:
     path = resolve(ref)
     if store.kind_of(path) == "gguf":
         with GGUFFile(path) as gguf:
-            return Tokenizer.from_gguf(gguf.metadata)
+            return _gguf_tokenizer(path, gguf)
     return Tokenizer.from_dir(path)
+
+
+def _gguf_tokenizer(path: Path, gguf: GGUFFile) -> Tokenizer:
+    """The tokenizer in a GGUF file's metadata; merges it has to derive (Gemma) are cached in the store."""
+    cache = None
+    if derives_merges(gguf.metadata):
+        try:
+            cache = derived.merges_file(path)
+        except OSError:  # a store llmos cannot write: derive them every time
+            pass
+    return Tokenizer.from_gguf(gguf.metadata, merges_cache=cache)
 
 
 def adapter_run_config(run: str | Path) -> tuple[ModelConfig, Tokenizer]:
@@ -131,7 +142,7 @@ def load_model(ref: str | Path, form: str = "fp32", *, kernels: Kernels = PYTORC
     elif kind == "gguf":
         with GGUFFile(path) as gguf:
             config = open_gguf_config(gguf)
-            tokenizer = Tokenizer.from_gguf(gguf.metadata)
+            tokenizer = _gguf_tokenizer(path, gguf)
             model = converted.load(cache, config) if cache else None
             if form == "gguf":
                 model = _file_form(gguf, config)

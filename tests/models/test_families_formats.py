@@ -261,6 +261,48 @@ def test_gguf_export_round_trip(pair, tmp_path, tokenizer):
     assert (_logits(back, tokens) - _logits(model, tokens)).abs().max().item() < 1e-5, kind
 
 
+SPM_TEXTS = ["Hello world, hello again", "crème brûlée à Zürich", "日本語 🦙 Ελληνικά", "a  b   c\nnew\tline",
+             "<start_of_turn>user\nhi<end_of_turn>", "  lead and trail  ", ""]
+
+
+@pytest.mark.parametrize("kind, vocabulary", [("gemma3", "gemma"), ("qwen3", "llama")])
+def test_gguf_export_writes_sentencepiece_tokenizers(kind, vocabulary, tmp_path):
+    """A SentencePiece vocabulary goes into GGUF as llama.cpp writes it (model "llama": pieces, types,
+    scores; Gemma's without merges and with its runs of spaces spelled with real spaces, Llama 2's with
+    merges and a space prefix): gguf-py reads the fields llmos reads, pieces and types are the source
+    file's, and llmos and transformers encode text to the ids the tokenizer gave before export."""
+    import dataclasses
+
+    import sentencepiece_fields
+    from llmos.config import ModelConfig
+    from llmos.weights.load import build_model
+
+    source = getattr(sentencepiece_fields, vocabulary)()
+    tok = Tokenizer.from_gguf(source)
+    torch.manual_seed(0)
+    config = ModelConfig.from_hf_json(CONFIGS[kind]().to_dict())
+    config = dataclasses.replace(config, vocab_size=len(source["tokenizer.ggml.tokens"]))
+    model, config = _llamacpp_expressible(kind, build_model(config, "cpu"))
+    path = save_gguf(model, config, tok, tmp_path / f"{kind}.gguf")
+
+    with GGUFFile(path) as g:
+        metadata = g.metadata
+    fields = {k: v for k, v in metadata.items() if k.startswith("tokenizer.")}
+    assert fields == {k: f.contents() for k, f in gguf.GGUFReader(str(path)).fields.items() if k.startswith("tokenizer.")}
+    for key in ("model", "tokens", "token_type", "bos_token_id", "eos_token_id", "unknown_token_id"):
+        assert fields[f"tokenizer.ggml.{key}"] == source[f"tokenizer.ggml.{key}"], key
+    assert ("tokenizer.ggml.merges" in fields) == (vocabulary == "llama")
+    back = Tokenizer.from_gguf(metadata)
+    reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    for text in SPM_TEXTS:
+        assert back.encode(text) == tok.encode(text), (kind, text)
+        # Before a leading space transformers' Llama tokenizer adds its own "▁"; llmos keeps llama.cpp's
+        # (test_tokenizer.py's space-prefix test): a difference of the readers, not of the file.
+        if vocabulary == "gemma" or not text.startswith(" "):
+            assert back.encode(text) == reference.encode(text), (kind, text)
+    assert (back.bos_id, back.eos_id, back.special_ids) == (tok.bos_id, tok.eos_id, tok.special_ids)
+
+
 def test_export_refuses_what_a_format_cannot_carry(tmp_path, tokenizer):
     """Each refusal is one line, and nothing is written under another family's names: a Gemma 3 whose
     head is untied or whose global RoPE is llama3-scaled has no llama.cpp gemma3 form, and a family

@@ -142,3 +142,82 @@ def test_prefill_in_chunks_equals_the_whole_prompt(pair):
         expected = ref(tokens).logits[0, -1]
     got = prefill(model, tokens, 0, KVCache.for_model(config, 1, 40), chunk=16)[0]
     assert (got - expected).abs().max().item() < 1e-4, kind
+
+
+# --- LongRoPE: a generation that passes original_max_position_embeddings mid-way ----------------------
+
+@pytest.fixture(scope="module", params=["phi3-longrope", "phi3-partial"])
+def phi3(request, tmp_path_factory):
+    ref = reference(request.param)
+    return request.param, ref, hf_reference.saved_and_loaded(ref, tmp_path_factory.mktemp(request.param))[0]
+
+
+def _hf_steps(ref, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    """transformers' n greedy tokens and the log-probabilities (n, V) each was picked from."""
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                           max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0,
+                           return_dict_in_generate=True, output_logits=True)
+    return out.sequences[0, len(prompt):].tolist(), torch.cat(out.logits).log_softmax(dim=-1)
+
+
+def _llmos_steps(model, prompt: list[int], n: int, **kw) -> tuple[list[int], torch.Tensor]:
+    """llmos' n greedy tokens through the engine, and the log-probabilities (n, V) of each step."""
+    gen = Generation(model, prompt, max_new_tokens=n, params=SamplingParams(temperature=0.0), logprobs=256, **kw)
+    tokens, rows = [], []
+    for step in gen:
+        tokens.append(step[0])
+        _, ids, values = gen.last_logprobs
+        rows.append(torch.empty(256).scatter_(0, ids[0], values[0]))  # top-256 of 256: the whole distribution
+    return tokens, torch.stack(rows)
+
+
+def test_generation_crossing_the_original_context_matches(phi3, monkeypatch):
+    """A 20-token prompt and 24 new tokens pass the original context (32) at the 13th step, where
+    transformers recomputes the whole sequence with the long factors: llmos gives its tokens and
+    log-probabilities at every step. Without the restart the steps after the crossing differ."""
+    kind, ref, model = phi3
+    torch.manual_seed(6)
+    prompt = torch.randint(0, 256, (20,)).tolist()
+    expected_tokens, expected = _hf_steps(ref, prompt, 24)
+    tokens, got = _llmos_steps(model, prompt, 24)
+    assert tokens == expected_tokens, kind
+    assert (got - expected).abs().max().item() < 1e-4, kind
+
+    from llmos.engine import generate
+    monkeypatch.setattr(generate, "restarts", lambda *args: False)  # keys keep their short rotation
+    _, stale = _llmos_steps(model, prompt, 24)
+    assert (stale[:13] - expected[:13]).abs().max().item() < 1e-4  # up to the crossing: the same
+    assert (stale[13:] - expected[13:]).abs().max().item() > 1e-3, kind
+
+
+def test_cached_history_crossing_the_original_context_starts_over(phi3):
+    """A chat turn whose cached history (26 tokens, short rotation) grows past the original context
+    gives what the whole conversation gives without a cache (the long rotation throughout)."""
+    kind, _, model = phi3
+    torch.manual_seed(7)
+    history = torch.randint(0, 256, (40,)).tolist()
+    cache = KVCache.for_model(model.config, 1, 48)
+    list(Generation(model, history[:26], max_new_tokens=1, cache=cache))
+    assert cache.length == 26
+    fresh = _llmos_steps(model, history, 8)
+    cached = _llmos_steps(model, history, 8, cache=cache, cached=26)
+    assert cached[0] == fresh[0], kind
+    assert (cached[1] - fresh[1]).abs().max().item() < 1e-5, kind
+
+
+def test_beam_search_crossing_the_original_context_matches(phi3):
+    """Three beams over a 28-token prompt pass the original context at the 5th step: transformers'
+    beams and scores."""
+    from llmos.engine.beam import beam_search
+
+    kind, ref, model = phi3
+    torch.manual_seed(8)
+    prompt = torch.randint(0, 256, (28,)).tolist()
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([prompt]), num_beams=3, num_return_sequences=3, max_new_tokens=10,
+                           length_penalty=1.0, do_sample=False, eos_token_id=None, pad_token_id=0,
+                           return_dict_in_generate=True, output_scores=True)
+    beams = beam_search(model, prompt, num_beams=3, max_new_tokens=10, length_penalty=1.0, num_return_sequences=3)
+    assert [b.tokens for b in beams] == out.sequences[:, len(prompt):].tolist(), kind
+    assert max(abs(b.score - s) for b, s in zip(beams, out.sequences_scores.tolist())) < 1e-4, kind

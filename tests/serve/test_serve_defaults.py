@@ -48,3 +48,15 @@ def test_serve_prints_its_defaults_and_requests_get_them(serve_process, tiny_mod
     assert "requests that set none get temperature 0, top_p 0.95, top_k 0, max_tokens 7" in log
     assert [o["usage"]["completion_tokens"] for o in outs] == [7, 7]
     assert outs[0]["choices"][0]["text"] == outs[1]["choices"][0]["text"]  # temperature 0 from the flag: greedy
+
+
+def test_a_copy_of_the_default_model_gets_its_sampling_too(default_gguf_path, tmp_path):
+    """The model card's sampling follows the file's content, not its place in the store."""
+    copy = tmp_path / "elsewhere.gguf"
+    shutil.copyfile(default_gguf_path, copy)
+    assert store.recommended_sampling(copy) == {"temperature": 0.2, "top_p": 0.9}
+    other = tmp_path / "changed.gguf"  # same size, one byte different: not the model the card is about
+    data = bytearray(copy.read_bytes())
+    data[-1] ^= 1
+    other.write_bytes(bytes(data))
+    assert store.recommended_sampling(other) == {}

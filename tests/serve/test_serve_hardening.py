@@ -282,3 +282,18 @@ def test_sigterm_aborts_what_outlasts_the_shutdown_timeout(tiny_model, tmp_path,
     assert server.proc.wait(30) is not None
     assert lines[-1] == "data: [DONE]", server.log()
     assert sum('"finish_reason":"abort"' in line for line in lines) == 2, lines[-4:]
+
+
+def test_models_lists_the_embedding_model_only_once_it_is_in_the_store(tiny_model, tmp_path, monkeypatch):
+    """/v1/embeddings never pulls its model, so /v1/models does not offer one that is not there yet."""
+    monkeypatch.setenv("LLMOS_HOME", str(tmp_path))  # an empty store
+    app = create_app(ServeConfig(model=str(tiny_model)), load=False)
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
+            listed = (await c.get("/v1/models")).json()["data"]
+            assert [m["capabilities"] for m in listed] == [["chat", "completions"]]
+            envelope(await c.get(f"/v1/models/{ServeConfig.embed_model}"), 404)
+            envelope(await c.post("/v1/embeddings", json={"input": "hi"}), 404, code="model_not_found")
+
+    asyncio.run(go())
