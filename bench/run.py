@@ -13,7 +13,8 @@ Sections (each prints a table and adds to bench/results/bench-DATE.json):
 - busy: decode tok/s with threads=2, 1 and auto beside a busy-loop process pinned to one core, under
   OpenMP's active and passive wait policies (bench/busy.py).
 - gemma3: the multilingual model (Gemma 3 270M, GGUF Q4_K_M; pulled if missing): load, prefill 512,
-  decode batch 1, peak RSS of llmos (auto form) at 1 and 2 threads, beside llama-cpp-python when installed.
+  decode batch 1, peak RSS of llmos (auto form) at 1 and 2 threads, of the file's own form (gguf) and
+  int4, beside llama-cpp-python when installed.
 - the task benchmarks in bench/*.py when present: embeddings (beside sentence-transformers),
   ingestion (1 MB and 10 MB: chunks/s, peak RSS), GGUF block kernels per type (beside today's fp32 and
   int8 paths and the read-bandwidth floor), vector search (HNSW vs exact scan over 100k synthetic
@@ -105,12 +106,15 @@ def core(gguf: Path, rounds: int, threads: int) -> dict:
 
 
 def gemma3(rounds: int, threads: int) -> dict:
-    """Core's measures on the Gemma 3 270M file: llmos (auto) at `threads` and at 1 thread, and
-    llama.cpp at `threads` when installed; rounds alternate engines, medians reported."""
+    """Core's measures on the Gemma 3 270M file: llmos (auto) at `threads` and at 1 thread, the file's
+    own form ("gguf": its Q4_K/Q5_0/Q6_K/Q8_0 blocks as stored) and int4 (today's converted form) at
+    `threads`, and llama.cpp at `threads` when installed; rounds alternate engines, medians reported.
+    (Not int8 beside int4: the store keeps one converted copy per model, so alternating the two would
+    time a conversion every round.)"""
     gguf = store.pull("gemma3-270m")
-    engines = ["llmos", "llmos-1-thread"] + (["llama.cpp"] if importlib.util.find_spec("llama_cpp") else [])
-    spec = {"llmos": ("llmos", "auto", threads), "llmos-1-thread": ("llmos", "auto", 1),
-            "llama.cpp": ("llama.cpp", "q4_k_m", threads)}
+    engines = ["llmos", "llmos-gguf", "llmos-int4", "llmos-1-thread"] + (["llama.cpp"] if importlib.util.find_spec("llama_cpp") else [])
+    spec = {"llmos": ("llmos", "auto", threads), "llmos-gguf": ("llmos", "gguf", threads), "llmos-int4": ("llmos", "int4", threads),
+            "llmos-1-thread": ("llmos", "auto", 1), "llama.cpp": ("llama.cpp", "q4_k_m", threads)}
     runs: dict[str, list[dict]] = {e: [] for e in engines}
     for r in range(rounds):
         for e in engines:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from llmos import quant
-from llmos.engine import extension
+from llmos.engine import extension, gguf_kernels
 from llmos.models.kernels import PYTORCH, Kernels
 from llmos.models.kv_cache import KVCache
 from llmos.models.llama import Llama
@@ -91,6 +91,12 @@ class NativeKernels(Kernels):
     def int8_mm(self, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
         fn = getattr(self.module, "int8_mm", None)
         return None if fn is None else fn(x, packed, scale)
+
+    def gguf_mm(self, x: torch.Tensor, raw: torch.Tensor, qtype: int, n: int) -> torch.Tensor | None:
+        return gguf_kernels.matmul(x, raw, qtype, n)  # a second extension, built on first use
+
+    def gguf_dequantize(self, raw: torch.Tensor, qtype: int, out: torch.Tensor) -> bool:
+        return gguf_kernels.dequantize(raw, qtype, out)
 
     def decode(self, model: nn.Module, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
         swaps = model.__dict__.get("swaps", 0)
@@ -164,7 +170,8 @@ def stepper(model: nn.Module, module: Any = None) -> Callable[[torch.Tensor, tor
     config = model.config
     if type(model) is not Llama or config.sliding_window is not None \
             or config.qk_norm or config.rotary_dim != config.head_size \
-            or model.embed.weight.dtype != torch.float32 or config.head_size % 16 or config.head_size > 128 \
+            or not isinstance(model.embed, nn.Embedding) or model.embed.weight.dtype != torch.float32 \
+            or config.head_size % 16 or config.head_size > 128 \
             or config.n_heads // config.n_kv_heads > 8:  # what the C++ attention handles
         return None
     module = module if module is not None else build()
