@@ -130,7 +130,32 @@ def gemma3(rounds: int, threads: int) -> dict:
         ("peak RSS (MB)", {e: med[e]["peak_rss_mb"] for e in engines}, False),
     ]
     print(table(rows, engines))
-    return {"model": gguf.name, "medians": med, "runs": runs, "form": runs["llmos"][0].get("form")}
+    agree = top1_agreement(gguf, threads) if "llama.cpp" in engines else None
+    if agree:
+        print(f"top-1 next-token agreement with llama.cpp over {agree['positions']} positions (the shipped "
+              f"translation set's sentences, 7 languages): {agree['agreement']:.3f}")
+    return {"model": gguf.name, "medians": med, "runs": runs, "form": runs["llmos"][0].get("form"), "llama_cpp_agreement": agree}
+
+
+def top1_agreement(gguf: Path, threads: int, positions: int = 300) -> dict:
+    """How often llmos (auto form) and llama.cpp pick the same next token on the same ids, position by
+    position: the sentences of the shipped translation set (sources and references, many languages),
+    one forward each. llama.cpp quantizes activations, so equality is not expected; agreement is."""
+    import torch
+    from llama_cpp import Llama
+
+    import llmos
+    from llmos.files import json_lines
+
+    rows = [r for _, r in json_lines(Path(llmos.__file__).parent / "data" / "eval" / "translate.jsonl")]
+    text = "\n".join(f"{r['text']}\n{r['reference']}" for r in rows)
+    mine = llmos.load(gguf, quiet=True)
+    ids = mine.encode(text)[:positions]
+    ours = mine.logits(ids).argmax(-1)
+    theirs_llm = Llama(str(gguf), n_ctx=max(1024, len(ids) + 8), n_threads=threads, n_batch=512, logits_all=True, verbose=False)
+    theirs_llm.eval(ids)
+    theirs = torch.from_numpy(theirs_llm.scores[: len(ids)].copy()).argmax(-1)
+    return {"positions": len(ids), "agreement": float((ours == theirs).float().mean())}
 
 
 def forms(gguf: Path, threads: int) -> dict:
