@@ -16,6 +16,7 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e ".[all]"
 	$(BIN)/python -m llmos.engine.native  # compile the native decode step once (g++, ~20 s); optional
+	$(BIN)/python -m llmos.engine.gguf_kernels  # and the GGUF block kernels (the gguf form, auto for Gemma 3); optional
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed

@@ -13,7 +13,8 @@ Sections (each prints a table and adds to bench/results/bench-DATE.json):
 - busy: decode tok/s with threads=2, 1 and auto beside a busy-loop process pinned to one core, under
   OpenMP's active and passive wait policies (bench/busy.py).
 - gemma3: the multilingual model (Gemma 3 270M, GGUF Q4_K_M; pulled if missing): load, prefill 512,
-  decode batch 1, peak RSS of llmos (auto form) at 1 and 2 threads, beside llama-cpp-python when installed.
+  decode batch 1, peak RSS of llmos (auto form) at 1 and 2 threads, of the file's own form (gguf) and
+  int4, beside llama-cpp-python when installed.
 - the task benchmarks in bench/*.py when present: embeddings (beside sentence-transformers),
   ingestion (1 MB and 10 MB: chunks/s, peak RSS), GGUF block kernels per type (beside today's fp32 and
   int8 paths and the read-bandwidth floor), vector search (HNSW vs exact scan over 100k synthetic
@@ -105,12 +106,15 @@ def core(gguf: Path, rounds: int, threads: int) -> dict:
 
 
 def gemma3(rounds: int, threads: int) -> dict:
-    """Core's measures on the Gemma 3 270M file: llmos (auto) at `threads` and at 1 thread, and
-    llama.cpp at `threads` when installed; rounds alternate engines, medians reported."""
+    """Core's measures on the Gemma 3 270M file: llmos (auto) at `threads` and at 1 thread, the file's
+    own form ("gguf": its Q4_K/Q5_0/Q6_K/Q8_0 blocks as stored) and int4 (today's converted form) at
+    `threads`, and llama.cpp at `threads` when installed; rounds alternate engines, medians reported.
+    (Not int8 beside int4: the store keeps one converted copy per model, so alternating the two would
+    time a conversion every round.)"""
     gguf = store.pull("gemma3-270m")
-    engines = ["llmos", "llmos-1-thread"] + (["llama.cpp"] if importlib.util.find_spec("llama_cpp") else [])
-    spec = {"llmos": ("llmos", "auto", threads), "llmos-1-thread": ("llmos", "auto", 1),
-            "llama.cpp": ("llama.cpp", "q4_k_m", threads)}
+    engines = ["llmos", "llmos-gguf", "llmos-int4", "llmos-1-thread"] + (["llama.cpp"] if importlib.util.find_spec("llama_cpp") else [])
+    spec = {"llmos": ("llmos", "auto", threads), "llmos-gguf": ("llmos", "gguf", threads), "llmos-int4": ("llmos", "int4", threads),
+            "llmos-1-thread": ("llmos", "auto", 1), "llama.cpp": ("llama.cpp", "q4_k_m", threads)}
     runs: dict[str, list[dict]] = {e: [] for e in engines}
     for r in range(rounds):
         for e in engines:
@@ -126,7 +130,32 @@ def gemma3(rounds: int, threads: int) -> dict:
         ("peak RSS (MB)", {e: med[e]["peak_rss_mb"] for e in engines}, False),
     ]
     print(table(rows, engines))
-    return {"model": gguf.name, "medians": med, "runs": runs, "form": runs["llmos"][0].get("form")}
+    agree = top1_agreement(gguf, threads) if "llama.cpp" in engines else None
+    if agree:
+        print(f"top-1 next-token agreement with llama.cpp over {agree['positions']} positions (the shipped "
+              f"translation set's sentences, 7 languages): {agree['agreement']:.3f}")
+    return {"model": gguf.name, "medians": med, "runs": runs, "form": runs["llmos"][0].get("form"), "llama_cpp_agreement": agree}
+
+
+def top1_agreement(gguf: Path, threads: int, positions: int = 300) -> dict:
+    """How often llmos (auto form) and llama.cpp pick the same next token on the same ids, position by
+    position: the sentences of the shipped translation set (sources and references, many languages),
+    one forward each. llama.cpp quantizes activations, so equality is not expected; agreement is."""
+    import torch
+    from llama_cpp import Llama
+
+    import llmos
+    from llmos.files import json_lines
+
+    rows = [r for _, r in json_lines(Path(llmos.__file__).parent / "data" / "eval" / "translate.jsonl")]
+    text = "\n".join(f"{r['text']}\n{r['reference']}" for r in rows)
+    mine = llmos.load(gguf, quiet=True)
+    ids = mine.encode(text)[:positions]
+    ours = mine.logits(ids).argmax(-1)
+    theirs_llm = Llama(str(gguf), n_ctx=max(1024, len(ids) + 8), n_threads=threads, n_batch=512, logits_all=True, verbose=False)
+    theirs_llm.eval(ids)
+    theirs = torch.from_numpy(theirs_llm.scores[: len(ids)].copy()).argmax(-1)
+    return {"positions": len(ids), "agreement": float((ours == theirs).float().mean())}
 
 
 def forms(gguf: Path, threads: int) -> dict:

@@ -25,7 +25,7 @@ from llmos.threads import auto_threads
 from llmos.tokenizer import Tokenizer
 from llmos.weights import loader
 
-DTYPES = {"auto": "auto", "fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "int8": "int8", "int4": "int4"}
+DTYPES = {"auto": "auto", "fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "int8": "int8", "int4": "int4", "gguf": "gguf"}
 
 # Defaults for free text, as llama.cpp and Ollama ship them; temperature=0 asks for greedy decoding.
 DEFAULT_SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95}
@@ -42,7 +42,8 @@ class LLM:
     @classmethod
     def load(cls, name_or_path: str | Path = store.DEFAULT_CHAT_MODEL, dtype: str = "auto", *,
              threads: int | None = None, quiet: bool = False) -> LLM:
-        """dtype: "auto" (the fastest form within 2% of fp32 perplexity), "fp32", "bf16", "int8", "int4".
+        """dtype: "auto" (the fastest form within 2% of fp32 perplexity), "fp32", "bf16", "int8", "int4",
+        "gguf" (a GGUF file's own quantized blocks, run as they are).
 
         threads: CPU threads for torch; by default the cores other work leaves idle (as the CLI
         picks them), unless OMP_NUM_THREADS says otherwise. The first load of a model measures and

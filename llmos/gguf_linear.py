@@ -5,27 +5,33 @@
 (q/k/v, gate/up) whose parts the file stores in different types stays one layer. The bytes are kept
 as given, usually a view of the memory map, so a layer costs no memory beyond the file's pages.
 
-- Few rows (decode, small batches, < DENSE_ROWS): engine/gguf_kernels.py's products over the blocks,
-  fp32 activations in and out, the weights exactly gguf-py's dequantization (no second rounding).
+- Few rows (decode, small batches, < DENSE_ROWS): the installed kernels' products over the blocks
+  (models/kernels.py `gguf_mm`: engine/gguf_kernels.cpp with the native kernels), fp32 activations in
+  and out, the weights exactly gguf-py's dequantization (no second rounding).
 - Many rows (prefill): the weight dequantized into a reused per-thread bf16 buffer (quant.py's, shared
   with the int4 layers) and one bf16 matmul, as the int4 form does; these weights are rounded once
   more, to bf16, as every dense bf16 path is.
-- Without the extension (no compiler, LLMOS_NATIVE=0): the Python dequantization (weights/dequant.py)
-  and an fp32 matmul: the same numbers, slowly.
+- With PyTorch's kernels (no compiler, LLMOS_NATIVE=0, a model not `install`ed): the Python
+  dequantization (weights/dequant.py) and an fp32 matmul: the same numbers, slowly.
 
 `GGUFEmbedding(head)` reads token rows from a head's blocks, so a tied vocabulary table (Gemma 3's
-262,144 x 640 Q8_0) is stored once, in the file, with no fp32 copy.
+262,144 x 640 Q8_0) is stored once, in the file, with no fp32 copy; `GGUFEmbedding(table, tied=False)`
+owns a table of its own (an untied model's token_embd).
+
+The loader (weights/load.py, the "gguf" form) builds these from views of the file's memory map.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llmos import quant
-from llmos.engine import gguf_kernels
 from llmos.errors import LlmosError
+from llmos.models.kernels import PYTORCH, Kernels
 from llmos.weights.dequant import GGML_TYPES, dequantize, type_name
 
 # Rows at or above which the layer dequantizes to bf16 for a dense matmul. The row kernel is ahead up
@@ -35,7 +41,13 @@ from llmos.weights.dequant import GGML_TYPES, dequantize, type_name
 DENSE_ROWS = quant.DENSE_ROWS
 
 
+# GGML type ids the kernels read (engine/gguf_kernels.py's QTYPES; a test keeps the two equal).
+QTYPES = frozenset({2, 3, 6, 7, 8, 12, 13, 14})  # Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K
+
+
 class GGUFLinear(nn.Module):
+    kernels: Kernels = PYTORCH  # the model's, once installed: its gguf_mm and gguf_dequantize run first
+
     def __init__(self, parts: list[tuple[torch.Tensor, int]], bias: torch.Tensor | None = None) -> None:
         """parts: (raw, qtype) per row block, in output order: raw (rows, row_bytes) contiguous uint8,
         the GGUF bytes of `rows` weight rows of type `qtype`; every part has the same input size."""
@@ -44,7 +56,7 @@ class GGUFLinear(nn.Module):
             raise LlmosError("GGUFLinear needs at least one part")
         sizes = []
         for i, (raw, qtype) in enumerate(parts):
-            if qtype not in gguf_kernels.QTYPES:
+            if qtype not in QTYPES:
                 raise LlmosError(f"GGUFLinear cannot run GGML type {type_name(qtype)}")
             _, block, size = GGML_TYPES[qtype]
             if raw.dtype != torch.uint8 or raw.dim() != 2 or raw.shape[1] % size:
@@ -68,7 +80,7 @@ class GGUFLinear(nn.Module):
         start = 0
         for raw, qtype in self.parts():
             rows = out[start : start + raw.shape[0]]
-            if not gguf_kernels.dequantize(raw.view(-1), qtype, rows):
+            if not self.kernels.gguf_dequantize(raw.view(-1), qtype, rows):
                 rows.copy_(dequantize(raw.view(-1), qtype, (raw.shape[0], K)))
             start += raw.shape[0]
         return out
@@ -83,7 +95,7 @@ class GGUFLinear(nn.Module):
             if mine.any():
                 picked = raw[flat[mine] - start].contiguous()  # (T, row_bytes): the rows' blocks
                 rows = torch.empty(picked.shape[0], self.in_features)
-                if not gguf_kernels.dequantize(picked.view(-1), qtype, rows):
+                if not self.kernels.gguf_dequantize(picked.view(-1), qtype, rows):
                     rows = dequantize(picked.view(-1), qtype, tuple(rows.shape))
                 out[mine] = rows
             start += raw.shape[0]
@@ -93,8 +105,12 @@ class GGUFLinear(nn.Module):
         """This head as the table that serves the embeddings too (the loader's tied-head protocol)."""
         return self
 
-    def embedding(self) -> GGUFEmbedding:
-        return GGUFEmbedding(self)
+    def embedding(self, tied: bool = True) -> GGUFEmbedding:
+        return GGUFEmbedding(self, tied)
+
+    def nbytes(self) -> int:
+        """Bytes of the blocks (the file's bytes for this weight)."""
+        return sum(raw.numel() for raw, _ in self.parts())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # (M, K)
@@ -109,20 +125,38 @@ class GGUFLinear(nn.Module):
     def _rows(self, rows: torch.Tensor) -> torch.Tensor:
         outs = []
         for raw, qtype in self.parts():
-            y = gguf_kernels.matmul(rows, raw.view(-1), qtype, raw.shape[0])
-            if y is None:  # no extension: the same weights through the Python dequantization
+            y = self.kernels.gguf_mm(rows, raw.view(-1), qtype, raw.shape[0])
+            if y is None:  # PyTorch's kernels: the same weights through the Python dequantization
                 y = F.linear(rows, dequantize(raw.view(-1), qtype, (raw.shape[0], self.in_features)))
             outs.append(y)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
 
 class GGUFEmbedding(nn.Module):
-    """Token embeddings read from a GGUFLinear head (tied tables): row i is the head's weight row i,
-    in fp32. The head is held, not registered, so the state dict stores the table once."""
+    """Token embeddings read from a GGUFLinear's blocks: row i is its weight row i, in fp32. A tied
+    head is held, not registered, so the state dict stores the table once (under the head); with
+    `tied=False` the table is this module's own (registered as `table`)."""
 
-    def __init__(self, head: GGUFLinear) -> None:
+    def __init__(self, head: GGUFLinear, tied: bool = True) -> None:
         super().__init__()
-        self.__dict__["head"] = head
+        if tied:
+            self.__dict__["table"] = head  # not a submodule: no second copy in state_dict()
+        else:
+            self.table = head
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.__dict__["head"].token_rows(tokens)
+        return self.table.token_rows(tokens)
+
+
+def blocks_hook(declined: list[tuple[str, list[int]]]) -> Callable[..., GGUFLinear | None]:
+    """A loader hook (weights/load.py's BlocksHook) for the "gguf" form: a GGUFLinear over each weight
+    (and the token table) whose parts are all of types the kernels run; None for the others, which
+    the loader then dequantizes, each appended to `declined` as (name, GGML types) for its note."""
+
+    def hook(name: str, parts: list[tuple[torch.Tensor, int]], bias: torch.Tensor | None) -> GGUFLinear | None:
+        if all(qtype in QTYPES for _, qtype in parts):
+            return GGUFLinear(parts, bias)
+        declined.append((name, [qtype for _, qtype in parts]))
+        return None
+
+    return hook

@@ -4,6 +4,14 @@
 through it and gives perplexity and top-1 agreement with fp32 (the dequantized weights). `auto_form`
 picks the fastest form whose perplexity is within 2% of fp32's; the verdict is cached in the model
 store under quality/, keyed by the model file's identity, so the check runs once per model.
+
+A quantized GGUF file whose layers are not all Q4_1 (Q4_K_M, Q5_K_M, Q6_K, Q8_0, Q4_0... files) runs
+its own blocks ("gguf") under `auto`, without a measurement: they are the file's weights exactly (no
+second rounding), and on Gemma 3 270M Q4_K_M they ran faster than the converted int4 form (decode
+1.2x, prefill 1.07x, one process, alternating rounds; README "Weight forms and speed"). A Q4_1 file
+keeps int4: its blocks are int4's own bits, and int4 runs the whole C++ decode step, which declines
+gguf layers (the Python step it would fall back to decodes the default model at about half the
+speed). Only with kernels that multiply blocks natively: the Python path dequantizes every call.
 `speed(path, form)` times load, a 512-token prefill and greedy decode (`llmos bench`, bench/).
 """
 
@@ -20,9 +28,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from llmos import derived
+from llmos import derived, quant, store
 from llmos.files import write_atomically
+from llmos.gguf_linear import QTYPES
 from llmos.models.kernels import PYTORCH, Kernels
+from llmos.weights.gguf import GGUFFile
 from llmos.weights.loader import kv_dtype, load_model, save_converted
 
 # Fastest first, for batch-1 decode on a CPU (see bench/): auto takes the first that passes.
@@ -80,10 +90,42 @@ def report(path: Path, forms: tuple[str, ...] = SPEED_ORDER, stop_at_first_pass:
     return out
 
 
+Q4_1 = 3  # GGML type id: blocks that are int4's own bits (quant.Int4Linear.from_q4_1)
+
+
+def runs_own_form(path: Path) -> bool:
+    """Whether `path` is a quantized GGUF file whose layers hold block types other than Q4_1 (the
+    token table aside: the default Q4_1 file keeps it in Q8_0), all of which the kernels run."""
+    if store.kind_of(path) != "gguf":
+        return False
+    with GGUFFile(path) as gguf:
+        types = {t.qtype for name, t in gguf.tensors.items() if name.startswith("blk.") and len(t.shape) == 2}
+    quantized = types - {0, 1, 30}  # F32, F16, BF16
+    return bool(quantized) and quantized <= QTYPES and quantized != {Q4_1}
+
+
+def forms_of(path: Path) -> tuple[str, ...]:
+    """The forms a model loads in, fastest-first order aside: fp32, bf16, int8, int4, and "gguf" for a
+    GGUF file with quantized blocks the kernels run (`llmos bench` compares them all)."""
+    if store.kind_of(path) != "gguf":
+        return quant.FORMS
+    with GGUFFile(path) as gguf:
+        own = any(t.qtype in QTYPES for t in gguf.tensors.values())
+    return quant.FORMS + (("gguf",) if own else ())
+
+
+def native_blocks(kernels: Kernels) -> bool:
+    """Whether `kernels` multiply GGUF blocks themselves (one Q8_0 block of zeros, tried)."""
+    return kernels.gguf_mm(torch.zeros(1, 32), torch.zeros(34, dtype=torch.uint8), 8, 1) is not None
+
+
 def auto_form(path: Path, quiet: bool = True, kernels: Kernels = PYTORCH) -> str:
-    """The fastest form whose perplexity passes the 2% rule (measured once, then cached in the store,
-    keyed by the model's content: every path to the same file shares it). Unless `quiet`, the first
-    load says on stderr what it is doing: the measurement takes ~15 s."""
+    """The file's own form for a GGUF file `runs_own_form` accepts (when the kernels run its blocks),
+    else the fastest form whose perplexity passes the 2% rule (measured once, then cached in the
+    store, keyed by the model's content: every path to the same file shares it). Unless `quiet`, the
+    first measurement says on stderr what it is doing: it takes ~15 s."""
+    if runs_own_form(path) and native_blocks(kernels):
+        return "gguf"
     cache = derived.verdict_file(path)
     try:
         return json.loads(cache.read_text())["auto"]

@@ -30,13 +30,13 @@ LAYERS = {
     "llmos.weights.names": 0, "llmos.errors": 0, "llmos.files": 0, "llmos.threads": 0, "llmos.data": 0,
     # L1: tokenizer and models (torch; tokenizers + jinja2); quant swaps modules from outside the models
     "llmos.tokenizer": 1, "llmos.models": 1, "llmos.quant": 1,
+    # GGUFLinear (a GGUF file's own blocks) is a quantized layer like quant's: the kernels object
+    # (models/kernels.py) hands it the native products, so the loader can build it.
+    "llmos.gguf_linear": 1,
     # L2: loading and the store
     "llmos.weights": 2, "llmos.store": 2, "llmos.derived": 2,
     # L3: the engine, token ids only
     "llmos.engine": 3,
-    # GGUFLinear runs engine/gguf_kernels.cpp over a file's own blocks; not wired into the loader yet
-    # (issue 18): once it is, the kernels object hands it in and it moves down with quant.
-    "llmos.gguf_linear": 3,
     # L4: text above the engine, the Python API, tasks, training
     "llmos.generation": 4, "llmos.json_constraint": 4, "llmos.quality": 4, "llmos.api": 4, "llmos.auto": 4,
     "llmos.tasks": 4, "llmos.train": 4,

@@ -6,6 +6,10 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
+# The chat models' weight forms (llmos.api.DTYPES without the aliases); "gguf" is a GGUF file's own
+# quantized blocks. Named here so the CLI does not import torch to build its parser.
+DTYPES = ["auto", "fp32", "bf16", "int8", "int4", "gguf"]
+
 
 def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
     """An int type accepting low <= value (<= high)."""

@@ -12,7 +12,8 @@ from llmos.cli.argtypes import int_in
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure decode/prefill speed per weight form (--quality: perplexity report)")
     p.add_argument("--model", "-m", default="smollm2-135m-instruct")
-    p.add_argument("--forms", default="fp32,bf16,int8,int4", help="comma-separated weight forms")
+    p.add_argument("--forms", default=None,
+                   help="comma-separated weight forms (default: fp32,bf16,int8,int4, and gguf for a quantized GGUF file)")
     p.add_argument("--quality", action="store_true", help="report perplexity and top-1 agreement per form")
     p.add_argument("--tokens", type=int_in(1), default=64, help="decode tokens to time")
     p.add_argument("--threads", type=int_in(1), default=None, help="CPU threads (default: the cores other work leaves idle)")
@@ -25,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from llmos.engine import native
 
     path = store.resolve(args.model)
-    forms = [f.strip() for f in args.forms.split(",") if f.strip()]
+    forms = [f.strip() for f in args.forms.split(",") if f.strip()] if args.forms else list(quality.forms_of(path))
     kernels = native.kernels()
     native.keep_freed_memory()  # as a served model runs (engine/native.py)
     decode_step = "native (C++)" if kernels.name == "native" else f"Python ({native.failure() or 'LLMOS_NATIVE=0'})"
@@ -47,5 +48,7 @@ def run(args: argparse.Namespace) -> int:
             line += f"{q['perplexity']:>12.3f}{q['ppl_increase'] * 100:>+9.2f}%{q['top1_agreement']:>8.3f}"
         print(line)
     if args.quality:
-        print(f"auto picks: {result['auto']} (fastest within {quality.MAX_PPL_INCREASE:.0%} of fp32 perplexity)")
+        why = ("the file's own blocks: a quantized GGUF whose layers are not Q4_1" if result["auto"] == "gguf"
+               else f"fastest within {quality.MAX_PPL_INCREASE:.0%} of fp32 perplexity")
+        print(f"auto picks: {result['auto']} ({why})")
     return 0

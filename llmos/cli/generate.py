@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from llmos.cli.argtypes import int_in
+from llmos.cli.argtypes import DTYPES, int_in
 from llmos.files import write_atomically
 
 
 def add_model_args(p: argparse.ArgumentParser, default: str = "smollm2-135m-instruct") -> None:
     p.add_argument("--model", "-m", default=default, help=f"store name, .gguf file or Hugging Face folder (default {default})")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "int8", "int4"],
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="weight form; auto picks the fastest within 2%% of fp32 perplexity")
     p.add_argument("--threads", type=int_in(1), default=None, help="CPU threads (default: the cores other work leaves idle)")
 

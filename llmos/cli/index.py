@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from llmos import store
+from llmos.cli.argtypes import DTYPES
 from llmos.cli.eval import get_eval_subparsers
 from llmos.cli.generate import add_sampling_args, sampling_kwargs
 from llmos.errors import LlmosError
@@ -61,7 +62,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", "-m", default=store.DEFAULT_CHAT_MODEL, help="chat model: store name, .gguf file or HF folder")
     add_sampling_args(p)
     p.set_defaults(temperature=0.0, max_new_tokens=DEFAULT_MAX_NEW_TOKENS)  # short greedy answers unless asked otherwise
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "int8", "int4"])
+    p.add_argument("--dtype", default="auto", choices=DTYPES)
     _index_arg(p)
     p.set_defaults(func=cmd_ask)
 
@@ -85,7 +86,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="question sets (default: the shipped development sets, their documents indexed on first use)")
     e.add_argument("--index", default=None, help="index the questions are about (default: the documents named by the set)")
     e.add_argument("--model", "-m", default=store.DEFAULT_CHAT_MODEL, help="chat model: store name, .gguf file or HF folder")
-    e.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "int8", "int4"])
+    e.add_argument("--dtype", default="auto", choices=DTYPES)
     e.add_argument("-k", type=int, default=DEFAULT_K, help="passages to retrieve")
     e.add_argument("--extractive", action="store_true", help="answer with the best sentence, without the chat model")
     e.add_argument("--out", default=None, metavar="FILE.json", help="write every answer and the summary as JSON")

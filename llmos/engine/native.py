@@ -16,8 +16,10 @@ extension, or the plain PyTorch kernels where it cannot be built. Nothing is set
 runs these kernels only once they are installed on it. `stepper(model)` returns a function doing one
 decode step of a Llama-family model (Mistral's window and Qwen3's q/k norms included), a Gemma 2 or a
 Gemma 3 model, or None when the model is outside what the C++ step covers (GPT-2, partial rotary,
-LoRA adapters, a layer kind it does not know, head sizes that are not a multiple of 16 or over 256;
-Gemma 2 on a CPU without AVX-512); the engine then runs the model's Python forward, which still calls the kernels it has.
+LoRA adapters, a layer kind it does not know, head sizes that are not a multiple of 16 or over 256,
+Gemma 2 on a CPU without AVX-512); the engine then runs the model's Python forward, which still calls
+the kernels it has. GGUF layers (the "gguf" form) are called through their own Python forward from
+the step, one call a layer: their kernels live in another extension (engine/gguf_kernels.py).
 """
 
 from __future__ import annotations
@@ -35,9 +37,10 @@ import torch
 from torch import nn
 
 from llmos import quant
-from llmos.engine import extension
+from llmos.engine import extension, gguf_kernels
 from llmos.models.kernels import PYTORCH, Kernels
 from llmos.models.kv_cache import KVCache
+from llmos.gguf_linear import GGUFEmbedding, GGUFLinear
 from llmos.models.gemma2 import Gemma2, softcap
 from llmos.models.gemma3 import Gemma3
 from llmos.models.llama import Llama
@@ -101,6 +104,12 @@ class NativeKernels(Kernels):
             return None
         return fn(x, qweight, scale)
 
+    def gguf_mm(self, x: torch.Tensor, raw: torch.Tensor, qtype: int, n: int) -> torch.Tensor | None:
+        return gguf_kernels.matmul(x, raw, qtype, n)  # a second extension, built on first use
+
+    def gguf_dequantize(self, raw: torch.Tensor, qtype: int, out: torch.Tensor) -> bool:
+        return gguf_kernels.dequantize(raw, qtype, out)
+
     def decode(self, model: nn.Module, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
         swaps = model.__dict__.get("swaps", 0)
         entry = self._steps.get(model)
@@ -152,13 +161,15 @@ def failure() -> str | None:
     return _failed
 
 
-_KINDS = {nn.Linear: 0, quant.BF16Linear: 1, quant.Int8Linear: 2, quant.Int4Linear: 3}
+_KINDS = {nn.Linear: 0, quant.BF16Linear: 1, quant.Int8Linear: 2, quant.Int4Linear: 3, GGUFLinear: 5}
 
 
 def _linear_args(layer: nn.Module) -> tuple[int, list[torch.Tensor | None]] | None:
     kind = _KINDS.get(type(layer))
     if kind is None:
         return None
+    if kind == 5:  # called through its Python forward (decode_step's kind 5)
+        return kind, [None, None, None]
     if kind in (0, 1):
         return kind, [layer.weight, None, layer.bias]
     if kind == 2:
@@ -186,8 +197,8 @@ def _covered(model: nn.Module, module: Any) -> bool:
         return False
     if type(model) is Gemma2 and not hasattr(module, "causal_attention"):
         return False  # soft-capped scores need the AVX-512 attention kernel (built with it)
-    embed = model.embed
-    embed_dtype = torch.float32 if isinstance(embed, quant.HeadEmbedding) else embed.weight.dtype
+    embed = model.embed  # the rows the step starts from must be fp32: the tables held in int8 or GGUF blocks give fp32
+    embed_dtype = torch.float32 if isinstance(embed, (quant.HeadEmbedding, GGUFEmbedding)) else embed.weight.dtype
     return embed_dtype == torch.float32 and config.rotary_dim == config.head_size \
         and config.head_size % 16 == 0 and config.head_size <= 256 \
         and config.n_heads // config.n_kv_heads <= 8  # what the C++ attention handles
@@ -230,6 +241,7 @@ def stepper(model: nn.Module, module: Any = None) -> Callable[[torch.Tensor, tor
     family = _family(model)
     kinds: list[int] = []
     tensors: list[torch.Tensor | None] = []
+    calls: list[Callable | None] = []  # kind 5's forward, None for the others
     norms: list[torch.Tensor] = []
     qk_norm = getattr(model.layers[0].attn, "q_norm", None) is not None
     for block in model.layers:
@@ -244,11 +256,13 @@ def stepper(model: nn.Module, module: Any = None) -> Callable[[torch.Tensor, tor
                 return None
             kinds.append(args[0])
             tensors += args[1]
+            calls.append(layer.forward if args[0] == 5 else None)
     head = _head_args(model.output, module)
     if head is None:
         return None
     kinds.append(head[0])
     tensors += head[1]
+    calls.append(model.output.forward if head[0] == 5 else None)
     norms.append(model.norm.weight)
     heads, kv_heads, head_dim, eps = config.n_heads, config.n_kv_heads, config.head_size, config.norm_eps
     dense_rows = min(quant.DENSE_ROWS, quant.INT4_DENSE_ROWS)
@@ -273,7 +287,7 @@ def stepper(model: nn.Module, module: Any = None) -> Callable[[torch.Tensor, tor
                                     [c.reshape(-1, D) for c, _ in tables], [s.reshape(-1, D) for _, s in tables],
                                     family["rope_of"], family["windows"], cache.k, cache.v, norms, kinds, tensors,
                                     heads, kv_heads, head_dim, eps, family["post_norms"], qk_norm, family["norm_plus_one"],
-                                    family["act"], family["q_scale"], family["attn_scale"], family["attn_cap"])
+                                    family["act"], family["q_scale"], family["attn_scale"], family["attn_cap"], calls)
         cache.wrote()
         return logits if final_cap is None else softcap(logits, final_cap)
 

@@ -19,6 +19,9 @@
 //   3 int4 weight-only     (packed int4pack, scales_zeros bf16 (K/32, N, 2), bias?)
 //   4 int8 weight-only     (int8_pack's layout, scale bf16 (N,), bias?): the vocabulary head, repacked
 //                          by the stepper for int8_mm (only built with LLMOS_BF16_KERNELS)
+//   5 a layer of its own   (unused): its Python `forward` is called with the fp32 rows and returns fp32
+//                          rows, bias added (gguf_linear.GGUFLinear, whose kernels live in another
+//                          extension); one call a layer, the same call the Python model makes
 #include <torch/extension.h>
 
 #include <cmath>
@@ -435,9 +438,13 @@ inline void rms_norm_inplace(float* x, const float* w, int64_t n, double eps) {
   scale_into(x, r, w, n, x);
 }
 
+// Whether a layer of this kind takes its rows in bf16 (the quantized and bf16 layers) or fp32.
+inline bool bf16_input(int64_t kind) { return kind >= 1 && kind <= 4; }
+
 // The raw output of linear `i` for input rows x (B, K) already in the layer's input dtype.
 torch::Tensor raw_linear(int64_t kind, const torch::Tensor& a, const torch::Tensor& b, const c10::optional<torch::Tensor>& bias,
                          const torch::Tensor& x) {
+  TORCH_CHECK(kind != 5, "raw_linear: a kind-5 layer is called through Python");
   if (kind == 0) return at::linear(x, a, bias);
   if (kind == 1) return at::linear(x, a);
 #ifdef LLMOS_BF16_KERNELS
@@ -650,7 +657,7 @@ torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions
                           const std::vector<torch::Tensor>& norms, const std::vector<int64_t>& kinds,
                           const std::vector<c10::optional<torch::Tensor>>& tensors, int64_t n_heads, int64_t n_kv,
                           int64_t head_dim, double eps, bool post_norms, bool qk_norm, bool norm_plus_one, const std::string& act,
-                          double q_scale, double attn_scale, double attn_cap) {
+                          double q_scale, double attn_scale, double attn_cap, const std::vector<py::object>& calls) {
   torch::NoGradGuard no_grad;
   const int64_t L = kc.size(0), B = x.size(0), C = x.size(-1), H = n_heads, D = head_dim;
   const int64_t per_layer = 2 + (post_norms ? 2 : 0) + (qk_norm ? 2 : 0);  // norms a layer
@@ -682,7 +689,7 @@ torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions
     for (int64_t b = 0; b < B; ++b)
       rp[b] = 1.0f / std::sqrt(static_cast<float>(sum_squares(xp + b * C, C) / C) + static_cast<float>(eps));
     const float* wp = weight_of(w, 0);
-    if (kinds[i] != 0) {
+    if (bf16_input(kinds[i])) {
       for (int64_t b = 0; b < B; ++b) scale_into(xp + b * C, rp[b], wp, C, normed_bf16.data_ptr<c10::BFloat16>() + b * C);
       return normed_bf16;
     }
@@ -690,6 +697,7 @@ torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions
     return normed_f32;
   };
   auto lin = [&](int64_t i, const torch::Tensor& in) {
+    if (kinds[i] == 5) return Out(calls[i](in).cast<torch::Tensor>(), c10::nullopt, 5);
     const auto& b = tensors[3 * i + 1];
     return Out(raw_linear(kinds[i], *tensors[3 * i], b.has_value() ? *b : none, tensors[3 * i + 2], in), tensors[3 * i + 2], kinds[i]);
   };
@@ -785,7 +793,7 @@ torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions
     }
     // (B, H, D) -> (B, H * D) in wo's input dtype, cast as the Python layer casts it.
     const auto attn = y.view({B, H * D});
-    residual(lin(4 * layer + 1, kinds[4 * layer + 1] != 0 ? attn_bf16.copy_(attn) : attn), post_norms ? w[2] : none);
+    residual(lin(4 * layer + 1, bf16_input(kinds[4 * layer + 1]) ? attn_bf16.copy_(attn) : attn), post_norms ? w[2] : none);
     Out gate_up = lin(4 * layer + 2, norm_into(4 * layer + 2, w[1]));
     const int64_t F = gate_up.n / 2;
     // SwiGLU or GeGLU: act(gate) * up, rounded to the down projection's input dtype.
@@ -800,7 +808,7 @@ torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions
     if (act == "silu") at::silu_out(gated, gate);
     else at::gelu_out(gated, gate, act == "gelu_tanh" ? "tanh" : "none");
     const float* ap = gated.data_ptr<float>();
-    const bool down_bf16 = kinds[4 * layer + 3] != 0;
+    const bool down_bf16 = bf16_input(kinds[4 * layer + 3]);
     auto& prod = down_bf16 ? prod_bf16 : prod_f32;
     for (int64_t r = 0; r < B; ++r) {
       if (down_bf16) mul_out(ap + r * F, gate_up, r, F, F, prod_bf16.data_ptr<c10::BFloat16>() + r * F);

@@ -1,8 +1,10 @@
 """Kernels: how a model's heavy operations run, chosen once at load time and handed to the model.
 
 A model's layers ask their kernels first where a faster implementation may exist: prompt attention,
-the int4 and int8 matrix products and int4 unpacking, the int8 head of a tied table (quant.Int8Head); each method returns None (False for unpacking) when
-it has nothing for those arguments, and the layer then runs its own PyTorch op. The engine asks
+the int4 and int8 matrix products and int4 unpacking, the int8 head of a tied table (quant.Int8Head),
+products and dequantization over a GGUF file's own blocks (gguf_linear.GGUFLinear); each method
+returns None (False for unpacking) when it has nothing for those arguments, and the layer then runs
+its own PyTorch op. The engine asks
 them for a whole decode step (`decode`), and runs the model's Python forward when they have none.
 `Kernels()` (`PYTORCH`) is the plain PyTorch path; the engine's C++ extension supplies
 `engine.native.NativeKernels`.
@@ -43,6 +45,16 @@ class Kernels:
     def int8_linear_mm(self, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
         """Rows x (M, K) bf16 times quant.Int8Linear's weights (qweight int8 (N, K), scale bf16 (N,)): (M, N) fp32."""
         return None
+
+    def gguf_mm(self, x: torch.Tensor, raw: torch.Tensor, qtype: int, n: int) -> torch.Tensor | None:
+        """Rows x (M, K) fp32 times a weight (n, K) given as a GGUF file's blocks of GGML type `qtype`
+        (contiguous uint8, as stored): (M, n) fp32 with the weights exactly gguf-py's dequantization."""
+        return None
+
+    def gguf_dequantize(self, raw: torch.Tensor, qtype: int, out: torch.Tensor) -> bool:
+        """GGUF blocks dequantized into `out` ((N, K) fp32, or bf16: those values rounded once);
+        False when not done."""
+        return False
 
     def decode(self, model: nn.Module, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor | None:
         """One whole decode step (tokens (B,) at `positions`): logits (B, V) fp32, or None."""

@@ -15,8 +15,8 @@ them.
   pieces ("4. Redistribution.") join the next sentence of their paragraph; very long ones split at "; ".
 - `rank` scores each sentence by cosine similarity to the question (the embedding model), weighted
   overlap of the question's content words (IDF over the candidates, light stemming), whether the
-  sentence holds the kind of thing the question asks for (a number for "how many", ...), and the
-  rank of the passage it came from. The weights were tuned on the shipped development sets
+  sentence holds the kind of thing the question asks for (a number for "how many", a name for "who",
+  an exception class for "which exception"), and the rank of the passage it came from. The weights were tuned on the shipped development sets
   (`llmos/data/eval/qa/`), never on one alone.
 - `supported(answer, evidence, question)` is True when every number, name (a capitalised word not
   opening a sentence), quoted or code term of the answer occurs in the evidence, and so do most of the
@@ -56,6 +56,7 @@ _SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9]|\([a-z0-9]{1,
 LIST_MARKER = re.compile(r"^\s*(?:[-*+\u2022\u2013]|\d{1,3}[.)])\s+")
 _WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9_'-]*")
 _NUMBER = re.compile(r"\d+(?:[.,:]\d+)*")
+_EXCEPTION = re.compile(r"\b[A-Z]\w*(?:Error|Exception|Warning)\b")  # ValueError, idna.IDNABidiError
 _NUMBER_WORDS = frozenset(
     "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
     "seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety hundred thousand "
@@ -207,11 +208,17 @@ def _asks_for(question: str) -> str | None:
         return "number"
     if re.search(r"\bwho\b|\bwhose\b|\bwhich (company|organi[sz]ation|person|group|foundation)\b", q):
         return "name"
+    if re.search(r"\b(which|what)\b.*\b(exception|error|warning)s?\b", q):
+        return "exception"
     return None
 
 
 def _has_number(text: str) -> bool:
     return bool(_NUMBER.search(text)) or any(w.lower() in _NUMBER_WORDS for w in _WORD.findall(text))
+
+
+def _has_exception(text: str) -> bool:
+    return bool(_EXCEPTION.search(text))
 
 
 def _has_name(text: str) -> bool:
@@ -238,7 +245,7 @@ def rank(question: str, sentences: Sequence[Sentence], embedder: Any,
     similarity = vectors @ query
     overlap = keyword_overlap(question, [s.text for s in sentences])
     wanted = _asks_for(question)
-    has = {"number": _has_number, "name": _has_name}.get(wanted or "")
+    has = {"number": _has_number, "name": _has_name, "exception": _has_exception}.get(wanted or "")
     asked = {x.lower() for x in _WORD.findall(question)} | set(content_words(question))
     ranked = []
     for i, s in enumerate(sentences):
@@ -298,5 +305,10 @@ def supported(answer: str, evidence: Sequence[str], question: str = "", min_shar
     if any(t not in text for t in key_terms(answer)):
         return False
     evidence_words = set(content_words(text))
-    new = set(content_words(answer)) - set(content_words(question))
+    new = new_words(answer, question)
     return bool(new) and sum(w in evidence_words for w in new) >= min_share * len(new)
+
+
+def new_words(answer: str, question: str) -> set[str]:
+    """The content words (stemmed) of `answer` that `question` does not already hold: what it adds."""
+    return set(content_words(answer)) - set(content_words(question))

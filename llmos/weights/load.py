@@ -4,6 +4,11 @@ The flow for every format: build the model on the meta device (no memory), read 
 once (memory-mapped, dequantized when quantized), rename it with a table from names.py, apply the
 named transforms (GGUF q/k un-permutation, Conv1D transpose, q/k/v and gate/up fusion), and hand the
 result to `load_state_dict(assign=True)`, so no checkpoint is ever held in memory twice.
+
+A GGUF file can also keep its own blocks (`load_gguf(..., blocks_hook=...)`, the "gguf" form): each
+Linear and the token table is handed over as views of the map, one (rows, row_bytes) part per source
+tensor, with the same row transforms (llama's q/k rows are un-permuted: a row is its own blocks, so
+reordering rows is exact), and nothing of it is dequantized.
 """
 
 from __future__ import annotations
@@ -104,6 +109,12 @@ LLAMA_FUSIONS = (
 # () when the file keeps the weight in more than 4 bits (a 4-bit form then keeps 8).
 LinearHook = Callable[[str, torch.Tensor, "torch.Tensor | None", "tuple[torch.Tensor, ...] | None"], nn.Module]
 
+# A hook that builds a layer over a GGUF file's own blocks (the "gguf" form, llmos/gguf_linear.py):
+# (module name, [(blocks (rows, row_bytes) uint8, GGML type) per source tensor, in output order], bias)
+# -> the layer, or None when it does not run those types (the weight then loads dequantized). Called
+# with "embed" for the token table: the layer returned must offer `embedding(tied)`.
+BlocksHook = Callable[[str, "list[tuple[torch.Tensor, int]]", "torch.Tensor | None"], "nn.Module | None"]
+
 
 # --- checks before anything is allocated ----------------------------------------------------------
 
@@ -146,14 +157,22 @@ def check_shapes(model: nn.Module, config: ModelConfig, canonical: dict[str, str
         if not parts:
             continue  # missing: _assemble names it
         try:
-            got = fuse(transform(p, torch.empty(shapes[canonical[p]], device="meta")) for p in parts).shape
+            got = _fused_shape([transform(p, torch.empty(shapes[canonical[p]], device="meta")).shape for p in parts])
         except RuntimeError:
-            got = None  # parts that cannot be transformed or stacked: a mismatch all the same
+            got = None  # parts that cannot be transformed: a mismatch all the same
         if got != expected.shape:
             stored = ", ".join(str(tuple(shapes[canonical[p]])) for p in parts)
             raise LlmosError(f"{origin}: {', '.join(canonical[p] for p in parts)} stored as {stored} does not fit {key} "
                              f"{tuple(expected.shape)} from the config's {_fields_at_fault(config, key, expected.shape, got)}; "
                              "the config and the weights disagree")
+
+
+def _fused_shape(shapes: list[torch.Size]) -> torch.Size | None:
+    """The shape `fuse` gives parts of these shapes (None: they cannot be stacked), worked out rather
+    than run on the meta device: torch.cat there imports ~800 modules (68 MB, ~1 s) at first use."""
+    if len({s[1:] for s in shapes}) != 1:
+        return None
+    return torch.Size((sum(s[0] for s in shapes), *shapes[0][1:]))
 
 
 def _fields_at_fault(config: ModelConfig, key: str, expected: torch.Size, got: torch.Size | None) -> str:
@@ -195,6 +214,8 @@ def _assemble(
     origin: str,
     linear_hook: LinearHook | None = None,
     read_blocks: Callable[[str], tuple[torch.Tensor, ...] | None] | None = None,
+    blocks_hook: BlocksHook | None = None,
+    read_raw: Callable[[str], tuple[torch.Tensor, int]] | None = None,
 ) -> nn.Module:
     canonical = dict(canonical)  # consumed as tensors load: what is left over was not used
 
@@ -218,22 +239,51 @@ def _assemble(
             return None
         return tuple(fuse(transform(p, b[i]) for p, b in zip(parts_of(key), per_part)) for i in range(len(per_part[0])))
 
+    def own_blocks(name: str, key: str, bias: torch.Tensor | None) -> nn.Module | None:
+        """The layer `blocks_hook` builds over the file's blocks of `key` (its parts consumed), or None."""
+        if blocks_hook is None or read_raw is None:
+            return None
+        parts = parts_of(key)
+        raws = [read_raw(canonical[p]) for p in parts]
+        layer = blocks_hook(name, [(transform(p, raw), qtype) for p, (raw, qtype) in zip(parts, raws)], bias)
+        if layer is not None:
+            for p in parts:
+                canonical.pop(p)
+        return layer
+
     state: dict[str, torch.Tensor] = {}
     tied = config.tie_embeddings
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)} if linear_hook else {}
-    for key in model.state_dict().keys():
+    keys = list(model.state_dict().keys())
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)} if linear_hook or blocks_hook else {}
+    table = own_blocks("embed", "embed.weight", None) if "embed.weight" in keys else None
+    if table is not None:  # the token table stays in the file's blocks; a tied head runs the same ones
+        head_too = tied and "output" in linears
+        set_module(model, "embed", table.embedding(tied=head_too))
+        if head_too:
+            set_module(model, "output", table)
+            tied = False
+        keys = [k for k in keys if k != "embed.weight" and not (head_too and k == "output.weight")]
+    for key in keys:
         if key == "output.weight" and tied:
             continue
         module_name, _, leaf = key.rpartition(".")
         if module_name in linears:
             if leaf == "weight":
-                exact = blocks(key)
-                weight = load(key)
-                bias = load(module_name + ".bias") if linears[module_name].bias is not None else None
-                set_module(model, module_name, linear_hook(module_name, weight, bias, exact))
+                has_bias = linears[module_name].bias is not None
+                bias = load(module_name + ".bias") if has_bias else None
+                layer = own_blocks(module_name, key, bias)
+                if layer is None and linear_hook is not None:
+                    exact = blocks(key)  # before load(key), which consumes the canonical names
+                    layer = linear_hook(module_name, load(key), bias, exact)
+                if layer is None:  # the model's own Linear, dequantized weights
+                    state[key] = load(key)
+                    if has_bias:
+                        state[module_name + ".bias"] = bias
+                else:
+                    set_module(model, module_name, layer)
             continue
         state[key] = load(key)
-    if tied and "output" in linears:
+    if tied and "output" in linears and linear_hook is not None:
         # The head shares the embedding table; in a faster form it gets its own converted copy.
         head = linear_hook("output", state["embed.weight"], None, None)
         if getattr(model, "embed_from_head", None) is not None and hasattr(head, "tied"):
@@ -256,12 +306,15 @@ def _assemble(
 
 
 def load_gguf(
-    gguf: GGUFFile, config: ModelConfig, dtype: torch.dtype = torch.float32, linear_hook: LinearHook | None = None
+    gguf: GGUFFile, config: ModelConfig, dtype: torch.dtype = torch.float32, linear_hook: LinearHook | None = None,
+    blocks_hook: BlocksHook | None = None,
 ) -> nn.Module:
     """Dequantize a GGUF file's tensors into a model of `config`.
 
     With `linear_hook`, each Linear is handed over as it loads, with its Q4_1 blocks (d, m, q) when
-    the file stores it so, so a 4-bit form can run the file's own weights."""
+    the file stores it so, so a 4-bit form can run the file's own weights. With `blocks_hook`, each
+    Linear and the token table are first offered as the file's blocks (views of the map), and only
+    those the hook declines are dequantized."""
     arch = gguf.metadata.get("general.architecture")
     if config.arch == "gpt2":
         name_map = names.NameMap(names.GGUF_GPT2)
@@ -292,12 +345,17 @@ def load_gguf(
             return ()
         return None
 
+    def read_raw(src: str) -> tuple[torch.Tensor, int]:
+        """The tensor's bytes as (rows, row_bytes) uint8 over the map (no copy), and its GGML type."""
+        info = gguf.tensors[src]
+        return torch.from_numpy(gguf.raw(src)).view(info.shape[0], -1), info.qtype
+
     origin = str(gguf.path)
     canonical = canonical_names(config, list(gguf.tensors), name_map, origin)
     model = build_model(config)
     check_shapes(model, config, canonical, {n: t.shape for n, t in gguf.tensors.items()}, transform, origin)
     return _assemble(model, config, canonical, gguf.tensor, transform, dtype, origin,
-                     linear_hook, read_blocks if linear_hook else None)
+                     linear_hook, read_blocks if linear_hook else None, blocks_hook, read_raw)
 
 
 def load_hf(

@@ -11,7 +11,12 @@ embedding task, the translation task's language check).
 Forms (`load_model(ref, form)`): "fp32" keeps the checkpoint's weights (memory-mapped, dequantized
 from GGUF); "bf16", "int8" and "int4" build each Linear in that form as it loads (quant.linear_hook),
 and keep the converted model in the store (weights/converted.py, keyed by the model's content), so
-a later load only maps a file. The KV cache dtype that goes with a form is `kv_dtype(form)`, for
+a later load only maps a file. "gguf" (a GGUF file only) is the file's own form: every Linear and the
+token table whose blocks the kernels run (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) become
+gguf_linear layers over views of the file's memory map, nothing of them dequantized or converted (so
+nothing is cached: the map is the model; its views keep it open as long as the model lives); F32
+tensors are the map's own, and a weight of another type (F16, Q3_K, IQ*) loads dequantized to fp32,
+with a warning that names it. The KV cache dtype that goes with a form is `kv_dtype(form)`, for
 the caller to pass to the engine. `kernels` (models/kernels.py) are installed on the model;
 `owned=True` gives an fp32 model whose tensors own their memory (training writes into them).
 A BERT-family encoder loads in "fp32" or "bf16" (its weights' dtype).
@@ -20,13 +25,14 @@ A BERT-family encoder loads in "fp32" or "bf16" (its weights' dtype).
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from llmos import derived, quant, store
+from llmos import derived, gguf_linear, quant, store
 from llmos.config import ModelConfig
 from llmos.errors import LlmosError
 from llmos.models.kernels import PYTORCH, Kernels, install
@@ -34,9 +40,10 @@ from llmos.models.lora import ADAPTER_WEIGHTS, RUN_FILE, load_adapter, merge_lor
 from llmos.tokenizer import Tokenizer, derives_merges
 from llmos.weights import converted
 from llmos.weights.gguf import GGUFFile
+from llmos.weights.dequant import type_name
 from llmos.weights.load import load_bert, load_gguf, load_hf, open_gguf_config, read_hf_config
 
-FORMS = quant.FORMS
+FORMS = (*quant.FORMS, "gguf")
 
 
 def resolve(ref: str | Path) -> Path:
@@ -123,10 +130,13 @@ def load_model(ref: str | Path, form: str = "fp32", *, kernels: Kernels = PYTORC
         raise LlmosError(f"a model that owns its memory (for training) loads in fp32, not {form}")
     path = resolve(ref)
     kind = store.kind_of(path)
+    if form == "gguf" and kind != "gguf":
+        raise LlmosError(f"{path} is not a GGUF file: the gguf form runs a GGUF file's own blocks; "
+                         f"load it in {', '.join(quant.FORMS)} (or auto)")
     config = read_hf_config(path) if kind == "hf" else None
     if config is not None and config.arch == "bert":
         return _encoder(path, config, form), config, Tokenizer.from_dir(path)
-    cache = derived.converted_file(path, form) if form != "fp32" and use_cache else None
+    cache = derived.converted_file(path, form) if form not in ("fp32", "gguf") and use_cache else None
     if kind == "adapter_run":
         model, config, tokenizer = _adapter_run(path, form, cache, owned)
     elif kind == "gguf":
@@ -134,7 +144,9 @@ def load_model(ref: str | Path, form: str = "fp32", *, kernels: Kernels = PYTORC
             config = open_gguf_config(gguf)
             tokenizer = _gguf_tokenizer(path, gguf)
             model = converted.load(cache, config) if cache else None
-            if model is None:
+            if form == "gguf":
+                model = _file_form(gguf, config)
+            elif model is None:
                 model = load_gguf(gguf, config, linear_hook=quant.linear_hook(form))
                 if cache:
                     save_converted(model, cache)
@@ -148,6 +160,18 @@ def load_model(ref: str | Path, form: str = "fp32", *, kernels: Kernels = PYTORC
     if owned and kind != "adapter_run":  # a run's base is loaded owned already, the adapter merged into it
         _own_memory(model)
     return install(model, kernels), config, tokenizer
+
+
+def _file_form(gguf: GGUFFile, config: ModelConfig) -> nn.Module:
+    """The "gguf" form: the file's blocks where the kernels run them, a warning naming the rest."""
+    declined: list[tuple[str, list[int]]] = []
+    model = load_gguf(gguf, config, blocks_hook=gguf_linear.blocks_hook(declined))
+    quantized = [(name, types) for name, types in declined if any(t != 0 for t in types)]  # F32 is the file's own
+    if quantized:
+        kinds = sorted({type_name(t) for _, types in quantized for t in types if t not in gguf_linear.QTYPES})
+        warnings.warn(f"{gguf.path}: {len(quantized)} weights ({quantized[0][0]}...) are stored as {', '.join(kinds)}, "
+                      "which llmos has no kernel for; they run dequantized to fp32", stacklevel=3)
+    return model
 
 
 def save_converted(model: nn.Module, file: Path) -> None:

@@ -158,3 +158,19 @@ def test_gguf_export_keeps_the_tokenizer(gemma, gemma3_path, tmp_path):
     reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
     for text in TEXTS + PROMPTS:
         assert back.encode(text) == reference.encode(text) == gemma.encode(text), text[:40]
+
+
+def test_the_files_own_form_gives_the_fp32_logits_and_keeps_no_fp32_copy(gemma, gemma3_path):
+    """`--dtype gguf` (what auto picks for this file): the Q4_K/Q5_0/Q6_K/Q8_0 blocks as the file holds
+    them, the 262,144 x 640 table once (head and embeddings), nothing dequantized to fp32 but the norms;
+    on a short prompt (the row kernels, exactly the file's weights) the fp32 path's logits."""
+    from llmos.gguf_linear import GGUFLinear
+
+    own = llmos.load(gemma3_path, dtype="gguf", quiet=True)
+    assert own.dtype == "gguf" and isinstance(own.model.output, GGUFLinear)
+    tensors = [*own.model.parameters(), *own.model.buffers()]
+    assert {t.dtype for t in tensors} == {torch.uint8, torch.float32}
+    assert max(t.numel() for t in tensors if t.dtype == torch.float32) <= own.config.dim  # norms only
+    assert sum(t.numel() for t in tensors if t.dtype == torch.uint8) < Path(gemma3_path).stat().st_size
+    ids = gemma.encode(PROMPTS[1])
+    assert (own.logits(ids) - gemma.logits(ids)).abs().max().item() < 1e-3

@@ -93,6 +93,17 @@ def test_rank_prefers_the_sentence_with_the_question_words_and_the_asked_kind():
     assert ranked[0].score > ranked[1].score > ranked[2].score
 
 
+def test_rank_prefers_a_sentence_naming_an_exception_when_one_is_asked_for():
+    sentences = [_sentence("Setting an attribute on a bound method is not possible."),
+                 _sentence("Setting an attribute on a bound method raises AttributeError.", passage=2)]
+    question = "Which exception results from setting an attribute on a bound method?"
+    ranked = rank(question, sentences, BagOfWords([question]))  # both sentences equally similar
+    assert ranked[0].sentence.text.endswith("raises AttributeError.") and ranked[0].kind == 1.0
+    assert ranked[1].kind == 0.0  # the first passage's sentence, ahead without the kind
+    # the same sentences for a question that asks for no exception: no kind bonus either way
+    assert all(r.kind == 0.0 for r in rank("Can I set attributes on methods?", sentences, BagOfWords(["x"])))
+
+
 def test_rank_prefers_the_document_the_question_names():
     same = "Licenses are reinstated if the violation ends within thirty days of notice."
     sentences = [_sentence(same, path="/d/gfdl-1.3.txt"), _sentence(same, path="/d/gpl-3.txt", passage=1)]

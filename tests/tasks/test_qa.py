@@ -56,6 +56,9 @@ def test_a_supported_answer_is_kept_and_cited_by_the_pipeline(fixture_index):
     ("The answer to your question is: the answer to your question is", "length"),  # ran to the cap
     ("Not stated.", "eos"),  # declined although the evidence is there
     ("How long does the old API key keep working?", "eos"),  # restates the question
+    # supported, but a rewrite of the passage rather than an answer: more than MAX_ANSWER_WORDS new words
+    ("To rotate the API key, run acmectl keys rotate; the old key keeps working for 24 hours, so deployed "
+     "services have time to pick up the new one.", "eos"),
 ])
 def test_an_unsupported_answer_falls_back_to_the_best_sentence(fixture_index, reply, finish):
     answer = ask(Scripted(reply, finish), "How long does the old API key keep working after a rotation?", fixture_index)
