@@ -36,7 +36,7 @@ def run_llmos(path: Path, threads: int, dtype: str) -> dict:
     from llmos.quality import timed
 
     t0 = time.perf_counter()
-    llm = llmos.load(str(path), dtype=dtype)
+    llm = llmos.load(str(path), dtype=dtype, threads=threads)  # else load picks its own count (auto_threads)
     load_s = time.perf_counter() - t0
     return {"load_s": load_s, **timed(llm.model, llm.config.vocab_size, DECODE_TOKENS - 1, llm.kv_dtype), "form": llm.dtype}
 
