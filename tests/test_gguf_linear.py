@@ -101,8 +101,29 @@ def test_every_linear_runs_the_files_blocks_and_the_table_is_kept_once(models):
     assert set(by_dtype) == {torch.uint8, torch.float32}
     assert by_dtype[torch.float32] == 4 * (2 * config.n_layers + 1) * config.dim  # the RMSNorm weights
     assert not any(t.dim() == 2 and t.dtype != torch.uint8 for t in model.state_dict().values())
-    # the native whole-step decode declines such a model: the Python forward runs the kernels
-    assert native.stepper(model) is None
+
+
+@torch.inference_mode()
+def test_the_native_step_calls_the_gguf_layers_and_gets_the_python_steps_logits(models):
+    """The C++ decode step runs a GGUF model, calling each GGUFLinear's own forward (its kernels live in
+    another extension): logits within 1e-5 of the Python step's relative to their size (these logits are
+    small), with shared and per-row positions."""
+    _, model, config = models
+    if native.build(quiet=True) is None:
+        pytest.skip(f"native step not built here: {native.failure()}")
+    step = native.stepper(model)
+    assert step is not None
+    from llmos.models.kv_cache import KVCache
+
+    prompt = torch.tensor([[1, 17, 200, 33, 90], [5, 250, 3, 40, 41]])
+    fast, slow = (KVCache.for_model(config, 2, 16) for _ in range(2))
+    model.hidden(prompt, torch.arange(5), fast)
+    model.hidden(prompt, torch.arange(5), slow)
+    for i, positions in enumerate((torch.tensor([5]), torch.tensor([[6], [6]]), torch.tensor([7]))):
+        tokens = torch.tensor([7 + i, 90 - i])
+        got = step(tokens, positions, fast)
+        want = model.logits(model.hidden(tokens[:, None], positions, slow)[:, -1]).float()
+        assert (got - want).abs().max().item() < 1e-5 * max(1.0, want.abs().max().item()), i
 
 
 @torch.inference_mode()
