@@ -173,7 +173,7 @@ class ModelConfig:
                 type_vocab_size=cfg.get("type_vocab_size", 2),
                 name=cfg.get("_name_or_path", ""),
             )
-        n_heads = cfg["num_attention_heads"]
+        n_heads = _positive_heads(cfg["num_attention_heads"], "config.json num_attention_heads")
         rope_theta, scaling, rope_dim = _hf_rope(cfg)
         if family == "gemma2":
             head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
@@ -236,7 +236,7 @@ class ModelConfig:
         def optional(key: str) -> Any:
             return get(key) if metadata.get(f"{arch}.{key}") is not None else None
 
-        n_heads = int(get("attention.head_count"))
+        n_heads = _positive_heads(int(get("attention.head_count")), f"GGUF metadata {arch}.attention.head_count")
         dim = int(get("embedding_length"))
         vocab = optional("vocab_size")
         if vocab is None:
@@ -307,6 +307,13 @@ class ModelConfig:
             qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
             rope_dim=int(rope_dim) if rope_dim is not None and int(rope_dim) != head_size else None,
         )
+
+
+def _positive_heads(n: Any, where: str) -> Any:
+    """The head count, refused in one line before anything divides by it."""
+    if isinstance(n, int) and not isinstance(n, bool) and n <= 0:
+        raise ConfigError(f"{where} must be positive, got {n}")
+    return n
 
 
 def _hf_decoder_fields(cfg: dict[str, Any], tied: bool) -> dict[str, Any]:

@@ -104,6 +104,7 @@ def test_a_tensor_listed_twice_is_refused(tmp_path):
     ({"hidden_size": "32"}, ("dim", "integer")),
     ({"rope_theta": "fast"}, ("config.json",)),
     ({"num_attention_heads": None}, ("num_attention_heads",)),
+    ({"num_attention_heads": 0}, ("num_attention_heads", "positive")),
     ({"max_position_embeddings": -5}, ("max_seq_len", "positive")),
 ])
 def test_hf_config_values_that_do_not_fit_the_tensors(tmp_path, override, words):
@@ -121,6 +122,7 @@ def test_hf_config_values_that_do_not_fit_the_tensors(tmp_path, override, words)
     ({"dim": 1 << 20}, ("dim", "embedding_length")),
     ({"ffn": 96}, ("ffn_dim", "feed_forward_length")),
     ({"heads": 8}, ("n_heads",)),
+    ({"heads": 0}, ("head_count", "positive")),  # found by the file fuzzer: a ZeroDivisionError before
 ])
 def test_gguf_metadata_that_does_not_fit_the_tensors(tmp_path, override, words):
     refused(write_gguf(tmp_path / "m.gguf", override), *words, seconds=5)
