@@ -73,7 +73,12 @@ def no_vector_table(monkeypatch):
     monkeypatch.setattr(IndexDB, "vectors", refuse)
 
 
-def _build_incrementally(tmp_path) -> tuple[Index, list]:
+def _build_incrementally(tmp_path, monkeypatch) -> tuple[Index, list]:
+    """Adds and removes past the threshold; checks that after the first build the graph is never
+    rebuilt or healed (each document goes into it as it commits) and is saved by every call."""
+    heals = []
+    heal = Index._heal
+    monkeypatch.setattr(Index, "_heal", lambda self, graph, generation: heals.append(len(graph)) or heal(self, graph, generation))
     docs = tmp_path / "docs"
     docs.mkdir()
     files = [_doc(docs / f"d{i}.txt", 400, f"d{i}") for i in range(6)]
@@ -81,17 +86,21 @@ def _build_incrementally(tmp_path) -> tuple[Index, list]:
     index.add(files[:2])  # 800 chunks: below the threshold, no graph
     assert not index._graph_folder.exists()
     index.add(files[2:4])  # past it: the graph is built at the end of this add
+    assert heals == [0]
     index.add(files[4:])  # then each document goes into it as it commits
     index.remove([files[1]])  # from a sealed segment
     _doc(files[3], 300, "d3v2")  # replaced: old chunks out, new ones in
     index.add([files[3]])
     _doc(files[5], 350, "d5v2")  # the newest document replaced: its new chunks must not take its old ids
     index.add([files[5]])
+    assert heals == [0]
+    assert ann.AnnGraph.open(index._graph_folder, DIM).generation == index.db.generation()  # saved
+    monkeypatch.setattr(Index, "_heal", heal)
     return index, files
 
 
-def test_incremental_graph_answers_like_a_rebuilt_one(tmp_path, small_segments, no_vector_table):
-    index, _ = _build_incrementally(tmp_path)
+def test_incremental_graph_answers_like_a_rebuilt_one(tmp_path, small_segments, no_vector_table, monkeypatch):
+    index, _ = _build_incrementally(tmp_path, monkeypatch)
     ids = index.db.chunk_ids()
     assert len(ids) == 400 * 3 + 300 + 350
     assert np.array_equal(_graph_keys(index), ids)  # exactly the database's chunks, each once
@@ -134,7 +143,7 @@ def test_add_holds_no_more_than_one_segment_to_add_to(tmp_path, small_segments, 
         return index
 
     monkeypatch.setattr(ann.AnnGraph, "_writable", counting)
-    index, _ = _build_incrementally(tmp_path)
+    index, _ = _build_incrementally(tmp_path, monkeypatch)
     # The segment being filled, plus at most the sealed one a replaced document is removed from.
     assert loaded and max(loaded) <= 2
     assert len(index._graph._segments) >= 3
@@ -142,7 +151,7 @@ def test_add_holds_no_more_than_one_segment_to_add_to(tmp_path, small_segments, 
 
 
 def test_a_crash_before_the_graph_save_is_healed(tmp_path, small_segments, monkeypatch):
-    index, files = _build_incrementally(tmp_path)
+    index, files = _build_incrementally(tmp_path, monkeypatch)
     before = _graph_keys(index)
 
     def crash(graph, generation):
@@ -162,8 +171,8 @@ def test_a_crash_before_the_graph_save_is_healed(tmp_path, small_segments, monke
     assert np.array_equal(_graph_keys(reopened), reopened.db.chunk_ids())
 
 
-def test_a_damaged_segment_file_is_rebuilt(tmp_path, small_segments):
-    index, _ = _build_incrementally(tmp_path)
+def test_a_damaged_segment_file_is_rebuilt(tmp_path, small_segments, monkeypatch):
+    index, _ = _build_incrementally(tmp_path, monkeypatch)
     index.close()
     segment = sorted(index._graph_folder.glob("seg-*.usearch"))[0]
     segment.write_bytes(b"\0" * 100)
@@ -184,3 +193,19 @@ def test_an_older_single_file_graph_is_replaced(tmp_path):
     assert legacy.is_dir() and not (tmp_path / "i.sqlite.usearch.json").exists()
     assert np.array_equal(_graph_keys(index), index.db.chunk_ids())
     shutil.rmtree(legacy)
+
+
+def test_streamed_exact_search_equals_one_matrix_product():
+    from llmos.tasks.index import exact_search, exact_search_blocks
+
+    rng = np.random.default_rng(0)
+    matrix = rng.standard_normal((1000, DIM)).astype(np.float32)
+    matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+    ids = rng.permutation(5000)[:1000].astype(np.int64)
+    queries = matrix[:5] + 0.1 * rng.standard_normal((5, DIM)).astype(np.float32)
+    whole = exact_search(matrix, ids, queries, 10)
+    blocks = [(ids[i:i + 37], matrix[i:i + 37]) for i in range(0, 1000, 37)]  # blocks smaller and larger than n
+    streamed = exact_search_blocks(blocks, queries, 10)
+    assert [[c for c, _ in r] for r in streamed] == [[c for c, _ in r] for r in whole]
+    scores = queries @ matrix.T
+    assert [c for c, _ in whole[0]] == [int(ids[i]) for i in np.argsort(-scores[0])[:10]]
