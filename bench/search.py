@@ -1,7 +1,7 @@
 """Search at scale through the real Index API: N generated chunks added, then queries end to end.
 
     python -m bench.search --chunks 1000000    # the issue's scale
-    python -m bench.search --chunks 100000     # what `make bench` runs (BENCH_CHUNKS)
+    python -m bench.search --chunks 100000     # what `make bench` runs (BENCH_CHUNKS; ~5 minutes here)
 
 What is real: documents written as .txt files and added with `Index.add` in batches of files (reading,
 chunking with MiniLM's tokenizer, SQLite + FTS5 writes, one transaction per document, the HNSW
@@ -19,6 +19,13 @@ Printed: build time and chunks/s, peak RSS as the collection grows (it should st
 on disk (database and graph), query p50/p99 end to end and the parts of it (query embedding, graph +
 rerank, FTS5, fusion and reading the passages), and the ANN's recall@10 against exact search (exact streams
 the whole vector table), on the held-out queries and on `Index.ann_recall`'s.
+
+Measured 2026-12-06, 300,203 chunks, 1 thread, 2-core machine shared with other work (load ~2-4):
+built in 621 s (483 chunks/s); RSS after each add 416-516 MB, add peak 691 MB (when the open
+segment neared 262k); database 1,156 MB + graph 189 MB; query end to end p50 280 ms, p99 507 ms,
+of which FTS5 257/495 ms (a typical query's OR terms match 81% of these chunks, ranked at ~1 us a
+row; counting them alone takes 23 ms), query embedding 17/24, graph + rerank 4.9/7.6, fusion and
+passages 0.5/2.3; recall@10 0.988 (queries) and 0.988 (between stored vectors).
 """
 
 from __future__ import annotations

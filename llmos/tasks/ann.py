@@ -5,9 +5,9 @@
 graph proposes candidates; `Index` reranks them by the exact fp32 vectors in the database. So the
 graph keeps its vectors as int8 (a quarter of fp32; insertion ~4x faster than fp32 here): on 60k
 synthetic clustered vectors, recall@10 against exact search was 0.93 from int8 distances alone and
-1.0 with 40 candidates reranked; on 40k vectors made of real MiniLM ones (bench/search.py), int8,
-fp16 and fp32 graphs all gave 0.96 at expansion_search 128, where 256 gave 0.99 (the misses are the
-graph's, not int8's). The database is not held twice in fp32.
+1.0 with 40 candidates reranked; on 40k vectors made of real MiniLM ones, int8, fp16 and fp32
+graphs all gave 0.96 at expansion_search 128 and more candidates did not help (the misses are the
+graph's, not int8's: see the settings below). The database is not held twice in fp32.
 
 Why segments: a usearch graph grows in memory only, so one graph of a million chunks would make
 every `index add` load ~550 MB. Here adding loads the open segment (the last, not yet full); full
@@ -33,10 +33,15 @@ import numpy as np
 from llmos.errors import LlmosError
 
 FORMAT = 2
-SEGMENT_SIZE = 262_144  # vectors per segment: ~170 MB in memory while it is the one being added to
-CONNECTIVITY = 32  # links per node: on 40k crowded MiniLM-made vectors recall@10 0.995 vs 16's 0.988 (es 256)
-EXPANSION_ADD = 128  # with connectivity 32; 16/64 built 2x faster but reached 0.85 at 300k crowded vectors
-EXPANSION_SEARCH = 256  # on clustered MiniLM-made vectors (mean cosine 0.55): recall@10 0.96 at 128, 0.99 at 256, 0.996 at 512
+SEGMENT_SIZE = 262_144  # vectors per segment: ~165 MB (630 bytes a vector) while it is the one added to
+# Graph settings, measured by bench/search.py (recall@10 against exact search after the rerank):
+# 300k chunks whose vectors are spread as real passages' (mean pairwise cosine 0.14): 0.988 with
+# 32/128/256. On a far more crowded set (cosine 0.59; 40k): 16/64 gave 0.96 at expansion_search 128,
+# 0.988 at 256, 0.996 at 512, and 32/128 0.995 at 256 (1.5x the search time); at 300k of that set
+# 16/64/256 fell to 0.85 (0.94 at 1024), hence 32/128: inserts take ~2x longer than 16/64's.
+CONNECTIVITY = 32
+EXPANSION_ADD = 128
+EXPANSION_SEARCH = 256
 
 
 def _usearch() -> Any:
