@@ -55,8 +55,9 @@ def _usearch() -> Any:
 @dataclass
 class _Segment:
     file: str  # name inside the folder; "" until first saved
-    index: Any  # a usearch Index: a read-only view until `writable` loads it
+    index: Any  # a usearch Index: loaded when `writable`, else a read-only view, or None until needed
     writable: bool
+    count: int = 0  # vectors in it as last saved or loaded (pending `removed` still counted)
     dirty: bool = False
     removed: list[np.ndarray] = field(default_factory=list)  # ids to drop from a view when it is next saved
 
@@ -90,13 +91,14 @@ class AnnGraph:
         graph._next_file = int(manifest.get("next_file", 0))
         complete = True
         for entry in manifest.get("segments", []):
-            segment = _Segment(str(entry.get("file")), None, writable=False)
+            # The header only: mapping a segment reads all of it (usearch walks every node), and
+            # adding needs none but the open one. Segments are fsynced before the manifest names them.
+            segment = _Segment(str(entry.get("file")), None, writable=False, count=int(entry.get("count", -1)))
             try:
-                graph._map(segment)
-            except Exception:  # a torn or missing file: leave it out, the heal puts its chunks back
-                complete = False
-                continue
-            if segment.index.ndim != dim or len(segment.index) != entry.get("count"):
+                header = _usearch().metadata(str(folder / segment.file))
+            except Exception:  # a missing or foreign file: leave it out, the heal puts its chunks back
+                header = {}
+            if header.get("dimensions") != dim or header.get("count_present") != segment.count:
                 complete = False
                 continue
             graph._segments.append(segment)
@@ -104,12 +106,21 @@ class AnnGraph:
         return graph
 
     def __len__(self) -> int:
-        return sum(len(s.index) for s in self._segments)
+        return sum(s.count for s in self._segments)
+
+    def _index(self, segment: _Segment) -> Any:
+        """The segment's usearch index, memory-mapped on first use."""
+        if segment.index is None:
+            self._map(segment)
+        return segment.index
 
     def keys(self) -> np.ndarray:
         """Every chunk id in the graph (8 bytes each: the only part of it held whole)."""
-        parts = [np.setdiff1d(np.asarray(s.index.keys, dtype=np.int64), np.concatenate(s.removed)) if s.removed
-                 else np.asarray(s.index.keys, dtype=np.int64) for s in self._segments if len(s.index)]
+        parts = []
+        for segment in self._segments:
+            if segment.count:
+                keys = np.asarray(self._index(segment).keys, dtype=np.int64)
+                parts.append(np.setdiff1d(keys, np.concatenate(segment.removed)) if segment.removed else keys)
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def _new_index(self) -> Any:
@@ -133,14 +144,14 @@ class AnnGraph:
                 last = _Segment("", self._new_index(), writable=True)
                 self._segments.append(last)
             take = min(self._capacity(last), len(ids) - start)
-            self._writable(last).add(ids[start:start + take], np.ascontiguousarray(vectors[start:start + take]),
-                                     threads=threads)
-            last.dirty = True
+            index = self._writable(last)
+            index.add(ids[start:start + take], np.ascontiguousarray(vectors[start:start + take]), threads=threads)
+            last.count, last.dirty = len(index), True
             start += take
 
     @staticmethod
     def _capacity(segment: _Segment) -> int:
-        return SEGMENT_SIZE - len(segment.index)
+        return SEGMENT_SIZE - segment.count
 
     def remove(self, ids: np.ndarray | list[int]) -> None:
         """Drop these ids wherever they are (ids not in the graph are ignored). From a full segment
@@ -150,11 +161,12 @@ class AnnGraph:
         if not len(ids):
             return
         for segment in self._segments:
-            present = ids[np.asarray(segment.index.contains(ids), dtype=bool)]
+            present = ids[np.asarray(self._index(segment).contains(ids), dtype=bool)] if segment.count else ids[:0]
             if not len(present):
                 continue
             if segment.writable:
                 segment.index.remove(present)
+                segment.count = len(segment.index)
             else:
                 segment.removed.append(present)
             segment.dirty = True
@@ -172,9 +184,9 @@ class AnnGraph:
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         keys, dists = [], []
         for segment in self._segments:
-            if not len(segment.index):
+            if not segment.count:
                 continue
-            m = segment.index.search(queries, n, threads=1)
+            m = self._index(segment).search(queries, n, threads=1)
             k, d = np.atleast_2d(m.keys), np.atleast_2d(m.distances)
             # One query gives a `Matches` (no counts), several a `BatchMatches`.
             counts = np.atleast_1d(m.counts) if hasattr(m, "counts") else np.array([len(m.keys)])
@@ -203,13 +215,15 @@ class AnnGraph:
             self._next_file += 1
             tmp = self.folder / f"{name}.tmp"
             segment.index.save(str(tmp))
+            with open(tmp, "rb") as f:  # on disk before the manifest names it
+                os.fsync(f.fileno())
             os.replace(tmp, self.folder / name)
-            segment.file, segment.dirty = name, False
+            segment.file, segment.count, segment.dirty = name, len(segment.index), False
             if segment is not self._segments[-1] or self._capacity(segment) == 0:
-                self._map(segment)  # hold only the open segment in memory
-        self._segments = [s for s in self._segments if len(s.index) or s is self._segments[-1]]  # emptied by removals
+                segment.index, segment.writable = None, False  # hold only the open segment in memory
+        self._segments = [s for s in self._segments if s.count or s is self._segments[-1]]  # emptied by removals
         manifest = {"format": FORMAT, "dim": self.dim, "generation": generation, "next_file": self._next_file,
-                    "segments": [{"file": s.file, "count": len(s.index)} for s in self._segments]}
+                    "segments": [{"file": s.file, "count": s.count} for s in self._segments]}
         tmp = self.folder / "manifest.json.tmp"
         with open(tmp, "w") as f:
             json.dump(manifest, f)
@@ -223,12 +237,15 @@ class AnnGraph:
                 stale.unlink(missing_ok=True)
 
     def release(self) -> None:
-        """Map every saved segment read-only again (after adding: the open one need not stay loaded)."""
+        """Unload and unmap every saved segment (after adding: neither the open one nor those mapped
+        to find removed ids need stay); search maps them again on first use."""
         for segment in self._segments:
-            if segment.writable and segment.file and not segment.dirty:
-                self._map(segment)
+            if segment.file and not segment.dirty:
+                segment.index, segment.writable = None, False
 
     def _map(self, segment: _Segment) -> None:
         view = _usearch().restore(str(self.folder / segment.file), view=True)
+        if view is None:
+            raise LlmosError(f"{self.folder / segment.file} is not a usearch graph")
         view.expansion_search = EXPANSION_SEARCH
         segment.index, segment.writable = view, False

@@ -147,7 +147,9 @@ def test_add_holds_no_more_than_one_segment_to_add_to(tmp_path, small_segments, 
     # The segment being filled, plus at most the sealed one a replaced document is removed from.
     assert loaded and max(loaded) <= 2
     assert len(index._graph._segments) >= 3
-    assert not any(s.writable for s in index._graph._segments)  # all memory-mapped again after add
+    assert all(s.index is None for s in index._graph._segments)  # after add, none loaded or even mapped
+    index.search("anything", k=3, mode="vector", ann=True)  # search maps them (read-only) when it needs them
+    assert all(s.index is not None and not s.writable for s in index._graph._segments)
 
 
 def test_a_crash_before_the_graph_save_is_healed(tmp_path, small_segments, monkeypatch):
