@@ -22,7 +22,7 @@ the whole vector table), on the held-out queries and on `Index.ann_recall`'s.
 
 Measured 2026-12-06, 300,203 chunks, 1 thread, 2-core machine shared with other work (load ~2-4):
 built in 621 s (483 chunks/s); database 1,156 MB + graph 189 MB; RSS after each add ~430 MB from
-113k chunks on, the add's peak that plus the open segment (up to ~170 MB); query end to end p50 280 ms, p99 507 ms,
+113k chunks on (423 MB at 300k, after a segment sealed at 262k), the add's peak 611 MB; query end to end p50 280 ms, p99 507 ms,
 of which FTS5 257/495 ms (a typical query's OR terms match 81% of these chunks, ranked at ~1 us a
 row; counting them alone takes 23 ms), query embedding 17/24, graph + rerank 4.9/7.6, fusion and
 passages 0.5/2.3; recall@10 0.988 (queries) and 0.988 (between stored vectors).
