@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -135,8 +136,9 @@ def cmd_add(args: argparse.Namespace) -> int:
 def _discard(index) -> None:
     """Remove an index this command created, so a failed first `index add` leaves nothing behind."""
     index.close()
-    for suffix in ("", "-wal", "-shm", ".usearch", ".usearch.json"):
+    for suffix in ("", "-wal", "-shm", ".usearch.json"):
         Path(f"{index.path}{suffix}").unlink(missing_ok=True)
+    shutil.rmtree(f"{index.path}.usearch", ignore_errors=True)  # the HNSW graph's folder (tasks/ann.py)
 
 
 def cmd_list(args: argparse.Namespace) -> int:

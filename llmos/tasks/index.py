@@ -16,8 +16,11 @@ The index records the embedding model (name, fingerprint, dimension) with its fi
 refuses to mix in vectors from another model. Search modes:
 
 - "vector": cosine similarity, exactly (a matrix product over all vectors) until the collection has
-  `ann_threshold` chunks, then approximately with a usearch HNSW graph kept beside the file
-  (`PATH.usearch`, a cache rebuilt or synced from the database when stale);
+  `ann_threshold` chunks, then approximately with the HNSW graph kept beside the file (`PATH.usearch/`,
+  tasks/ann.py): its candidates are reranked by their exact vectors. `add` and `remove` apply each
+  committed document to the graph and save it once at the end (or as a segment fills); a graph
+  behind the database (a crash between the two, another process's writes) is healed from it,
+  streaming, on next use. No operation reads every vector into memory past the threshold;
 - "keyword": SQLite FTS5 BM25 (Porter stemming) over the chunks' text and heading paths;
 - "hybrid" (default): both lists fused by weighted reciprocal-rank fusion (`fuse`: k=10, the vector
   list weighted 0.5 against the keyword list's 1, as tuned on the development sets).
@@ -45,8 +48,10 @@ from tqdm import tqdm
 
 from llmos import store
 from llmos.errors import LlmosError
-from llmos.tasks import ingest
-from llmos.tasks.index_db import DocumentInfo, EmbedModel, IndexDB
+from llmos.tasks import ann, ingest
+from llmos.tasks.ann import AnnGraph
+from llmos.tasks.index_db import DocumentInfo, EmbedModel, IndexDB, Written
+from llmos.threads import auto_threads
 
 MODES = ("vector", "keyword", "hybrid")
 DEFAULT_ANN_THRESHOLD = 50_000  # exact search over 50k x 384 takes ~10 ms here; past it, ANN pays
@@ -56,6 +61,10 @@ DEFAULT_ANN_THRESHOLD = 50_000  # exact search over 50k x 384 takes ~10 ms here;
 RRF_K = 10
 VECTOR_WEIGHT = 0.5  # the vector list's weight in the fusion; the keyword list's is 1
 STREAM_BATCH = 256  # chunks of a large document packed, embedded and inserted at a time (bounds add()'s memory)
+# The graph proposes this many candidates per result wanted (at least ANN_MIN_CANDIDATES), reranked
+# by their exact vectors: 40 for 10 gave recall@10 1.0 over int8 distances' 0.93 (tasks/ann.py).
+ANN_CANDIDATES = 4
+ANN_MIN_CANDIDATES = 40
 def give_back_freed_memory() -> None:
     """Return the heap pages freed by the last embedding batch to the system (glibc's malloc_trim).
 
@@ -288,8 +297,8 @@ class Index:
         self.ann_threshold = int(ann_threshold)
         self._embedder = None
         self._embedder_spec = embedder
-        self._ann_index: Any = None
-        self._ann_generation = -1
+        self._graph: AnnGraph | None = None  # the HNSW graph, opened on first use
+        self._count: tuple[int, int] = (-1, 0)  # (generation, chunks): no count(*) per query
         self._query_vectors: dict[str, np.ndarray] = {}  # recent queries: hybrid after vector embeds once
         self.db = IndexDB(self.path)
         if embedder is not None and not isinstance(embedder, (str, os.PathLike)):
@@ -334,6 +343,7 @@ class Index:
         if not files and not folders:
             raise LlmosError("nothing to add: give files or folders")
         embedder = self.embedder
+        self._open_graph_for_writes()
         recorded = {f: self.db.sha256(f) for f in files}  # read here: the SQLite connection stays on this thread
         total = sum(f.stat().st_size for f in files if f.exists())
         bar = tqdm(desc="indexing", unit="B", unit_scale=True, total=total, disable=not progress)
@@ -369,8 +379,9 @@ class Index:
         for folder in folders:  # files that are gone from an added folder
             for path in self.db.paths_under(folder):
                 if path not in present and not Path(path).exists():
-                    self.db.delete(path)
+                    self._follow(self.db.delete(path))
                     report.removed.append(path)
+        self._save_graph()
         return report
 
     def _collect(self, paths: Iterable[str | os.PathLike[str]], report: AddReport) -> tuple[list[Path], list[Path]]:
@@ -460,8 +471,9 @@ class Index:
                report: AddReport) -> None:
         model = EmbedModel(_model_label(embedder), embedder.name, embedder.fingerprint, embedder.dim)
         written = self.db.write(p.path, p.kind, p.sha256, p.size, p.counts, model, batches)
+        self._follow(written)
         (report.updated if p.update else report.added).append(str(p.path))
-        report.embedded += written
+        report.embedded += written.chunks
         report.split_blocks += p.counts.get("split_blocks", 0)
 
     def remove(self, paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[str]:
@@ -476,8 +488,10 @@ class Index:
             if not matched:
                 raise LlmosError(f"not in the index: {given}")
             targets.extend(matched)
+        self._open_graph_for_writes()
         for path in targets:
-            self.db.delete(path)
+            self._follow(self.db.delete(path))
+        self._save_graph()
         return targets
 
     # --- reading ----------------------------------------------------------------------------------
@@ -487,7 +501,10 @@ class Index:
 
     def __len__(self) -> int:
         """Number of chunks."""
-        return self.db.chunk_count()
+        generation = self.db.generation()
+        if self._count[0] != generation:
+            self._count = (generation, self.db.chunk_count())
+        return self._count[1]
 
     def search(self, query: str, k: int = 5, mode: str = "hybrid", *, ann: bool | None = None) -> list[SearchResult]:
         """The `k` best passages for `query`. `ann`: None picks by the collection's size, True/False force it."""
@@ -537,69 +554,103 @@ class Index:
         return out
 
     def _vector_candidates(self, qvec: np.ndarray, n: int, ann: bool | None) -> list[tuple[int, float]]:
-        ids, matrix = self.db.vectors()
-        use_ann = ann if ann is not None else len(ids) >= self.ann_threshold and _usearch_available()
+        use_ann = ann if ann is not None else len(self) >= self.ann_threshold and _usearch_available()
         if use_ann:
             return self._ann_search(qvec[None], n)[0]
-        return exact_search(matrix, ids, qvec[None], n)[0]
+        return self._exact_search(qvec[None], n)[0]
+
+    def _exact_search(self, queries: np.ndarray, n: int) -> list[list[tuple[int, float]]]:
+        """Exact top-n: over the cached matrix below the ANN threshold, streaming the table above it."""
+        if len(self) < self.ann_threshold:
+            ids, matrix = self.db.vectors()
+            return exact_search(matrix, ids, queries, n)
+        return exact_search_blocks(self.db.vector_blocks(), queries, n)
 
     # --- approximate search -----------------------------------------------------------------------
 
-    def _ann(self) -> Any:
-        """The usearch index, in sync with the database (loaded from PATH.usearch or rebuilt)."""
+    @property
+    def _graph_folder(self) -> Path:
+        return Path(f"{self.path}.usearch")
+
+    def _synced_graph(self) -> AnnGraph:
+        """The HNSW graph, matching the database: as held, as saved by this or another process, or
+        healed from the database (streaming) and saved."""
         generation = self.db.generation()
-        if self._ann_index is not None and self._ann_generation == generation:
-            return self._ann_index
-        try:
-            from usearch.index import Index as USearchIndex
-        except ImportError:
-            raise LlmosError("approximate search needs usearch, a dependency of llmos that is missing here: pip install usearch") from None
-        ids, matrix = self.db.vectors()
-        file, sidecar = Path(f"{self.path}.usearch"), Path(f"{self.path}.usearch.json")
+        if self._graph is not None and self._graph.generation == generation:
+            return self._graph
+        graph = AnnGraph.open(self._graph_folder, int(self.db.meta("dim") or 0))
+        if graph.generation != generation:
+            self._heal(graph, generation)
+        self._graph = graph
+        return graph
 
-        def new_index() -> Any:
-            return USearchIndex(ndim=matrix.shape[1], metric="ip", dtype="f32", connectivity=16,
-                                expansion_add=128, expansion_search=128)
+    def _heal(self, graph: AnnGraph, generation: int) -> None:
+        """Bring a graph to the database's state at `generation` (read before the ids: a change after
+        it leaves the graph claiming an older generation, healed again next time)."""
+        have, ids = graph.keys(), self.db.chunk_ids()
+        graph.remove(np.setdiff1d(have, ids))
+        threads = auto_threads()
+        for block_ids, block in self.db.vectors_of(np.setdiff1d(ids, have), rows=_graph_rows()):
+            graph.add(block_ids, block, threads=threads)
+            if graph.full_unsaved():  # keep memory at about a segment; -1: the graph is not whole yet
+                graph.save(-1)
+        graph.save(generation)
+        graph.release()
 
-        index = new_index()
-        saved = _read_json(sidecar)
-        if file.is_file() and saved.get("dim") == matrix.shape[1]:
-            try:
-                index.load(str(file))
-            except Exception:  # a torn or foreign cache file: rebuild from the database
-                index = new_index()
-        if saved.get("generation") != generation or len(index) != len(ids):
-            have = np.asarray(index.keys, dtype=np.int64) if len(index) else np.zeros(0, dtype=np.int64)
-            stale = np.setdiff1d(have, ids)
-            if len(stale):
-                index.remove(stale)
-            missing = np.isin(ids, have, invert=True)
-            if missing.any():
-                index.add(ids[missing], np.ascontiguousarray(matrix[missing]))
-            tmp = Path(f"{file}.tmp")
-            index.save(str(tmp))
-            os.replace(tmp, file)
-            sidecar.write_text(json.dumps({"generation": generation, "dim": int(matrix.shape[1])}))
-        self._ann_index, self._ann_generation = index, generation
-        return index
+    def _graph_maintained(self) -> bool:
+        """Writes keep a graph once the collection needs one, or when one is there already."""
+        if not _usearch_available() or self.db.meta("dim") is None:  # no vectors yet
+            return False
+        return len(self) >= self.ann_threshold or self._graph_folder.exists()
+
+    def _open_graph_for_writes(self) -> None:
+        """Before writing: the graph in step with the database, so each commit can be applied to it."""
+        if self._graph_maintained():
+            self._synced_graph()
+
+    def _follow(self, written: Written) -> None:
+        """Apply one committed change to the graph, when it matched the database just before it;
+        otherwise (another writer came between, or no graph yet) `_save_graph` heals it."""
+        graph = self._graph
+        if graph is None or graph.generation != written.generation - 1:
+            return
+        graph.remove(written.removed)
+        for ids, vectors in self.db.vector_blocks(after=written.first - 1, last=written.last, rows=_graph_rows()):
+            graph.add(ids, vectors)
+            if graph.full_unsaved():  # a large document: save as segments fill, not yet claiming this commit
+                graph.save(-1)
+        graph.generation = written.generation
+        if graph.full_unsaved():
+            graph.save(written.generation)
+
+    def _save_graph(self) -> None:
+        """After writing: save what `_follow` applied, heal what it could not, and unload the graph's
+        segments (searches map them from disk)."""
+        if not self._graph_maintained():
+            return
+        graph = self._synced_graph()
+        if graph.dirty():
+            graph.save(graph.generation)
+        graph.release()
 
     def _ann_search(self, queries: np.ndarray, n: int) -> list[list[tuple[int, float]]]:
-        matches = self._ann().search(np.ascontiguousarray(queries, dtype=np.float32), n)
-        keys, dists = np.atleast_2d(matches.keys), np.atleast_2d(matches.distances)
-        # One query gives a `Matches` (no counts), several a `BatchMatches`.
-        counts = np.atleast_1d(matches.counts) if hasattr(matches, "counts") else np.array([len(matches.keys)])
-        # usearch's "ip" distance is 1 - dot; for unit vectors the similarity is 1 - distance.
-        return [[(int(keys[q, j]), 1.0 - float(dists[q, j])) for j in range(int(counts[q]))] for q in range(len(queries))]
+        """Top-n (id, cosine) per query: the graph's candidates, reranked by their exact vectors."""
+        graph = self._synced_graph()
+        out = []
+        for query, candidates in zip(queries, graph.search(queries, max(ANN_CANDIDATES * n, ANN_MIN_CANDIDATES))):
+            out.append(exact_search_blocks(self.db.vectors_of(candidates), query[None], n)[0])
+        return out
 
     def ann_recall(self, n_queries: int = 100, k: int = 10, seed: int = 0) -> float:
         """Mean recall@k of the ANN against exact search, on queries halfway between stored vectors."""
-        ids, matrix = self.db.vectors()
+        ids = self.db.chunk_ids()
         if len(ids) < 2:
             raise LlmosError("the index needs at least two chunks to measure ANN recall")
         rng = np.random.default_rng(seed)
-        a, b = rng.integers(0, len(ids), n_queries), rng.integers(0, len(ids), n_queries)
-        queries = _normalized(matrix[a] + matrix[b])
-        exact = exact_search(matrix, ids, queries, k)
+        pairs = ids[rng.integers(0, len(ids), (n_queries, 2))]  # (Q, 2)
+        found = {int(i): v for block_ids, block in self.db.vectors_of(np.unique(pairs)) for i, v in zip(block_ids, block)}
+        queries = _normalized(np.stack([found[int(a)] + found[int(b)] for a, b in pairs]))
+        exact = self._exact_search(queries, k)
         approx = self._ann_search(queries, k)
         hits = [len({c for c, _ in e} & {c for c, _ in p}) / len(e) for e, p in zip(exact, approx)]
         return float(np.mean(hits))
@@ -646,21 +697,38 @@ def fuse(vector: list[tuple[int, float]], keyword: list[tuple[int, float]], k: f
 
 def exact_search(matrix: np.ndarray, ids: np.ndarray, queries: np.ndarray, n: int) -> list[list[tuple[int, float]]]:
     """Top-n (id, cosine) per query by one matrix product; unit vectors in, best first."""
-    if len(ids) == 0:
-        return [[] for _ in queries]
-    scores = queries @ matrix.T  # (Q, N)
-    n = min(n, len(ids))
-    top = np.argpartition(-scores, n - 1, axis=1)[:, :n] if n < len(ids) else np.tile(np.arange(len(ids)), (len(queries), 1))
+    return exact_search_blocks([(ids, matrix)], queries, n)
+
+
+def exact_search_blocks(blocks: Iterable[tuple[np.ndarray, np.ndarray]], queries: np.ndarray,
+                        n: int) -> list[list[tuple[int, float]]]:
+    """Top-n (id, cosine) per query over (ids, vectors) blocks, keeping only the best n so far: the
+    memory of one block, however many there are. Unit vectors in, best first."""
+    best_ids = np.zeros((len(queries), 0), dtype=np.int64)
+    best = np.zeros((len(queries), 0), dtype=np.float32)
+    for ids, matrix in blocks:
+        scores = np.concatenate([best, queries @ matrix.T], axis=1)  # (Q, kept + block)
+        every = np.concatenate([best_ids, np.broadcast_to(ids, (len(queries), len(ids)))], axis=1)
+        if scores.shape[1] > n:
+            top = np.argpartition(-scores, n - 1, axis=1)[:, :n]
+            scores, every = np.take_along_axis(scores, top, axis=1), np.take_along_axis(every, top, axis=1)
+        best, best_ids = scores, every
     out = []
     for q in range(len(queries)):
-        order = top[q][np.argsort(-scores[q, top[q]], kind="stable")]
-        out.append([(int(ids[i]), float(scores[q, i])) for i in order])
+        order = np.argsort(-best[q], kind="stable")
+        out.append([(int(best_ids[q, i]), float(best[q, i])) for i in order])
     return out
 
 
 def _normalized(vectors: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
     return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def _graph_rows() -> int:
+    """Vectors read from the database per graph insertion: a block never fills more than one
+    segment and starts the next, so at most two are in memory."""
+    return min(8192, ann.SEGMENT_SIZE)
 
 
 def _usearch_available() -> bool:
@@ -675,12 +743,3 @@ def _model_label(embedder: Any) -> str:
     """A store name stays a name; anything else is recorded as its absolute path."""
     name = str(embedder.name)
     return name if name in store.DEFAULT_MODELS or not Path(name).expanduser().exists() else str(embedder.path.resolve())
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-

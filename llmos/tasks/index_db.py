@@ -2,9 +2,13 @@
 
 `IndexDB` owns the connection and every SQL statement: the schema, the metadata (schema version,
 embedding model, a generation counter bumped by every change), writing a document in one transaction,
-deleting, listing, BM25 keyword candidates from FTS5, and every chunk's vector as one matrix (cached
-until the generation changes). It knows nothing of embedding models or ranking: `Index` does the
-search above it.
+deleting, listing, BM25 keyword candidates from FTS5, and the vectors: all as one matrix (cached until
+the generation changes; for small collections), streamed in blocks, or by id. It knows nothing of
+embedding models or ranking: `Index` does the search above it.
+
+Chunk ids are never reused (`next_chunk_id` in the metadata, past every id ever written): the HNSW
+graph beside the index (tasks/ann.py) knows a chunk by its id, and a replaced document's chunks
+taking the ids of the old ones would leave the old vectors in the graph under the new chunks' ids.
 
 SQLite runs in WAL mode with `synchronous=FULL`: a document's rows (document, chunks, full-text
 entries, vectors, replacing any older version) are written in one transaction, so a crash leaves
@@ -18,7 +22,7 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +83,21 @@ class DocumentInfo:
     size: int
     sha256: str
     indexed_at: float
+
+
+@dataclass(frozen=True)
+class Written:
+    """What one transaction changed: the chunk ids it added (consecutive, `first` to `last`; none when
+    first > last), those it removed, and the generation it committed."""
+
+    first: int
+    last: int
+    removed: list[int]
+    generation: int
+
+    @property
+    def chunks(self) -> int:
+        return self.last - self.first + 1
 
 
 @dataclass(frozen=True)
@@ -145,11 +164,10 @@ class IndexDB:
         return None if row is None else row[0]
 
     def write(self, path: Path, kind: str, sha256: str, size: int, counts: dict[str, int], model: EmbedModel,
-              batches: Iterable[tuple[list[ingest.Chunk], np.ndarray]]) -> int:
+              batches: Iterable[tuple[list[ingest.Chunk], np.ndarray]]) -> Written:
         """One document, replacing any older version of it, in one transaction (a reader sees the old
-        version or the new one, never half of it); returns its number of chunks. `batches` may chunk
-        and embed as it goes: it is read inside the transaction, and `counts["split_blocks"]` (the
-        chunker's) after it."""
+        version or the new one, never half of it). `batches` may chunk and embed as it goes: it is
+        read inside the transaction, and `counts["split_blocks"]` (the chunker's) after it."""
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -157,57 +175,70 @@ class IndexDB:
                 self._set_meta({"embed_model": model.label, "embed_fingerprint": model.fingerprint, "dim": str(model.dim)})
             else:
                 self.check_model(model.name, model.fingerprint)
-            self._delete_rows(str(path))
+            first = self._next_chunk_id()
+            removed = self._delete_rows(str(path))
             doc_id = db.execute(
                 "INSERT INTO documents(path, kind, sha256, size, n_chunks, split_blocks, indexed_at) VALUES (?,?,?,?,?,?,?)",
                 (str(path), kind, sha256, size, 0, 0, time.time()),
             ).lastrowid
-            ord_ = 0
+            cid = first
             for chunks, vectors in batches:
                 for c, vector in zip(chunks, vectors):
-                    cid = db.execute(
-                        "INSERT INTO chunks(doc_id, ord, text, heading, char_start, char_end, line_start, line_end, page,"
-                        " n_tokens) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                        (doc_id, ord_, c.text, json.dumps(c.heading), c.char_start, c.char_end, c.line_start, c.line_end,
-                         c.page, c.n_tokens),
-                    ).lastrowid
+                    db.execute(
+                        "INSERT INTO chunks(id, doc_id, ord, text, heading, char_start, char_end, line_start, line_end, page,"
+                        " n_tokens) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                        (cid, doc_id, cid - first, c.text, json.dumps(c.heading), c.char_start, c.char_end, c.line_start,
+                         c.line_end, c.page, c.n_tokens),
+                    )
                     db.execute("INSERT INTO chunks_fts(rowid, text, heading) VALUES (?,?,?)",
                                (cid, c.text, " > ".join(c.heading)))
                     db.execute("INSERT INTO vectors(chunk_id, vector) VALUES (?,?)", (cid, vector.astype("<f4").tobytes()))
-                    ord_ += 1
+                    cid += 1
             db.execute("UPDATE documents SET n_chunks=?, split_blocks=? WHERE id=?",
-                       (ord_, counts.get("split_blocks", 0), doc_id))
-            self._bump()
+                       (cid - first, counts.get("split_blocks", 0), doc_id))
+            self._set_meta({"next_chunk_id": str(cid)})
+            generation = self._bump()
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        return ord_
+        return Written(first, cid - 1, removed or [], generation)
 
-    def _bump(self) -> None:
+    def _next_chunk_id(self) -> int:
+        """Past every chunk id this index has used (an index from before the counter: past the largest)."""
+        recorded = int(self.meta("next_chunk_id") or 0)
+        return max(recorded, self._db.execute("SELECT coalesce(max(id), 0) + 1 FROM chunks").fetchone()[0])
+
+    def _bump(self) -> int:
         self._db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='generation'")
+        return self.generation()
 
-    def _delete_rows(self, path: str) -> bool:
+    def _delete_rows(self, path: str) -> list[int] | None:
+        """Delete one document's rows; returns its chunk ids (None when it is not there)."""
         row = self._db.execute("SELECT id FROM documents WHERE path=?", (path,)).fetchone()
         if row is None:
-            return False
+            return None
+        removed = [r[0] for r in self._db.execute("SELECT id FROM chunks WHERE doc_id=?", (row[0],))]
         ids = "SELECT id FROM chunks WHERE doc_id=?"
         self._db.execute(f"DELETE FROM chunks_fts WHERE rowid IN ({ids})", (row[0],))
         self._db.execute(f"DELETE FROM vectors WHERE chunk_id IN ({ids})", (row[0],))
         self._db.execute("DELETE FROM chunks WHERE doc_id=?", (row[0],))
         self._db.execute("DELETE FROM documents WHERE id=?", (row[0],))
-        return True
+        return removed
 
-    def delete(self, path: str) -> None:
+    def delete(self, path: str) -> Written:
         """Drop one document (nothing when it is not there), in its own transaction."""
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            if self._delete_rows(path):
-                self._bump()
+            # Keep the counter past the ids deleted here, should they be the largest.
+            self._set_meta({"next_chunk_id": str(self._next_chunk_id())})
+            removed = self._delete_rows(path)
+            generation = self.generation() if removed is None else self._bump()
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
+        return Written(0, -1, removed or [], generation)
 
     # --- reading ----------------------------------------------------------------------------------
 
@@ -256,15 +287,47 @@ class IndexDB:
         return [(r[0], -float(r[1])) for r in rows]
 
     def vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        """(ids (N,), vectors (N, D)) of every chunk, cached until the index changes."""
+        """(ids (N,), vectors (N, D)) of every chunk, cached until the index changes. The whole table
+        in memory (1.5 GB at a million chunks): for small collections only; large ones stream
+        (`vector_blocks`) or read by id (`vectors_of`)."""
         generation = self.generation()
         if self._matrix is None or self._matrix[0] != generation:
             rows = self._db.execute("SELECT chunk_id, vector FROM vectors ORDER BY chunk_id").fetchall()
-            dim = int(self.meta("dim") or 0)
-            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-            matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), dim)
-            self._matrix = (generation, ids, matrix)
+            self._matrix = (generation, *self._matrix_of(rows))
         return self._matrix[1], self._matrix[2]
+
+    def _matrix_of(self, rows: list[tuple[int, bytes]]) -> tuple[np.ndarray, np.ndarray]:
+        dim = int(self.meta("dim") or 0)
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        return ids, np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), dim)
+
+    def vector_blocks(self, after: int = 0, last: int | None = None,
+                      rows: int = 8192) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, vectors) of the chunks with ids above `after` (up to `last`), in id order, `rows` at a
+        time. Each block is its own query (by id range), so writes may come between blocks."""
+        last = (1 << 62) if last is None else last
+        while True:
+            block = self._db.execute(
+                "SELECT chunk_id, vector FROM vectors WHERE chunk_id > ? AND chunk_id <= ? ORDER BY chunk_id LIMIT ?",
+                (after, last, rows)).fetchall()
+            if not block:
+                return
+            yield self._matrix_of(block)
+            after = block[-1][0]
+
+    def vectors_of(self, ids: Iterable[int], rows: int = 8192) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, vectors) of these chunks (those that exist), `rows` at a time, in no set order."""
+        ids = [int(i) for i in ids]
+        for start in range(0, len(ids), rows):
+            block = self._db.execute("SELECT chunk_id, vector FROM vectors WHERE chunk_id IN (SELECT value FROM json_each(?))",
+                                     (json.dumps(ids[start:start + rows]),)).fetchall()
+            if block:
+                yield self._matrix_of(block)
+
+    def chunk_ids(self) -> np.ndarray:
+        """Every chunk id, ascending (8 bytes a chunk)."""
+        cursor = self._db.execute("SELECT chunk_id FROM vectors ORDER BY chunk_id")
+        return np.fromiter((r[0] for r in cursor), dtype=np.int64)
 
     def file_size(self) -> int:
         return sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())

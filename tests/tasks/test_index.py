@@ -95,7 +95,7 @@ def test_ann_past_threshold_agrees_with_exact(tmp_path, fixture_docs, embedder):
         exact = [r.chunk_id for r in index.search(query, k=3, mode="vector", ann=False)]
         approx = [r.chunk_id for r in index.search(query, k=3, mode="vector")]  # past the threshold: ANN
         assert approx == exact
-    assert Path(f"{index.path}.usearch").is_file()
+    assert Path(f"{index.path}.usearch").is_dir()  # the graph's segments and manifest
     stats = index.stats()
     assert stats.ann == "usearch" and stats.ann_recall_at_10 is not None and stats.ann_recall_at_10 >= 0.9
     # The ANN cache follows removals.
