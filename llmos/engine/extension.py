@@ -13,6 +13,7 @@ import importlib.util
 import os
 import shutil
 import sys
+import threading
 from pathlib import Path
 from types import ModuleType
 
@@ -76,3 +77,35 @@ def compile_once(name: str, source: Path, *, prefix: str, what: str, fallback: s
         if not quiet:
             print(f"llmos: {failed}", file=sys.stderr)
         return None, failed
+
+
+def enabled() -> bool:
+    """False when the user turned the C++ extensions off (LLMOS_NATIVE=0)."""
+    return os.environ.get("LLMOS_NATIVE", "1") != "0"
+
+
+class Extension:
+    """One C++ extension, compiled and imported at most once per process (`build`), or the reason it
+    could not be (`failure`); what `compile_once` takes, given once."""
+
+    def __init__(self, name: str, source: Path, *, prefix: str, what: str, fallback: str, seconds: int,
+                 cflags: list[str] = CFLAGS) -> None:
+        self.name, self.source, self.prefix, self.what, self.fallback = name, source, prefix, what, fallback
+        self.seconds, self.cflags = seconds, cflags
+        self.module: ModuleType | None = None
+        self.failed: str | None = None
+        self._lock = threading.Lock()
+
+    def build(self, quiet: bool = False) -> ModuleType | None:
+        """The imported extension; None when it cannot be built (reason in `failure()`) or is turned off."""
+        if self.module is not None:  # built: no lock (the GGUF layers ask on every product)
+            return self.module
+        with self._lock:
+            if self.module is None and self.failed is None and enabled():
+                self.module, self.failed = compile_once(self.name, self.source, prefix=self.prefix, what=self.what,
+                                                        fallback=self.fallback, seconds=self.seconds, quiet=quiet,
+                                                        cflags=self.cflags)
+            return self.module
+
+    def failure(self) -> str | None:
+        return self.failed

@@ -25,9 +25,7 @@ the step, one call a layer: their kernels live in another extension (engine/gguf
 from __future__ import annotations
 
 import math
-import os
 import sys
-import threading
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -46,24 +44,16 @@ from llmos.models.gemma3 import Gemma3
 from llmos.models.llama import Llama
 
 SOURCE = Path(__file__).with_name("native_step.cpp")
-_lock = threading.Lock()
-_module = None
-_failed: str | None = None
-
-
-def enabled() -> bool:
-    return os.environ.get("LLMOS_NATIVE", "1") != "0"
+EXTENSION = extension.Extension("llmos_native_step", SOURCE, prefix="", what="the native decode step",
+                                fallback="the Python decode step", seconds=20)
+enabled = extension.enabled
+failure = EXTENSION.failure
 
 
 def build(quiet: bool = False):
     """Compile (once) and import the extension; None when it cannot be built, with the reason kept
     in `failure()`."""
-    global _module, _failed
-    with _lock:
-        if _module is None and _failed is None and enabled():
-            _module, _failed = extension.compile_once("llmos_native_step", SOURCE, prefix="", what="the native decode step",
-                                                      fallback="the Python decode step", seconds=20, quiet=quiet)
-        return _module
+    return EXTENSION.build(quiet)
 
 
 class NativeKernels(Kernels):
@@ -154,11 +144,6 @@ def keep_freed_memory() -> None:
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     mallopt(M_MMAP_THRESHOLD, 64 << 20)
     mallopt(M_TRIM_THRESHOLD, 256 << 20)
-
-
-
-def failure() -> str | None:
-    return _failed
 
 
 _KINDS = {nn.Linear: 0, quant.BF16Linear: 1, quant.Int8Linear: 2, quant.Int4Linear: 3, GGUFLinear: 5}

@@ -249,8 +249,8 @@ def test_lora_adapters_added_later_are_not_skipped(built):
 def test_without_a_compiler_generation_still_works(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMOS_HOME", str(tmp_path))  # nothing built here
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setattr(native, "_module", None)
-    monkeypatch.setattr(native, "_failed", None)
+    monkeypatch.setattr(native.EXTENSION, "module", None)
+    monkeypatch.setattr(native.EXTENSION, "failed", None)
     assert native.build(quiet=True) is None
     assert "C++ compiler" in native.failure()
     model = _tiny()
@@ -264,8 +264,8 @@ def test_a_store_it_cannot_write_to_leaves_the_python_step(tmp_path, monkeypatch
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
     monkeypatch.setenv("LLMOS_HOME", str(blocked))  # the build folder cannot be created under a file
-    monkeypatch.setattr(native, "_module", None)
-    monkeypatch.setattr(native, "_failed", None)
+    monkeypatch.setattr(native.EXTENSION, "module", None)
+    monkeypatch.setattr(native.EXTENSION, "failed", None)
     assert native.build(quiet=True) is None
     assert "failed" in native.failure()
 
