@@ -101,16 +101,8 @@ class GGUFLinear(nn.Module):
             start += raw.shape[0]
         return out.view(*ids.shape, self.in_features)
 
-    def tied(self) -> GGUFLinear:
-        """This head as the table that serves the embeddings too (the loader's tied-head protocol)."""
-        return self
-
     def embedding(self, tied: bool = True) -> GGUFEmbedding:
         return GGUFEmbedding(self, tied)
-
-    def nbytes(self) -> int:
-        """Bytes of the blocks (the file's bytes for this weight)."""
-        return sum(raw.numel() for raw, _ in self.parts())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # (M, K)

@@ -72,6 +72,12 @@ inline __m512i bytes16(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu
 inline __m512 code5(__m512i q, __mmask16 high, __m512 lo, __m512 hi) {
   return _mm512_permutex2var_ps(lo, _mm512_mask_or_epi32(q, high, q, _mm512_set1_epi32(16)), hi);
 }
+// A Q5 block's two runs of 16: low nibbles with fifth bits 0-15 of qh, high nibbles with bits 16-31.
+template <typename F>
+inline void runs5(__m512i q, uint32_t qh, __m512 lo, __m512 hi, F&& f) {
+  f(std::integral_constant<int, 0>{}, code5(_mm512_and_si512(q, _mm512_set1_epi32(15)), static_cast<__mmask16>(qh), lo, hi));
+  f(std::integral_constant<int, 1>{}, code5(_mm512_srli_epi32(q, 4), static_cast<__mmask16>(qh >> 16), lo, hi));
+}
 #endif
 
 // ---------------------------------------------------------------------------------------------------
@@ -138,10 +144,7 @@ struct Q5_0 {
   static inline void chunks(const uint8_t* b, F&& f) {
     const __m512 d = _mm512_set1_ps(h2f(b));
     const __m512 lo = _mm512_mul_ps(d, _mm512_sub_ps(iota(), _mm512_set1_ps(16.0f))), hi = _mm512_mul_ps(d, iota());
-    const uint32_t qh = u32(b + 2);
-    const __m512i q = bytes16(b + 6);
-    f(std::integral_constant<int, 0>{}, code5(_mm512_and_si512(q, _mm512_set1_epi32(15)), static_cast<__mmask16>(qh), lo, hi));
-    f(std::integral_constant<int, 1>{}, code5(_mm512_srli_epi32(q, 4), static_cast<__mmask16>(qh >> 16), lo, hi));
+    runs5(bytes16(b + 6), u32(b + 2), lo, hi, f);
   }
 #endif
 };
@@ -162,10 +165,7 @@ struct Q5_1 {
     const __m512 d = _mm512_set1_ps(h2f(b)), m = _mm512_set1_ps(h2f(b + 2));
     const __m512 lo = _mm512_add_ps(_mm512_mul_ps(d, iota()), m);
     const __m512 hi = _mm512_add_ps(_mm512_mul_ps(d, _mm512_add_ps(iota(), _mm512_set1_ps(16.0f))), m);
-    const uint32_t qh = u32(b + 4);
-    const __m512i q = bytes16(b + 8);
-    f(std::integral_constant<int, 0>{}, code5(_mm512_and_si512(q, _mm512_set1_epi32(15)), static_cast<__mmask16>(qh), lo, hi));
-    f(std::integral_constant<int, 1>{}, code5(_mm512_srli_epi32(q, 4), static_cast<__mmask16>(qh >> 16), lo, hi));
+    runs5(bytes16(b + 8), u32(b + 4), lo, hi, f);
   }
 #endif
 };
@@ -532,16 +532,7 @@ void dequantize(const torch::Tensor& raw, int64_t qtype, torch::Tensor& out) {
   });
 }
 
-bool vectorized() {
-#ifdef LLMOS_GGUF_AVX512
-  return true;
-#else
-  return false;
-#endif
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matmul", &matmul, "y = x @ W^T over GGUF blocks");
   m.def("dequantize", &dequantize, "GGUF blocks -> fp32 / bf16 weights");
-  m.def("vectorized", &vectorized, "whether the AVX-512 kernels were compiled");
 }

@@ -17,9 +17,7 @@ cannot write, or with LLMOS_NATIVE=0, `build()` returns None (the reason in `fai
 
 from __future__ import annotations
 
-import os
 import sys
-import threading
 from pathlib import Path
 
 import torch
@@ -30,33 +28,18 @@ SOURCE = Path(__file__).with_name("gguf_kernels.cpp")
 NAME = "llmos_gguf_kernels"
 # GGML type ids the kernels read (dequant.GGML_TYPES names them).
 QTYPES = frozenset({2, 3, 6, 7, 8, 12, 13, 14})
-# -march=native: the AVX-512 path where the CPU has it (the build folder is named by the CPU's flags).
-# -ffp-contract=off: the weights must be rebuilt with gguf-py's separate multiply and add, never a
-# fused multiply-add (which would round once where gguf-py rounds twice).
-CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
-
-_lock = threading.Lock()
-_module = None
-_failed: str | None = None
-
-
-def enabled() -> bool:
-    return os.environ.get("LLMOS_NATIVE", "1") != "0"
+# Built with extension.CFLAGS: -march=native gives the AVX-512 path where the CPU has it (the build
+# folder is named by the CPU's flags); -ffp-contract=off because the weights must be rebuilt with
+# gguf-py's separate multiply and add, never a fused multiply-add (one rounding where gguf-py has two).
+EXTENSION = extension.Extension(NAME, SOURCE, prefix="gguf-", what="the GGUF block kernels",
+                                fallback="the Python path for GGUF blocks", seconds=30)
+enabled = extension.enabled
+failure = EXTENSION.failure
 
 
 def build(quiet: bool = False):
     """Compile (once) and import the extension; None when it cannot be built (reason in `failure()`)."""
-    global _module, _failed
-    with _lock:
-        if _module is None and _failed is None and enabled():
-            _module, _failed = extension.compile_once(NAME, SOURCE, prefix="gguf-", what="the GGUF block kernels",
-                                                      fallback="the Python path for GGUF blocks", seconds=30,
-                                                      quiet=quiet, cflags=CFLAGS)
-        return _module
-
-
-def failure() -> str | None:
-    return _failed
+    return EXTENSION.build(quiet)
 
 
 def supported(qtype: int) -> bool:
