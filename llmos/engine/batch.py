@@ -200,7 +200,7 @@ class BatchEngine:
             if len(live) == 1:  # alone: shared positions (T,) take the model's unmasked single-sequence path
                 positions = positions[0]  # (1,)
             logits = decode(self.model, torch.tensor(tokens), positions, self.cache.rows(0, len(live)))  # (B, V)
-            for i, r in enumerate(live):
+            for i, r in enumerate(live if self.model.config.rope_switch is not None else ()):
                 end = len(r.prompt) + len(r.output)
                 if restarts(self.model, end - 1, end):  # LongRoPE past its original context: this row anew
                     logits[i] = prefill(self.model, torch.tensor([r.prompt + r.output]), 0, self.cache.rows(i, i + 1))[0]

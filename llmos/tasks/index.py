@@ -31,6 +31,7 @@ refuses to mix in vectors from another model. Search modes:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -731,10 +732,12 @@ def _graph_rows() -> int:
     return min(8192, ann.SEGMENT_SIZE)
 
 
+@functools.cache
 def _usearch_available() -> bool:
+    """Asked on every search and write: the import is tried once a process."""
     try:
-        import usearch.index  # noqa: F401
-    except ImportError:
+        ann._usearch()
+    except LlmosError:
         return False
     return True
 

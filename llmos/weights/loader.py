@@ -98,7 +98,7 @@ def _gguf_tokenizer(path: Path, gguf: GGUFFile) -> Tokenizer:
     if derives_merges(gguf.metadata):
         try:
             cache = derived.merges_file(path)
-        except OSError:  # a store llmos cannot write: derive them every time
+        except (OSError, LlmosError):  # a store llmos cannot use or write: derive them every time
             pass
     return Tokenizer.from_gguf(gguf.metadata, merges_cache=cache)
 

@@ -107,6 +107,7 @@ def test_auto_picks_the_fastest_passing_form_once_and_caches_it(embed_model_path
     cache = json.loads(next((tmp_path / "quality").glob("embed-*.json")).read_text())
     passing = [f for f in embed.FORMS if cache[f]["passes"]]
     assert first.form == cache["auto"] == passing[0] == "bf16"
-    assert all(cache[f]["passes"] == (cache[f]["min_cosine"] >= embed.MIN_COSINE) for f in embed.FORMS)
+    assert cache["fp32"]["passes"] and cache["fp32"]["min_cosine"] > 0.99999  # fp32 against itself
+    assert 0.999 <= cache["bf16"]["min_cosine"] < 1.0  # bf16 rounds, within the 0.999 the issue allows
     second = embed.Embedder.load(embed_model_path, "auto")
     assert second.form == "bf16" and len(measured) == 1  # the verdict came from the cache
