@@ -66,28 +66,6 @@ STREAM_BATCH = 256  # chunks of a large document packed, embedded and inserted a
 # by their exact vectors: 40 for 10 gave recall@10 1.0 over int8 distances' 0.93 (tasks/ann.py).
 ANN_CANDIDATES = 4
 ANN_MIN_CANDIDATES = 40
-def give_back_freed_memory() -> None:
-    """Return the heap pages freed by the last embedding batch to the system (glibc's malloc_trim).
-
-    glibc keeps them for reuse, and over hundreds of batches of varying shapes the kept heap grew with
-    the input: a 3 MB file peaked at 951 MB against 834 MB for 1 MB; with a trim after each batch,
-    832 MB. A no-op where the C library has no malloc_trim."""
-    global _LIBC
-    if _LIBC is None:
-        import ctypes
-
-        try:
-            _LIBC = ctypes.CDLL(None)  # the process's own C library
-            _LIBC.malloc_trim  # noqa: B018 - glibc only
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC: Any = None
-
-
 def default_index_path() -> Path:
     return store.home() / "indexes" / "default.sqlite"
 
@@ -431,7 +409,6 @@ class Index:
 
     def _embed(self, chunks: list[ingest.Chunk], embedder: Any, batch_size: int) -> np.ndarray:
         out = embedder.embed([c.embed_text for c in chunks], batch_size=batch_size)
-        give_back_freed_memory()
         if out.truncated:  # the chunker measured every chunk with this tokenizer; this is a bug
             raise RuntimeError(f"{len(out.truncated)} chunks exceed the embedding model's {embedder.max_tokens} tokens")
         return _normalized(out.vectors)

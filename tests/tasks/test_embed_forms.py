@@ -111,3 +111,29 @@ def test_auto_picks_the_fastest_passing_form_once_and_caches_it(embed_model_path
     assert 0.999 <= cache["bf16"]["min_cosine"] < 1.0  # bf16 rounds, within the 0.999 the issue allows
     second = embed.Embedder.load(embed_model_path, "auto")
     assert second.form == "bf16" and len(measured) == 1  # the verdict came from the cache
+
+
+def test_bf16_batches_run_at_few_row_counts_and_filler_rows_change_nothing(forms, monkeypatch):
+    """oneDNN keeps memory for every bf16 row count it runs, so the encoder rounds the packed rows up
+    (`row_bucket`) with filler rows; the texts' vectors must not see them."""
+    from llmos.tasks import embed
+
+    assert [embed.row_bucket(n) for n in (1, 8, 9, 64, 65, 80, 81, 1000, 8192, 8193)] == \
+        [8, 8, 16, 64, 80, 80, 96, 1024, 8192, 10240]
+    assert all(n <= embed.row_bucket(n) <= max(n + 7, 1.25 * n) for n in range(1, 20000))
+    assert len({embed.row_bucket(n) for n in range(1, 8193)}) <= 40
+
+    embedder = forms["bf16"]
+    seen: list[int] = []
+    forward = embedder.model.forward_packed
+    monkeypatch.setattr(embedder.model, "forward_packed",
+                        lambda tokens, packing: seen.append(len(packing.index)) or forward(tokens, packing))
+    texts = [" ".join(SENTENCES[:k + 1]) for k in range(len(SENTENCES))]
+    bucketed = embedder.embed(texts, batch_size=3).vectors
+    assert seen and all(n == embed.row_bucket(n) for n in seen)
+    seen.clear()
+    bucket = embed.row_bucket
+    monkeypatch.setattr(embed, "row_bucket", lambda n: n)  # no filler rows
+    exact = embedder.embed(texts, batch_size=3).vectors
+    assert any(n != bucket(n) for n in seen)  # some batches did get filler rows above
+    assert (1 - _cosines(bucketed, exact)).max() < 2e-4
