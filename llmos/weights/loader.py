@@ -186,7 +186,7 @@ def _adapter_run(run: Path, form: str, cache: Path | None, owned: bool) -> tuple
     config, tokenizer = adapter_run_config(run)
     model = converted.load(cache, config) if cache else None
     if model is None:
-        model = quant.convert(load_adapter_run(run, merge=True, owned=owned)[0], form)
+        model = quant.convert(_with_adapter(run, merge=True, owned=owned)[0], form)
         if cache:
             save_converted(model, cache)
     return model, config, tokenizer
@@ -196,18 +196,23 @@ def load_adapter_run(run: str | Path, *, merge: bool = False, owned: bool = Fals
     """A LoRA run's base (checked unchanged) in fp32 with its adapter: as adapter modules, or with
     `merge` folded into the base weights (plain nn.Linear layers again, as fast as the base)."""
     run = Path(run)
-    recipe = read_recipe(run)
+    _, tokenizer = adapter_run_config(run)
+    return *_with_adapter(run, merge=merge, owned=owned), tokenizer
+
+
+def _with_adapter(run: Path, *, merge: bool, owned: bool) -> tuple[nn.Module, ModelConfig]:
+    """`load_adapter_run`'s model and config, once `adapter_run_config` has checked the base (a cold
+    load of a converted run hashed a large base twice)."""
     if not (run / ADAPTER_WEIGHTS).is_file():
         raise LlmosError(f"{run} has no adapter (not a LoRA run, or merged with --merge)")
-    _, tokenizer = adapter_run_config(run)
-    model, config, _ = load_model(recipe["base"], "fp32", owned=True)  # the adapter is merged into these tensors
+    model, config, _ = load_model(read_recipe(run)["base"], "fp32", owned=True)  # the adapter is merged into these tensors
     load_adapter(model, run, config.arch)
     if merge:
         merge_lora(model)
     if owned:
         for p in model.parameters():
             p.requires_grad_(True)
-    return model.eval(), config, tokenizer
+    return model.eval(), config
 
 
 def _own_memory(model: nn.Module) -> None:
