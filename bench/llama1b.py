@@ -320,6 +320,46 @@ def batch16(path: Path, threads: int, n: int = 16, tokens: int = 128) -> dict:
     return {"requests": n, "tokens": tokens, "aggregate_tps": sum(len(r.output) for r in reqs) / (time.perf_counter() - t0)}
 
 
+def profile(path: Path, threads: int, reps: int = 20) -> dict:
+    """Where llmos's decode step goes on `path` at `threads`: each GGUF part's one-row product through
+    the installed kernels, timed alone (median of `reps`) and summed per GGML type (the tied head apart),
+    beside the whole step's time (greedy decode, bench/engines.py's measure in this process); the rest
+    is attention, norms, RoPE, the token row and Python."""
+    import torch
+
+    import llmos
+    from llmos.gguf_linear import GGUFLinear
+    from llmos.quality import timed
+    from llmos.weights.dequant import type_name
+
+    torch.set_num_threads(threads)
+    llm = llmos.load(str(path), threads=threads, quiet=True)
+    step_ms = 1e3 / timed(llm.model, llm.config.vocab_size, 63, llm.kv_dtype)["decode_tps"]
+    per: dict[str, list[float]] = {}
+    for name, layer in llm.model.named_modules():
+        if not isinstance(layer, GGUFLinear):
+            continue
+        x = torch.randn(1, layer.in_features)
+        for raw, qtype in layer.parts():
+            def call(raw=raw, qtype=qtype) -> None:
+                layer.kernels.gguf_mm(x, raw.view(-1), qtype, raw.shape[0])
+            call()
+            times = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - t)
+            key = f"head {type_name(qtype)}" if name == "output" else type_name(qtype)
+            per.setdefault(key, []).append(statistics.median(times) * 1e3)
+    kernels = {k: {"parts": len(v), "ms": sum(v)} for k, v in per.items()}
+    rest = step_ms - sum(v["ms"] for v in kernels.values())
+    print(f"\n{path.name}, {threads} thread(s): decode step {step_ms:.1f} ms")
+    for k, v in sorted(kernels.items(), key=lambda kv: -kv[1]["ms"]):
+        print(f"  {k:<12} {v['parts']:>4} products {v['ms']:8.2f} ms  {v['ms'] / step_ms * 100:5.1f}%")
+    print(f"  {'rest':<12} {'':>4}          {rest:8.2f} ms  {rest / step_ms * 100:5.1f}%  (attention, norms, RoPE, Python)")
+    return {"step_ms": step_ms, "kernels": kernels, "rest_ms": rest}
+
+
 def run(threads_list: list[int] | None = None, forms: list[str] | None = None, rounds: int = 3, batch: bool = False) -> dict:
     """`make bench`'s section (bench/run.py --only llama1b)."""
     if importlib.util.find_spec("llama_cpp") is None:
@@ -347,12 +387,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", action="store_true", help="also 16 concurrent generations (Q4_K_M)")
     parser.add_argument("--build-only", action="store_true", help="make (or check) the files and stop")
+    parser.add_argument("--profile", action="store_true", help="where llmos's decode step goes, per GGML type, and stop")
     args = parser.parse_args()
     forms = [f for f in args.files.split(",") if f]
     threads = [int(t) for t in args.threads.split(",") if t]
     if args.build_only:
         for name, path in model_files(forms=tuple(forms), threads=max(threads)).items():
             print(f"{name}: {path} ({path.stat().st_size / 1e6:.0f} MB, decode reads {decode_bytes(path) / 1e6:.0f} MB)")
+        return
+    if args.profile:
+        paths = model_files(forms=tuple(forms), threads=max(threads))
+        for t in threads:
+            for form in forms:
+                profile(paths[form], t)
         return
     result = run(threads, forms, args.rounds, args.batch)
     RESULTS.mkdir(exist_ok=True)
