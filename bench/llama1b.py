@@ -199,6 +199,8 @@ def model_files(folder: Path | None = None, shape: Shape = LLAMA_1B, forms: tupl
                 threads: int = 2, seed: int = 0) -> dict[str, Path]:
     """{"f16": path, form: path, ...}: reused when the manifest's recipe and each file's fingerprint
     match, rebuilt otherwise (the F16 file first, the quantized ones from it)."""
+    from llmos.files import write_atomically
+
     folder = folder or cache_dir()
     manifest_path = folder / "manifest.json"
     recipe = {"recipe": RECIPE, "shape": asdict(shape), "seed": seed}
@@ -226,8 +228,6 @@ def model_files(folder: Path | None = None, shape: Shape = LLAMA_1B, forms: tupl
             quantize(paths["f16"], path, name, threads)
         manifest["files"][name] = fingerprint(path)
         print(f"  built {path} ({path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-        from llmos.files import write_atomically
-
         write_atomically(manifest_path, json.dumps(manifest, indent=2))
     return paths
 
@@ -404,6 +404,11 @@ def main() -> None:
     result = run(threads, forms, args.rounds, args.batch)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"llama1b-{date.today()}.json"
+    try:  # runs of other thread counts or files the same day are kept beside this one's
+        earlier = json.loads(out.read_text())
+        result = {**earlier, **result, "rows": {**earlier.get("rows", {}), **result["rows"]}}
+    except (OSError, ValueError):
+        pass
     out.write_text(json.dumps(result, indent=2, default=str))
     print(f"\nwritten {out}")
 

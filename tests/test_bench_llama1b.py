@@ -4,6 +4,7 @@ the bench's business (minutes); this shape builds in a second."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,7 @@ def test_bpe_vocab_has_the_size_asked_and_every_merge_builds_a_piece_from_pieces
 
 def test_llama_1b_shape_matches_llama_3_2_1b() -> None:
     shape = llama1b.LLAMA_1B
-    params = sum(int(__import__("math").prod(d)) for _, d in llama1b.tensors(shape))
+    params = sum(math.prod(d) for _, d in llama1b.tensors(shape))
     assert (shape.layers, shape.dim, shape.heads, shape.kv_heads, shape.ffn, shape.vocab) == (16, 2048, 32, 8, 8192, 128_256)
     assert 1_235_000_000 < params < 1_236_000_000  # Llama 3.2 1B: 1.236 B with tied embeddings
     assert "output.weight" not in dict(llama1b.tensors(shape))
