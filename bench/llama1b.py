@@ -320,9 +320,10 @@ def batch16(path: Path, threads: int, n: int = 16, tokens: int = 128) -> dict:
     return {"requests": n, "tokens": tokens, "aggregate_tps": sum(len(r.output) for r in reqs) / (time.perf_counter() - t0)}
 
 
-def profile(path: Path, threads: int, reps: int = 20) -> dict:
+def profile(path: Path, threads: int, reps: int = 10) -> dict:
     """Where llmos's decode step goes on `path` at `threads`: each GGUF part's one-row product through
-    the installed kernels, timed alone (median of `reps`) and summed per GGML type (the tied head apart),
+    the installed kernels, timed in `reps` passes over all parts in model order (medians), summed per
+    GGML type (the tied head apart),
     beside the whole step's time (greedy decode, bench/engines.py's measure in this process); the rest
     is attention, norms, RoPE, the token row and Python."""
     import torch
@@ -335,27 +336,33 @@ def profile(path: Path, threads: int, reps: int = 20) -> dict:
     torch.set_num_threads(threads)
     llm = llmos.load(str(path), threads=threads, quiet=True)
     step_ms = 1e3 / timed(llm.model, llm.config.vocab_size, 63, llm.kv_dtype)["decode_tps"]
-    per: dict[str, list[float]] = {}
+    calls = []  # (type key, one-row product) in the model's order
+    nbytes: dict[str, int] = {}
     for name, layer in llm.model.named_modules():
-        if not isinstance(layer, GGUFLinear):
-            continue
-        x = torch.randn(1, layer.in_features)
-        for raw, qtype in layer.parts():
-            def call(raw=raw, qtype=qtype) -> None:
-                layer.kernels.gguf_mm(x, raw.view(-1), qtype, raw.shape[0])
+        if isinstance(layer, GGUFLinear):
+            x = torch.randn(1, layer.in_features)
+            for raw, qtype in layer.parts():
+                key = f"head {type_name(qtype)}" if name == "output" else type_name(qtype)
+                nbytes[key] = nbytes.get(key, 0) + raw.numel()
+                calls.append((key, lambda x=x, raw=raw, qtype=qtype, layer=layer: layer.kernels.gguf_mm(
+                    x, raw.view(-1), qtype, raw.shape[0])))
+    # Whole passes in model order, as a decode step reads them: each part's weights come from memory,
+    # not from the cache a repeated call of one part would leave them in.
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(reps + 1):
+        for i, (_, call) in enumerate(calls):
+            t = time.perf_counter()
             call()
-            times = []
-            for _ in range(reps):
-                t = time.perf_counter()
-                call()
-                times.append(time.perf_counter() - t)
-            key = f"head {type_name(qtype)}" if name == "output" else type_name(qtype)
-            per.setdefault(key, []).append(statistics.median(times) * 1e3)
-    kernels = {k: {"parts": len(v), "ms": sum(v)} for k, v in per.items()}
+            times[i].append(time.perf_counter() - t)
+    per: dict[str, list[float]] = {}
+    for (key, _), t in zip(calls, times):
+        per.setdefault(key, []).append(statistics.median(t[1:]) * 1e3)  # the first pass faults pages in
+    kernels = {k: {"parts": len(v), "ms": sum(v), "gb_per_s": nbytes[k] / sum(v) / 1e6} for k, v in per.items()}
     rest = step_ms - sum(v["ms"] for v in kernels.values())
     print(f"\n{path.name}, {threads} thread(s): decode step {step_ms:.1f} ms")
     for k, v in sorted(kernels.items(), key=lambda kv: -kv[1]["ms"]):
-        print(f"  {k:<12} {v['parts']:>4} products {v['ms']:8.2f} ms  {v['ms'] / step_ms * 100:5.1f}%")
+        print(f"  {k:<12} {v['parts']:>4} products {v['ms']:8.2f} ms  {v['ms'] / step_ms * 100:5.1f}%  "
+              f"{nbytes[k] / 1e6:6.0f} MB at {v['gb_per_s']:5.1f} GB/s")
     print(f"  {'rest':<12} {'':>4}          {rest:8.2f} ms  {rest / step_ms * 100:5.1f}%  (attention, norms, RoPE, Python)")
     return {"step_ms": step_ms, "kernels": kernels, "rest_ms": rest}
 
