@@ -23,7 +23,6 @@
 #include <cstring>
 #include <type_traits>
 #include <utility>
-#include <vector>
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define LLMOS_GGUF_AVX512 1
@@ -262,42 +261,6 @@ struct QK45 {
 using Q4_K = QK45<false>;
 using Q5_K = QK45<true>;
 
-#ifdef LLMOS_GGUF_AVX512
-// Q4_K for products: the same weights, by the same operations (D * q, then - M), handed over in
-// another order so that no shuffle unpacks them. Q4_K's table permute and byte widening run on the
-// one shuffle unit, which bounded the kernel (1B Llama, one thread: 7.2 GB/s of Q4_K blocks where a
-// plain sum reads 29.5); here 64 code bytes are loaded as 16 32-bit lanes, each nibble is shifted
-// down and masked (integer units), converted and scaled (FP units). Run c = 8g + 4h + i takes nibble
-// h of byte i of every lane of the block's code half g: lanes 0-7 lie in sub-block 4g + h, lanes 8-15
-// in sub-block 4g + 2 + h. The caller hands the kernel x in that order (`element`), so each weight
-// still meets its own input; only the order of the sums differs from Q4_K's.
-struct Q4_K_lanes {
-  static constexpr int BS = Q4_K::BS, BB = Q4_K::BB;
-  static constexpr int element(int c, int l) {
-    return 32 * (4 * (c / 8) + (c / 4) % 2 + (l >= 8 ? 2 : 0)) + 4 * (l % 8) + c % 4;
-  }
-  template <typename F>
-  static inline void chunks(const uint8_t* b, F&& f) {
-    alignas(32) float D[8], Mn[8];
-    Q4_K::vfactors(b, D, Mn);
-    unroll<2>([&](auto gc) __attribute__((always_inline)) {
-      constexpr int g = gc;
-      const __m512i v = _mm512_loadu_si512(b + Q4_K::QS + 64 * g);
-      unroll<2>([&](auto hc) __attribute__((always_inline)) {
-        constexpr int h = hc, s = 4 * g + h;
-        const __m512 d = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(D[s]), _mm512_set1_ps(D[s + 2]));
-        const __m512 m = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(Mn[s]), _mm512_set1_ps(Mn[s + 2]));
-        unroll<4>([&](auto ic) __attribute__((always_inline)) {
-          constexpr int i = ic;
-          const __m512i q = _mm512_and_si512(_mm512_srli_epi32(v, 8 * i + 4 * h), _mm512_set1_epi32(15));
-          f(std::integral_constant<int, 8 * g + 4 * h + i>{}, _mm512_sub_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(q)), m));
-        });
-      });
-    });
-  }
-};
-#endif
-
 // Q6_K: 128 B low nibbles | 64 B high 2-bit pairs | 16 int8 scales | d f16; w = (d * scale_16) * (q - 32).
 struct Q6_K {
   static constexpr int BS = 256, BB = 210;
@@ -437,14 +400,6 @@ template <typename T>
 void matmul_type(const uint8_t* w, const float* x, float* y, int64_t M, int64_t N, int64_t K) {
   const int64_t row_bytes = K / T::BS * T::BB;
 #ifdef LLMOS_GGUF_AVX512
-  if constexpr (std::is_same_v<T, Q4_K>) {  // x reordered once to meet Q4_K_lanes' weights (any M: same sums)
-    std::vector<float> xp(M * K);
-    for (int64_t r = 0; r < M * K; r += Q4_K::BS)
-      for (int c = 0; c < 16; ++c)
-        for (int l = 0; l < 16; ++l) xp[r + 16 * c + l] = x[r + Q4_K_lanes::element(c, l)];
-    matmul_type<Q4_K_lanes>(w, xp.data(), y, M, N, K);
-    return;
-  }
   // Four outputs at a time: independent chains of multiply-adds while the next blocks are unpacked.
   constexpr int64_t NT = 4;
   at::parallel_for(0, (N + NT - 1) / NT, 16, [&](int64_t t0, int64_t t1) {
