@@ -15,6 +15,10 @@ Sections (each prints a table and adds to bench/results/bench-DATE.json):
 - gemma3: the multilingual model (Gemma 3 270M, GGUF Q4_K_M; pulled if missing): load, prefill 512,
   decode batch 1, peak RSS of llmos (auto form) at 1 and 2 threads, of the file's own form (gguf) and
   int4, beside llama-cpp-python when installed.
+- llama1b: issue 18 at 1B scale (bench/llama1b.py): a Llama-3.2-1B-shaped model with random weights,
+  quantized to Q4_K_M and Q8_0 by llama.cpp (built once, cached): load, load to first token, prefill 512,
+  decode batch 1 and peak RSS of llmos (auto) beside llama-cpp-python at 1 and 2 threads, with the
+  read-bandwidth floor, and 16 concurrent generations; needs `make bench-deps`.
 - the task benchmarks in bench/*.py when present: embeddings (beside sentence-transformers),
   ingestion (1 MB and 10 MB: chunks/s, peak RSS), GGUF block kernels per type (beside today's fp32 and
   int8 paths and the read-bandwidth floor), vector search (HNSW vs exact scan over 100k synthetic
@@ -36,7 +40,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from bench import busy
+from bench import busy, llama1b
 from llmos import store
 
 RESULTS = Path(__file__).parent / "results"
@@ -300,7 +304,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only", default="", help="comma-separated sections: core,forms,kv,batch,chat,beam,busy,gemma3,tasks")
+    parser.add_argument("--only", default="", help="comma-separated sections: core,forms,kv,batch,chat,beam,busy,gemma3,llama1b,tasks")
     args = parser.parse_args()
     only = {s for s in args.only.split(",") if s}
     gguf = store.pull(store.DEFAULT_CHAT_MODEL)
@@ -309,7 +313,8 @@ def main() -> None:
     results: dict = {"date": str(date.today()), "threads": args.threads, "model": gguf.name}
     sections = {"core": lambda: core(gguf, args.rounds, args.threads), "forms": lambda: forms(gguf, args.threads),
                 "kv": lambda: kv(gguf), "batch": lambda: batch(gguf), "chat": lambda: chat(gguf), "beam": lambda: beam(gguf),
-                "busy": lambda: busy.run(), "gemma3": lambda: gemma3(args.rounds, args.threads)}
+                "busy": lambda: busy.run(), "gemma3": lambda: gemma3(args.rounds, args.threads),
+                "llama1b": lambda: llama1b.run(sorted({1, args.threads}), rounds=args.rounds, batch=True)}
     for name, fn in sections.items():
         if not only or name in only:
             print(f"\n== {name}")
