@@ -105,9 +105,9 @@ def test_every_linear_runs_the_files_blocks_and_the_table_is_kept_once(models):
 
 @torch.inference_mode()
 def test_the_native_step_calls_the_gguf_layers_and_gets_the_python_steps_logits(models):
-    """The C++ decode step runs a GGUF model, calling each GGUFLinear's own forward (its kernels live in
-    another extension): logits within 1e-5 of the Python step's relative to their size (these logits are
-    small), with shared and per-row positions."""
+    """The C++ decode step runs a GGUF model, calling each GGUFLinear's kernels (they live in another
+    extension) straight from C++: logits within 1e-5 of the Python step's relative to their size (these
+    logits are small), with shared and per-row positions."""
     _, model, config = models
     if native.build(quiet=True) is None:
         pytest.skip(f"native step not built here: {native.failure()}")
@@ -124,6 +124,38 @@ def test_the_native_step_calls_the_gguf_layers_and_gets_the_python_steps_logits(
         got = step(tokens, positions, fast)
         want = model.logits(model.hidden(tokens[:, None], positions, slow)[:, -1]).float()
         assert (got - want).abs().max().item() < 1e-5 * max(1.0, want.abs().max().item()), i
+
+
+@torch.inference_mode()
+def test_the_native_step_runs_the_gguf_kernels_without_python_and_gets_the_bits_of_their_forward(models, monkeypatch):
+    """The step calls the GGUF layers' kernels from C++ (their Python forward is never called), each part
+    writing its columns of a fused layer's output: the logits and caches are bit for bit those of the
+    step that calls each layer's forward (what runs where the GGUF extension is not built)."""
+    _, model, config = models
+    if native.build(quiet=True) is None or gguf_kernels.build(quiet=True) is None:
+        pytest.skip(f"native kernels not built here: {native.failure() or gguf_kernels.failure()}")
+    from llmos.models.kv_cache import KVCache
+
+    calls = []
+    forward = GGUFLinear.forward
+    monkeypatch.setattr(GGUFLinear, "forward", lambda self, x: calls.append(self) or forward(self, x))
+    direct = native.stepper(model)
+    with monkeypatch.context() as patch:
+        patch.setattr(gguf_kernels, "build", lambda quiet=False: None)
+        through_python = native.stepper(model)
+    prompt = torch.tensor([[1, 17, 200, 33, 90], [5, 250, 3, 40, 41]])
+    caches = [KVCache.for_model(config, 2, 16) for _ in range(2)]
+    for cache in caches:
+        model.hidden(prompt, torch.arange(5), cache)
+    for i, positions in enumerate((torch.tensor([5]), torch.tensor([[6], [6]]), torch.tensor([7]))):
+        tokens = torch.tensor([7 + i, 90 - i])
+        calls.clear()
+        got = direct(tokens, positions, caches[0])
+        assert not calls
+        want = through_python(tokens, positions, caches[1])
+        assert len(calls) == 4 * config.n_layers + 1  # the other step did call them: the test sees the difference
+        assert torch.equal(got, want), i
+        assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
 
 
 @torch.inference_mode()

@@ -314,10 +314,10 @@ struct Q6_K {
 // least 8 KB, which covers DRAM latency at the rate the kernels read.
 inline int64_t prefetch_distance(int64_t tile_bytes) { return (8192 + tile_bytes - 1) / tile_bytes * tile_bytes; }
 
-// NT outputs (rows of W from `w`, `row_bytes` apart) x MT rows of x (from `x`, K apart): each pair's 16
+// NT outputs (rows of W from `w`, `row_bytes` apart) x MT rows of x (from `x`, K apart; y's rows `ldy` apart): each pair's 16
 // lanes accumulate w * x with one fused multiply-add per 16 weights, in input order.
 template <typename T, int NT, int MT>
-inline void tile(const uint8_t* w, int64_t row_bytes, const float* x, int64_t K, float* y, int64_t N) {
+inline void tile(const uint8_t* w, int64_t row_bytes, const float* x, int64_t K, float* y, int64_t ldy) {
   __m512 acc[NT][MT];
   unroll<NT>([&](auto n) __attribute__((always_inline)) {
     unroll<MT>([&](auto m) __attribute__((always_inline)) { acc[n][m] = _mm512_setzero_ps(); });
@@ -338,7 +338,7 @@ inline void tile(const uint8_t* w, int64_t row_bytes, const float* x, int64_t K,
   }
   // Unrolled: an indexed loop here makes GCC keep acc in memory, stored back every iteration above.
   unroll<NT>([&](auto n) __attribute__((always_inline)) {
-    unroll<MT>([&](auto m) __attribute__((always_inline)) { y[m * N + n] = _mm512_reduce_add_ps(acc[n][m]); });
+    unroll<MT>([&](auto m) __attribute__((always_inline)) { y[m * ldy + n] = _mm512_reduce_add_ps(acc[n][m]); });
   });
 }
 
@@ -346,7 +346,7 @@ inline void tile(const uint8_t* w, int64_t row_bytes, const float* x, int64_t K,
 // tile of up to 4 rows runs over them, each x vector loaded once for NT multiply-adds. The operations
 // per (row, output) are those of `tile`: the same lanes, the same order, fused multiply-adds from zero.
 template <int NT, int MT>
-inline void dense_tile(const float* buf, const float* x, int64_t K, float* y, int64_t N) {
+inline void dense_tile(const float* buf, const float* x, int64_t K, float* y, int64_t ldy) {
   __m512 acc[NT][MT];
   unroll<NT>([&](auto n) __attribute__((always_inline)) {
     unroll<MT>([&](auto m) __attribute__((always_inline)) { acc[n][m] = _mm512_setzero_ps(); });
@@ -361,12 +361,12 @@ inline void dense_tile(const float* buf, const float* x, int64_t K, float* y, in
   }
   // Unrolled: an indexed loop here makes GCC keep acc in memory, stored back every iteration above.
   unroll<NT>([&](auto n) __attribute__((always_inline)) {
-    unroll<MT>([&](auto m) __attribute__((always_inline)) { y[m * N + n] = _mm512_reduce_add_ps(acc[n][m]); });
+    unroll<MT>([&](auto m) __attribute__((always_inline)) { y[m * ldy + n] = _mm512_reduce_add_ps(acc[n][m]); });
   });
 }
 
 template <typename T, int NT>
-inline void buffered(const uint8_t* w, int64_t row_bytes, const float* x, int64_t M, int64_t K, float* y, int64_t N, float* buf) {
+inline void buffered(const uint8_t* w, int64_t row_bytes, const float* x, int64_t M, int64_t K, float* y, int64_t ldy, float* buf) {
   const int64_t ahead = prefetch_distance(NT * row_bytes);
   for (int64_t j = 0; j < K / T::BS; ++j)
     unroll<NT>([&](auto n) __attribute__((always_inline)) {
@@ -376,28 +376,30 @@ inline void buffered(const uint8_t* w, int64_t row_bytes, const float* x, int64_
       T::chunks(blk, [&](auto c, __m512 wv) __attribute__((always_inline)) { _mm512_store_ps(o + 16 * c, wv); });
     });
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) dense_tile<NT, 4>(buf, x + m * K, K, y + m * N, N);
+  for (; m + 4 <= M; m += 4) dense_tile<NT, 4>(buf, x + m * K, K, y + m * ldy, ldy);
   switch (M - m) {
-    case 3: dense_tile<NT, 3>(buf, x + m * K, K, y + m * N, N); break;
-    case 2: dense_tile<NT, 2>(buf, x + m * K, K, y + m * N, N); break;
-    case 1: dense_tile<NT, 1>(buf, x + m * K, K, y + m * N, N); break;
+    case 3: dense_tile<NT, 3>(buf, x + m * K, K, y + m * ldy, ldy); break;
+    case 2: dense_tile<NT, 2>(buf, x + m * K, K, y + m * ldy, ldy); break;
+    case 1: dense_tile<NT, 1>(buf, x + m * K, K, y + m * ldy, ldy); break;
   }
 }
 
 // One to four rows: straight from the blocks, nothing stored.
 template <typename T, int NT>
-inline void direct(const uint8_t* w, int64_t row_bytes, const float* x, int64_t M, int64_t K, float* y, int64_t N) {
+inline void direct(const uint8_t* w, int64_t row_bytes, const float* x, int64_t M, int64_t K, float* y, int64_t ldy) {
   switch (M) {
-    case 4: tile<T, NT, 4>(w, row_bytes, x, K, y, N); break;
-    case 3: tile<T, NT, 3>(w, row_bytes, x, K, y, N); break;
-    case 2: tile<T, NT, 2>(w, row_bytes, x, K, y, N); break;
-    case 1: tile<T, NT, 1>(w, row_bytes, x, K, y, N); break;
+    case 4: tile<T, NT, 4>(w, row_bytes, x, K, y, ldy); break;
+    case 3: tile<T, NT, 3>(w, row_bytes, x, K, y, ldy); break;
+    case 2: tile<T, NT, 2>(w, row_bytes, x, K, y, ldy); break;
+    case 1: tile<T, NT, 1>(w, row_bytes, x, K, y, ldy); break;
   }
 }
 #endif
 
+// y's rows are `ldy` apart (N for a whole product; the full width when a part of a layer writes its
+// columns into the layer's output).
 template <typename T>
-void matmul_type(const uint8_t* w, const float* x, float* y, int64_t M, int64_t N, int64_t K) {
+void matmul_type(const uint8_t* w, const float* x, float* y, int64_t M, int64_t N, int64_t K, int64_t ldy) {
   const int64_t row_bytes = K / T::BS * T::BB;
 #ifdef LLMOS_GGUF_AVX512
   // Four outputs at a time: independent chains of multiply-adds while the next blocks are unpacked.
@@ -408,20 +410,20 @@ void matmul_type(const uint8_t* w, const float* x, float* y, int64_t M, int64_t 
       const int64_t n = t * NT;
       if (n + NT > N) {
         for (int64_t r = n; r < N; ++r) {
-          if (buf) buffered<T, 1>(w + r * row_bytes, row_bytes, x, M, K, y + r, N, buf);
-          else direct<T, 1>(w + r * row_bytes, row_bytes, x, M, K, y + r, N);
+          if (buf) buffered<T, 1>(w + r * row_bytes, row_bytes, x, M, K, y + r, ldy, buf);
+          else direct<T, 1>(w + r * row_bytes, row_bytes, x, M, K, y + r, ldy);
         }
       } else if (buf) {
-        buffered<T, NT>(w + n * row_bytes, row_bytes, x, M, K, y + n, N, buf);
+        buffered<T, NT>(w + n * row_bytes, row_bytes, x, M, K, y + n, ldy, buf);
       } else if (std::is_same_v<T, Q8_0> && K <= 1024) {
         // Q8_0 in short rows (Gemma 3's 262,144 x 640 head) one output at a time: Q8_0 is bound by
         // reading (the cheapest unpacking per byte), and one sequential stream read it from memory
         // at 12 GB/s where the tile of 4 got 5.7 (1 thread, same run). The 4-bit types there are
         // bound by arithmetic and lose from the shorter chains (Q4_0 4.9 vs 6.9), as every type
         // does with 2048-wide rows.
-        for (int64_t r = n; r < n + NT; ++r) direct<T, 1>(w + r * row_bytes, row_bytes, x, M, K, y + r, N);
+        for (int64_t r = n; r < n + NT; ++r) direct<T, 1>(w + r * row_bytes, row_bytes, x, M, K, y + r, ldy);
       } else {
-        direct<T, NT>(w + n * row_bytes, row_bytes, x, M, K, y + n, N);
+        direct<T, NT>(w + n * row_bytes, row_bytes, x, M, K, y + n, ldy);
       }
     }
     std::free(buf);
@@ -439,7 +441,7 @@ void matmul_type(const uint8_t* w, const float* x, float* y, int64_t M, int64_t 
         }
         float s = 0.0f;
         for (int l = 0; l < 16; ++l) s += lanes[l];
-        y[m * N + n] = s;
+        y[m * ldy + n] = s;
       }
   });
 #endif
@@ -511,9 +513,19 @@ torch::Tensor matmul(const torch::Tensor& x, const torch::Tensor& raw, int64_t q
   dispatch(qtype, [&](auto t) {
     using T = decltype(t);
     check_raw<T>(raw, N, K);
-    if (M > 0 && N > 0) matmul_type<T>(raw.data_ptr<uint8_t>(), a.data_ptr<float>(), out.data_ptr<float>(), M, N, K);
+    if (M > 0 && N > 0) matmul_type<T>(raw.data_ptr<uint8_t>(), a.data_ptr<float>(), out.data_ptr<float>(), M, N, K, N);
   });
   return out;
+}
+
+// The decode step's entry (native_step.cpp calls it through `matmul_capsule`, with no Python between):
+// y (M rows `ldy` apart, columns 0..N-1) = x (M, K) contiguous fp32 @ W^T, W (N, K) the blocks at `w` of
+// GGML type `qtype`, which the caller has checked (GGUFLinear: a supported type, whole blocks, contiguous).
+void matmul_into(const uint8_t* w, int64_t qtype, const float* x, int64_t M, int64_t K, float* y, int64_t N, int64_t ldy) {
+  dispatch(qtype, [&](auto t) {
+    using T = decltype(t);
+    if (M > 0 && N > 0) matmul_type<T>(w, x, y, M, N, K, ldy);
+  });
 }
 
 // The weights (N, K) into `out` (fp32: gguf-py's values; bf16: those rounded once, to nearest even).
@@ -535,4 +547,6 @@ void dequantize(const torch::Tensor& raw, int64_t qtype, torch::Tensor& out) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matmul", &matmul, "y = x @ W^T over GGUF blocks");
   m.def("dequantize", &dequantize, "GGUF blocks -> fp32 / bf16 weights");
+  m.def("matmul_capsule", [] { return py::capsule(reinterpret_cast<void*>(&matmul_into), "llmos_gguf_matmul_into"); },
+        "matmul_into's address, for the decode step (native_step.cpp)");
 }

@@ -19,9 +19,12 @@
 //   3 int4 weight-only     (packed int4pack, scales_zeros bf16 (K/32, N, 2), bias?)
 //   4 int8 weight-only     (int8_pack's layout, scale bf16 (N,), bias?): the vocabulary head, repacked
 //                          by the stepper for int8_mm (only built with LLMOS_BF16_KERNELS)
-//   5 a layer of its own   (unused): its Python `forward` is called with the fp32 rows and returns fp32
-//                          rows, bias added (gguf_linear.GGUFLinear, whose kernels live in another
-//                          extension); one call a layer, the same call the Python model makes
+//   5 GGUF blocks          (unused, unused, bias?): gguf_linear.GGUFLinear, whose kernels live in another
+//                          extension (gguf_kernels.cpp): its parts (raw blocks and GGML types) are called
+//                          here through that extension's `matmul_into`, each writing its columns of the
+//                          layer's fp32 output, bias added after as GGUFLinear adds it; where that entry
+//                          is not given, the layer's Python `forward` is called instead (fp32 rows in and
+//                          out, bias added), the same call the Python model makes
 #include <torch/extension.h>
 
 #include <cmath>
@@ -657,7 +660,9 @@ torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions
                           const std::vector<torch::Tensor>& norms, const std::vector<int64_t>& kinds,
                           const std::vector<c10::optional<torch::Tensor>>& tensors, int64_t n_heads, int64_t n_kv,
                           int64_t head_dim, double eps, bool post_norms, bool qk_norm, bool norm_plus_one, const std::string& act,
-                          double q_scale, double attn_scale, double attn_cap, const std::vector<py::object>& calls) {
+                          double q_scale, double attn_scale, double attn_cap, const std::vector<py::object>& calls,
+                          const std::vector<torch::Tensor>& gguf_raws, const std::vector<int64_t>& gguf_qtypes,
+                          const std::vector<int64_t>& gguf_first, const py::object& gguf_matmul) {
   torch::NoGradGuard no_grad;
   const int64_t L = kc.size(0), B = x.size(0), C = x.size(-1), H = n_heads, D = head_dim;
   const int64_t per_layer = 2 + (post_norms ? 2 : 0) + (qk_norm ? 2 : 0);  // norms a layer
@@ -696,7 +701,31 @@ torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions
     for (int64_t b = 0; b < B; ++b) scale_into(xp + b * C, rp[b], wp, C, normed_f32.data_ptr<float>() + b * C);
     return normed_f32;
   };
+  // gguf_kernels' matmul_into (see kind 5 above), or null: the GGUF layers' Python forward.
+  using GGUFMatmul = void (*)(const uint8_t*, int64_t, const float*, int64_t, int64_t, float*, int64_t, int64_t);
+  GGUFMatmul gguf_mm = nullptr;
+  if (!gguf_matmul.is_none()) {
+    gguf_mm = reinterpret_cast<GGUFMatmul>(PyCapsule_GetPointer(gguf_matmul.ptr(), "llmos_gguf_matmul_into"));
+    if (!gguf_mm) PyErr_Clear();
+    TORCH_CHECK(gguf_mm, "decode_step: gguf_matmul must be gguf_kernels.matmul_capsule()");
+  }
+  TORCH_CHECK(!gguf_mm || static_cast<int64_t>(gguf_first.size()) == static_cast<int64_t>(kinds.size()) + 1,
+              "decode_step: gguf_first must hold one offset per linear, and the end");
   auto lin = [&](int64_t i, const torch::Tensor& in) {
+    if (kinds[i] == 5 && gguf_mm) {
+      // The parts' columns side by side in one (B, N) output, as GGUFLinear concatenates them.
+      TORCH_CHECK(in.scalar_type() == at::kFloat && in.is_contiguous(), "decode_step: GGUF layers take contiguous fp32 rows");
+      int64_t n = 0;
+      for (int64_t p = gguf_first[i]; p < gguf_first[i + 1]; ++p) n += gguf_raws[p].size(0);
+      auto y = torch::empty({B, n}, x.options());
+      int64_t col = 0;
+      for (int64_t p = gguf_first[i]; p < gguf_first[i + 1]; ++p) {
+        const auto& raw = gguf_raws[p];
+        gguf_mm(raw.data_ptr<uint8_t>(), gguf_qtypes[p], in.data_ptr<float>(), B, in.size(1), y.data_ptr<float>() + col, raw.size(0), n);
+        col += raw.size(0);
+      }
+      return Out(y, tensors[3 * i + 2], 5);
+    }
     if (kinds[i] == 5) return Out(calls[i](in).cast<torch::Tensor>(), c10::nullopt, 5);
     const auto& b = tensors[3 * i + 1];
     return Out(raw_linear(kinds[i], *tensors[3 * i], b.has_value() ? *b : none, tensors[3 * i + 2], in), tensors[3 * i + 2], kinds[i]);
@@ -816,7 +845,10 @@ torch::Tensor decode_step(torch::Tensor x, const std::vector<int64_t>& positions
     }
     residual(lin(4 * layer + 3, prod), post_norms ? w[3] : none);
   }
-  return lin(4 * L, norm_into(4 * L, norms[per_layer * L])).y.to(at::kFloat);  // the head (no bias in these families)
+  // The head (no bias in these families; a GGUF head's, if any, added as GGUFLinear adds it).
+  const Out head = lin(4 * L, norm_into(4 * L, norms[per_layer * L]));
+  const auto logits = head.y.to(at::kFloat);
+  return kinds[4 * L] == 5 && head.bias ? logits + *tensors[3 * 4 * L + 2] : logits;
 }
 
 // An int4 layer's weights as bf16 for a dense matmul (quant.Int4Linear's prefill path): packed is PyTorch's
