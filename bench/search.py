@@ -162,7 +162,10 @@ def disk_mb(path: Path) -> dict[str, float]:
     return {"database_mb": database / 2**20, "graph_mb": graph_size / 2**20}
 
 
-def run(chunks: int = BENCH_CHUNKS, folder: Path | None = None, verbose: bool = True) -> dict:
+def run(chunks: int = BENCH_CHUNKS, folder: Path | None = None, verbose: bool = True, *, reuse: bool = False,
+        build_only: bool = False) -> dict:
+    """Build (or, with `reuse`, reopen and top up to `chunks`) the index in `folder`, then time queries
+    (none with `build_only`). A kept folder lets the queries be timed again without the long build."""
     import torch
 
     from llmos import store
@@ -181,16 +184,21 @@ def run(chunks: int = BENCH_CHUNKS, folder: Path | None = None, verbose: bool = 
     say(f"pool: {len(pool)} sentences embedded with MiniLM in {time.perf_counter() - t0:.0f} s; "
         f"{len(queries)} held out as queries; chunk text from {len(corpus):,} docstring sentences")
     path = scratch / "scale.sqlite"
-    for stale in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
-        stale.unlink(missing_ok=True)
-    shutil.rmtree(Path(f"{path}.usearch"), ignore_errors=True)
+    if not reuse:
+        for stale in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            stale.unlink(missing_ok=True)
+        shutil.rmtree(Path(f"{path}.usearch"), ignore_errors=True)
     docs = scratch / "docs"
     docs.mkdir(exist_ok=True)
     index = Index(path, embedder)
     rss_start = rss_mb()[0]
     reset_peak()
     growth = []
-    built, doc, build_s = 0, 0, 0.0
+    # Reused: go on from the documents already there (each file is one document, numbered in order).
+    built, doc, build_s = len(index), len(index.db.documents()), 0.0
+    reused = built
+    if built:
+        say(f"reusing {path}: {built:,} chunks in {doc:,} documents")
     while built < chunks:
         n_docs = min(FILES_PER_ADD, -(-(chunks - built) // PARAGRAPHS_PER_FILE))
         files = write_files(docs, doc, n_docs, corpus)
@@ -203,11 +211,19 @@ def run(chunks: int = BENCH_CHUNKS, folder: Path | None = None, verbose: bool = 
         built += report.embedded
         current, peak = rss_mb()
         growth.append({"chunks": built, "seconds": build_s, "rss_mb": current, "peak_rss_mb": peak})
-        say(f"  {built:>9,} chunks  {build_s:7.0f} s  {built / build_s:6.0f} chunks/s  "
+        say(f"  {built:>9,} chunks  {build_s:7.0f} s  {(built - reused) / build_s:6.0f} chunks/s  "
             f"RSS {current:5.0f} MB  peak {peak:5.0f} MB")
     add_peak = rss_mb()[1]
     index.close()
     sizes = disk_mb(path)
+    build = {"chunks": built, "build_s": build_s, "chunks_per_s": (built - reused) / build_s if build_s else None,
+             "rss_before_add_mb": rss_start, "add_peak_rss_mb": add_peak, "growth": growth, **sizes}
+    if build_s:
+        say(f"{built - reused:,} chunks added in {build_s:.0f} s ({(built - reused) / build_s:.0f} chunks/s; pool-made vectors, "
+            f"real chunking, SQLite, FTS5 and HNSW); peak RSS {add_peak:.0f} MB (the process held {rss_start:.0f} MB before adding)")
+    say(f"  on disk: database {sizes['database_mb']:,.0f} MB, HNSW graph {sizes['graph_mb']:,.0f} MB")
+    if build_only:
+        return build
 
     # Queries, as a fresh process would run them after opening the index.
     index = Index(path, embedder)
@@ -242,17 +258,13 @@ def run(chunks: int = BENCH_CHUNKS, folder: Path | None = None, verbose: bool = 
     recall_between = index.ann_recall(n_queries=200)
     index.close()
     out = {
-        "chunks": built, "build_s": build_s, "chunks_per_s": built / build_s, "rss_before_add_mb": rss_start,
-        "add_peak_rss_mb": add_peak, "growth": growth, **sizes,
+        **build,
         "first_query_ms": first_ms, "query_p50_ms": statistics.median(total), "query_p99_ms": percentile(total, 0.99),
         **{f"{name}_p50_ms": statistics.median(v) for name, v in parts.items()},
         **{f"{name}_p99_ms": percentile(v, 0.99) for name, v in parts.items()},
         "exact_scan_s_200_queries": exact_s,
         "recall_at_10_queries": recall_queries, "recall_at_10_between_vectors": recall_between,
     }
-    say(f"{built:,} chunks added in {build_s:.0f} s ({built / build_s:.0f} chunks/s; pool-made vectors, real chunking, "
-        f"SQLite, FTS5 and HNSW); peak RSS {add_peak:.0f} MB (the process held {rss_start:.0f} MB before adding)")
-    say(f"  on disk: database {sizes['database_mb']:,.0f} MB, HNSW graph {sizes['graph_mb']:,.0f} MB")
     say(f"  query end to end (hybrid, k=10, {len(queries)} held-out queries): p50 {out['query_p50_ms']:.1f} ms  "
         f"p99 {out['query_p99_ms']:.1f} ms  (first query after opening: {first_ms:.0f} ms)")
     say("    parts, p50/p99 ms: " + ", ".join(f"{n} {out[n + '_p50_ms']:.1f}/{out[n + '_p99_ms']:.1f}" for n in parts))
@@ -267,5 +279,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--chunks", type=int, default=1_000_000)
     parser.add_argument("--folder", type=Path, default=None, help="scratch folder to keep the index in (default: a temporary one)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse the index kept in --folder, adding only what is missing up to --chunks")
+    parser.add_argument("--build-only", action="store_true", help="build (or top up) the index, time no queries")
     args = parser.parse_args()
-    run(args.chunks, args.folder)
+    if args.reuse and args.folder is None:
+        parser.error("--reuse needs --folder")
+    run(args.chunks, args.folder, reuse=args.reuse, build_only=args.build_only)
