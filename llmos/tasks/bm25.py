@@ -1,0 +1,319 @@
+"""BM25 top-n over an FTS5 table at a bounded cost: FTS5's own ranking, without scoring every matching row.
+
+FTS5's `ORDER BY bm25(t)` ranks every row that holds any query word (most of a large collection for a
+query of ordinary words, ~1 us a row) and first counts each word's full doclist for its document
+frequency. `BoundedBM25.top` gives the same list with the same scores (FTS5's formula, recomputed
+here term by term in FTS5's order: k1 1.2, b 0.75, idf log((N - n + 0.5) / (n + 0.5)) clamped to 1e-6,
+term counts summed over the columns, the row's length over all columns):
+
+- the query's words become FTS5 terms through the table's own tokenizer (a one-row FTS5 table in
+  memory with the same `tokenize=`), so stemming, case and diacritics are FTS5's;
+- document frequencies come from an `fts5vocab` table (a short read of the term's doclist), kept per
+  term while the collection's row count stays within `DF_DRIFT` of the count they were read at;
+  N and the average length come from FTS5's own totals record, read every query;
+- MaxScore: postings (row, count) are read for the rarest terms only ("essential"); every row they
+  hold gets an upper bound (its essential terms at their real counts and the shortest length they
+  allow, plus the best the other terms could add: idf * (k1 + 1) each), rows are scored exactly in
+  order of that bound (their text tokenized by FTS5 in memory, their length from FTS5's docsize)
+  until the bound falls below the n-th best score; the common terms' postings are never read once
+  their summed bound is below the n-th best score. Then the list is exactly FTS5's.
+- a work budget (`MAX_POSTINGS` postings read, `MAX_SCORED` rows scored) bounds the rest: a query
+  that reaches it gets the best rows found so far and `exact=False`.
+
+A query whose words FTS5 would read as several tokens (`foo_bar` is the phrase "foo bar") is not
+split here: the caller runs FTS5's own query for it (`None`).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+import re
+import sqlite3
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+K1, B = 1.2, 0.75
+DF_DRIFT = 0.01  # cached document frequencies are re-read once the row count moved by more than this share
+MAX_POSTINGS = 300_000  # postings (term instances) read from the essential terms' doclists, per query
+MAX_SCORED = 3_000  # rows scored exactly, per query
+FIRST_SCORED = 100  # rows scored exactly first (the most, by idf, of the read phrases), at least n  # rows scored at a time (one read of their text, one FTS5 tokenization)
+_WORDS_CACHED = 50_000  # query word -> FTS5 term(s)
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """A keyword list, best first, and whether it is provably FTS5's full ranking (`exact`), with the
+    work it took (postings read, rows scored)."""
+
+    rows: list[tuple[int, float]]
+    exact: bool
+    postings: int
+    scored: int
+
+
+def totals_rows(record: bytes) -> int:
+    """The row count in FTS5's totals record (the `_data` row of id 1)."""
+    return _varints(record)[0]
+
+
+def _varints(blob: bytes) -> list[int]:
+    """SQLite varints (big-endian 7 bits a byte, the 9th byte whole): FTS5's totals and docsize records."""
+    out, i = [], 0
+    while i < len(blob):
+        value = 0
+        for j in range(9):
+            c = blob[i]
+            i += 1
+            if j == 8:
+                value = (value << 8) | c
+                break
+            value = (value << 7) | (c & 0x7F)
+            if not c & 0x80:
+                break
+        out.append(value)
+    return out
+
+
+class BoundedBM25:
+    """Top-n BM25 over `table` (an FTS5 table of `db`, in schema main), as FTS5's bm25() ranks it."""
+
+    def __init__(self, db: sqlite3.Connection, table: str, tokenize: str, columns: int) -> None:
+        self.db, self.table, self.columns = db, table, columns
+        db.execute(f"CREATE VIRTUAL TABLE IF NOT EXISTS temp.{table}_rows USING fts5vocab(main, {table}, 'row')")
+        # FTS5 tokenizes in memory: query words one a row, and candidate rows' text to count their terms.
+        self.mem = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        cols = ", ".join(f"c{i}" for i in range(columns))
+        self.mem.execute(f"CREATE VIRTUAL TABLE t USING fts5({cols}, tokenize={tokenize!r}, content='')")
+        self.mem.execute("CREATE VIRTUAL TABLE ti USING fts5vocab(t, 'instance')")
+        self._terms: dict[str, tuple[str, ...]] = {}
+        self._df: dict[tuple[str, ...], tuple[int, int]] = {}  # phrase -> (rows holding it, the row count when read)
+        self._words: dict[tuple[str, ...], str] = {}  # this query's phrases -> a word of the query that makes each
+
+    # --- statistics -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self.mem.close()
+
+    def totals(self) -> tuple[int, float]:
+        """(rows, average row length in tokens over all columns), from FTS5's totals record."""
+        row = self.db.execute(f"SELECT block FROM {self.table}_data WHERE id=1").fetchone()
+        values = _varints(row[0]) if row and row[0] else [0]
+        rows, tokens = values[0], sum(values[1:1 + self.columns])
+        return rows, (tokens / rows if rows else 0.0)
+
+    def terms(self, words: list[str]) -> list[tuple[str, ...]]:
+        """Each word as FTS5's tokenizer makes it: a tuple of terms (empty, one, or several)."""
+        missing = [w for w in dict.fromkeys(words) if w not in self._terms]
+        if missing:
+            if len(self._terms) + len(missing) > _WORDS_CACHED:
+                self._terms.clear()
+            self.mem.execute("BEGIN")
+            self.mem.executemany("INSERT INTO t(rowid, c0) VALUES (?, ?)", enumerate(missing))
+            found: dict[int, list[tuple[int, str]]] = {}
+            for doc, term, offset in self.mem.execute("SELECT doc, term, offset FROM ti"):
+                found.setdefault(doc, []).append((offset, term))
+            self.mem.execute("INSERT INTO t(t) VALUES ('delete-all')")
+            self.mem.execute("COMMIT")
+            for i, w in enumerate(missing):
+                self._terms[w] = tuple(term for _, term in sorted(found.get(i, [])))
+        return [self._terms[w] for w in words]
+
+    def df(self, phrase: tuple[str, ...], rows: int) -> int:
+        """Rows holding the phrase, read again once the row count moved past DF_DRIFT since it was read:
+        a term's from fts5vocab, a longer phrase's by FTS5's count of its matches."""
+        cached = self._df.get(phrase)
+        if cached is not None and abs(rows - cached[1]) <= DF_DRIFT * cached[1]:
+            return cached[0]
+        if not phrase:
+            count = 0
+        elif len(phrase) == 1:
+            row = self.db.execute(f"SELECT doc FROM temp.{self.table}_rows WHERE term=?", phrase).fetchone()
+            count = row[0] if row else 0
+        else:
+            match = '"' + self._words[phrase] + '"'
+            count = self.db.execute(f"SELECT count(*) FROM {self.table} WHERE {self.table} MATCH ?", (match,)).fetchone()[0]
+        if len(self._df) > _WORDS_CACHED:
+            self._df.clear()
+        self._df[phrase] = (count, rows)
+        return count
+
+    # --- ranking ----------------------------------------------------------------------------------
+
+    def column_terms(self, rows: list[tuple]) -> dict[int, list[list[str]]]:
+        """rowid -> each column's FTS5 terms in order, for rows (rowid, column texts...). ASCII text is
+        split as unicode61 splits it (runs of letters and digits) and each word mapped through
+        FTS5 (`terms`, cached); any other text goes through FTS5 whole."""
+        out: dict[int, list[list[str]]] = {}
+        other = []
+        for row in rows:
+            if all(c is None or c.isascii() for c in row[1:]):
+                cols = [_ASCII_WORD.findall(c.lower()) if c else [] for c in row[1:]]
+                words = [w for col in cols for w in col]
+                if any(w not in self._terms for w in words):
+                    self.terms(words)
+                t = self._terms
+                out[row[0]] = [[term for w in col for term in t[w]] for col in cols]
+            else:
+                other.append(row)
+        if other:
+            names = ", ".join(f"c{i}" for i in range(self.columns))
+            self.mem.execute("BEGIN")
+            self.mem.executemany(f"INSERT INTO t(rowid, {names}) VALUES ({', '.join('?' * (self.columns + 1))})", other)
+            found: dict[int, list[list[tuple[int, str]]]] = {r[0]: [[] for _ in range(self.columns)] for r in other}
+            for doc, term, col, offset in self.mem.execute("SELECT doc, term, col, offset FROM ti"):
+                found[doc][int(col[1:])].append((offset, term))
+            self.mem.execute("INSERT INTO t(t) VALUES ('delete-all')")
+            self.mem.execute("COMMIT")
+            for doc, cols in found.items():
+                out[doc] = [[term for _, term in sorted(col)] for col in cols]
+        return out
+
+    # --- ranking ----------------------------------------------------------------------------------
+
+    def top(self, words: list[str], n: int, max_postings: int = MAX_POSTINGS, max_scored: int = MAX_SCORED,
+            first: int = FIRST_SCORED) -> Ranked:
+        """The n best rows for the phrases `words` (the MATCH `"w1" OR "w2" ...`, in this order) by
+        FTS5's BM25, best first, at a bounded cost (see the module docstring)."""
+        phrases = self.terms(words)
+        # FTS5 would stem a term again: a phrase is looked up by a word that makes it.
+        self._words = {p: w for p, w in zip(phrases, words)}
+        rows, avgdl = self.totals()
+        if rows == 0:
+            return Ranked([], True, 0, 0)
+        counts = {p: self.df(p, rows) for p in dict.fromkeys(phrases)}
+        # FTS5 gives each phrase of the query its own idf, a phrase of no terms matches nothing.
+        idf = [max(math.log((rows - counts[p] + 0.5) / (counts[p] + 0.5)), 0.0) or 1e-6 for p in phrases]
+        weight: dict[tuple[str, ...], float] = {}  # a repeated phrase counts as often as FTS5 counts it
+        for p, w in zip(phrases, idf):
+            weight[p] = weight.get(p, 0.0) + w
+        present = sorted((p for p in weight if counts[p] > 0), key=lambda p: counts[p])  # rarest first
+        if not present:
+            return Ranked([], True, 0, 0)
+        # The rows of the rarest phrases, within the budget (the rarest always, cut at the budget).
+        est = np.zeros(0)  # per rowid: the summed idf of the read phrases it holds
+        postings, read, exact = 0, 0, True
+        for p in present:
+            if read and postings + counts[p] > max_postings:
+                break
+            docs, complete = self._rows(p, max(max_postings - postings, 1))
+            exact &= complete
+            postings += len(docs)
+            if len(docs) and docs[-1] >= len(est):
+                est = np.concatenate([est, np.zeros(int(docs[-1]) + 1 - len(est))])
+            est[docs] += weight[p]
+            read += 1
+            if not complete:
+                break
+        unread = sum(weight[p] for p in present[read:]) * (K1 + 1)  # the most the unread phrases add to any row
+        ids = np.flatnonzero(est)
+        est = est[ids]
+        # Score exactly the rows holding the most (by idf) of the read phrases. A row scores at most
+        # (k1 + 1) * its read phrases' idf + `unread`: when no row left out can reach the n-th score
+        # (or those that can are few enough to score too), the list is FTS5's.
+        first = ids[_best(est, max(first, n))]
+        scorer = _Scorer(self, phrases, idf, avgdl)
+        scored = scorer.score([int(i) for i in first])
+        theta = _nth(scored, n)
+        reach = (est * (K1 + 1) + unread >= theta) if theta is not None else np.ones(len(ids), dtype=bool)
+        proven = exact and (theta is not None and unread < theta or read == len(present))
+        if proven:
+            todo = np.setdiff1d(ids[reach], first)
+            if len(scored) + len(todo) <= max_scored:
+                scored.update(scorer.score([int(i) for i in todo]))
+            else:
+                proven = False
+        best = sorted(scored.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+        return Ranked(best, proven, postings, len(scored))
+
+    def _rows(self, phrase: tuple[str, ...], limit: int) -> tuple[np.ndarray, bool]:
+        """(rowids ascending, whether complete) of the rows holding the phrase, up to `limit` of them."""
+        match = '"' + self._words[phrase] + '"'
+        text = self.db.execute(f"SELECT group_concat(rowid) FROM (SELECT rowid FROM {self.table} WHERE {self.table} MATCH ?"
+                               " ORDER BY rowid LIMIT ?)", (match, limit + 1)).fetchone()[0]
+        docs = np.fromstring(text, dtype=np.int64, sep=",") if text else np.zeros(0, dtype=np.int64)
+        return docs[:limit], len(docs) <= limit
+
+
+_ASCII_WORD = re.compile(r"[a-z0-9]+")  # unicode61's tokens in ASCII text (lowercased): letters and digits
+
+
+def _best(values: np.ndarray, m: int) -> np.ndarray:
+    """Positions of the m largest values, largest first (ties: the earlier position first)."""
+    if len(values) > m:
+        part = np.argpartition(-values, m - 1)[:m]
+        cut = values[part].min()
+        part = np.flatnonzero(values >= cut)  # every tie at the cut, so the choice does not depend on the partition
+    else:
+        part = np.arange(len(values))
+    return part[np.lexsort((part, -values[part]))][:m]
+
+
+def _nth(scored: dict[int, float], n: int) -> float | None:
+    """The n-th best score so far (None before n rows are scored)."""
+    if len(scored) < n:
+        return None
+    return heapq.nlargest(n, scored.values())[-1]
+
+
+class _Scorer:
+    """Exact BM25 of given rows, as FTS5 computes it: the rows' columns tokenized as FTS5 does
+    (`BoundedBM25.column_terms`), phrase instances counted over the columns, the row's length the
+    sum of its columns' token counts (FTS5's docsize), the phrases summed in the query's order."""
+
+    def __init__(self, owner: BoundedBM25, phrases: list[tuple[str, ...]], idf: list[float], avgdl: float) -> None:
+        self.owner, self.phrases, self.idf, self.avgdl = owner, phrases, idf, avgdl
+        self.single = all(len(p) == 1 for p in phrases)
+        self.wanted = {p[0] for p in phrases if len(p) == 1}
+
+    def score(self, ids: list[int]) -> dict[int, float]:
+        if not ids:
+            return {}
+        o = self.owner
+        cols = ", ".join(f"c{i}" for i in range(o.columns))
+        content = o.db.execute(f"SELECT id, {cols} FROM {o.table}_content WHERE id IN (SELECT value FROM json_each(?))",
+                               (json.dumps(ids),)).fetchall()
+        out = {}
+        for i, d, freq in self._counts(content):
+            score = 0.0
+            for phrase, idf in zip(self.phrases, self.idf):  # FTS5's sum, phrase by phrase, in its order
+                f = float(freq.get(phrase, 0))
+                score += idf * ((f * (K1 + 1.0)) / (f + K1 * (1 - B + B * d / self.avgdl)))
+            out[i] = score
+        return out
+
+    def _counts(self, content: list[tuple]) -> Iterator[tuple[int, float, dict[tuple[str, ...], int]]]:
+        """(rowid, length in tokens, phrase -> instances) of each row."""
+        o = self.owner
+        fast = [r for r in content if self.single and all(c is None or c.isascii() for c in r[1:])]
+        if fast:
+            words = {r[0]: Counter(_ASCII_WORD.findall(" ".join(c for c in r[1:] if c).lower())) for r in fast}
+            new = {w for c in words.values() for w in c if w not in o._terms}
+            if new:
+                o.terms(list(new))
+            terms, wanted = o._terms, self.wanted
+            for i, counter in words.items():
+                freq: dict[tuple[str, ...], int] = {}
+                for w, c in counter.items():
+                    t = terms[w]  # one term a word: ASCII runs of letters and digits are single tokens
+                    if t[0] in wanted:
+                        freq[t] = freq.get(t, 0) + c
+                yield i, float(sum(counter.values())), freq
+        rest = [r for r in content if not (self.single and all(c is None or c.isascii() for c in r[1:]))]
+        for i, columns in o.column_terms(rest).items() if rest else ():
+            freq = {p: sum(_count(c, p) for c in columns) for p in dict.fromkeys(self.phrases)}
+            yield i, float(sum(len(c) for c in columns)), freq
+
+
+def _count(terms: list[str], phrase: tuple[str, ...]) -> int:
+    """Instances of the phrase (its terms at consecutive positions) in one column."""
+    if not phrase:
+        return 0
+    if len(phrase) == 1:
+        return terms.count(phrase[0])
+    m = len(phrase)
+    return sum(1 for i in range(len(terms) - m + 1) if terms[i] == phrase[0] and tuple(terms[i:i + m]) == phrase)
