@@ -46,6 +46,8 @@ PARAGRAPHS_PER_FILE = 500
 FILES_PER_ADD = 100  # 50k chunks per `Index.add` call
 SENTENCES_PER_PARAGRAPH = 6  # ~150 tokens: one paragraph, one chunk (two exceed MiniLM's 256)
 N_QUERIES = 200
+OLD_QUERIES = 40  # of them also timed end to end with FTS5's full keyword query (~1 s a query at 1M chunks)
+KEYWORD_QUERIES = 100  # of them profiled by part, the keyword list beside FTS5's full bm25 ranking
 _TAG = re.compile(r"Entry (\d+)-(\d+)\.")
 
 
@@ -170,9 +172,11 @@ def run(chunks: int = BENCH_CHUNKS, folder: Path | None = None, verbose: bool = 
 
     from llmos import store
     from llmos.tasks.embed import Embedder
+    from llmos.tasks import index_db
     from llmos.tasks.index import Index, fuse
 
     torch.set_num_threads(1)
+    bounded_rows = index_db.BOUNDED_ROWS
     say = print if verbose else (lambda *a, **k: None)
     scratch = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="llmos-bench-search-"))
     scratch.mkdir(parents=True, exist_ok=True)
@@ -230,25 +234,52 @@ def run(chunks: int = BENCH_CHUNKS, folder: Path | None = None, verbose: bool = 
     t0 = time.perf_counter()
     index.search("how is an exception raised", k=10)  # opens the graph (memory maps) and the database
     first_ms = (time.perf_counter() - t0) * 1000
-    total, parts = [], {"embed": [], "vector": [], "keyword": [], "fuse+passages": []}
-    for q in queries:
-        t0 = time.perf_counter()
-        results = index.search(q, k=10, mode="hybrid")
-        total.append((time.perf_counter() - t0) * 1000)
-        assert len(results) == 10
-    for q in queries[:100]:  # the same steps one at a time, for the profile
+    total, total_old, total_same = [], [], []  # end to end; with FTS5's full keyword query; new, on the same queries
+    for i, q in enumerate(queries):
+        rounds = [False, True] if i < OLD_QUERIES else [False]
+        for old in (rounds if i % 2 else rounds[::-1]):  # alternate which goes first
+            index._query_vectors.clear()  # each timed search embeds its query
+            index_db.BOUNDED_ROWS = 1 << 62 if old else bounded_rows
+            t0 = time.perf_counter()
+            results = index.search(q, k=10, mode="hybrid")
+            ms = (time.perf_counter() - t0) * 1000
+            (total_old if old else total).append(ms)
+            if not old and len(rounds) == 2:
+                total_same.append(ms)
+            assert len(results) == 10
+    index_db.BOUNDED_ROWS = bounded_rows
+    parts = {"embed": [], "vector": [], "keyword": [], "fuse+passages": [], "keyword, FTS5 full": []}
+    agree10, agree50, proven, postings, scored = [], [], 0, [], []
+    for i, q in enumerate(queries[:KEYWORD_QUERIES]):  # the steps one at a time, for the profile; bounded vs FTS5
         t = [time.perf_counter()]
         qvec = index.embedder.embed_query(q)
         qvec = (qvec / np.linalg.norm(qvec)).astype(np.float32)
         t.append(time.perf_counter())
         vec = index._vector_candidates(qvec, 50, None)
         t.append(time.perf_counter())
-        kw = index.db.keyword(q, 50)
+        if i % 2:
+            t0 = time.perf_counter()
+            full = index.db.keyword_ranked(q, 50, bounded=False).rows
+            full_ms = (time.perf_counter() - t0) * 1000
         t.append(time.perf_counter())
-        index._results(fuse(vec, kw)[:10], qvec)
+        ranked = index.db.keyword_ranked(q, 50, bounded=True)
         t.append(time.perf_counter())
+        index._results(fuse(vec, ranked.rows)[:10], qvec)
+        t.append(time.perf_counter())
+        if not i % 2:
+            t0 = time.perf_counter()
+            full = index.db.keyword_ranked(q, 50, bounded=False).rows
+            full_ms = (time.perf_counter() - t0) * 1000
+        t = t[:2] + t[3:]  # drop the FTS5 query's slot
         for name, a, b in zip(parts, t, t[1:]):
             parts[name].append((b - a) * 1000)
+        parts["keyword, FTS5 full"].append(full_ms)
+        ids = [c for c, _ in ranked.rows]
+        agree10.append(len(set(ids[:10]) & {c for c, _ in full[:10]}) / max(1, min(10, len(full))))
+        agree50.append(len(set(ids) & {c for c, _ in full}) / max(1, len(full)))
+        proven += ranked.exact
+        postings.append(ranked.postings)
+        scored.append(ranked.scored)
     qvecs = np.stack([v / np.linalg.norm(v) for v in (index.embedder.embed_query(q) for q in queries)]).astype(np.float32)
     t0 = time.perf_counter()
     exact = index._exact_search(qvecs, 10)
@@ -260,6 +291,12 @@ def run(chunks: int = BENCH_CHUNKS, folder: Path | None = None, verbose: bool = 
     out = {
         **build,
         "first_query_ms": first_ms, "query_p50_ms": statistics.median(total), "query_p99_ms": percentile(total, 0.99),
+        "old_query_p50_ms": statistics.median(total_old), "old_query_p99_ms": percentile(total_old, 0.99),
+        "same_queries_p50_ms": statistics.median(total_same), "same_queries_p99_ms": percentile(total_same, 0.99),
+        "keyword_top10_agreement": statistics.mean(agree10), "keyword_top50_agreement": statistics.mean(agree50),
+        "keyword_proven_exact": proven, "keyword_queries": len(agree10),
+        "keyword_postings_p50": statistics.median(postings), "keyword_postings_max": max(postings),
+        "keyword_scored_p50": statistics.median(scored), "keyword_scored_max": max(scored),
         **{f"{name}_p50_ms": statistics.median(v) for name, v in parts.items()},
         **{f"{name}_p99_ms": percentile(v, 0.99) for name, v in parts.items()},
         "exact_scan_s_200_queries": exact_s,
@@ -267,6 +304,12 @@ def run(chunks: int = BENCH_CHUNKS, folder: Path | None = None, verbose: bool = 
     }
     say(f"  query end to end (hybrid, k=10, {len(queries)} held-out queries): p50 {out['query_p50_ms']:.1f} ms  "
         f"p99 {out['query_p99_ms']:.1f} ms  (first query after opening: {first_ms:.0f} ms)")
+    say(f"    the same {len(total_old)} queries, alternating: p50 {out['same_queries_p50_ms']:.1f} / p99 {out['same_queries_p99_ms']:.1f} ms "
+        f"against p50 {out['old_query_p50_ms']:.1f} / p99 {out['old_query_p99_ms']:.1f} ms with FTS5's full keyword query")
+    say(f"  keyword list (top 50, bounded, tasks/bm25.py) vs FTS5's full bm25 ranking, {len(agree10)} queries: top-10 agreement "
+        f"{out['keyword_top10_agreement']:.3f}, top-50 {out['keyword_top50_agreement']:.3f}; proven exact {proven}, "
+        f"budget reached {len(agree10) - proven}; postings read p50 {out['keyword_postings_p50']:,.0f} (max "
+        f"{out['keyword_postings_max']:,}), rows scored p50 {out['keyword_scored_p50']:,.0f} (max {out['keyword_scored_max']:,})")
     say("    parts, p50/p99 ms: " + ", ".join(f"{n} {out[n + '_p50_ms']:.1f}/{out[n + '_p99_ms']:.1f}" for n in parts))
     say(f"  ANN recall@10 vs exact: {recall_queries:.3f} on the queries, {recall_between:.3f} on Index.ann_recall's "
         f"(exact search streams the table: {exact_s:.1f} s for {len(queries)} queries)")

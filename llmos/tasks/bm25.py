@@ -1,27 +1,26 @@
-"""BM25 top-n over an FTS5 table at a bounded cost: FTS5's own ranking, without scoring every matching row.
+"""BM25 top-n over an FTS5 table at a bounded cost, scored exactly as FTS5's bm25() scores.
 
-FTS5's `ORDER BY bm25(t)` ranks every row that holds any query word (most of a large collection for a
-query of ordinary words, ~1 us a row) and first counts each word's full doclist for its document
-frequency. `BoundedBM25.top` gives the same list with the same scores (FTS5's formula, recomputed
-here term by term in FTS5's order: k1 1.2, b 0.75, idf log((N - n + 0.5) / (n + 0.5)) clamped to 1e-6,
-term counts summed over the columns, the row's length over all columns):
+FTS5's `ORDER BY bm25(t)` ranks every row that holds any query word (most of a large collection for
+a query of ordinary words, ~1 us a row) and first counts each word's full doclist for its document
+frequency. `BoundedBM25.top` returns FTS5's scores for the rows it returns (FTS5's formula,
+recomputed here phrase by phrase in FTS5's order: k1 1.2, b 0.75, idf log((N - n + 0.5) / (n + 0.5))
+clamped to 1e-6, instances summed over the columns, the row's length over all columns; equal to
+FTS5's to the last bit in the tests), and proves where it can that the list is FTS5's:
 
-- the query's words become FTS5 terms through the table's own tokenizer (a one-row FTS5 table in
-  memory with the same `tokenize=`), so stemming, case and diacritics are FTS5's;
-- document frequencies come from an `fts5vocab` table (a short read of the term's doclist), kept per
-  term while the collection's row count stays within `DF_DRIFT` of the count they were read at;
-  N and the average length come from FTS5's own totals record, read every query;
-- MaxScore: postings (row, count) are read for the rarest terms only ("essential"); every row they
-  hold gets an upper bound (its essential terms at their real counts and the shortest length they
-  allow, plus the best the other terms could add: idf * (k1 + 1) each), rows are scored exactly in
-  order of that bound (their text tokenized by FTS5 in memory, their length from FTS5's docsize)
-  until the bound falls below the n-th best score; the common terms' postings are never read once
-  their summed bound is below the n-th best score. Then the list is exactly FTS5's.
-- a work budget (`MAX_POSTINGS` postings read, `MAX_SCORED` rows scored) bounds the rest: a query
-  that reaches it gets the best rows found so far and `exact=False`.
-
-A query whose words FTS5 would read as several tokens (`foo_bar` is the phrase "foo bar") is not
-split here: the caller runs FTS5's own query for it (`None`).
+- the query's words become FTS5 phrases through the table's own tokenizer (an FTS5 table in memory
+  with the same `tokenize=`), so stemming, case, diacritics and `a_b` splitting are FTS5's;
+- document frequencies come from an `fts5vocab` table (a term's doclist read without its positions;
+  a longer phrase by FTS5's count), kept per phrase while the row count stays within `DF_DRIFT` of
+  the count they were read at; N and the average length come from FTS5's totals record each query;
+- candidates: the rows of the rarest phrases, read (rowids only, from FTS5) rarest first while their
+  summed row counts stay within `MAX_POSTINGS`; the `FIRST_SCORED` rows holding the most of them (by
+  idf) are scored exactly: their text tokenized as FTS5 does (ASCII split in Python, each word mapped
+  through FTS5 once; other text through FTS5 whole);
+- the proof (MaxScore's bound): a phrase adds at most idf * (k1 + 1) to a row. If the phrases left
+  unread add less than the n-th score found, no row without a read phrase can enter, and the read rows
+  whose bound reaches the n-th score are scored too (when at most `MAX_SCORED` in all): the list is
+  then FTS5's (`exact`). Otherwise the list is the best of the rows scored, `exact=False`: the budget
+  was reached. A query of common words only over a large collection usually ends there.
 """
 
 from __future__ import annotations
@@ -39,9 +38,9 @@ import numpy as np
 
 K1, B = 1.2, 0.75
 DF_DRIFT = 0.01  # cached document frequencies are re-read once the row count moved by more than this share
-MAX_POSTINGS = 300_000  # postings (term instances) read from the essential terms' doclists, per query
-MAX_SCORED = 3_000  # rows scored exactly, per query
-FIRST_SCORED = 100  # rows scored exactly first (the most, by idf, of the read phrases), at least n  # rows scored at a time (one read of their text, one FTS5 tokenization)
+MAX_POSTINGS = 60_000  # rows read from the rarest words' doclists, per query (~0.15-0.45 us a row here)
+MAX_SCORED = 400  # rows scored exactly, per query (~35 us a row here)
+FIRST_SCORED = 100  # rows scored exactly first (those holding the most, by idf, of the read phrases), at least n
 _WORDS_CACHED = 50_000  # query word -> FTS5 term(s)
 
 
