@@ -12,9 +12,12 @@ FTS5's to the last bit in the tests), and proves where it can that the list is F
 - document frequencies come from an `fts5vocab` table (a term's doclist read without its positions;
   a longer phrase by FTS5's count), kept per phrase while the row count stays within `DF_DRIFT` of
   the count they were read at; N and the average length come from FTS5's totals record each query;
-- candidates: the rows of the rarest phrases, read (rowids only, from FTS5) rarest first while their
-  summed row counts stay within `MAX_POSTINGS`; the `FIRST_SCORED` rows holding the most of them (by
-  idf) are scored exactly: their text tokenized as FTS5 does (ASCII split in Python, each word mapped
+- candidates: every phrase's rows (rowids only, read from FTS5 once and kept in memory, up to
+  `CACHED_ROWIDS` of them, least recently used out; rows added since are read on use, by rowid; ids
+  of deleted rows only cost a candidate slot) add the phrase's idf to a per-row sum: BM25 at one
+  instance and the average length. A phrase not cached is read rarest first while this query's reads
+  stay within `MAX_POSTINGS` rows (the rarest always). The `FIRST_SCORED` rows of highest sum are
+  scored exactly: their text tokenized as FTS5 does (ASCII split in Python, each word mapped
   through FTS5 once; other text through FTS5 whole);
 - the proof (MaxScore's bound): a phrase adds at most idf * (k1 + 1) to a row. If the phrases left
   unread add less than the n-th score found, no row without a read phrase can enter, and the read rows
@@ -38,9 +41,10 @@ import numpy as np
 
 K1, B = 1.2, 0.75
 DF_DRIFT = 0.01  # cached document frequencies are re-read once the row count moved by more than this share
-MAX_POSTINGS = 60_000  # rows read from the rarest words' doclists, per query (~0.15-0.45 us a row here)
+MAX_POSTINGS = 300_000  # rows read from FTS5 for phrases not cached, per query (~0.15-0.45 us a row here)
 MAX_SCORED = 400  # rows scored exactly, per query (~35 us a row here)
-FIRST_SCORED = 100  # rows scored exactly first (those holding the most, by idf, of the read phrases), at least n
+CACHED_ROWIDS = 32_000_000  # rowids of phrases kept between queries (int32: 128 MB at most)
+FIRST_SCORED = 200  # rows scored exactly first (those holding the most, by idf, of the read phrases), at least n
 _WORDS_CACHED = 50_000  # query word -> FTS5 term(s)
 
 
@@ -92,6 +96,10 @@ class BoundedBM25:
         self._terms: dict[str, tuple[str, ...]] = {}
         self._df: dict[tuple[str, ...], tuple[int, int]] = {}  # phrase -> (rows holding it, the row count when read)
         self._words: dict[tuple[str, ...], str] = {}  # this query's phrases -> a word of the query that makes each
+        # phrase -> (its rowids, int32 ascending; the largest rowid when read; the row count when read)
+        self._rowids: dict[tuple[str, ...], tuple[np.ndarray, int, int]] = {}
+        self._cached_total = 0
+        self._est: np.ndarray | None = None
 
     # --- statistics -------------------------------------------------------------------------------
 
@@ -193,35 +201,35 @@ class BoundedBM25:
         present = sorted((p for p in weight if counts[p] > 0), key=lambda p: counts[p])  # rarest first
         if not present:
             return Ranked([], True, 0, 0)
-        # The rows of the rarest phrases, within the budget (the rarest always, cut at the budget).
-        est = np.zeros(0)  # per rowid: the summed idf of the read phrases it holds
-        postings, read, exact = 0, 0, True
+        # Every phrase's rows, rarest first, from the cache or read from FTS5 within the budget.
+        top_id = self._top_id()
+        if self._est is None or len(self._est) <= top_id:
+            self._est = np.zeros(top_id + 1 + (top_id >> 4), dtype=np.float32)
+        est = self._est  # per rowid: the summed idf of the read phrases it holds
+        est.fill(0.0)
+        postings, read = 0, []
         for p in present:
-            if read and postings + counts[p] > max_postings:
-                break
-            docs, complete = self._rows(p, max(max_postings - postings, 1))
-            exact &= complete
-            postings += len(docs)
-            if len(docs) and docs[-1] >= len(est):
-                est = np.concatenate([est, np.zeros(int(docs[-1]) + 1 - len(est))])
+            docs = self._cached(p, rows, top_id)
+            if docs is None:
+                if read and postings + counts[p] > max_postings:
+                    continue  # left unread this time (its bound is counted below)
+                docs = self._read(p, rows, top_id)
+                postings += len(docs)
             est[docs] += weight[p]
-            read += 1
-            if not complete:
-                break
-        unread = sum(weight[p] for p in present[read:]) * (K1 + 1)  # the most the unread phrases add to any row
-        ids = np.flatnonzero(est)
-        est = est[ids]
+            read.append(p)
+        unread = sum(weight[p] for p in present if p not in read) * (K1 + 1)  # the most they add to any row
         # Score exactly the rows holding the most (by idf) of the read phrases. A row scores at most
         # (k1 + 1) * its read phrases' idf + `unread`: when no row left out can reach the n-th score
         # (or those that can are few enough to score too), the list is FTS5's.
-        first = ids[_best(est, max(first, n))]
+        first = _best(est, max(first, n))
+        first = first[est[first] > 0]
         scorer = _Scorer(self, phrases, idf, avgdl)
         scored = scorer.score([int(i) for i in first])
         theta = _nth(scored, n)
-        reach = (est * (K1 + 1) + unread >= theta) if theta is not None else np.ones(len(ids), dtype=bool)
-        proven = exact and (theta is not None and unread < theta or read == len(present))
+        proven = theta is not None and unread < theta or len(read) == len(present)
         if proven:
-            todo = np.setdiff1d(ids[reach], first)
+            floor = 0.0 if theta is None else (theta - unread) / (K1 + 1) * (1 - 1e-6) - 1e-6  # est is float32
+            todo = np.setdiff1d(np.flatnonzero(est > max(floor, 0.0)), first)
             if len(scored) + len(todo) <= max_scored:
                 scored.update(scorer.score([int(i) for i in todo]))
             else:
@@ -229,13 +237,43 @@ class BoundedBM25:
         best = sorted(scored.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
         return Ranked(best, proven, postings, len(scored))
 
-    def _rows(self, phrase: tuple[str, ...], limit: int) -> tuple[np.ndarray, bool]:
-        """(rowids ascending, whether complete) of the rows holding the phrase, up to `limit` of them."""
+    def _top_id(self) -> int:
+        row = self.db.execute(f"SELECT max(id) FROM {self.table}_content").fetchone()
+        return int(row[0] or 0)
+
+    def _cached(self, phrase: tuple[str, ...], rows: int, top_id: int) -> np.ndarray | None:
+        """The phrase's rowids from the cache, with rows added since read appended (ids only grow:
+        chunk ids are never reused); None when not cached or too many rows went since (deleted ids
+        kept in a list only cost a candidate slot: scoring skips rows that are gone)."""
+        entry = self._rowids.pop(phrase, None)
+        if entry is None:
+            return None
+        docs, last, at_rows = entry
+        if rows < at_rows * (1 - DF_DRIFT):
+            self._cached_total -= len(docs)
+            return None
+        if top_id > last:
+            more = self._fetch(phrase, last)
+            docs = np.concatenate([docs, more]) if len(more) else docs
+            self._cached_total += len(more)
+        self._rowids[phrase] = (docs, top_id, max(rows, at_rows))  # most recently used last
+        return docs
+
+    def _read(self, phrase: tuple[str, ...], rows: int, top_id: int) -> np.ndarray:
+        docs = self._fetch(phrase, 0)
+        self._rowids[phrase] = (docs, top_id, rows)
+        self._cached_total += len(docs)
+        while self._cached_total > CACHED_ROWIDS and len(self._rowids) > 1:  # least recently used out
+            old = next(iter(self._rowids))
+            self._cached_total -= len(self._rowids.pop(old)[0])
+        return docs
+
+    def _fetch(self, phrase: tuple[str, ...], after: int) -> np.ndarray:
+        """The rowids (ascending) above `after` of the rows holding the phrase."""
         match = '"' + self._words[phrase] + '"'
         text = self.db.execute(f"SELECT group_concat(rowid) FROM (SELECT rowid FROM {self.table} WHERE {self.table} MATCH ?"
-                               " ORDER BY rowid LIMIT ?)", (match, limit + 1)).fetchone()[0]
-        docs = np.fromstring(text, dtype=np.int64, sep=",") if text else np.zeros(0, dtype=np.int64)
-        return docs[:limit], len(docs) <= limit
+                               " AND rowid > ? ORDER BY rowid)", (match, after)).fetchone()[0]
+        return np.fromstring(text, dtype=np.int32, sep=",") if text else np.zeros(0, dtype=np.int32)
 
 
 _ASCII_WORD = re.compile(r"[a-z0-9]+")  # unicode61's tokens in ASCII text (lowercased): letters and digits

@@ -102,8 +102,11 @@ def test_pruned_lists_are_still_fts5s(db):
 
 def test_budget_hit_is_flagged(db):
     searcher = bm25.BoundedBM25(db._db, "chunks_fts", "porter unicode61 remove_diacritics 2", 2)
-    ranked = searcher.top(db._query_words("value object default files"), 10, max_postings=20, max_scored=30, first=10)
-    assert not ranked.exact and ranked.postings <= 20
+    words = db._query_words("value object default files")
+    ranked = searcher.top(words, 10, max_postings=20, max_scored=30, first=10)
+    rows = searcher.totals()[0]
+    assert ranked.postings == min(searcher.df(p, rows) for p in searcher.terms(words))  # the rarest word's rows only
+    assert not ranked.exact and ranked.scored <= 30
     assert [i for i, _ in ranked.rows] != [i for i, _ in _fts5(db, "value object default files", 10)]
 
 
