@@ -280,14 +280,10 @@ _ASCII_WORD = re.compile(r"[a-z0-9]+")  # unicode61's tokens in ASCII text (lowe
 
 
 def _best(values: np.ndarray, m: int) -> np.ndarray:
-    """Positions of the m largest values, largest first (ties: the earlier position first)."""
-    if len(values) > m:
-        part = np.argpartition(-values, m - 1)[:m]
-        cut = values[part].min()
-        part = np.flatnonzero(values >= cut)  # every tie at the cut, so the choice does not depend on the partition
-    else:
-        part = np.arange(len(values))
-    return part[np.lexsort((part, -values[part]))][:m]
+    """Positions of the m largest values, largest first (ties at the cut: as argpartition leaves them,
+    the same for the same values)."""
+    part = np.argpartition(-values, m - 1)[:m] if len(values) > m else np.arange(len(values))
+    return part[np.lexsort((part, -values[part]))]
 
 
 def _nth(scored: dict[int, float], n: int) -> float | None:
