@@ -208,28 +208,45 @@ class BoundedBM25:
         est = self._est  # per rowid: the summed idf of the read phrases it holds
         est.fill(0.0)
         postings, read = 0, []
-        for p in present:
-            docs = self._cached(p, rows, top_id)
-            if docs is None:
-                if read and postings + counts[p] > max_postings:
-                    continue  # left unread this time (its bound is counted below)
-                docs = self._read(p, rows, top_id)
-                postings += len(docs)
-            est[docs] += weight[p]
-            read.append(p)
-        unread = sum(weight[p] for p in present if p not in read) * (K1 + 1)  # the most they add to any row
+
+        def gather(group: list[tuple[str, ...]]) -> int:
+            added = 0
+            for p in group:
+                docs = self._cached(p, rows, top_id)
+                if docs is None:
+                    if read and postings + added + counts[p] > max_postings:
+                        continue  # left unread this time (its bound is counted below)
+                    docs = self._read(p, rows, top_id)
+                    added += len(docs)
+                est[docs] += weight[p]
+                read.append(p)
+            return added
+
+        # A phrase in half the rows or more has FTS5's idf 1e-6: many rows, nothing added to the sums.
+        # Read only when the others' rows are too few for the list.
+        common = [p for p in present if weight[p] < 1e-5]
+        telling = [p for p in present if weight[p] >= 1e-5]
+        postings += gather(telling or common)
         # Score exactly the rows holding the most (by idf) of the read phrases. A row scores at most
         # (k1 + 1) * its read phrases' idf + `unread`: when no row left out can reach the n-th score
         # (or those that can are few enough to score too), the list is FTS5's.
-        first = _best(est, max(first, n))
-        first = first[est[first] > 0]
         scorer = _Scorer(self, phrases, idf, avgdl)
-        scored = scorer.score([int(i) for i in first])
-        theta = _nth(scored, n)
+        scored: dict[int, float] = {}
+        for _ in range(2):
+            pick = _best(est, max(first, n) + len(scored))
+            pick = [int(i) for i in pick if est[i] > 0 and int(i) not in scored][:max(first, n)]
+            scored.update(scorer.score(pick))
+            theta = _nth(scored, n)
+            if theta is not None or not telling or not common:
+                break
+            postings += gather(common)
+            telling = []
+        unread = sum(weight[p] for p in present if p not in read) * (K1 + 1)  # the most they add to any row
         proven = theta is not None and unread < theta or len(read) == len(present)
         if proven:
             floor = 0.0 if theta is None else (theta - unread) / (K1 + 1) * (1 - 1e-6) - 1e-6  # est is float32
-            todo = np.setdiff1d(np.flatnonzero(est > max(floor, 0.0)), first)
+            reach = np.flatnonzero(est > max(floor, 0.0))
+            todo = [int(i) for i in reach if int(i) not in scored] if len(reach) <= max_scored else reach
             if len(scored) + len(todo) <= max_scored:
                 scored.update(scorer.score([int(i) for i in todo]))
             else:
