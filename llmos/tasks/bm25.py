@@ -14,11 +14,13 @@ FTS5's to the last bit in the tests), and proves where it can that the list is F
   the count they were read at; N and the average length come from FTS5's totals record each query;
 - candidates: every phrase's rows (rowids only, read from FTS5 once and kept in memory, up to
   `CACHED_ROWIDS` of them, least recently used out; rows added since are read on use, by rowid; ids
-  of deleted rows only cost a candidate slot) add the phrase's idf to a per-row sum: BM25 at one
-  instance and the average length. A phrase not cached is read rarest first while this query's reads
-  stay within `MAX_POSTINGS` rows (the rarest always). The `FIRST_SCORED` rows of highest sum are
-  scored exactly: their text tokenized as FTS5 does (ASCII split in Python, each word mapped
-  through FTS5 once; other text through FTS5 whole);
+  of deleted rows only cost a candidate slot). Each row gets BM25 as if it held each of its phrases
+  once: its phrases' idf summed, times its length factor (lengths from FTS5's docsize, kept in
+  memory, 4 bytes a row; a process's first query reads them, ~1 s at a million rows). A phrase not
+  cached is read rarest first while this query's reads stay within `MAX_POSTINGS` rows (the rarest
+  always); one in half the rows or more (idf 1e-6) only when the others' rows are too few. The
+  `FIRST_SCORED` best rows are scored exactly: their text tokenized as FTS5 does (ASCII split in
+  Python, each word mapped through FTS5 once; other text through FTS5 whole);
 - the proof (MaxScore's bound): a phrase adds at most idf * (k1 + 1) to a row. If the phrases left
   unread add less than the n-th score found, no row without a read phrase can enter, and the read rows
   whose bound reaches the n-th score are scored too (when at most `MAX_SCORED` in all): the list is
@@ -100,6 +102,8 @@ class BoundedBM25:
         self._rowids: dict[tuple[str, ...], tuple[np.ndarray, int, int]] = {}
         self._cached_total = 0
         self._est: np.ndarray | None = None
+        self._lengths: np.ndarray | None = None  # per rowid: the row's length in tokens (FTS5's docsize)
+        self._lengths_last = 0
 
     # --- statistics -------------------------------------------------------------------------------
 
@@ -227,6 +231,8 @@ class BoundedBM25:
         common = [p for p in present if weight[p] < 1e-5]
         telling = [p for p in present if weight[p] >= 1e-5]
         postings += gather(telling or common)
+        factor = self._length_factor(top_id, avgdl)
+        est *= factor  # BM25 at one instance a phrase: the idf sum * (k1 + 1) / (1 + k1 (1 - b + b D / avgdl))
         # Score exactly the rows holding the most (by idf) of the read phrases. A row scores at most
         # (k1 + 1) * its read phrases' idf + `unread`: when no row left out can reach the n-th score
         # (or those that can are few enough to score too), the list is FTS5's.
@@ -239,13 +245,18 @@ class BoundedBM25:
             theta = _nth(scored, n)
             if theta is not None or not telling or not common:
                 break
+            before = est.copy()
+            est.fill(0.0)
             postings += gather(common)
+            est *= factor
+            est += before
             telling = []
         unread = sum(weight[p] for p in present if p not in read) * (K1 + 1)  # the most they add to any row
         proven = theta is not None and unread < theta or len(read) == len(present)
         if proven:
-            floor = 0.0 if theta is None else (theta - unread) / (K1 + 1) * (1 - 1e-6) - 1e-6  # est is float32
-            reach = np.flatnonzero(est > max(floor, 0.0))
+            # est / factor is a row's idf sum over the read phrases; each adds at most idf * (k1 + 1).
+            need = 0.0 if theta is None else (theta - unread) / (K1 + 1)
+            reach = np.flatnonzero((est > 0) & (est >= need * factor * (1 - 1e-5) - 1e-6))  # est is float32
             todo = [int(i) for i in reach if int(i) not in scored] if len(reach) <= max_scored else reach
             if len(scored) + len(todo) <= max_scored:
                 scored.update(scorer.score([int(i) for i in todo]))
@@ -253,6 +264,25 @@ class BoundedBM25:
                 proven = False
         best = sorted(scored.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
         return Ranked(best, proven, postings, len(scored))
+
+    def _length_factor(self, top_id: int, avgdl: float) -> np.ndarray:
+        """Per rowid: (k1 + 1) / (1 + k1 (1 - b + b D / avgdl)), D the row's length in tokens from
+        FTS5's docsize (kept in memory, 4 bytes a row; rows added since are read by rowid)."""
+        if self._lengths is None or len(self._lengths) <= top_id:
+            grown = np.zeros(top_id + 1 + (top_id >> 4), dtype=np.float32)
+            if self._lengths is not None:
+                grown[:len(self._lengths)] = self._lengths
+            self._lengths = grown
+        lengths = self._lengths
+        while self._lengths_last < top_id:
+            block = self.db.execute(f"SELECT id, sz FROM {self.table}_docsize WHERE id > ? ORDER BY id LIMIT 65536",
+                                    (self._lengths_last,)).fetchall()
+            if not block:
+                break
+            for i, sz in block:
+                lengths[i] = sz[0] + sz[1] if len(sz) == 2 and sz[0] < 128 and sz[1] < 128 else sum(_varints(sz))
+            self._lengths_last = block[-1][0]
+        return (K1 + 1) / (1 + K1 * (1 - B + (B / avgdl) * lengths))
 
     def _top_id(self) -> int:
         row = self.db.execute(f"SELECT max(id) FROM {self.table}_content").fetchone()
