@@ -328,7 +328,16 @@ _ASCII_WORD = re.compile(r"[a-z0-9]+")  # unicode61's tokens in ASCII text (lowe
 
 def _best(values: np.ndarray, m: int) -> np.ndarray:
     """Positions of the m largest values, largest first (ties at the cut: as argpartition leaves them,
-    the same for the same values)."""
+    the same for the same values). A large array is cut first at a value a sample puts a little
+    below the m-th (argpartition over a million rows costs ~10 ms; the cut, ~2)."""
+    if len(values) > 64 * m:
+        sample = values[np.random.default_rng(0).integers(0, len(values), 16384)]
+        cut = np.partition(sample, len(sample) - 1 - min(len(sample) - 1, 4 * m * len(sample) // len(values) + 8))
+        cut = cut[len(sample) - 1 - min(len(sample) - 1, 4 * m * len(sample) // len(values) + 8)]
+        above = np.flatnonzero(values >= cut)
+        if len(above) >= m:
+            part = above[np.argpartition(-values[above], m - 1)[:m]] if len(above) > m else above
+            return part[np.lexsort((part, -values[part]))]
     part = np.argpartition(-values, m - 1)[:m] if len(values) > m else np.arange(len(values))
     return part[np.lexsort((part, -values[part]))]
 

@@ -159,3 +159,12 @@ def test_unread_common_words_can_beat_the_rare_one(tmp_path):
     _same(_fts5(db, "rare common", 1), full.rows)
     assert full.rows[0][0] != pruned.rows[0][0]
     db.close()
+
+
+@pytest.mark.parametrize("size", [300, 200_000])
+def test_best_is_the_m_largest_in_order(size):
+    rng = np.random.default_rng(size)
+    values = rng.integers(0, 50, size).astype(np.float32)  # many ties, zeros among them
+    picked = bm25._best(values, 100)
+    assert len(picked) == 100 and len(set(picked.tolist())) == 100
+    assert values[picked].tolist() == sorted(values, reverse=True)[:100]
