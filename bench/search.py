@@ -26,6 +26,15 @@ built in 621 s (483 chunks/s); database 1,156 MB + graph 189 MB; RSS after each 
 of which FTS5 257/495 ms (a typical query's OR terms match 81% of these chunks, ranked at ~1 us a
 row; counting them alone takes 23 ms), query embedding 17/24, graph + rerank 4.9/7.6, fusion and
 passages 0.5/2.3; recall@10 0.988 (queries) and 0.988 (between stored vectors).
+
+Measured 2026-12-06, 1,000,167 chunks, 1 thread, shared machine (load ~1-2): built in 1,824 s (548
+chunks/s; `--build-only`, then `--reuse` for the queries); database 3,844 MB + graph 630 MB; add peak
+RSS 610 MB. Keyword list (bounded, tasks/bm25.py) 24.9/106.7 ms p50/p99 against FTS5's full query
+905/1,967 ms, top-10 agreement 0.976 (top 50: 0.880), proven exact on 0 of 100 queries (the budget
+path on all); hybrid end to end p50 78.5 / p99 285 ms (the same 40 queries alternating: 117/357 ms
+against 1,016/1,930 ms with FTS5's full query); recall@10 0.992 (queries), 0.996 (between vectors).
+The vector part (graph + rerank) was 122/1,977 ms p50/p99 in the profile, where each query also ran
+FTS5's full query (which reads hundreds of MB of the database and evicts the vector pages).
 """
 
 from __future__ import annotations
