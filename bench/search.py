@@ -34,7 +34,10 @@ RSS 610 MB. Keyword list (bounded, tasks/bm25.py) 24.9/106.7 ms p50/p99 against 
 path on all); hybrid end to end p50 78.5 / p99 285 ms (the same 40 queries alternating: 117/357 ms
 against 1,016/1,930 ms with FTS5's full query); recall@10 0.992 (queries), 0.996 (between vectors).
 The vector part (graph + rerank) was 122/1,977 ms p50/p99 in the profile, where each query also ran
-FTS5's full query (which reads hundreds of MB of the database and evicts the vector pages).
+FTS5's full query (which reads hundreds of MB of the database and evicts the vector pages). Without
+it (a second locked run, load ~1.4): first query 2.4 s; end to end p50 75.1 / p99 215 ms over the
+first 200 queries of a process (rowid lists read cold), 45.9 / 101 ms over them again (warm); parts
+p50/p99: embed 17.1/27.9, graph 6.0/12.6, rerank 1.8/3.9, keyword 21.8/33.9, fusion + passages 0.5/0.8.
 """
 
 from __future__ import annotations
