@@ -26,6 +26,18 @@ built in 621 s (483 chunks/s); database 1,156 MB + graph 189 MB; RSS after each 
 of which FTS5 257/495 ms (a typical query's OR terms match 81% of these chunks, ranked at ~1 us a
 row; counting them alone takes 23 ms), query embedding 17/24, graph + rerank 4.9/7.6, fusion and
 passages 0.5/2.3; recall@10 0.988 (queries) and 0.988 (between stored vectors).
+
+Measured 2026-12-06, 1,000,167 chunks, 1 thread, shared machine (load ~1-2): built in 1,824 s (548
+chunks/s; `--build-only`, then `--reuse` for the queries); database 3,844 MB + graph 630 MB; add peak
+RSS 610 MB. Keyword list (bounded, tasks/bm25.py) 24.9/106.7 ms p50/p99 against FTS5's full query
+905/1,967 ms, top-10 agreement 0.976 (top 50: 0.880), proven exact on 0 of 100 queries (the budget
+path on all); hybrid end to end p50 78.5 / p99 285 ms (the same 40 queries alternating: 117/357 ms
+against 1,016/1,930 ms with FTS5's full query); recall@10 0.992 (queries), 0.996 (between vectors).
+The vector part (graph + rerank) was 122/1,977 ms p50/p99 in the profile, where each query also ran
+FTS5's full query (which reads hundreds of MB of the database and evicts the vector pages). Without
+it (a second locked run, load ~1.4): first query 2.4 s; end to end p50 75.1 / p99 215 ms over the
+first 200 queries of a process (rowid lists read cold), 45.9 / 101 ms over them again (warm); parts
+p50/p99: embed 17.1/27.9, graph 6.0/12.6, rerank 1.8/3.9, keyword 21.8/33.9, fusion + passages 0.5/0.8.
 """
 
 from __future__ import annotations
@@ -46,6 +58,8 @@ PARAGRAPHS_PER_FILE = 500
 FILES_PER_ADD = 100  # 50k chunks per `Index.add` call
 SENTENCES_PER_PARAGRAPH = 6  # ~150 tokens: one paragraph, one chunk (two exceed MiniLM's 256)
 N_QUERIES = 200
+OLD_QUERIES = 40  # of them also timed end to end with FTS5's full keyword query (~1 s a query at 1M chunks)
+KEYWORD_QUERIES = 100  # of them profiled by part, the keyword list beside FTS5's full bm25 ranking
 _TAG = re.compile(r"Entry (\d+)-(\d+)\.")
 
 
@@ -162,14 +176,19 @@ def disk_mb(path: Path) -> dict[str, float]:
     return {"database_mb": database / 2**20, "graph_mb": graph_size / 2**20}
 
 
-def run(chunks: int = BENCH_CHUNKS, folder: Path | None = None, verbose: bool = True) -> dict:
+def run(chunks: int = BENCH_CHUNKS, folder: Path | None = None, verbose: bool = True, *, reuse: bool = False,
+        build_only: bool = False) -> dict:
+    """Build (or, with `reuse`, reopen and top up to `chunks`) the index in `folder`, then time queries
+    (none with `build_only`). A kept folder lets the queries be timed again without the long build."""
     import torch
 
     from llmos import store
     from llmos.tasks.embed import Embedder
+    from llmos.tasks import index_db
     from llmos.tasks.index import Index, fuse
 
     torch.set_num_threads(1)
+    bounded_rows = index_db.BOUNDED_ROWS
     say = print if verbose else (lambda *a, **k: None)
     scratch = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="llmos-bench-search-"))
     scratch.mkdir(parents=True, exist_ok=True)
@@ -181,16 +200,21 @@ def run(chunks: int = BENCH_CHUNKS, folder: Path | None = None, verbose: bool = 
     say(f"pool: {len(pool)} sentences embedded with MiniLM in {time.perf_counter() - t0:.0f} s; "
         f"{len(queries)} held out as queries; chunk text from {len(corpus):,} docstring sentences")
     path = scratch / "scale.sqlite"
-    for stale in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
-        stale.unlink(missing_ok=True)
-    shutil.rmtree(Path(f"{path}.usearch"), ignore_errors=True)
+    if not reuse:
+        for stale in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            stale.unlink(missing_ok=True)
+        shutil.rmtree(Path(f"{path}.usearch"), ignore_errors=True)
     docs = scratch / "docs"
     docs.mkdir(exist_ok=True)
     index = Index(path, embedder)
     rss_start = rss_mb()[0]
     reset_peak()
     growth = []
-    built, doc, build_s = 0, 0, 0.0
+    # Reused: go on from the documents already there (each file is one document, numbered in order).
+    built, doc, build_s = len(index), len(index.db.documents()), 0.0
+    reused = built
+    if built:
+        say(f"reusing {path}: {built:,} chunks in {doc:,} documents")
     while built < chunks:
         n_docs = min(FILES_PER_ADD, -(-(chunks - built) // PARAGRAPHS_PER_FILE))
         files = write_files(docs, doc, n_docs, corpus)
@@ -203,36 +227,71 @@ def run(chunks: int = BENCH_CHUNKS, folder: Path | None = None, verbose: bool = 
         built += report.embedded
         current, peak = rss_mb()
         growth.append({"chunks": built, "seconds": build_s, "rss_mb": current, "peak_rss_mb": peak})
-        say(f"  {built:>9,} chunks  {build_s:7.0f} s  {built / build_s:6.0f} chunks/s  "
+        say(f"  {built:>9,} chunks  {build_s:7.0f} s  {(built - reused) / build_s:6.0f} chunks/s  "
             f"RSS {current:5.0f} MB  peak {peak:5.0f} MB")
     add_peak = rss_mb()[1]
     index.close()
     sizes = disk_mb(path)
+    build = {"chunks": built, "build_s": build_s, "chunks_per_s": (built - reused) / build_s if build_s else None,
+             "rss_before_add_mb": rss_start, "add_peak_rss_mb": add_peak, "growth": growth, **sizes}
+    if build_s:
+        say(f"{built - reused:,} chunks added in {build_s:.0f} s ({(built - reused) / build_s:.0f} chunks/s; pool-made vectors, "
+            f"real chunking, SQLite, FTS5 and HNSW); peak RSS {add_peak:.0f} MB (the process held {rss_start:.0f} MB before adding)")
+    say(f"  on disk: database {sizes['database_mb']:,.0f} MB, HNSW graph {sizes['graph_mb']:,.0f} MB")
+    if build_only:
+        return build
 
     # Queries, as a fresh process would run them after opening the index.
     index = Index(path, embedder)
     t0 = time.perf_counter()
     index.search("how is an exception raised", k=10)  # opens the graph (memory maps) and the database
     first_ms = (time.perf_counter() - t0) * 1000
-    total, parts = [], {"embed": [], "vector": [], "keyword": [], "fuse+passages": []}
-    for q in queries:
-        t0 = time.perf_counter()
-        results = index.search(q, k=10, mode="hybrid")
-        total.append((time.perf_counter() - t0) * 1000)
-        assert len(results) == 10
-    for q in queries[:100]:  # the same steps one at a time, for the profile
+    total, total_old, total_same = [], [], []  # end to end; with FTS5's full keyword query; new, on the same queries
+    for i, q in enumerate(queries):
+        rounds = [False, True] if i < OLD_QUERIES else [False]
+        for old in (rounds if i % 2 else rounds[::-1]):  # alternate which goes first
+            index._query_vectors.clear()  # each timed search embeds its query
+            index_db.BOUNDED_ROWS = 1 << 62 if old else bounded_rows
+            t0 = time.perf_counter()
+            results = index.search(q, k=10, mode="hybrid")
+            ms = (time.perf_counter() - t0) * 1000
+            (total_old if old else total).append(ms)
+            if not old and len(rounds) == 2:
+                total_same.append(ms)
+            assert len(results) == 10
+    index_db.BOUNDED_ROWS = bounded_rows
+    parts = {"embed": [], "vector": [], "keyword": [], "fuse+passages": [], "keyword, FTS5 full": []}
+    agree10, agree50, proven, postings, scored = [], [], 0, [], []
+    for i, q in enumerate(queries[:KEYWORD_QUERIES]):  # the steps one at a time, for the profile; bounded vs FTS5
         t = [time.perf_counter()]
         qvec = index.embedder.embed_query(q)
         qvec = (qvec / np.linalg.norm(qvec)).astype(np.float32)
         t.append(time.perf_counter())
         vec = index._vector_candidates(qvec, 50, None)
         t.append(time.perf_counter())
-        kw = index.db.keyword(q, 50)
+        if i % 2:
+            t0 = time.perf_counter()
+            full = index.db.keyword_ranked(q, 50, bounded=False).rows
+            full_ms = (time.perf_counter() - t0) * 1000
         t.append(time.perf_counter())
-        index._results(fuse(vec, kw)[:10], qvec)
+        ranked = index.db.keyword_ranked(q, 50, bounded=True)
         t.append(time.perf_counter())
+        index._results(fuse(vec, ranked.rows)[:10], qvec)
+        t.append(time.perf_counter())
+        if not i % 2:
+            t0 = time.perf_counter()
+            full = index.db.keyword_ranked(q, 50, bounded=False).rows
+            full_ms = (time.perf_counter() - t0) * 1000
+        t = t[:2] + t[3:]  # drop the FTS5 query's slot
         for name, a, b in zip(parts, t, t[1:]):
             parts[name].append((b - a) * 1000)
+        parts["keyword, FTS5 full"].append(full_ms)
+        ids = [c for c, _ in ranked.rows]
+        agree10.append(len(set(ids[:10]) & {c for c, _ in full[:10]}) / max(1, min(10, len(full))))
+        agree50.append(len(set(ids) & {c for c, _ in full}) / max(1, len(full)))
+        proven += ranked.exact
+        postings.append(ranked.postings)
+        scored.append(ranked.scored)
     qvecs = np.stack([v / np.linalg.norm(v) for v in (index.embedder.embed_query(q) for q in queries)]).astype(np.float32)
     t0 = time.perf_counter()
     exact = index._exact_search(qvecs, 10)
@@ -242,19 +301,27 @@ def run(chunks: int = BENCH_CHUNKS, folder: Path | None = None, verbose: bool = 
     recall_between = index.ann_recall(n_queries=200)
     index.close()
     out = {
-        "chunks": built, "build_s": build_s, "chunks_per_s": built / build_s, "rss_before_add_mb": rss_start,
-        "add_peak_rss_mb": add_peak, "growth": growth, **sizes,
+        **build,
         "first_query_ms": first_ms, "query_p50_ms": statistics.median(total), "query_p99_ms": percentile(total, 0.99),
+        "old_query_p50_ms": statistics.median(total_old), "old_query_p99_ms": percentile(total_old, 0.99),
+        "same_queries_p50_ms": statistics.median(total_same), "same_queries_p99_ms": percentile(total_same, 0.99),
+        "keyword_top10_agreement": statistics.mean(agree10), "keyword_top50_agreement": statistics.mean(agree50),
+        "keyword_proven_exact": proven, "keyword_queries": len(agree10),
+        "keyword_postings_p50": statistics.median(postings), "keyword_postings_max": max(postings),
+        "keyword_scored_p50": statistics.median(scored), "keyword_scored_max": max(scored),
         **{f"{name}_p50_ms": statistics.median(v) for name, v in parts.items()},
         **{f"{name}_p99_ms": percentile(v, 0.99) for name, v in parts.items()},
         "exact_scan_s_200_queries": exact_s,
         "recall_at_10_queries": recall_queries, "recall_at_10_between_vectors": recall_between,
     }
-    say(f"{built:,} chunks added in {build_s:.0f} s ({built / build_s:.0f} chunks/s; pool-made vectors, real chunking, "
-        f"SQLite, FTS5 and HNSW); peak RSS {add_peak:.0f} MB (the process held {rss_start:.0f} MB before adding)")
-    say(f"  on disk: database {sizes['database_mb']:,.0f} MB, HNSW graph {sizes['graph_mb']:,.0f} MB")
     say(f"  query end to end (hybrid, k=10, {len(queries)} held-out queries): p50 {out['query_p50_ms']:.1f} ms  "
         f"p99 {out['query_p99_ms']:.1f} ms  (first query after opening: {first_ms:.0f} ms)")
+    say(f"    the same {len(total_old)} queries, alternating: p50 {out['same_queries_p50_ms']:.1f} / p99 {out['same_queries_p99_ms']:.1f} ms "
+        f"against p50 {out['old_query_p50_ms']:.1f} / p99 {out['old_query_p99_ms']:.1f} ms with FTS5's full keyword query")
+    say(f"  keyword list (top 50, bounded, tasks/bm25.py) vs FTS5's full bm25 ranking, {len(agree10)} queries: top-10 agreement "
+        f"{out['keyword_top10_agreement']:.3f}, top-50 {out['keyword_top50_agreement']:.3f}; proven exact {proven}, "
+        f"budget reached {len(agree10) - proven}; postings read p50 {out['keyword_postings_p50']:,.0f} (max "
+        f"{out['keyword_postings_max']:,}), rows scored p50 {out['keyword_scored_p50']:,.0f} (max {out['keyword_scored_max']:,})")
     say("    parts, p50/p99 ms: " + ", ".join(f"{n} {out[n + '_p50_ms']:.1f}/{out[n + '_p99_ms']:.1f}" for n in parts))
     say(f"  ANN recall@10 vs exact: {recall_queries:.3f} on the queries, {recall_between:.3f} on Index.ann_recall's "
         f"(exact search streams the table: {exact_s:.1f} s for {len(queries)} queries)")
@@ -267,5 +334,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--chunks", type=int, default=1_000_000)
     parser.add_argument("--folder", type=Path, default=None, help="scratch folder to keep the index in (default: a temporary one)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse the index kept in --folder, adding only what is missing up to --chunks")
+    parser.add_argument("--build-only", action="store_true", help="build (or top up) the index, time no queries")
     args = parser.parse_args()
-    run(args.chunks, args.folder)
+    if args.reuse and args.folder is None:
+        parser.error("--reuse needs --folder")
+    run(args.chunks, args.folder, reuse=args.reuse, build_only=args.build_only)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from llmos.errors import LlmosError
-from llmos.tasks import ingest
+from llmos.tasks import bm25, ingest
 
 SCHEMA_VERSION = "1"
 
@@ -66,6 +66,8 @@ CREATE TABLE IF NOT EXISTS vectors (
 );
 CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(text, heading, tokenize='porter unicode61 remove_diacritics 2');
 """
+FTS_TOKENIZE = "porter unicode61 remove_diacritics 2"  # as in the schema above
+BOUNDED_ROWS = 50_000  # from this many chunks on, keyword search is bounded (tasks/bm25.py); below, FTS5's own query
 
 # Words too common to help a keyword query; BM25 would weigh them down anyway, but as OR terms
 # they would pull in every chunk.
@@ -114,6 +116,7 @@ class IndexDB:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._matrix: tuple[int, np.ndarray, np.ndarray] | None = None  # (generation, ids, vectors)
+        self._bm25: bm25.BoundedBM25 | None = None  # made on the first bounded keyword query
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, timeout=60.0)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -275,16 +278,38 @@ class IndexDB:
 
     def keyword(self, query: str, n: int) -> list[tuple[int, float]]:
         """The n best chunks for the query's words by FTS5 BM25: (chunk id, score), best first."""
-        words = re.findall(r"\w+", query.lower())
-        terms = [w for w in words if w not in _STOPWORDS] or words
-        if not terms:
-            return []
-        match = " OR ".join(f'"{w}"' for w in dict.fromkeys(terms))
+        return self.keyword_ranked(query, n).rows
+
+    def keyword_ranked(self, query: str, n: int, bounded: bool | None = None) -> bm25.Ranked:
+        """`keyword` with how it was found. Past BOUNDED_ROWS chunks (or with `bounded`), by
+        `bm25.BoundedBM25`: FTS5's scores at a bounded cost, `exact` where the list is provably
+        FTS5's; below, by FTS5's own query (exact, and fast at that size)."""
+        words = self._query_words(query)
+        if not words:
+            return bm25.Ranked([], True, 0, 0)
+        if bounded is None:
+            bounded = self._fts_rows() >= BOUNDED_ROWS
+        if bounded:
+            if self._bm25 is None:
+                self._bm25 = bm25.BoundedBM25(self._db, "chunks_fts", FTS_TOKENIZE, 2)
+            return self._bm25.top(words, n)
+        match = " OR ".join(f'"{w}"' for w in words)
         rows = self._db.execute(
             "SELECT rowid, bm25(chunks_fts) FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY bm25(chunks_fts) LIMIT ?",
             (match, n),
         )
-        return [(r[0], -float(r[1])) for r in rows]
+        return bm25.Ranked([(r[0], -float(r[1])) for r in rows], True, 0, 0)
+
+    @staticmethod
+    def _query_words(query: str) -> list[str]:
+        """The query's words as FTS5 phrases: lowercased, stopwords dropped (unless that leaves none), once each."""
+        words = re.findall(r"\w+", query.lower())
+        return list(dict.fromkeys([w for w in words if w not in _STOPWORDS] or words))
+
+    def _fts_rows(self) -> int:
+        """Rows in the full-text table, from FTS5's totals record (no count(*) scan)."""
+        row = self._db.execute("SELECT block FROM chunks_fts_data WHERE id=1").fetchone()
+        return bm25.totals_rows(row[0]) if row and row[0] else 0
 
     def vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids (N,), vectors (N, D)) of every chunk, cached until the index changes. The whole table
@@ -333,4 +358,6 @@ class IndexDB:
         return sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())
 
     def close(self) -> None:
+        if self._bm25 is not None:
+            self._bm25.close()
         self._db.close()
