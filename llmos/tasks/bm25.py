@@ -43,6 +43,7 @@ import numpy as np
 
 K1, B = 1.2, 0.75
 DF_DRIFT = 0.01  # cached document frequencies are re-read once the row count moved by more than this share
+SMALL_DF = 1_000  # document frequencies below this are re-read on every query (cheap, and a new row may hold the phrase)
 MAX_POSTINGS = 300_000  # rows read from FTS5 for phrases not cached, per query (~0.15-0.45 us a row here)
 MAX_SCORED = 400  # rows scored exactly, per query (~35 us a row here)
 CACHED_ROWIDS = 32_000_000  # rowids of phrases kept between queries (int32: 128 MB at most)
@@ -120,9 +121,7 @@ class BoundedBM25:
     def terms(self, words: list[str]) -> list[tuple[str, ...]]:
         """Each word as FTS5's tokenizer makes it: a tuple of terms (empty, one, or several)."""
         missing = [w for w in dict.fromkeys(words) if w not in self._terms]
-        if missing:
-            if len(self._terms) + len(missing) > _WORDS_CACHED:
-                self._terms.clear()
+        if missing:  # (the cache is emptied between queries, in `top`: callers index it after this call)
             self.mem.execute("BEGIN")
             self.mem.executemany("INSERT INTO t(rowid, c0) VALUES (?, ?)", enumerate(missing))
             found: dict[int, list[tuple[int, str]]] = {}
@@ -138,7 +137,8 @@ class BoundedBM25:
         """Rows holding the phrase, read again once the row count moved past DF_DRIFT since it was read:
         a term's from fts5vocab, a longer phrase's by FTS5's count of its matches."""
         cached = self._df.get(phrase)
-        if cached is not None and abs(rows - cached[1]) <= DF_DRIFT * cached[1]:
+        # A rare phrase is read every time (a short doclist; a new row holding it must be found).
+        if cached is not None and cached[0] >= SMALL_DF and abs(rows - cached[1]) <= DF_DRIFT * cached[1]:
             return cached[0]
         if not phrase:
             count = 0
@@ -190,13 +190,30 @@ class BoundedBM25:
             first: int = FIRST_SCORED) -> Ranked:
         """The n best rows for the phrases `words` (the MATCH `"w1" OR "w2" ...`, in this order) by
         FTS5's BM25, best first, at a bounded cost (see the module docstring)."""
+        if len(self._terms) > _WORDS_CACHED:
+            self._terms.clear()
+        # One read transaction: every statement of the query sees the same snapshot of the index, so a
+        # writer in another process cannot add rowids past the arrays sized here.
+        own = not self.db.in_transaction
+        if own:
+            self.db.execute("BEGIN")
+        try:
+            return self._top(words, n, max_postings, max_scored, first)
+        finally:
+            if own:
+                self.db.execute("COMMIT")
+
+    def _top(self, words: list[str], n: int, max_postings: int, max_scored: int, first: int) -> Ranked:
         phrases = self.terms(words)
         # FTS5 would stem a term again: a phrase is looked up by a word that makes it.
         self._words = {p: w for p, w in zip(phrases, words)}
         rows, avgdl = self.totals()
         if rows == 0:
             return Ranked([], True, 0, 0)
-        counts = {p: self.df(p, rows) for p in dict.fromkeys(phrases)}
+        counts, fresh = {}, True  # fresh: every df read at this row count (a drifted one is not FTS5's)
+        for p in dict.fromkeys(phrases):
+            counts[p] = self.df(p, rows)
+            fresh = fresh and self._df[p][1] == rows
         # FTS5 gives each phrase of the query its own idf, a phrase of no terms matches nothing.
         idf = [max(math.log((rows - counts[p] + 0.5) / (counts[p] + 0.5)), 0.0) or 1e-6 for p in phrases]
         weight: dict[tuple[str, ...], float] = {}  # a repeated phrase counts as often as FTS5 counts it
@@ -252,7 +269,7 @@ class BoundedBM25:
             est += before
             telling = []
         unread = sum(weight[p] for p in present if p not in read) * (K1 + 1)  # the most they add to any row
-        proven = theta is not None and unread < theta or len(read) == len(present)
+        proven = fresh and (theta is not None and unread < theta or len(read) == len(present))
         if proven:
             # est / factor is a row's idf sum over the read phrases; each adds at most idf * (k1 + 1).
             need = 0.0 if theta is None else (theta - unread) / (K1 + 1)

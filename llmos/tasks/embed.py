@@ -205,7 +205,8 @@ class Embedder:
         n = len(rows)
         if self.form == "bf16":  # filler rows bring the packed row count to one of few sizes (see `row_bucket`)
             gap = row_bucket(sum(map(len, rows))) - sum(map(len, rows))
-            rows = rows + [[self.pad_id] * min(gap - i, self.max_tokens) for i in range(0, gap, self.max_tokens)]
+            width = max(map(len, rows))  # no filler row longer than the batch's texts: the padded (B, T) stays as wide
+            rows = rows + [[self.pad_id] * min(gap - i, width) for i in range(0, gap, width)]
         lengths = np.array([len(r) for r in rows])
         T = int(lengths.max())
         mask = torch.from_numpy(np.arange(T)[None, :] < lengths[:, None])  # (B, T)

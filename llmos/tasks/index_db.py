@@ -68,6 +68,7 @@ CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(text, heading, tokenize
 """
 FTS_TOKENIZE = "porter unicode61 remove_diacritics 2"  # as in the schema above
 BOUNDED_ROWS = 50_000  # from this many chunks on, keyword search is bounded (tasks/bm25.py); below, FTS5's own query
+SPARSE_IDS = 4  # ... while the largest chunk id is at most this many times the chunk count
 
 # Words too common to help a keyword query; BM25 would weigh them down anyway, but as OR terms
 # they would pull in every chunk.
@@ -288,7 +289,10 @@ class IndexDB:
         if not words:
             return bm25.Ranked([], True, 0, 0)
         if bounded is None:
-            bounded = self._fts_rows() >= BOUNDED_ROWS
+            rows = self._fts_rows()
+            # The bounded search keeps arrays indexed by chunk id (int32): not for ids far beyond the
+            # row count (ids are never reused, so re-indexing raises them) or past 2^31.
+            bounded = rows >= BOUNDED_ROWS and self._top_chunk_id() <= min(SPARSE_IDS * rows, 2**31 - 1)
         if bounded:
             if self._bm25 is None:
                 self._bm25 = bm25.BoundedBM25(self._db, "chunks_fts", FTS_TOKENIZE, 2)
@@ -305,6 +309,9 @@ class IndexDB:
         """The query's words as FTS5 phrases: lowercased, stopwords dropped (unless that leaves none), once each."""
         words = re.findall(r"\w+", query.lower())
         return list(dict.fromkeys([w for w in words if w not in _STOPWORDS] or words))
+
+    def _top_chunk_id(self) -> int:
+        return int(self._db.execute("SELECT max(id) FROM chunks_fts_content").fetchone()[0] or 0)
 
     def _fts_rows(self) -> int:
         """Rows in the full-text table, from FTS5's totals record (no count(*) scan)."""

@@ -168,3 +168,57 @@ def test_best_is_the_m_largest_in_order(size):
     picked = bm25._best(values, 100)
     assert len(picked) == 100 and len(set(picked.tolist())) == 100
     assert values[picked].tolist() == sorted(values, reverse=True)[:100]
+
+
+def test_the_word_cache_is_emptied_between_queries_only(db, monkeypatch):
+    monkeypatch.setattr(bm25, "_WORDS_CACHED", 5)  # scoring adds every word of the scored rows: far past 5
+    for query in QUERIES:
+        ranked = db.keyword_ranked(query, 10, bounded=True)
+        if ranked.exact:
+            _same(_fts5(db, query, 10), ranked.rows)
+
+
+def test_a_row_added_with_a_rare_word_is_found_at_once(db):
+    query = "xylophone parsing"
+    assert all(i < 400 for i, _ in db.keyword_ranked(query, 10, bounded=True).rows)
+    chunk = Chunk("A xylophone tune.", (), 0, 1, 1, 1, None, 3)  # one row: well under the 1% drift
+    db.write("doc9", "text", "sha", 1, {}, MODEL, [([chunk], np.zeros((1, 4), dtype=np.float32))])
+    ranked = db.keyword_ranked(query, 10, bounded=True)
+    assert ranked.rows[0][0] == _fts5(db, query, 10)[0][0] and ranked.rows[0][0] >= 400
+    _same(_fts5(db, query, 10), ranked.rows)
+
+
+def test_a_writer_in_another_connection_mid_query_is_not_seen(db, tmp_path):
+    db.keyword_ranked("zebra", 10, bounded=True)  # makes the searcher; the query's words are read fresh below
+    query = "threading lock parsing"
+    other = IndexDB(db.path)
+    searcher = db._bm25
+    top_id = searcher._top_id
+    last = top_id()  # the late rows get ids above this
+
+    def top_id_then_write() -> int:
+        value = top_id()
+        _write(other, "late", np.random.default_rng(5), 5000, 600)  # far past the arrays' spare ids
+        return value
+
+    searcher._top_id = top_id_then_write
+    try:
+        ranked = db.keyword_ranked(query, 10, bounded=True)  # the query's snapshot: no IndexError
+    finally:
+        searcher._top_id = top_id
+        other.close()
+    assert all(i <= last for i, _ in ranked.rows)
+    after = db.keyword_ranked("zebra", 50, bounded=True)  # the next query sees them
+    assert after.exact and any(i > last for i, _ in after.rows)
+    _same(_fts5(db, "zebra", 50), after.rows)
+
+
+def test_ids_far_beyond_the_row_count_keep_fts5s_query(db, monkeypatch):
+    monkeypatch.setattr("llmos.tasks.index_db.BOUNDED_ROWS", 10)
+    for d in range(4):  # re-indexed documents get new ids (never reused): the largest id grows past the count
+        for again in range(4):
+            db.delete(f"doc{d}")
+            _write(db, f"doc{d}", np.random.default_rng(d * 10 + again), 0, 100)
+    assert db._top_chunk_id() > 4 * db._fts_rows()
+    db.keyword("parsing socket", 10)
+    assert db._bm25 is None  # arrays indexed by chunk id would be mostly empty: FTS5 ranks

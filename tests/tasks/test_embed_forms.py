@@ -126,11 +126,19 @@ def test_bf16_batches_run_at_few_row_counts_and_filler_rows_change_nothing(forms
     embedder = forms["bf16"]
     seen: list[int] = []
     forward = embedder.model.forward_packed
-    monkeypatch.setattr(embedder.model, "forward_packed",
-                        lambda tokens, packing: seen.append(len(packing.index)) or forward(tokens, packing))
+    widths: list[tuple[int, int]] = []  # (padded width, longest real text) of each batch
+
+    def counted(tokens, packing):
+        seen.append(len(packing.index))
+        real = [L for b, L in enumerate(packing.lengths) if bool((tokens[b, :L] != embedder.pad_id).any())]
+        widths.append((tokens.shape[1], max(real)))
+        return forward(tokens, packing)
+
+    monkeypatch.setattr(embedder.model, "forward_packed", counted)
     texts = [" ".join(SENTENCES[:k + 1]) for k in range(len(SENTENCES))]
     bucketed = embedder.embed(texts, batch_size=3).vectors
     assert seen and all(n == embed.row_bucket(n) for n in seen)
+    assert all(width == longest for width, longest in widths)  # filler rows never widen the batch
     seen.clear()
     bucket = embed.row_bucket
     monkeypatch.setattr(embed, "row_bucket", lambda n: n)  # no filler rows
