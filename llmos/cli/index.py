@@ -327,7 +327,6 @@ def _shipped_index(file: str, quiet: bool):
 def cmd_eval_qa(args: argparse.Namespace) -> int:
     import llmos
     from llmos.tasks import evaluate_qa as ev
-    from llmos.tasks.index import Index
     from llmos.tasks.qa import ask
 
     files = args.questions or sorted(str(p) for p in ev.SHIPPED_DIR.glob("*.jsonl"))
@@ -336,16 +335,9 @@ def cmd_eval_qa(args: argparse.Namespace) -> int:
     sets = []
     for file in files:
         items = ev.load_items(file)
-        if args.index:
-            index = _open(args.index)
-        else:
-            corpus = ev.corpus_of(file, store.home() / "eval")
-            if corpus is None:
-                raise LlmosError(f"{file}: no folder {Path(file).with_suffix('')} of its documents beside it; "
-                                 "give the index its questions are about with --index")
-            index = Index(store.home() / "eval" / f"qa-{Path(file).stem}.sqlite")
-            print(f"llmos: indexing {corpus} (only what changed)...", file=sys.stderr, flush=True)
-            index.add([corpus], progress=sys.stderr.isatty())
+        # The shipped sets' indexes as `eval retrieval` keeps them: one corpus each, copies of it found
+        # at another place (another checkout) removed, which this command used to keep and retrieve twice.
+        index = _open(args.index) if args.index else _shipped_index(file, not sys.stderr.isatty())
         sets.append((Path(file).stem, items, index))
     llm = None if args.extractive else llmos.load(args.model, dtype=args.dtype)
     reports = []

@@ -216,3 +216,34 @@ def test_cli_output_piped_into_a_reader_that_leaves_is_not_an_error(fixture_inde
     run = subprocess.run(f"{sys.executable} -m llmos search backups --index {fixture_index.path} -k 5 | head -c 10",
                          shell=True, capture_output=True, text=True, timeout=300)
     assert "Broken pipe" not in run.stderr and "Traceback" not in run.stderr
+
+
+def test_eval_qa_keeps_one_copy_of_a_shipped_style_corpus(tmp_path, embedder):
+    """A set NAME.jsonl with its documents in NAME/ beside it is indexed into the store's eval folder;
+    a copy of the same documents indexed there from another place (another checkout) is removed, not
+    retrieved twice."""
+    import shutil
+    import uuid
+
+    from llmos import store
+    from tests.tasks.conftest import write_fixture_docs
+
+    name = f"llmostest-{uuid.uuid4().hex[:8]}"
+    corpus = write_fixture_docs(tmp_path / name)
+    (tmp_path / f"{name}.jsonl").write_text(json.dumps(
+        {"question": "When do database backups run?", "answers": [r"02:00"], "source": "guide.md"}) + "\n")
+    copy = shutil.copytree(corpus, tmp_path / "elsewhere" / name)
+    path = store.home() / "eval" / f"qa-{name}.sqlite"
+    try:
+        with Index(path, embedder) as index:
+            index.add([copy])
+        run = subprocess.run([sys.executable, "-m", "llmos", "eval", "qa", str(tmp_path / f"{name}.jsonl"), "--extractive"],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        with Index(path, embedder) as index:
+            paths = [d.path for d in index.documents()]
+        assert paths and all(p.startswith(str(corpus.resolve())) for p in paths)
+        assert re.search(r"correct +1 / 1", run.stdout)
+    finally:
+        for p in path.parent.glob(f"qa-{name}.sqlite*"):
+            p.unlink()
