@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import concurrent.futures
 import itertools
 import json
 import os
@@ -280,7 +279,6 @@ class Index:
         self._graph: AnnGraph | None = None  # the HNSW graph, opened on first use
         self._count: tuple[int, int] = (-1, 0)  # (generation, chunks): no count(*) per query
         self._query_vectors: dict[str, np.ndarray] = {}  # recent queries: hybrid after vector embeds once
-        self._embed_worker: concurrent.futures.ThreadPoolExecutor | None = None
         self.db = IndexDB(self.path)
         if embedder is not None and not isinstance(embedder, (str, os.PathLike)):
             self._check_model(embedder)
@@ -497,48 +495,26 @@ class Index:
         if self.db.empty():
             return []
         pool = max(50, 4 * k)
-        qvec = None
-        ranked: list[tuple[int, float]]
-        embedding = None
-        if mode != "keyword":
-            qvec = self._query_vectors.get(query)
-            if qvec is None:
-                embedder = self.embedder  # loaded here: the model's checks read the database, on this thread
-                if mode == "hybrid":  # embed on a worker while FTS5 runs here (torch and sqlite3 both release the GIL)
-                    embedding = self._worker().submit(embedder.embed_query, query)
-                else:
-                    qvec = self._remember(query, embedder.embed_query(query))
-        if mode != "vector":
-            kw = self.db.keyword(query, pool if mode == "hybrid" else k)
-        if mode != "keyword":
-            if embedding is not None:
-                qvec = self._remember(query, embedding.result())
-            vec = self._vector_candidates(qvec, pool if mode == "hybrid" else k, ann)
-        if mode == "vector":
-            ranked = vec
-        elif mode == "keyword":
-            ranked = kw
-        else:
-            ranked = fuse(vec, kw)
+        qvec = self._query_vector(query) if mode != "keyword" else None
+        vec = self._vector_candidates(qvec, pool if mode == "hybrid" else k, ann) if qvec is not None else []
+        kw = self.db.keyword(query, pool if mode == "hybrid" else k) if mode != "vector" else []
+        ranked = vec if mode == "vector" else kw if mode == "keyword" else fuse(vec, kw)
         return self._results(ranked[:k], qvec)
 
-    def _remember(self, query: str, vector: np.ndarray) -> np.ndarray:
-        qvec = _normalized(vector[None])[0]
-        if len(self._query_vectors) >= 256:
-            self._query_vectors.pop(next(iter(self._query_vectors)))
-        self._query_vectors[query] = qvec
+    def _query_vector(self, query: str) -> np.ndarray:
+        """The query's unit vector, remembered for the last 256 queries (hybrid after vector, the
+        fusion tuning's candidates after a search, embed once)."""
+        qvec = self._query_vectors.get(query)
+        if qvec is None:
+            qvec = _normalized(self.embedder.embed_query(query)[None])[0]
+            if len(self._query_vectors) >= 256:
+                self._query_vectors.pop(next(iter(self._query_vectors)))
+            self._query_vectors[query] = qvec
         return qvec
-
-    def _worker(self) -> concurrent.futures.ThreadPoolExecutor:
-        """One thread that embeds a hybrid query beside the keyword search (made on first use)."""
-        if self._embed_worker is None:
-            self._embed_worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llmos-query-embed")
-        return self._embed_worker
 
     def candidates(self, query: str, n: int) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
         """The vector and keyword candidate lists hybrid search fuses, n each (for tuning the fusion)."""
-        qvec = _normalized(self.embedder.embed_query(query)[None])[0]
-        return self._vector_candidates(qvec, n, None), self.db.keyword(query, n)
+        return self._vector_candidates(self._query_vector(query), n, None), self.db.keyword(query, n)
 
     def _results(self, ranked: list[tuple[int, float]], qvec: np.ndarray | None) -> list[SearchResult]:
         if not ranked:
@@ -671,9 +647,6 @@ class Index:
                           self.ann_threshold, ann, recall)
 
     def close(self) -> None:
-        if self._embed_worker is not None:
-            self._embed_worker.shutdown()
-            self._embed_worker = None
         self.db.close()
 
     def __enter__(self) -> Index:
