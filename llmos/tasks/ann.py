@@ -23,7 +23,6 @@ will not open is left out and the generation set to -1, so the heal puts its chu
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from llmos.errors import LlmosError
+from llmos.files import commit, write_atomically
 
 FORMAT = 2
 SEGMENT_SIZE = 262_144  # vectors per segment: ~165 MB (630 bytes a vector) while it is the one added to
@@ -215,21 +215,14 @@ class AnnGraph:
             self._next_file += 1
             tmp = self.folder / f"{name}.tmp"
             segment.index.save(str(tmp))
-            with open(tmp, "rb") as f:  # on disk before the manifest names it
-                os.fsync(f.fileno())
-            os.replace(tmp, self.folder / name)
+            commit(tmp, self.folder / name)  # on disk before the manifest names it
             segment.file, segment.count, segment.dirty = name, len(segment.index), False
             if segment is not self._segments[-1] or self._capacity(segment) == 0:
                 segment.index, segment.writable = None, False  # hold only the open segment in memory
         self._segments = [s for s in self._segments if s.count or s is self._segments[-1]]  # emptied by removals
         manifest = {"format": FORMAT, "dim": self.dim, "generation": generation, "next_file": self._next_file,
                     "segments": [{"file": s.file, "count": s.count} for s in self._segments]}
-        tmp = self.folder / "manifest.json.tmp"
-        with open(tmp, "w") as f:
-            json.dump(manifest, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.folder / "manifest.json")
+        write_atomically(self.folder / "manifest.json", json.dumps(manifest))
         self.generation = self.saved_generation = generation
         named = {s.file for s in self._segments}
         for stale in self.folder.glob("seg-*.usearch*"):  # replaced, or orphaned by a crash mid-save
