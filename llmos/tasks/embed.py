@@ -204,7 +204,8 @@ class Embedder:
     def _embed_ids(self, rows: list[list[int]]) -> np.ndarray:
         n = len(rows)
         if self.form == "bf16":  # filler rows bring the packed row count to one of few sizes (see `row_bucket`)
-            gap = row_bucket(sum(map(len, rows))) - sum(map(len, rows))
+            total = sum(map(len, rows))
+            gap = row_bucket(total) - total
             width = max(map(len, rows))  # no filler row longer than the batch's texts: the padded (B, T) stays as wide
             rows = rows + [[self.pad_id] * min(gap - i, width) for i in range(0, gap, width)]
         lengths = np.array([len(r) for r in rows])
