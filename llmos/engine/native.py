@@ -41,6 +41,7 @@ from llmos.engine import extension, gguf_kernels
 from llmos.models.kernels import PYTORCH, Kernels
 from llmos.models.kv_cache import KVCache
 from llmos.gguf_linear import GGUFEmbedding, GGUFLinear
+from llmos.models.bert import Bert, Packing
 from llmos.models.gemma2 import Gemma2, softcap
 from llmos.models.gemma3 import Gemma3
 from llmos.models.llama import Llama
@@ -299,3 +300,33 @@ def stepper(model: nn.Module, module: Any = None) -> Callable[[torch.Tensor, tor
 if __name__ == "__main__":  # `python -m llmos.engine.native`: build it now (make run / make test do)
     if build() is None:
         print(f"llmos: {failure() or 'native decode step disabled (LLMOS_NATIVE=0)'}", file=sys.stderr)
+
+
+_encoders: weakref.WeakKeyDictionary[nn.Module, tuple[list[torch.Tensor], list[torch.Tensor]]] = weakref.WeakKeyDictionary()
+
+
+def encoder_forward(model: Bert, tokens: torch.Tensor, packing: Packing, threads: int = 0) -> torch.Tensor | None:
+    """`model.forward_packed(tokens, packing)` (fp32 or bf16 linears) as one C++ call that releases the
+    GIL (the same ATen calls, the same bits), on `threads` threads of the calling thread (0: its own
+    setting); None where the extension is not built or turned off, or the model is not plain."""
+    module = build(quiet=True) if enabled() else None
+    fn = getattr(module, "bert_forward", None)
+    B, T = tokens.shape
+    if fn is None or T > model.config.max_seq_len:  # forward_packed says what is wrong with T
+        return None
+    args = _encoders.get(model)
+    if args is None:
+        if any(type(m) is not nn.Linear for m in model.modules() if isinstance(m, nn.Linear)):
+            return None  # a layer swapped for another kind: its own forward
+        e = model.embeddings
+        embeds = [e.embed.weight, e.pos_embed.weight, e.type_embed.weight, e.norm.weight, e.norm.bias]
+        layers = [t for b in model.layers for t in (b.attn.wqkv.weight, b.attn.wqkv.bias, b.attn.wo.weight, b.attn.wo.bias,
+                                                     b.attn_norm.weight, b.attn_norm.bias, b.mlp.fc.weight, b.mlp.fc.bias,
+                                                     b.mlp.proj.weight, b.mlp.proj.bias, b.mlp_norm.weight, b.mlp_norm.bias)]
+        args = _encoders[model] = (embeds, layers)
+    index = packing.index
+    positions = torch.arange(T).repeat(B)[index]  # (N,): each text counts from 0, as forward_packed
+    types = torch.zeros(len(index), dtype=torch.long)
+    first = model.layers[0]
+    return fn(tokens.reshape(-1)[index], positions, types, list(packing.lengths), args[0], args[1], first.attn.n_heads,
+              first.attn_norm.eps, first.mlp.approximate == "tanh", threads)

@@ -28,6 +28,7 @@
 #include <torch/extension.h>
 
 #include <cmath>
+#include <omp.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -949,6 +950,56 @@ torch::Tensor causal_attention(const torch::Tensor& q_in, const torch::Tensor& k
 }
 #endif
 
+// ---------------------------------------------------------------------------------------------------
+// A BERT encoder's forward over packed texts (models/bert.py `forward_packed`), the same ATen calls in
+// the same order, so the same bits, as one call that releases the GIL: a query embedding then runs
+// beside Python work on another thread (Index.search's keyword side) instead of taking turns with it
+// at every op. `threads` > 0 runs it on that many OpenMP threads (this thread's setting only, put
+// back after); 0 keeps the thread's own. Weights per layer, in order: wqkv (w, b), wo (w, b),
+// attn_norm (w, b), fc (w, b), proj (w, b), mlp_norm (w, b).
+torch::Tensor bert_forward(const torch::Tensor& tokens, const torch::Tensor& positions, const torch::Tensor& types,
+                           const std::vector<int64_t>& lengths, const std::vector<torch::Tensor>& embeddings,
+                           const std::vector<torch::Tensor>& layers, int64_t n_heads, double eps, bool gelu_tanh,
+                           int64_t threads) {
+  TORCH_CHECK(embeddings.size() == 5 && layers.size() % 12 == 0, "bert_forward: 5 embedding and 12 tensors a layer");
+  py::gil_scoped_release no_gil;
+  c10::InferenceMode inference;
+  at::internal::lazy_init_num_threads();  // this thread's OpenMP setting made before it is changed
+  struct Threads {  // put back however the forward ends
+    int previous = omp_get_max_threads();
+    explicit Threads(int64_t n) { if (n > 0) omp_set_num_threads(static_cast<int>(n)); }
+    ~Threads() { omp_set_num_threads(previous); }
+  } scoped(threads);
+  const int64_t C = embeddings[0].size(1);
+  const std::vector<int64_t> shape{C};
+  torch::Tensor x = at::embedding(embeddings[0], tokens) + at::embedding(embeddings[1], positions);
+  x = at::layer_norm(x + at::embedding(embeddings[2], types), shape, embeddings[3], embeddings[4], eps);
+  const char* approximate = gelu_tanh ? "tanh" : "none";
+  for (size_t l = 0; l < layers.size(); l += 12) {
+    const torch::Tensor* w = layers.data() + l;
+    const torch::Tensor qkv = at::linear(x, w[0], w[1]);  // (N, 3*H*D)
+    const int64_t H = n_heads, D = qkv.size(1) / (3 * n_heads);
+    std::vector<torch::Tensor> out;
+    int64_t start = 0;
+    for (size_t b = 0; b < lengths.size();) {
+      const int64_t L = lengths[b];
+      size_t e = b + 1;
+      while (e < lengths.size() && lengths[e] == L) ++e;
+      const int64_t G = static_cast<int64_t>(e - b);
+      const torch::Tensor q = qkv.slice(0, start, start + G * L).view({G, L, 3, H, D}).permute({2, 0, 3, 1, 4});  // (3, G, H, L, D)
+      const torch::Tensor y = at::scaled_dot_product_attention(q[0], q[1], q[2]);  // (G, H, L, D)
+      out.push_back(y.transpose(1, 2).reshape({G * L, H * D}));  // (G*L, H*D)
+      start += G * L;
+      b = e;
+    }
+    const torch::Tensor attended = out.size() == 1 ? out[0] : at::cat(out);
+    x = at::layer_norm(x + at::linear(attended, w[2], w[3]), shape, w[4], w[5], eps);
+    const torch::Tensor hidden = at::linear(at::gelu(at::linear(x, w[6], w[7]), approximate), w[8], w[9]);
+    x = at::layer_norm(x + hidden, shape, w[10], w[11], eps);
+  }
+  return x;  // (N, C)
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef LLMOS_BF16_KERNELS
   m.def("int4_mm", &int4_mm, "x (M, K) bf16 @ int4 weights^T -> (M, N) fp32 (see native_step.cpp)");
@@ -960,5 +1011,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("causal_attention", &causal_attention, "Causal attention of consecutive query positions (see native_step.cpp)");
 #endif
   m.def("int4_unpack", &int4_unpack, "Int4 packed weights to bf16 W^T (see native_step.cpp)");
+  m.def("bert_forward", &bert_forward, "A BERT encoder's forward over packed texts, without the GIL (see native_step.cpp)");
   m.def("decode_step", &decode_step, "One decode step of a Llama, Gemma 2 or Gemma 3 model (see native_step.cpp)");
 }

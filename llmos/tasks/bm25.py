@@ -33,9 +33,7 @@ from __future__ import annotations
 import heapq
 import json
 import math
-import re
 import sqlite3
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -163,7 +161,7 @@ class BoundedBM25:
         other = []
         for row in rows:
             if all(c is None or c.isascii() for c in row[1:]):
-                cols = [_ASCII_WORD.findall(c.lower()) if c else [] for c in row[1:]]
+                cols = [c.lower().translate(_NOT_WORD).split() if c else [] for c in row[1:]]
                 words = [w for col in cols for w in col]
                 if any(w not in self._terms for w in words):
                     self.terms(words)
@@ -340,7 +338,9 @@ class BoundedBM25:
         return np.fromstring(text, dtype=np.int32, sep=",") if text else np.zeros(0, dtype=np.int32)
 
 
-_ASCII_WORD = re.compile(r"[a-z0-9]+")  # unicode61's tokens in ASCII text (lowercased): letters and digits
+# unicode61's tokens in ASCII text (lowercased) are its runs of letters and digits: every other ASCII
+# character becomes a space and the text is split there.
+_NOT_WORD = str.maketrans({c: " " for c in map(chr, range(128)) if not (c.isascii() and (c.islower() or c.isdigit()))})
 
 
 def _best(values: np.ndarray, m: int) -> np.ndarray:
@@ -397,18 +397,22 @@ class _Scorer:
         o = self.owner
         fast = [r for r in content if self.single and all(c is None or c.isascii() for c in r[1:])]
         if fast:
-            words = {r[0]: Counter(_ASCII_WORD.findall(" ".join(c for c in r[1:] if c).lower())) for r in fast}
-            new = {w for c in words.values() for w in c if w not in o._terms}
+            words = {r[0]: " ".join(c for c in r[1:] if c).lower().translate(_NOT_WORD).split() for r in fast}
+            distinct = {i: set(w) for i, w in words.items()}
+            seen = set().union(*distinct.values())
+            new = seen.difference(o._terms)
             if new:
                 o.terms(list(new))
             terms, wanted = o._terms, self.wanted
-            for i, counter in words.items():
+            # One term a word (ASCII runs of letters and digits are single tokens): the words of these
+            # rows that make a query term, looked up once, then counted row by row.
+            hits = {w: t for w in seen if (t := terms[w])[0] in wanted}
+            for i, row in words.items():
                 freq: dict[tuple[str, ...], int] = {}
-                for w, c in counter.items():
-                    t = terms[w]  # one term a word: ASCII runs of letters and digits are single tokens
-                    if t[0] in wanted:
-                        freq[t] = freq.get(t, 0) + c
-                yield i, float(sum(counter.values())), freq
+                for w in distinct[i].intersection(hits):
+                    t = hits[w]
+                    freq[t] = freq.get(t, 0) + row.count(w)
+                yield i, float(len(row)), freq
         rest = [r for r in content if not (self.single and all(c is None or c.isascii() for c in r[1:]))]
         for i, columns in o.column_terms(rest).items() if rest else ():
             freq = {p: sum(_count(c, p) for c in columns) for p in dict.fromkeys(self.phrases)}

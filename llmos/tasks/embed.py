@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from llmos import store
+from llmos.engine import native
 from llmos.errors import LlmosError
 from llmos.files import write_atomically
 from llmos.models.bert import Packing
@@ -135,6 +136,9 @@ class Embedder:
         # Special tokens `encode` puts after a text ([SEP] for BERT): truncation keeps them.
         self.n_suffix: int = _suffix_length(tokenizer)
         self.form: str = "bf16" if next(model.parameters()).dtype == torch.bfloat16 else "fp32"
+        # Whether the forward runs as one C++ call without the GIL (engine/native.py `encoder_forward`;
+        # None until the first batch asks): a query embedding can then run beside other Python work.
+        self.native: bool | None = None
 
     @classmethod
     def load(cls, name_or_path: str | Path = store.DEFAULT_EMBED_MODEL, dtype: str = "fp32") -> Embedder:
@@ -169,8 +173,9 @@ class Embedder:
         except TypeError:  # invalid Unicode somewhere: the one-text path says which and where
             return [self.tokenizer.encode(t) for t in texts]
 
-    def embed(self, texts: str | Sequence[str], batch_size: int = 32) -> Embeddings:
-        """Embed `texts` (a str is one text) in length-sorted batches of `batch_size`."""
+    def embed(self, texts: str | Sequence[str], batch_size: int = 32, *, threads: int = 0) -> Embeddings:
+        """Embed `texts` (a str is one text) in length-sorted batches of `batch_size` (`threads`: as
+        `embed_query`)."""
         if isinstance(texts, str):
             texts = [texts]
         if batch_size < 1:
@@ -189,19 +194,20 @@ class Embedder:
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
             rows = [ids[i] for i in batch]
-            vectors[batch] = self._embed_ids(rows)
+            vectors[batch] = self._embed_ids(rows, threads)
             if sum(map(len, rows)) >= TRIM_TOKENS:
                 give_back_freed_memory()
         return Embeddings(vectors=vectors, n_tokens=n_tokens, truncated=truncated)
 
-    def embed_query(self, text: str) -> np.ndarray:
-        """One text's vector (D,) float32; an error, not a truncation, for an empty query."""
+    def embed_query(self, text: str, threads: int = 0) -> np.ndarray:
+        """One text's vector (D,) float32; an error, not a truncation, for an empty query. `threads` > 0:
+        the forward runs on that many threads (of the calling thread's own setting; see `native`)."""
         if not text.strip():
             raise LlmosError("the query is empty")
-        return self.embed([text]).vectors[0]
+        return self.embed([text], threads=threads).vectors[0]
 
     @torch.inference_mode()
-    def _embed_ids(self, rows: list[list[int]]) -> np.ndarray:
+    def _embed_ids(self, rows: list[list[int]], threads: int = 0) -> np.ndarray:
         n = len(rows)
         if self.form == "bf16":  # filler rows bring the packed row count to one of few sizes (see `row_bucket`)
             total = sum(map(len, rows))
@@ -214,7 +220,12 @@ class Embedder:
         tokens = torch.full((len(rows), T), self.pad_id, dtype=torch.long)  # (B, T)
         tokens[mask] = torch.from_numpy(np.fromiter((t for r in rows for t in r), dtype=np.int64, count=int(lengths.sum())))
         packing = Packing.of(mask)
-        hidden = packing.pad(self.model.forward_packed(tokens, packing).float())  # (B, T, C), zeros at padding
+        packed = native.encoder_forward(self.model, tokens, packing, threads) if self.native is not False else None
+        if self.native is None:  # asked once: the extension is built (or not) for the process
+            self.native = packed is not None
+        if packed is None:
+            packed = self.model.forward_packed(tokens, packing)
+        hidden = packing.pad(packed.float())  # (B, T, C), zeros at padding
         out = pool(hidden, mask, self.pooling.mode)
         if self.pooling.normalize:
             out = torch.nn.functional.normalize(out, p=2, dim=-1)

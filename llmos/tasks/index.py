@@ -30,6 +30,7 @@ refuses to mix in vectors from another model. Search modes:
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import hashlib
@@ -45,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from llmos import store
@@ -279,6 +281,7 @@ class Index:
         self._graph: AnnGraph | None = None  # the HNSW graph, opened on first use
         self._count: tuple[int, int] = (-1, 0)  # (generation, chunks): no count(*) per query
         self._query_vectors: dict[str, np.ndarray] = {}  # recent queries: hybrid after vector embeds once
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # embeds a query beside the keyword search
         self.db = IndexDB(self.path)
         if embedder is not None and not isinstance(embedder, (str, os.PathLike)):
             self._check_model(embedder)
@@ -495,18 +498,44 @@ class Index:
         if self.db.empty():
             return []
         pool = max(50, 4 * k)
+        if mode == "hybrid" and query not in self._query_vectors and self._beside():
+            # The query embeds on one thread (one C++ call, without the GIL) while this one ranks the
+            # keyword side in Python: the two parts of a query overlap instead of adding up.
+            # The query embeds and probes the graph on one thread (C++ calls without the GIL) while this
+            # one ranks the keyword side in Python; the database is read on this thread only.
+            graph = self._synced_graph() if self._use_ann(ann) else None
+            vector_side = self._worker().submit(self._embed_and_probe, query, graph, pool)
+            kw = self.db.keyword(query, pool)
+            qvec, candidates = vector_side.result()
+            vec = self._rerank(qvec, candidates, pool) if graph is not None else self._exact_search(qvec[None], pool)[0]
+            return self._results(fuse(vec, kw)[:k], qvec)
         qvec = self._query_vector(query) if mode != "keyword" else None
         vec = self._vector_candidates(qvec, pool if mode == "hybrid" else k, ann) if qvec is not None else []
         kw = self.db.keyword(query, pool if mode == "hybrid" else k) if mode != "vector" else []
         ranked = vec if mode == "vector" else kw if mode == "keyword" else fuse(vec, kw)
         return self._results(ranked[:k], qvec)
 
-    def _query_vector(self, query: str) -> np.ndarray:
+    def _beside(self) -> bool:
+        """Whether a query embedding can run beside the keyword search: two threads or more allowed,
+        and an embedder whose forward releases the GIL (known after its first batch: until then, in turn)."""
+        return torch.get_num_threads() >= 2 and getattr(self.embedder, "native", None) is True
+
+    def _embed_and_probe(self, query: str, graph: AnnGraph | None, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(query vector, the graph's candidates for the top n, or None without a graph), on one thread."""
+        qvec = self._query_vector(query, 1)
+        return qvec, _probe(graph, qvec[None], n)[0] if graph is not None else None
+
+    def _worker(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llmos-query")
+        return self._pool
+
+    def _query_vector(self, query: str, threads: int = 0) -> np.ndarray:
         """The query's unit vector, remembered for the last 256 queries (hybrid after vector, the
-        fusion tuning's candidates after a search, embed once)."""
+        fusion tuning's candidates after a search, embed once). `threads`: as `Embedder.embed_query`."""
         qvec = self._query_vectors.get(query)
         if qvec is None:
-            qvec = _normalized(self.embedder.embed_query(query)[None])[0]
+            qvec = _normalized((self.embedder.embed_query(query, threads) if threads else self.embedder.embed_query(query))[None])[0]
             if len(self._query_vectors) >= 256:
                 self._query_vectors.pop(next(iter(self._query_vectors)))
             self._query_vectors[query] = qvec
@@ -527,9 +556,11 @@ class Index:
             out.append(SearchResult(rank, float(score), sim, r[1], r[2], tuple(json.loads(r[3])), r[4], r[5], r[6], r[7], r[8], cid))
         return out
 
+    def _use_ann(self, ann: bool | None) -> bool:
+        return ann if ann is not None else len(self) >= self.ann_threshold and _usearch_available()
+
     def _vector_candidates(self, qvec: np.ndarray, n: int, ann: bool | None) -> list[tuple[int, float]]:
-        use_ann = ann if ann is not None else len(self) >= self.ann_threshold and _usearch_available()
-        if use_ann:
+        if self._use_ann(ann):
             return self._ann_search(qvec[None], n)[0]
         return self._exact_search(qvec[None], n)[0]
 
@@ -609,11 +640,11 @@ class Index:
 
     def _ann_search(self, queries: np.ndarray, n: int) -> list[list[tuple[int, float]]]:
         """Top-n (id, cosine) per query: the graph's candidates, reranked by their exact vectors."""
-        graph = self._synced_graph()
-        out = []
-        for query, candidates in zip(queries, graph.search(queries, max(ANN_CANDIDATES * n, ANN_MIN_CANDIDATES))):
-            out.append(exact_search_blocks(self.db.vectors_of(candidates), query[None], n)[0])
-        return out
+        return [self._rerank(query, candidates, n) for query, candidates in zip(queries, _probe(self._synced_graph(), queries, n))]
+
+    def _rerank(self, query: np.ndarray, candidates: np.ndarray, n: int) -> list[tuple[int, float]]:
+        """The top n of the graph's candidates by their exact vectors' cosine with `query` (D,)."""
+        return exact_search_blocks(self.db.vectors_of(candidates), query[None], n)[0]
 
     def ann_recall(self, n_queries: int = 100, k: int = 10, seed: int = 0) -> float:
         """Mean recall@k of the ANN against exact search, on queries halfway between stored vectors."""
@@ -647,6 +678,9 @@ class Index:
                           self.ann_threshold, ann, recall)
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         self.db.close()
 
     def __enter__(self) -> Index:
@@ -692,6 +726,11 @@ def exact_search_blocks(blocks: Iterable[tuple[np.ndarray, np.ndarray]], queries
         order = np.argsort(-best[q], kind="stable")
         out.append([(int(best_ids[q, i]), float(best[q, i])) for i in order])
     return out
+
+
+def _probe(graph: AnnGraph, queries: np.ndarray, n: int) -> list[np.ndarray]:
+    """The graph's candidate ids for each query's top n (more than n: reranked by exact vectors after)."""
+    return graph.search(queries, max(ANN_CANDIDATES * n, ANN_MIN_CANDIDATES))
 
 
 def _normalized(vectors: np.ndarray) -> np.ndarray:

@@ -135,6 +135,7 @@ def test_bf16_batches_run_at_few_row_counts_and_filler_rows_change_nothing(forms
         return forward(tokens, packing)
 
     monkeypatch.setattr(embedder.model, "forward_packed", counted)
+    monkeypatch.setattr(embedder, "native", False)  # the Python forward, where the rows are counted (same bits)
     texts = [" ".join(SENTENCES[:k + 1]) for k in range(len(SENTENCES))]
     bucketed = embedder.embed(texts, batch_size=3).vectors
     assert seen and all(n == embed.row_bucket(n) for n in seen)
@@ -145,3 +146,61 @@ def test_bf16_batches_run_at_few_row_counts_and_filler_rows_change_nothing(forms
     exact = embedder.embed(texts, batch_size=3).vectors
     assert any(n != bucket(n) for n in seen)  # some batches did get filler rows above
     assert (1 - _cosines(bucketed, exact)).max() < 2e-4
+
+
+def _native():
+    from llmos.engine import native
+
+    assert native.build(quiet=True) is not None, native.EXTENSION.failure()  # `make test` builds it
+    return native
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_native_encoder_gives_the_python_forwards_bits(dtype):
+    native = _native()
+    model = _tiny_bert().to(dtype)
+    lengths = [2, 5, 5, 9, 30, 30]  # runs of equal lengths, as a length-sorted batch has
+    tokens = torch.randint(0, 100, (len(lengths), 30))
+    packing = Packing.of(torch.arange(30)[None, :] < torch.tensor(lengths)[:, None])
+    with torch.inference_mode():
+        want = model.forward_packed(tokens, packing)
+    for threads in (0, 1, 2):
+        got = native.encoder_forward(model, tokens, packing, threads)
+        assert got.dtype == dtype and torch.equal(got, want), threads
+
+
+def test_the_embedder_runs_the_native_encoder_with_the_same_vectors(forms):
+    for embedder in forms.values():
+        native_vectors = embedder.embed(SENTENCES[:10]).vectors
+        assert embedder.native is True
+        embedder.native = False  # the Python forward
+        try:
+            python_vectors = embedder.embed(SENTENCES[:10]).vectors
+        finally:
+            embedder.native = True
+        assert np.array_equal(native_vectors, python_vectors)
+        assert np.array_equal(embedder.embed_query(SENTENCES[3], threads=1), native_vectors[3])
+
+
+def test_the_native_encoder_runs_without_the_gil(forms):
+    """While it runs on another thread this one keeps running Python: a forward holding the GIL
+    would stop this loop for as long as it runs."""
+    import threading
+    import time
+
+    native = _native()
+    model = forms["fp32"].model
+    tokens = torch.randint(1000, 20000, (4, 128))
+    packing = Packing.of(torch.ones(4, 128, dtype=torch.bool))
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (native.encoder_forward(model, tokens, packing, 1), done.set()))
+    start = last = time.perf_counter()
+    worst, loops = 0.0, 0
+    worker.start()
+    while not done.is_set():
+        now = time.perf_counter()
+        worst, last, loops = max(worst, now - last), now, loops + 1
+    worker.join()
+    took = time.perf_counter() - start
+    assert took > 0.05, "the batch is too small to tell"
+    assert worst < 0.5 * took, (worst, took, loops)

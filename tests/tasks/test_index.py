@@ -143,3 +143,25 @@ def test_kill_9_during_add_leaves_a_usable_index(tmp_path, embedder, embed_model
     report = index.add(docs)
     assert len(report.unchanged) == present and len(report.added) == n - present
     assert index.stats().documents == n
+
+
+@pytest.mark.parametrize("ann", [False, True])
+def test_hybrid_search_embedding_beside_the_keyword_side_finds_what_it_finds_in_turn(fixture_index, ann, monkeypatch):
+    import torch
+
+    index = Index(fixture_index.path, fixture_index.embedder)
+    index.search("warm the embedder up", k=1)  # its first batch tells whether its forward runs natively
+    assert index.embedder.native is True and torch.get_num_threads() >= 2 and index._beside()
+    queries = ["who descales the coffee machine", "revenue in the third quarter", "how do I rotate the api key"]
+    beside = []
+    for q in queries:
+        index._query_vectors.clear()
+        beside.append([(r.chunk_id, r.score) for r in index.search(q, k=5, ann=ann)])
+    assert index._pool is not None  # the worker thread ran them
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert not index._beside()
+    for q, got in zip(queries, beside):
+        index._query_vectors.clear()
+        assert [(r.chunk_id, r.score) for r in index.search(q, k=5, ann=ann)] == got
+    index.close()
+    assert index._pool is None
