@@ -38,6 +38,11 @@ FTS5's full query (which reads hundreds of MB of the database and evicts the vec
 it (a second locked run, load ~1.4): first query 2.4 s; end to end p50 75.1 / p99 215 ms over the
 first 200 queries of a process (rowid lists read cold), 45.9 / 101 ms over them again (warm); parts
 p50/p99: embed 17.1/27.9, graph 6.0/12.6, rerank 1.8/3.9, keyword 21.8/33.9, fusion + passages 0.5/0.8.
+
+Measured 2026-12-06 later, the same 1M index (`--reuse --threads 2`, machine shared with other work),
+with the query embedded and the graph probed on a worker thread beside the keyword side (the encoder
+now releases the GIL): warm p50 27.6 / p99 57.5 ms; first pass p50 45.5 / p99 120 ms; first query
+994 ms; recall@10 0.992. The queries now run at `--threads` (default: llmos's choice), not always 1.
 """
 
 from __future__ import annotations
