@@ -309,7 +309,7 @@ def encoder_forward(model: Bert, tokens: torch.Tensor, packing: Packing, threads
     """`model.forward_packed(tokens, packing)` (fp32 or bf16 linears) as one C++ call that releases the
     GIL (the same ATen calls, the same bits), on `threads` threads of the calling thread (0: its own
     setting); None where the extension is not built or turned off, or the model is not plain."""
-    module = build(quiet=True) if enabled() else None
+    module = build() if enabled() else None  # compiled on a machine's first use, saying so
     fn = getattr(module, "bert_forward", None)
     B, T = tokens.shape
     if fn is None or T > model.config.max_seq_len:  # forward_packed says what is wrong with T
