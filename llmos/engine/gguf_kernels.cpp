@@ -363,7 +363,7 @@ struct Q6_K {
     unroll<GC>([&](auto cc) __attribute__((always_inline)) {
       constexpr int c = GC * g + cc;
       const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(st.codes + 16 * c))));
-      w[cc] = _mm512_mul_ps(_mm512_set1_ps(st.D[c]), q);
+      w[cc] = mul_broadcast(q, st.D + c);
     });
   }
 #endif
@@ -423,7 +423,8 @@ inline void tile(const uint8_t* w, int64_t row_bytes, const float* x, int64_t K,
       unroll<T::GC>([&](auto c) __attribute__((always_inline)) {
         const int64_t e = j * T::BS + 16 * (T::GC * g + c);
         unroll<MT>([&](auto m) __attribute__((always_inline)) {
-          const __m512 xv = _mm512_loadu_ps(x + m * K + e);
+          __m512 xv = _mm512_loadu_ps(x + m * K + e);
+          asm("" : "+v"(xv));  // loaded once for the NT outputs: GCC would fold a load into each multiply-add
           unroll<NT>([&](auto n) __attribute__((always_inline)) { acc[n][m] = _mm512_fmadd_ps(wv[n][c], xv, acc[n][m]); });
         });
       });
