@@ -6,11 +6,13 @@
 // `gguf.quants.dequantize` performs, in its order (scale products first, then d * q, then the offset;
 // compiled with -ffp-contract=off so no multiply-add is fused), so the kernel multiplies exactly the
 // weights the reference dequantization gives. Products with the fp32 activations are summed with
-// fused multiply-adds into 16 fp32 lanes per output (lane j takes inputs k with k % 16 == j, in input
-// order), then added across lanes in a fixed order: the result differs from an fp32 matmul of the
-// dequantized weights only by summation order. Every (row, output) pair sees the same sequence of
-// operations whatever the batch size, the tiling or the thread count, so a row computed in a batch
-// gets the bits it gets alone.
+// fused multiply-adds into 16 fp32 lanes per output, then added across lanes in a fixed order: the
+// result differs from an fp32 matmul of the dequantized weights only by summation order. Each type
+// unpacks a block as runs of 16 weights in a fixed order of its own (element order, or for the
+// K-quants whatever the cheapest unpacking gives; `source` names each lane's element) and the
+// activations are put in that order once per call; lane j of run c then takes element source(16c + j),
+// in block order. Every (row, output) pair sees the same sequence of operations whatever the batch
+// size, the tiling or the thread count, so a row computed in a batch gets the bits it gets alone.
 //
 // Up to 4 rows read the blocks once per tile of 4 outputs and never store the weights (each 16
 // weights come from a per-block table of the block's 16 or 32 possible values by one permute, or, for
@@ -19,7 +21,9 @@
 // rounded once to bf16, for the dense prefill path) into a caller's buffer.
 #include <torch/extension.h>
 
+#include <array>
 #include <cstdlib>
+#include <memory>
 #include <cstring>
 #include <type_traits>
 #include <utility>
@@ -65,6 +69,14 @@ inline void k_scale_min(const uint8_t* q, int j, int& sc, int& m) {
 }
 
 #ifdef LLMOS_GGUF_AVX512
+// v * *p, *p broadcast inside the multiply (a {1to16} memory operand). Written out because GCC
+// otherwise broadcasts the value into a register first with vbroadcastss, which Zen 4 runs on its
+// one 512-bit shuffle unit, the unit the permutes of the tables need.
+inline __m512 mul_broadcast(__m512 v, const float* p) {
+  __m512 r;
+  asm("vmulps %2%{1to16%}, %1, %0" : "=v"(r) : "v"(v), "m"(*p));
+  return r;
+}
 inline __m512 iota() { return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
 // 16 bytes widened to 16 x 32-bit lanes.
 inline __m512i bytes16(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
@@ -73,10 +85,9 @@ inline __m512 code5(__m512i q, __mmask16 high, __m512 lo, __m512 hi) {
   return _mm512_permutex2var_ps(lo, _mm512_mask_or_epi32(q, high, q, _mm512_set1_epi32(16)), hi);
 }
 // A Q5 block's two runs of 16: low nibbles with fifth bits 0-15 of qh, high nibbles with bits 16-31.
-template <typename F>
-inline void runs5(__m512i q, uint32_t qh, __m512 lo, __m512 hi, F&& f) {
-  f(std::integral_constant<int, 0>{}, code5(_mm512_and_si512(q, _mm512_set1_epi32(15)), static_cast<__mmask16>(qh), lo, hi));
-  f(std::integral_constant<int, 1>{}, code5(_mm512_srli_epi32(q, 4), static_cast<__mmask16>(qh >> 16), lo, hi));
+inline void runs5(__m512i q, uint32_t qh, __m512 lo, __m512 hi, __m512* w) {
+  w[0] = code5(_mm512_and_si512(q, _mm512_set1_epi32(15)), static_cast<__mmask16>(qh), lo, hi);
+  w[1] = code5(_mm512_srli_epi32(q, 4), static_cast<__mmask16>(qh >> 16), lo, hi);
 }
 #endif
 
@@ -97,12 +108,16 @@ struct Q4_0 {
 #ifdef LLMOS_GGUF_AVX512
   // A 16-entry table of the block's weights by code, then one permute per 16 weights (the permute
   // reads the low 4 bits of each index: the high nibble needs no mask).
-  template <typename F>
-  static inline void chunks(const uint8_t* b, F&& f) {
+  static constexpr int GROUPS = 1, GC = 2;
+  static constexpr bool NATURAL = true;
+  struct State {};
+  static inline State prepare(const uint8_t*) { return {}; }
+  template <int g>
+  static inline void group(const uint8_t* b, const State&, __m512* w) {
     const __m512 t = _mm512_mul_ps(_mm512_set1_ps(h2f(b)), _mm512_sub_ps(iota(), _mm512_set1_ps(8.0f)));
     const __m512i q = bytes16(b + 2);
-    f(std::integral_constant<int, 0>{}, _mm512_permutexvar_ps(q, t));
-    f(std::integral_constant<int, 1>{}, _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), t));
+    w[0] = _mm512_permutexvar_ps(q, t);
+    w[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), t);
   }
 #endif
 };
@@ -117,12 +132,16 @@ struct Q4_1 {
     }
   }
 #ifdef LLMOS_GGUF_AVX512
-  template <typename F>
-  static inline void chunks(const uint8_t* b, F&& f) {
+  static constexpr int GROUPS = 1, GC = 2;
+  static constexpr bool NATURAL = true;
+  struct State {};
+  static inline State prepare(const uint8_t*) { return {}; }
+  template <int g>
+  static inline void group(const uint8_t* b, const State&, __m512* w) {
     const __m512 t = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(h2f(b)), iota()), _mm512_set1_ps(h2f(b + 2)));
     const __m512i q = bytes16(b + 4);
-    f(std::integral_constant<int, 0>{}, _mm512_permutexvar_ps(q, t));
-    f(std::integral_constant<int, 1>{}, _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), t));
+    w[0] = _mm512_permutexvar_ps(q, t);
+    w[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), t);
   }
 #endif
 };
@@ -140,11 +159,15 @@ struct Q5_0 {
   }
 #ifdef LLMOS_GGUF_AVX512
   // Two 16-entry tables (codes 0-15, 16-31); the fifth bit of each code picks the table.
-  template <typename F>
-  static inline void chunks(const uint8_t* b, F&& f) {
+  static constexpr int GROUPS = 1, GC = 2;
+  static constexpr bool NATURAL = true;
+  struct State {};
+  static inline State prepare(const uint8_t*) { return {}; }
+  template <int g>
+  static inline void group(const uint8_t* b, const State&, __m512* w) {
     const __m512 d = _mm512_set1_ps(h2f(b));
     const __m512 lo = _mm512_mul_ps(d, _mm512_sub_ps(iota(), _mm512_set1_ps(16.0f))), hi = _mm512_mul_ps(d, iota());
-    runs5(bytes16(b + 6), u32(b + 2), lo, hi, f);
+    runs5(bytes16(b + 6), u32(b + 2), lo, hi, w);
   }
 #endif
 };
@@ -160,12 +183,16 @@ struct Q5_1 {
     }
   }
 #ifdef LLMOS_GGUF_AVX512
-  template <typename F>
-  static inline void chunks(const uint8_t* b, F&& f) {
+  static constexpr int GROUPS = 1, GC = 2;
+  static constexpr bool NATURAL = true;
+  struct State {};
+  static inline State prepare(const uint8_t*) { return {}; }
+  template <int g>
+  static inline void group(const uint8_t* b, const State&, __m512* w) {
     const __m512 d = _mm512_set1_ps(h2f(b)), m = _mm512_set1_ps(h2f(b + 2));
     const __m512 lo = _mm512_add_ps(_mm512_mul_ps(d, iota()), m);
     const __m512 hi = _mm512_add_ps(_mm512_mul_ps(d, _mm512_add_ps(iota(), _mm512_set1_ps(16.0f))), m);
-    runs5(bytes16(b + 8), u32(b + 4), lo, hi, f);
+    runs5(bytes16(b + 8), u32(b + 4), lo, hi, w);
   }
 #endif
 };
@@ -177,11 +204,15 @@ struct Q8_0 {
     for (int j = 0; j < 32; ++j) o[j] = static_cast<float>(static_cast<int8_t>(b[2 + j])) * d;
   }
 #ifdef LLMOS_GGUF_AVX512
-  template <typename F>
-  static inline void chunks(const uint8_t* b, F&& f) {
+  static constexpr int GROUPS = 1, GC = 2;
+  static constexpr bool NATURAL = true;
+  struct State {};
+  static inline State prepare(const uint8_t*) { return {}; }
+  template <int g>
+  static inline void group(const uint8_t* b, const State&, __m512* w) {
     const __m512 d = _mm512_set1_ps(h2f(b));
     unroll<2>([&](auto c) __attribute__((always_inline)) {
-      f(c, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2 + 16 * c)))), d));
+      w[c] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2 + 16 * c)))), d);
     });
   }
 #endif
@@ -214,47 +245,70 @@ struct QK45 {
 #ifdef LLMOS_GGUF_AVX512
   // The 8 (D, M) pairs in vector registers (llama.cpp's unpacking of the 12 scale bytes), then per
   // sub-block a table of its 16 (or 32) weights by code and one permute per 16 weights.
-  static inline void vfactors(const uint8_t* b, float* D, float* Mn) {
-    uint32_t u[4];
-    std::memcpy(u, b + 4, 12);
-    constexpr uint32_t k1 = 0x3f3f3f3f, k2 = 0x0f0f0f0f, k3 = 0x03030303;
-    u[3] = ((u[2] >> 4) & k2) | (((u[1] >> 6) & k3) << 4);
-    const uint32_t mins03 = u[1] & k1;
-    u[1] = (u[2] & k2) | (((u[0] >> 6) & k3) << 4);
-    u[2] = mins03;
-    u[0] &= k1;  // bytes of u[0..1]: scales 0-7; of u[2..3]: mins 0-7
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u));
+  struct State {
+    alignas(64) float f[16];  // D of sub-blocks 0-7, then M
+  };
+  static inline State prepare(const uint8_t* b) {
+    // get_scale_min_k4 on 16-byte vectors: x holds the 12 scale bytes q[0..11] (and 4 bytes after).
+    // Scales 0-3 are q[0..3] & 63, mins 0-3 q[4..7] & 63; scales 4-7 q[8..11] & 15 and mins 4-7
+    // q[8..11] >> 4, each with the top two bits of q[0..3] (scales) or q[4..7] (mins) as bits 4-5.
+    const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 4));
+    const __m128i low = _mm_or_si128(_mm_shuffle_epi8(x, _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, -128, -128, -128, -128)),
+                                     _mm_shuffle_epi8(_mm_srli_epi16(x, 4), _mm_setr_epi8(-128, -128, -128, -128, -128, -128, -128, -128, -128, -128, -128, -128, 8, 9, 10, 11)));
+    const __m128i top = _mm_shuffle_epi8(_mm_srli_epi16(x, 2), _mm_setr_epi8(-128, -128, -128, -128, 0, 1, 2, 3, -128, -128, -128, -128, 4, 5, 6, 7));
+    const __m128i keep = _mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 15, 15, 15, 15);
+    const __m128i v = _mm_or_si128(_mm_and_si128(low, keep), _mm_and_si128(top, _mm_set1_epi8(0x30)));
     const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v));  // scales 0-7, mins 0-7
-    const __m512 dd = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(h2f(b)), _mm512_set1_ps(h2f(b + 2)));
-    alignas(64) float both[16];
-    _mm512_store_ps(both, _mm512_mul_ps(dd, f));
-    std::memcpy(D, both, 32);
-    std::memcpy(Mn, both + 8, 32);
+    const __m128 h = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(u32(b))));  // d, dmin
+    const __m512 dd = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1), _mm512_castps128_ps512(h));
+    State st;
+    _mm512_store_ps(st.f, _mm512_mul_ps(dd, f));
+    return st;
   }
-  template <typename F>
-  static inline void chunks(const uint8_t* b, F&& f) {
-    alignas(32) float D[8], Mn[8];
-    vfactors(b, D, Mn);
-    unroll<4>([&](auto pc) __attribute__((always_inline)) {  // 32 bytes: sub-blocks 2p (low), 2p + 1 (high)
-      constexpr int p = pc;
-      const __m512i a0 = bytes16(b + QS + 32 * p), a1 = bytes16(b + QS + 32 * p + 16);
-      unroll<2>([&](auto hc) __attribute__((always_inline)) {
-        constexpr int half = hc, s = 2 * p + half;
-        const __m512 d = _mm512_set1_ps(D[s]), m = _mm512_set1_ps(Mn[s]);
-        const __m512 lo = _mm512_sub_ps(_mm512_mul_ps(d, iota()), m);
-        const __m512i q0 = half ? _mm512_srli_epi32(a0, 4) : a0, q1 = half ? _mm512_srli_epi32(a1, 4) : a1;
-        if constexpr (FIVE) {
-          const __m512 hi = _mm512_sub_ps(_mm512_mul_ps(d, _mm512_add_ps(iota(), _mm512_set1_ps(16.0f))), m);
-          const __m512i bit = _mm512_set1_epi32(1 << s), low4 = _mm512_set1_epi32(15);
-          const __mmask16 h0 = _mm512_test_epi32_mask(bytes16(b + 16), bit), h1 = _mm512_test_epi32_mask(bytes16(b + 32), bit);
-          f(std::integral_constant<int, 2 * s>{}, code5(_mm512_and_si512(q0, low4), h0, lo, hi));
-          f(std::integral_constant<int, 2 * s + 1>{}, code5(_mm512_and_si512(q1, low4), h1, lo, hi));
-        } else {
-          f(std::integral_constant<int, 2 * s>{}, _mm512_permutexvar_ps(q0, lo));
-          f(std::integral_constant<int, 2 * s + 1>{}, _mm512_permutexvar_ps(q1, lo));
-        }
-      });
+  // Group p: the 32 bytes of sub-blocks 2p (low nibbles) and 2p + 1 (high nibbles) widened as 16
+  // words, lane j holding bytes 2j and 2j + 1: its nibbles 0 and 2 are elements 2j and 2j + 1 of
+  // sub-block 2p, nibbles 1 and 3 those of sub-block 2p + 1. Runs 4p .. 4p + 3 are those nibbles
+  // (0, 2, 1, 3), each a shift and a permute (which reads the low 4 bits of each lane); `source`
+  // says which element each lane of each run is, for the activations.
+  static constexpr int GROUPS = 4, GC = 4;
+  static constexpr bool NATURAL = false;
+  static constexpr int source(int i) {
+    const int c = i / 16, lane = i % 16, p = c / 4, q = c % 4;
+    return 32 * (2 * p + q / 2) + 2 * lane + q % 2;
+  }
+  template <int p>
+  static inline void group(const uint8_t* b, const State& st, __m512* w) {
+    const __m512i a = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + QS + 32 * p)));
+    [[maybe_unused]] __m512i h;
+    if constexpr (FIVE) h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16)));
+    unroll<2>([&](auto hc) __attribute__((always_inline)) {
+      constexpr int half = hc, s = 2 * p + half;
+      const __m512 m = _mm512_set1_ps(st.f[8 + s]);
+      const __m512 lo = _mm512_sub_ps(mul_broadcast(iota(), st.f + s), m);
+      const __m512i q0 = _mm512_srli_epi32(a, 4 * half), q1 = _mm512_srli_epi32(a, 8 + 4 * half);
+      if constexpr (FIVE) {
+        // The fifth bit of element 2j (+ 1) of sub-block s: bit s of qh byte 2j (+ 1), in lane j's word.
+        const __m512 hi = _mm512_sub_ps(mul_broadcast(_mm512_add_ps(iota(), _mm512_set1_ps(16.0f)), st.f + s), m);
+        const __m512i low4 = _mm512_set1_epi32(15);
+        const __mmask16 h0 = _mm512_test_epi32_mask(h, _mm512_set1_epi32(1 << s));
+        const __mmask16 h1 = _mm512_test_epi32_mask(h, _mm512_set1_epi32(1 << (8 + s)));
+        w[2 * half] = code5(_mm512_and_si512(q0, low4), h0, lo, hi);
+        w[2 * half + 1] = code5(_mm512_and_si512(q1, low4), h1, lo, hi);
+      } else {
+        w[2 * half] = _mm512_permutexvar_ps(q0, lo);
+        w[2 * half + 1] = _mm512_permutexvar_ps(q1, lo);
+      }
     });
+  }
+  // A group's runs in element order: each sub-block's even and odd elements interleaved.
+  static inline void natural(__m512* w) {
+    const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+    for (int s = 0; s < 4; s += 2) {
+      const __m512 even = w[s], odd = w[s + 1];
+      w[s] = _mm512_permutex2var_ps(even, first, odd);
+      w[s + 1] = _mm512_permutex2var_ps(even, second, odd);
+    }
   }
 #endif
 };
@@ -277,11 +331,13 @@ struct Q6_K {
     }
   }
 #ifdef LLMOS_GGUF_AVX512
-  // The 256 codes - 32 as int8, unpacked 64 bytes at a time, then per 16: widen, scale, hand over.
-  template <typename F>
-  static inline void chunks(const uint8_t* b, F&& f) {
+  // The 256 codes - 32 as int8, unpacked 64 bytes at a time, and the 16 scales; per 16: widen, scale.
+  struct State {
     alignas(64) int8_t codes[256];
     alignas(64) float D[16];
+  };
+  static inline State prepare(const uint8_t* b) {
+    State st;
     const __m512i low4 = _mm512_set1_epi8(0x0F), two = _mm512_set1_epi8(0x30), bias = _mm512_set1_epi8(32);
     // 16-bit shift counts: the first 32 bytes (codes 0-31 of a quarter) by one, the next 32 by another.
     const __m512i up = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi16(4), _mm512_set1_epi16(2));
@@ -293,15 +349,21 @@ struct Q6_K {
       const __m512i hb23 = _mm512_and_si512(_mm512_srlv_epi16(qh, down), two);  // bits 4-5 / 6-7 -> 4-5
       const __m512i q0 = _mm512_or_si512(_mm512_and_si512(l, low4), hb01);
       const __m512i q1 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), low4), hb23);
-      _mm512_store_si512(codes + 128 * h, _mm512_sub_epi8(q0, bias));
-      _mm512_store_si512(codes + 128 * h + 64, _mm512_sub_epi8(q1, bias));
+      _mm512_store_si512(st.codes + 128 * h, _mm512_sub_epi8(q0, bias));
+      _mm512_store_si512(st.codes + 128 * h + 64, _mm512_sub_epi8(q1, bias));
     }
     const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192))));
-    _mm512_store_ps(D, _mm512_mul_ps(_mm512_set1_ps(h2f(b + 208)), sc));
-    unroll<16>([&](auto cc) __attribute__((always_inline)) {
-      constexpr int c = cc;
-      const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(codes + 16 * c))));
-      f(cc, _mm512_mul_ps(_mm512_set1_ps(D[c]), q));
+    _mm512_store_ps(st.D, _mm512_mul_ps(_mm512_set1_ps(h2f(b + 208)), sc));
+    return st;
+  }
+  static constexpr int GROUPS = 8, GC = 2;
+  static constexpr bool NATURAL = true;
+  template <int g>
+  static inline void group(const uint8_t*, const State& st, __m512* w) {
+    unroll<GC>([&](auto cc) __attribute__((always_inline)) {
+      constexpr int c = GC * g + cc;
+      const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(st.codes + 16 * c))));
+      w[cc] = mul_broadcast(q, st.D + c);
     });
   }
 #endif
@@ -310,6 +372,19 @@ struct Q6_K {
 // ---------------------------------------------------------------------------------------------------
 
 #ifdef LLMOS_GGUF_AVX512
+// f(c, w) for each run of 16 weights of the block (c = 0 .. BS / 16 - 1), in the kernels' order or,
+// with ELEMENTS, in element order (16c .. 16c + 15).
+template <typename T, bool ELEMENTS = false, typename F>
+inline __attribute__((always_inline)) void chunks(const uint8_t* b, F&& f) {
+  const typename T::State st = T::prepare(b);
+  unroll<T::GROUPS>([&](auto g) __attribute__((always_inline)) {
+    __m512 w[T::GC];
+    T::template group<g>(b, st, w);
+    if constexpr (ELEMENTS && !T::NATURAL) T::natural(w);
+    unroll<T::GC>([&](auto c) __attribute__((always_inline)) { f(std::integral_constant<int, T::GC * g + c>{}, w[c]); });
+  });
+}
+
 // How far ahead to prefetch a tile's rows: whole tiles (the same block of a later tile's rows), at
 // least 8 KB, which covers DRAM latency at the rate the kernels read.
 inline int64_t prefetch_distance(int64_t tile_bytes) { return (8192 + tile_bytes - 1) / tile_bytes * tile_bytes; }
@@ -323,15 +398,34 @@ inline void tile(const uint8_t* w, int64_t row_bytes, const float* x, int64_t K,
     unroll<MT>([&](auto m) __attribute__((always_inline)) { acc[n][m] = _mm512_setzero_ps(); });
   });
   const int64_t nb = K / T::BS, ahead = prefetch_distance(NT * row_bytes);
-  for (int64_t j = 0; j < nb; ++j) {
+  // The NT outputs' blocks side by side, group by group: each accumulator's multiply-adds stay in
+  // order, and the NT x MT chains run interleaved (one output's block alone is a chain of BS / 16
+  // dependent multiply-adds, bound by their latency). Each block's State (its scales) is unpacked one
+  // block ahead: read back at once from the stores that wrote it, it stalled the tables on them
+  // (Q4_K: 40% of the time).
+  typename T::State ahead_st[2][NT];
+  const auto unpack = [&](int64_t j, typename T::State* st) __attribute__((always_inline)) {
     unroll<NT>([&](auto n) __attribute__((always_inline)) {
       const uint8_t* blk = w + n * row_bytes + j * T::BB;
       // This block of row n some tiles ahead (at least ~8 KB: DRAM latency at this rate). Without it
       // the heavier types (Q6_K, Q5_K) read memory at a quarter of the speed they reach from cache.
       for (int l = 0; l < T::BB; l += 64) __builtin_prefetch(blk + ahead + l);
-      T::chunks(blk, [&](auto c, __m512 wv) __attribute__((always_inline)) {
+      st[n] = T::prepare(blk);
+    });
+  };
+  if (nb > 0) unpack(0, ahead_st[0]);
+  for (int64_t j = 0; j < nb; ++j) {
+    if (j + 1 < nb) unpack(j + 1, ahead_st[(j + 1) & 1]);
+    const typename T::State* st = ahead_st[j & 1];
+    unroll<T::GROUPS>([&](auto g) __attribute__((always_inline)) {
+      __m512 wv[NT][T::GC];
+      unroll<NT>([&](auto n) __attribute__((always_inline)) { T::template group<g>(w + n * row_bytes + j * T::BB, st[n], wv[n]); });
+      unroll<T::GC>([&](auto c) __attribute__((always_inline)) {
+        const int64_t e = j * T::BS + 16 * (T::GC * g + c);
         unroll<MT>([&](auto m) __attribute__((always_inline)) {
-          acc[n][m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * K + j * T::BS + 16 * c), acc[n][m]);
+          __m512 xv = _mm512_loadu_ps(x + m * K + e);
+          asm("" : "+v"(xv));  // loaded once for the NT outputs: GCC would fold a load into each multiply-add
+          unroll<NT>([&](auto n) __attribute__((always_inline)) { acc[n][m] = _mm512_fmadd_ps(wv[n][c], xv, acc[n][m]); });
         });
       });
     });
@@ -373,7 +467,7 @@ inline void buffered(const uint8_t* w, int64_t row_bytes, const float* x, int64_
       const uint8_t* blk = w + n * row_bytes + j * T::BB;
       for (int l = 0; l < T::BB; l += 64) __builtin_prefetch(blk + ahead + l);
       float* o = buf + n * K + j * T::BS;
-      T::chunks(blk, [&](auto c, __m512 wv) __attribute__((always_inline)) { _mm512_store_ps(o + 16 * c, wv); });
+      chunks<T>(blk, [&](auto c, __m512 wv) __attribute__((always_inline)) { _mm512_store_ps(o + 16 * c, wv); });
     });
   int64_t m = 0;
   for (; m + 4 <= M; m += 4) dense_tile<NT, 4>(buf, x + m * K, K, y + m * ldy, ldy);
@@ -394,6 +488,22 @@ inline void direct(const uint8_t* w, int64_t row_bytes, const float* x, int64_t 
     case 1: tile<T, NT, 1>(w, row_bytes, x, K, y, ldy); break;
   }
 }
+
+// The activations (M, K) in the order the kernels unpack each block's weights (T::source), for the
+// types that do not unpack them in element order: once per call, shared by every output.
+template <typename T>
+std::unique_ptr<float, decltype(&std::free)> kernel_order(const float* x, int64_t M, int64_t K) {
+  static constexpr auto src = [] {
+    std::array<int16_t, T::BS> a{};
+    for (int i = 0; i < T::BS; ++i) a[i] = static_cast<int16_t>(T::source(i));
+    return a;
+  }();
+  float* xp = static_cast<float*>(std::aligned_alloc(64, M * K * sizeof(float)));  // K: whole blocks of 256
+  TORCH_CHECK(xp, "gguf_kernels: out of memory");
+  for (int64_t r = 0; r < M * K; r += T::BS)
+    for (int i = 0; i < T::BS; ++i) xp[r + i] = x[r + src[i]];
+  return {xp, &std::free};
+}
 #endif
 
 // y's rows are `ldy` apart (N for a whole product; the full width when a part of a layer writes its
@@ -402,6 +512,11 @@ template <typename T>
 void matmul_type(const uint8_t* w, const float* x, float* y, int64_t M, int64_t N, int64_t K, int64_t ldy) {
   const int64_t row_bytes = K / T::BS * T::BB;
 #ifdef LLMOS_GGUF_AVX512
+  std::unique_ptr<float, decltype(&std::free)> reordered(nullptr, &std::free);
+  if constexpr (!T::NATURAL) {
+    reordered = kernel_order<T>(x, M, K);
+    x = reordered.get();
+  }
   // Four outputs at a time: independent chains of multiply-adds while the next blocks are unpacked.
   constexpr int64_t NT = 4;
   at::parallel_for(0, (N + NT - 1) / NT, 16, [&](int64_t t0, int64_t t1) {
@@ -469,7 +584,7 @@ void dequantize_type(const uint8_t* w, Out* out, int64_t N, int64_t K) {
     for (int64_t b = b0; b < b1; ++b) {
       Out* o = out + b * T::BS;
 #ifdef LLMOS_GGUF_AVX512
-      T::chunks(w + b * T::BB, [&](auto c, __m512 v) __attribute__((always_inline)) { store16(o + 16 * c, v); });
+      chunks<T, true>(w + b * T::BB, [&](auto c, __m512 v) __attribute__((always_inline)) { store16(o + 16 * c, v); });
 #else
       float v[T::BS];
       T::values(w + b * T::BB, v);

@@ -19,7 +19,7 @@ from llmos.weights.gguf import GGUFFile
 from tests.engine.gguf_blocks import NAMES, random_blocks
 
 TYPES = sorted(NAMES)
-ROWS = (1, 3, 16)
+ROWS = (1, 3, 4, 5, 16)  # 4 and 5: the last tile read straight from the blocks, the first dequantized into a buffer
 
 
 @pytest.fixture(scope="module")
