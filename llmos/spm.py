@@ -30,6 +30,7 @@ from collections.abc import Iterable, Iterator, Sequence
 _SPACE = "\u2581"  # SentencePiece writes spaces as "▁"
 _WORDS = re.compile(f"{_SPACE}*[^{_SPACE}]+|{_SPACE}+")  # a run of "▁" and what follows it up to the next
 _CACHE_SIZE = 1 << 16  # words whose ids are kept; the cache starts over when full
+_CACHED_LENGTH = 256  # longer words (a paragraph of Chinese) rarely come again: not kept
 
 
 class SentencePieceBPE:
@@ -70,9 +71,11 @@ class SentencePieceBPE:
         self._holes = frozenset() if len(vocab) == len(pieces) else frozenset(range(len(pieces))) - set(vocab.values())
 
     def id_to_token(self, i: int) -> str | None:
+        """The piece of id `i`, or None (outside the vocabulary, or an earlier id of a repeated piece)."""
         return self._pieces[i] if 0 <= i < len(self._pieces) and i not in self._holes else None
 
     def token_to_id(self, piece: str) -> int | None:
+        """The id of `piece`, or None when the vocabulary lacks it."""
         return self._vocab.get(piece)
 
     # --- encode ---------------------------------------------------------------------------------
@@ -156,9 +159,10 @@ class SentencePieceBPE:
 
     def _merge_cached(self, word: str) -> list[int]:
         ids = self._merge(word)
-        if len(self._cache) >= _CACHE_SIZE:
-            self._cache.clear()
-        self._cache[word] = ids
+        if len(word) < _CACHED_LENGTH:
+            if len(self._cache) >= _CACHE_SIZE:
+                self._cache.clear()
+            self._cache[word] = ids
         return ids
 
     def _merge(self, word: str) -> list[int]:
@@ -255,8 +259,8 @@ class SentencePieceBPE:
             if i in holes or (skip_special_tokens and i in special):
                 continue
             piece = pieces[i]
-            if len(piece) == 6 and piece.startswith("<0x") and piece[5] == ">" and _hex_byte(piece[3:5]) is not None:
-                run.append(_hex_byte(piece[3:5]))
+            if (byte := _byte_of(piece)) is not None:
+                run.append(byte)
                 continue
             if run:
                 out.append(_utf8(run))
@@ -268,11 +272,14 @@ class SentencePieceBPE:
         return text[1:] if self._add_prefix and text.startswith(" ") else text
 
 
-def _hex_byte(digits: str) -> int | None:
-    # Rust's u8::from_str_radix, which tokenizers uses: hex digits after an optional "+", nothing else.
-    if not re.fullmatch(r"\+?[0-9A-Fa-f]+", digits):
+_BYTE_PIECE = re.compile(r"<0x(\+?[0-9A-Fa-f]+)>")  # 6 characters; the digits as Rust's u8::from_str_radix reads them
+
+
+def _byte_of(piece: str) -> int | None:
+    """The byte a "<0xNN>" piece stands for, as tokenizers' ByteFallback decoder reads it."""
+    if len(piece) != 6 or not piece.startswith("<0x") or (match := _BYTE_PIECE.fullmatch(piece)) is None:
         return None
-    return int(digits, 16)
+    return int(match.group(1), 16)
 
 
 def _utf8(data: bytearray) -> str:
