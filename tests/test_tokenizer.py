@@ -382,8 +382,8 @@ def test_gemma_encoder_matches_its_backend(gemma_fields: dict) -> None:
 
 
 def test_gemma_encoder_matches_its_backend_on_random_vocabularies() -> None:
-    """Vocabularies of random strings over "a", "b" and "▁" in random order, so that pairs of equal rank,
-    two cuts of one piece and merges across a space meet often: the merge order is tokenizers'."""
+    """Vocabularies of random strings over "a", "b" and "▁" in random order, so that pairs of equal rank
+    and merges across a space meet often: the merge order is tokenizers'."""
     rng = random.Random(4)
     strings = ["".join(p) for n in range(2, 6) for p in itertools.product("ab\u2581", repeat=n)]
     for _ in range(30):
