@@ -7,9 +7,11 @@ It is built at the format boundary:
 - `Tokenizer.from_gguf(metadata)` rebuilds the tokenizer a GGUF file describes from its
   `tokenizer.ggml.*` metadata (already parsed into a plain dict). Byte-level BPE ("gpt2") splits text
   with the regexes llama.cpp picks by `tokenizer.ggml.pre`; SentencePiece BPE ("llama") becomes a BPE
-  with byte fallback whose merges are derived from the piece scores (Gemma: from the pieces' order, ~1 s
-  for its 262k pieces, which a `merges_cache` file keyed by the GGUF's content saves; the loader keeps
-  it in the store). Anything else is refused.
+  with byte fallback whose merges are derived from the piece scores. Gemma's files have no merges and
+  rank them by the pieces' order: `llmos.spm.SentencePieceBPE` encodes and decodes by that rank from
+  the vocabulary alone, and the `tokenizers` backend, whose 515k merges take ~0.5 s to build (deriving
+  them ~1 s more, which a `merges_cache` file keyed by the GGUF's content saves; the loader keeps it in
+  the store), is built only when asked for (`backend`, `to_json`: export). Anything else is refused.
 - `Tokenizer.from_dir(folder)` loads a Hugging Face folder: `tokenizer.json` plus the small JSON files
   next to it that name the special tokens and hold the chat template.
 
@@ -35,7 +37,7 @@ import re
 import secrets
 import struct
 from array import array
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,7 @@ from tokenizers import Tokenizer as _Backend
 
 from llmos.errors import LlmosError
 from llmos.files import write_atomically
+from llmos.spm import SentencePieceBPE
 
 
 class TokenizerError(LlmosError):
@@ -142,8 +145,9 @@ class Tokenizer:
 
     def __init__(
         self,
-        backend: _Backend,
+        backend: _Backend | Callable[[], _Backend],
         *,
+        encoder: SentencePieceBPE | None = None,
         bos_id: int | None = None,
         eos_id: int | None = None,
         pad_id: int | None = None,
@@ -151,8 +155,16 @@ class Tokenizer:
         special_ids: frozenset[int] = frozenset(),
         chat_template: str | None = None,
     ) -> None:
-        self._backend = backend
-        self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
+        """`backend`: the `tokenizers.Tokenizer`, or a function that builds it when it is first needed
+        (`backend`, `to_json`), for an `encoder` that encodes and decodes in its place."""
+        if isinstance(backend, _Backend):
+            self._backend = backend
+        else:
+            self._build_backend = backend
+        self._encoder = encoder
+        self.vocab_size: int = (
+            encoder.vocab_size if encoder is not None else self._backend.get_vocab_size(with_added_tokens=True)
+        )
         self.bos_id = bos_id
         self.eos_id = eos_id
         self.pad_id = pad_id
@@ -182,10 +194,11 @@ class Tokenizer:
             raise TokenizerError(f"GGUF tokenizer has {len(tokens)} tokens but {len(types)} token types")
         stored = tokens  # as the file spells them (Gemma's are respelled below)
 
-        if derives_merges(metadata):
+        gemma = derives_merges(metadata)
+        if gemma:
             stored, tokens = tokens, _gemma_spelling(tokens)
             vocab = dict(zip(tokens, range(len(tokens))))  # a repeated piece keeps its last id, as in transformers
-            backend, add_bos = _gemma_sentencepiece(metadata, tokens, vocab, merges_cache)
+            add_bos = True  # SentencePiece models add BOS unless the file says otherwise, as in llama.cpp
         elif kind in ("gpt2", "llama"):
             # A duplicated piece keeps its first id, as in llama.cpp's lookup: walked backwards, it is written last.
             vocab = dict(zip(reversed(tokens), range(len(tokens) - 1, -1, -1)))
@@ -203,10 +216,7 @@ class Tokenizer:
         # `<think>`, are plain added tokens. Both are matched whole in the text, as llama.cpp does.
         # Their ids already exist in the vocabulary, so adding them creates no new ids.
         control = [t for t, ty in zip(tokens, types) if ty == _CONTROL]
-        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
-        backend.add_tokens(
-            [AddedToken(t, special=False, normalized=False) for t, ty in zip(stored, types) if ty == _USER_DEFINED and t in vocab]
-        )
+        user_defined = [t for t, ty in zip(stored, types) if ty == _USER_DEFINED and t in vocab]
 
         def token_id(key: str) -> int | None:
             value = metadata.get(f"tokenizer.ggml.{key}")
@@ -221,14 +231,32 @@ class Tokenizer:
         bos_id, eos_id, pad_id = token_id("bos_token_id"), token_id("eos_token_id"), token_id("padding_token_id")
         add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", add_bos))
         add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
-        backend.post_processor = _bos_eos_template(backend, bos_id if add_bos else None, eos_id if add_eos else None)
+        bos, eos = bos_id if add_bos else None, eos_id if add_eos else None
+
+        def finish(backend: _Backend) -> _Backend:
+            backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+            backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in user_defined])
+            backend.post_processor = _bos_eos_template(backend, bos, eos)
+            return backend
+
+        encoder = None
+        if gemma:
+            # The tokenizers library would need Gemma's 515k merges spelled out (~0.5 s to build): the
+            # encoder ranks them from the vocabulary instead, and the backend is built only if asked for.
+            unk, add_prefix = _unk_piece(metadata, tokens), bool(metadata.get("tokenizer.ggml.add_space_prefix", False))
+            encoder = SentencePieceBPE(tokens, vocab, unk=unk, add_prefix=add_prefix, added=[*control, *user_defined],
+                                       special=control, bos_id=bos, eos_id=eos)
+
+            def build_gemma() -> _Backend:
+                return finish(_gemma_sentencepiece(tokens, vocab, unk, add_prefix, merges_cache))
 
         special_ids = frozenset(vocab[t] for t in control)
         stop_ids = frozenset(vocab[t] for t in _END_OF_TURN if t in vocab and vocab[t] in special_ids)
         stop_ids |= {i for i in (token_id("eot_token_id"), token_id("eom_token_id")) if i is not None}
         template = metadata.get("tokenizer.chat_template")
         return cls(
-            backend,
+            build_gemma if gemma else finish(backend),
+            encoder=encoder,
             bos_id=bos_id,
             eos_id=eos_id,
             pad_id=pad_id,
@@ -299,7 +327,7 @@ class Tokenizer:
         """Token ids of `text`. With `add_special_tokens`, BOS/EOS are added where the model says so."""
         if not isinstance(text, str):
             raise TokenizerError(f"encode takes a str, got {type(text).__name__}")
-        return _encode(self._backend, text, add_special_tokens)
+        return self._ids(text, add_special_tokens)
 
     def text_ids(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of untrusted text (a user's words, a document) for a prompt without a chat
@@ -307,9 +335,17 @@ class Tokenizer:
         BOS/EOS are added as `encode` adds them."""
         if not isinstance(text, str):
             raise TokenizerError(f"encode takes a str, got {type(text).__name__}")
-        if self._special_pattern is None or not self._special_pattern.search(text):
-            return _encode(self._backend, text, add_special_tokens)
-        return _encode(self._plain_backend, text, add_special_tokens)
+        if self._encoder is None and (self._special_pattern is None or not self._special_pattern.search(text)):
+            return self._ids(text, add_special_tokens)
+        return self._ids(text, add_special_tokens, split_special=False)
+
+    def _ids(self, text: str, add_special_tokens: bool, split_special: bool = True) -> list[int]:
+        """`split_special=False`: special tokens' spellings encode as ordinary characters."""
+        if self._encoder is None:
+            return _encode(self._backend if split_special else self._plain_backend, text, add_special_tokens)
+        if (bad := _SURROGATE.search(text)) is not None:
+            raise _surrogate_error(text, bad.start())
+        return self._encoder.encode(text, add_special_tokens, split_special)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """The text of `ids`; bytes that do not form whole UTF-8 characters decode to U+FFFD."""
@@ -317,11 +353,13 @@ class Tokenizer:
         for i in checked:
             if not 0 <= i < self.vocab_size:
                 raise TokenizerError(f"token id {i} is outside the vocabulary (0..{self.vocab_size - 1})")
+        if self._encoder is not None:
+            return self._encoder.decode(checked, skip_special_tokens)
         return self._backend.decode(checked, skip_special_tokens=skip_special_tokens)
 
     def id_to_token(self, i: int) -> str:
         """The raw vocabulary piece of id `i` (byte-level pieces look like "Ġthe")."""
-        piece = self._backend.id_to_token(int(i)) if 0 <= int(i) < self.vocab_size else None
+        piece = self._piece(int(i)) if 0 <= int(i) < self.vocab_size else None
         if piece is None:
             raise TokenizerError(f"token id {i} is outside the vocabulary (0..{self.vocab_size - 1})")
         return piece
@@ -336,18 +374,30 @@ class Tokenizer:
         if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
             return bytes([int(piece[3:5], 16)])
         alphabet = _byte_alphabet()
-        if isinstance(self._backend.decoder, decoders.ByteLevel) and all(c in alphabet for c in piece):
+        if self._encoder is None and isinstance(self._backend.decoder, decoders.ByteLevel) and all(
+            c in alphabet for c in piece
+        ):
             return bytes(alphabet[c] for c in piece)
         return None
 
     def token_to_id(self, piece: str) -> int | None:
         """The id of a raw vocabulary piece, or None when the vocabulary lacks it."""
+        if self._encoder is not None:
+            return self._encoder.token_to_id(piece)
         return self._backend.token_to_id(piece)
+
+    def _piece(self, i: int) -> str | None:
+        return self._encoder.id_to_token(i) if self._encoder is not None else self._backend.id_to_token(i)
 
     @property
     def backend(self) -> _Backend:
-        """The underlying `tokenizers.Tokenizer` (for export: its JSON is the portable format)."""
+        """The underlying `tokenizers.Tokenizer` (for export: its JSON is the portable format). With an
+        encoder of its own (Gemma), the tokenizer builds it on first use (~0.5 s)."""
         return self._backend
+
+    @functools.cached_property
+    def _backend(self) -> _Backend:
+        return self._build_backend()
 
     def to_json(self) -> str:
         """The tokenizer as Hugging Face `tokenizer.json` text."""
@@ -378,7 +428,7 @@ class Tokenizer:
             )
         variables: dict[str, Any] = {"tools": None, "documents": None}
         for name, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id)):
-            variables[name] = self._backend.id_to_token(i) if i is not None else None
+            variables[name] = self._piece(i) if i is not None else None
         variables.update(extra)
         variables["messages"] = _checked_messages(messages)
         variables["add_generation_prompt"] = add_generation_prompt
@@ -417,24 +467,26 @@ class Tokenizer:
         # The markup's special tokens split the text, as the backend itself splits it; each piece
         # between them gets its hidden literals back and is encoded with special tokens as text.
         placeholder = re.compile(f"\ue000{nonce}\\.(\\d+)\ue001")
-        plain = self._plain_backend
         ids: list[int] = []
         pos = 0
         for match in [*pattern.finditer(text), None]:
             piece = text[pos:match.start() if match else len(text)]
             if piece:
                 piece = placeholder.sub(lambda m: literals[int(m.group(1))], piece)
-                ids += _encode(plain, piece, False)
+                ids += self._ids(piece, False, split_special=False)
             if match:
-                ids.append(self._backend.token_to_id(match.group()))
+                ids.append(self.token_to_id(match.group()))
                 pos = match.end()
         return ids
 
     @functools.cached_property
     def _special_pattern(self) -> re.Pattern[str] | None:
         """A regex matching any special token's text, longest first (None: the vocabulary has none)."""
-        texts = sorted({t.content for t in self._backend.get_added_tokens_decoder().values() if t.special},
-                       key=len, reverse=True)
+        if self._encoder is not None:
+            specials = self._encoder.special
+        else:
+            specials = {t.content for t in self._backend.get_added_tokens_decoder().values() if t.special}
+        texts = sorted(specials, key=len, reverse=True)
         return re.compile("|".join(map(re.escape, texts))) if texts else None
 
     @functools.cached_property
@@ -498,15 +550,22 @@ class IncrementalDecoder:
         return piece
 
 
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
 def _encode(backend: _Backend, text: str, add_special_tokens: bool) -> list[int]:
     try:
         return backend.encode(text, add_special_tokens=add_special_tokens).ids
     except TypeError:  # the Rust side takes only valid Unicode; say where it is not
-        bad = next((i for i, c in enumerate(text) if 0xD800 <= ord(c) <= 0xDFFF), None)
+        bad = _SURROGATE.search(text)
         if bad is None:
             raise
-        raise TokenizerError(f"the text holds a lone UTF-16 surrogate (U+{ord(text[bad]):04X} at character {bad}), "
-                             "which is not valid Unicode; pass valid text") from None
+        raise _surrogate_error(text, bad.start()) from None
+
+
+def _surrogate_error(text: str, at: int) -> TokenizerError:
+    return TokenizerError(f"the text holds a lone UTF-16 surrogate (U+{ord(text[at]):04X} at character {at}), "
+                          "which is not valid Unicode; pass valid text")
 
 
 # --- GGUF builders ------------------------------------------------------------------------------
@@ -562,8 +621,7 @@ def _sentencepiece_bpe(
         if scores is None or len(scores) != len(tokens):
             raise TokenizerError("GGUF SentencePiece tokenizer has neither merges nor one score per token")
         merges = _merges_from_scores(tokens, types, [float(s) for s in scores], vocab)
-    unk_id = metadata.get("tokenizer.ggml.unknown_token_id")
-    unk = tokens[int(unk_id)] if unk_id is not None and 0 <= int(unk_id) < len(tokens) else None
+    unk = _unk_piece(metadata, tokens)
     try:
         model = models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
     except Exception as e:
@@ -581,8 +639,9 @@ _GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")
 
 
 def derives_merges(metadata: Mapping[str, Any]) -> bool:
-    """Whether `Tokenizer.from_gguf` derives this vocabulary's merges itself (Gemma's SentencePiece
-    files carry none): ~1 s for Gemma's 262,144 pieces, which a `merges_cache` file saves."""
+    """Whether this vocabulary's merges are derived from it (Gemma's SentencePiece files carry none):
+    encoding needs none of them (`SentencePieceBPE`), its `tokenizers` backend ~1 s of deriving for
+    Gemma's 262,144 pieces, which a `merges_cache` file saves."""
     return (metadata.get("tokenizer.ggml.model") == "llama" and metadata.get("general.architecture") in _GEMMA_ARCHS
             and "tokenizer.ggml.merges" not in metadata)
 
@@ -595,15 +654,14 @@ def _gemma_spelling(tokens: list[str]) -> list[str]:
 
 
 def _gemma_sentencepiece(
-    metadata: Mapping[str, Any], tokens: list[str], vocab: dict[str, int], merges_cache: Path | None
-) -> tuple[_Backend, bool]:
-    """Gemma's SentencePiece BPE from a GGUF without merges. Its scores do not follow the merge order;
-    the order of the tokens in the file does, so each token's cuts into two known pieces are merges
-    ranked by the token's position (the longer left piece first within one token): the ranking
-    transformers' `generate_merges` gives, hence the same ids. Spaces become "▁" with no prefix and
-    no pre-tokenizer (Gemma's own tokenizer.json). Returns (backend, default add_bos)."""
-    unk_id = metadata.get("tokenizer.ggml.unknown_token_id")
-    unk = tokens[int(unk_id)] if unk_id is not None and 0 <= int(unk_id) < len(tokens) else None
+    tokens: list[str], vocab: dict[str, int], unk: str | None, add_prefix: bool, merges_cache: Path | None
+) -> _Backend:
+    """Gemma's SentencePiece BPE from a GGUF without merges, as a `tokenizers` backend (`SentencePieceBPE`
+    encodes the same way without one). Its scores do not follow the merge order; the order of the
+    tokens in the file does, so each token's cuts into two known pieces are merges ranked by the
+    token's position (the longer left piece first within one token): the ranking transformers'
+    `generate_merges` gives, hence the same ids. Spaces become "▁" with no prefix (unless the file
+    asks for one) and no pre-tokenizer (Gemma's own tokenizer.json)."""
     with _gc_paused():
         merges = _gemma_merges(tokens, vocab, merges_cache)
         try:
@@ -612,11 +670,15 @@ def _gemma_sentencepiece(
             raise TokenizerError(f"GGUF tokenizer vocabulary cannot make a BPE model: {e}") from e
     backend = _Backend(model)
     escape = normalizers.Replace(" ", _SPM_SPACE)
-    add_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", False))
     backend.normalizer = normalizers.Sequence([normalizers.Prepend(_SPM_SPACE), escape]) if add_prefix else escape
     steps = [decoders.Replace(_SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
     backend.decoder = decoders.Sequence([*steps, decoders.Strip(" ", 1, 0)] if add_prefix else steps)
-    return backend, True
+    return backend
+
+
+def _unk_piece(metadata: Mapping[str, Any], tokens: list[str]) -> str | None:
+    unk_id = metadata.get("tokenizer.ggml.unknown_token_id")
+    return tokens[int(unk_id)] if unk_id is not None and 0 <= int(unk_id) < len(tokens) else None
 
 
 @contextlib.contextmanager

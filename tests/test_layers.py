@@ -29,7 +29,7 @@ LAYERS = {
     "llmos.config": 0, "llmos.weights.safetensors": 0, "llmos.weights.gguf": 0, "llmos.weights.dequant": 0,
     "llmos.weights.names": 0, "llmos.errors": 0, "llmos.files": 0, "llmos.threads": 0, "llmos.data": 0,
     # L1: tokenizer and models (torch; tokenizers + jinja2); quant swaps modules from outside the models
-    "llmos.tokenizer": 1, "llmos.models": 1, "llmos.quant": 1,
+    "llmos.tokenizer": 1, "llmos.spm": 1, "llmos.models": 1, "llmos.quant": 1,
     # GGUFLinear (a GGUF file's own blocks) is a quantized layer like quant's: the kernels object
     # (models/kernels.py) hands it the native products, so the loader can build it.
     "llmos.gguf_linear": 1,
@@ -49,6 +49,7 @@ REFERENCES = ("transformers", "sentence_transformers", "llama_cpp")
 # (importer prefix, imported prefix, why): never, whatever the layers say.
 FORBIDDEN = (
     ("llmos.engine", "llmos.tokenizer", "the engine sees token ids only"),
+    ("llmos.engine", "llmos.spm", "the engine sees token ids only"),
     ("llmos.engine", "llmos.store", "the engine is handed a model, it does not find one"),
     ("llmos", "llmos.cli", "the CLI is a thin layer over the Python API: nothing but `python -m llmos` imports it"),
     ("bench", "llmos.cli", "benchmarks call the Python API, not the CLI"),

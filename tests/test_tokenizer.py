@@ -3,6 +3,7 @@ streaming decoder's invariants. transformers and gguf are references here, never
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -258,21 +259,22 @@ def test_gemma_gguf_matches_transformers(gemma_fields: dict, tmp_path: Path) -> 
 
 
 def test_gemma_merges_cache_gives_the_same_ids(gemma_fields: dict, tmp_path: Path) -> None:
-    """The merges derived from the vocabulary are kept in a cache file; a warm load, and a load over a
-    damaged file (which is derived and written again), give the ids of a load without a cache."""
+    """The merges derived from the vocabulary for the tokenizers backend are kept in a cache file; a
+    warm build, and a build over a damaged file (which is derived and written again), give the ids of a
+    build without a cache, and those of the encoder."""
     expected = [Tokenizer.from_gguf(gemma_fields).encode(text) for text in GEMMA_TEXTS]
     cache = tmp_path / "merges.bin"
-    cold = Tokenizer.from_gguf(gemma_fields, merges_cache=cache)
+    cold = Tokenizer.from_gguf(gemma_fields, merges_cache=cache).backend
     written = cache.read_bytes()
     assert len(written) > 4 * 2 * 100  # a count, then hundreds of (left, right) id pairs
-    warm = Tokenizer.from_gguf(gemma_fields, merges_cache=cache)
+    warm = Tokenizer.from_gguf(gemma_fields, merges_cache=cache).backend
     for damage in (written[:-4], written[:4] + b"\xff" * (len(written) - 4), b"", b"\x05\x00"):
         cache.write_bytes(damage)  # cut short; ids far past the vocabulary; empty; shorter than its count
-        again = Tokenizer.from_gguf(gemma_fields, merges_cache=cache)
-        assert [again.encode(text) for text in GEMMA_TEXTS] == expected
+        again = Tokenizer.from_gguf(gemma_fields, merges_cache=cache).backend
+        assert [again.encode(text).ids for text in GEMMA_TEXTS] == expected
         assert cache.read_bytes() == written
-    for tok in (cold, warm):
-        assert [tok.encode(text) for text in GEMMA_TEXTS] == expected
+    for backend in (cold, warm):
+        assert [backend.encode(text).ids for text in GEMMA_TEXTS] == expected
 
 
 def test_gemma_merges_cache_lives_in_the_store(gemma_fields: dict, tmp_path: Path, monkeypatch) -> None:
@@ -282,13 +284,136 @@ def test_gemma_merges_cache_lives_in_the_store(gemma_fields: dict, tmp_path: Pat
 
     monkeypatch.setenv("LLMOS_HOME", str(tmp_path / "home"))
     path = Path(_write_tokenizer_gguf(tmp_path / "gemma.gguf", gemma_fields))
-    ids = loader.read_tokenizer(path).encode(GEMMA_TEXTS[0])
+    ids = loader.read_tokenizer(path).backend.encode(GEMMA_TEXTS[0]).ids
     cache = derived.merges_file(path)
     assert cache.parent == tmp_path / "home" / "tokenizers" and cache.is_file()
-    assert loader.read_tokenizer(path).encode(GEMMA_TEXTS[0]) == ids
+    assert loader.read_tokenizer(path).backend.encode(GEMMA_TEXTS[0]).ids == ids
     assert [entry.files for entry in derived.entries()] == [(cache,)]
     size = cache.stat().st_size
     assert derived.forget(path) == size and not cache.exists()
+
+
+def test_gemma_load_builds_no_tokenizers_backend(gemma_fields: dict, monkeypatch) -> None:
+    """Gemma's tokenizer encodes, decodes and renders without its tokenizers backend, whose merges cost
+    ~0.5 s to build for the real vocabulary; it is built once, when something asks for it."""
+    import llmos.tokenizer as module
+
+    built = []
+    build = module._gemma_sentencepiece
+    monkeypatch.setattr(module, "_gemma_sentencepiece", lambda *args: built.append(1) or build(*args))
+    tok = Tokenizer.from_gguf({**gemma_fields, "tokenizer.chat_template": "{{ bos_token }}{{ messages[0]['content'] }}"})
+    ids = tok.encode("Hello world<end_of_turn>")
+    assert tok.decode(ids, skip_special_tokens=True) == "Hello world"
+    assert tok.text_ids("<end_of_turn>", add_special_tokens=False) != [tok.token_to_id("<end_of_turn>")]
+    assert tok.chat_ids([{"role": "user", "content": "hi<end_of_turn>"}])[0] == tok.bos_id
+    assert tok.id_to_token(ids[1]) and tok.token_bytes(tok.token_to_id("<0x41>")) == b"A"
+    assert "".join(_stream(tok.decoder(), ids)) == tok.decode(ids)
+    assert tok.vocab_size == len(gemma_fields["tokenizer.ggml.tokens"]) and not built
+    assert tok.backend is tok.backend and json.loads(tok.to_json())["model"]["type"] == "BPE"
+    assert len(built) == 1 and tok.backend.encode("Hello world<end_of_turn>").ids == ids
+
+
+def _gemma_texts(alphabet: str, count: int, seed: int) -> list[str]:
+    """Random strings over `alphabet` and over several scripts' blocks (byte fallback, odd whitespace,
+    specials and their near misses spelled in the text)."""
+    rng = random.Random(seed)
+    blocks = [(0x20, 0x7E), (0xA0, 0x24F), (0x370, 0x3FF), (0x400, 0x4FF), (0x590, 0x6FF), (0x900, 0x97F),
+              (0x3040, 0x30FF), (0x4E00, 0x9FFF), (0xAC00, 0xD7A3), (0x1F300, 0x1FAFF), (0x0, 0x1F)]
+    glue = [" ", "  ", "   ", "\n", "\n\n", "\t", " \n ", "", ">", "> ", "<eos>", "<start_of_turn>", "<start_of",
+            "<0x41>", "\u2581", "\u2581 "]
+    texts = []
+    for n in range(count):
+        parts = []
+        for _ in range(rng.randint(1, 30)):
+            if n % 3:
+                parts.append("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))))
+            else:
+                lo, hi = rng.choice(blocks)
+                parts.append("".join(chr(rng.randint(lo, hi)) for _ in range(rng.randint(1, 8))))
+            parts.append(rng.choice(glue))
+        texts.append("".join(parts))
+    return texts
+
+
+EDGE_TEXTS = ["日本 unk 🦙", "a\x00b", "x<eos>y<end_of_turn><start_of_turn>", "<start_of_turn", "<<eos>>", "  ",
+              "\t\ttabs\n\n\nlines\r\n", "Hello >  world", "\u2581lit\u2581eral", "<0x41>", " ", "a" * 300,
+              "<td> </td>", "a > </b>", "日 x", "日本 x", "o t", "go to the"]
+
+
+def _assert_encoder_matches_backend(tok: Tokenizer, texts: list[str]) -> None:
+    backend = tok.backend
+    plain = tok._plain_backend
+    for text in texts:
+        for add in (True, False):
+            ids = tok.encode(text, add_special_tokens=add)
+            assert ids == backend.encode(text, add_special_tokens=add).ids, text
+        assert tok.text_ids(text, add_special_tokens=False) == plain.encode(text, add_special_tokens=False).ids, text
+        for skip in (True, False):
+            assert tok.decode(ids, skip_special_tokens=skip) == backend.decode(ids, skip_special_tokens=skip), text
+
+
+def test_gemma_encoder_matches_its_backend(gemma_fields: dict) -> None:
+    """`SentencePieceBPE` against the tokenizers backend built from the same vocabulary, with and
+    without a space prefix and EOS, with a vocabulary that lacks most byte pieces (unknown characters
+    fused into one unknown piece), and with pieces that merge across a space ("o▁t", and "<0xA5>▁"
+    after the last byte of "日") and a user-defined token inside a control token ("_turn>": matching
+    goes on after a control token's spelling that `text_ids` leaves in the text)."""
+    tokens = gemma_fields["tokenizer.ggml.tokens"]
+    alphabet = "".join(sorted({c for t in tokens[262:] for c in t.replace("\u2581", " ")}))
+    texts = [*GEMMA_TEXTS, *SPM_TEXTS, *TEXTS, *SPM_CORPUS[:4], *EDGE_TEXTS, *_gemma_texts(alphabet, 150, seed=0)]
+    keep = [i for i, t in enumerate(tokens) if not ("<0x80>" <= t <= "<0xFF>" and len(t) == 6)]
+    few_bytes = {**gemma_fields, "tokenizer.ggml.tokens": [tokens[i] for i in keep],
+                 "tokenizer.ggml.token_type": [gemma_fields["tokenizer.ggml.token_type"][i] for i in keep]}
+    across = {**gemma_fields, "tokenizer.ggml.tokens": [*tokens, "o\u2581t", "<0xA5>\u2581", "_turn>"],
+              "tokenizer.ggml.token_type": [*gemma_fields["tokenizer.ggml.token_type"], 1, 1, 4]}
+    prefix_eos = {**gemma_fields, "tokenizer.ggml.add_space_prefix": True, "tokenizer.ggml.add_eos_token": True}
+    assert Tokenizer.from_gguf(across).encode("o t", add_special_tokens=False) == [len(tokens)]
+    for fields in (gemma_fields, prefix_eos, few_bytes, across):
+        tok = Tokenizer.from_gguf(fields)
+        _assert_encoder_matches_backend(tok, texts)
+        assert all(tok.id_to_token(i) == tok.backend.id_to_token(i) for i in range(tok.vocab_size))
+        assert tok.vocab_size == tok.backend.get_vocab_size(with_added_tokens=True)
+        rng = random.Random(1)
+        for _ in range(100):  # random ids: byte pieces that are not UTF-8, specials, runs of "▁"
+            ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 20))]
+            for skip in (True, False):
+                assert tok.decode(ids, skip_special_tokens=skip) == tok.backend.decode(ids, skip_special_tokens=skip)
+    assert Tokenizer.from_gguf(few_bytes).encode("日本", add_special_tokens=False) == [3]  # one fused <unk>
+
+
+def test_gemma_encoder_matches_its_backend_on_random_vocabularies() -> None:
+    """Vocabularies of random strings over "a", "b" and "▁" in random order, so that pairs of equal rank
+    and merges across a space meet often: the merge order is tokenizers'."""
+    rng = random.Random(4)
+    strings = ["".join(p) for n in range(2, 6) for p in itertools.product("ab\u2581", repeat=n)]
+    for _ in range(30):
+        pieces = ["a", "b", "\u2581", *rng.sample(strings, rng.randint(5, 60))]
+        rng.shuffle(pieces)
+        specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+        fields = {**sentencepiece_fields.gemma(), "tokenizer.ggml.tokens": [*specials, *pieces],
+                  "tokenizer.ggml.token_type": [3, 3, 3, 2, *[1] * len(pieces)]}
+        texts = ["".join(rng.choice("ab ") for _ in range(rng.randint(1, 40))) for _ in range(40)]
+        _assert_encoder_matches_backend(Tokenizer.from_gguf(fields), texts)
+
+
+def test_gemma_encoder_matches_its_backend_on_the_real_file(gemma3_path: str) -> None:
+    """The real Gemma 3 vocabulary (262,144 pieces): the encoder gives the backend's ids on text in many
+    scripts, code, long documents and random strings, and decoding gives the text back."""
+    import llmos.tokenizer
+    from llmos.weights import loader
+
+    tok = loader.read_tokenizer(gemma3_path)
+    rng = random.Random(2)
+    pieces = [tok.id_to_token(rng.randrange(262, tok.vocab_size)) for _ in range(20000)]
+    words = ["".join(pieces[i : i + 40]).replace("\u2581", " ") for i in range(0, len(pieces), 40)]
+    source = Path(llmos.tokenizer.__file__).read_text(encoding="utf-8")
+    long = [source, " ".join(TEXTS) * 20, "".join(words[:100])]
+    alphabet = "".join(sorted({c for p in pieces for c in p.replace("\u2581", " ")}))
+    texts = [*TEXTS, *GEMMA_TEXTS, *EDGE_TEXTS, *words, *long, *_gemma_texts(alphabet, 200, seed=3)]
+    _assert_encoder_matches_backend(tok, texts)
+    for text in texts:  # a "▁" or "<0x41>" in the text decodes as " " or "A"
+        if "\u2581" not in text and "<0x" not in text:
+            assert tok.decode(tok.encode(text), skip_special_tokens=False) == "<bos>" + text
 
 
 # --- Hugging Face folders ------------------------------------------------------------------------

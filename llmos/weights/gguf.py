@@ -327,22 +327,24 @@ class _Parser:
         )
 
     def _string_array(self, key: str, count: int) -> list[str]:
-        # Vocabularies hold 50k-250k strings: a tight loop with locals, no per-item method calls.
+        # Vocabularies hold 50k-250k strings: a tight loop with locals, no per-item method calls, and
+        # one bounds check per string (unpack_from itself refuses a length past the end of the map).
         buf, size, pos = self.buf, self.size, self.pos
         unpack = _U64.unpack_from
         out: list[str] = []
         append = out.append
         for i in range(count):
-            if pos + 8 > size:
+            try:
+                n = unpack(buf, pos)[0]
+            except struct.error:
                 self.pos = pos
                 self._need(8, f"the length of string {i} of array {key!r}")
-            n = unpack(buf, pos)[0]
-            pos += 8
-            if n > size - pos:
-                self.pos = pos
+                raise
+            pos += 8 + n
+            if pos > size:
+                self.pos = pos - n
                 self._need(n, f"string {i} of array {key!r} ({n} bytes)")
-            append(buf[pos : pos + n].decode("utf-8", "surrogateescape"))
-            pos += n
+            append(buf[pos - n : pos].decode("utf-8", "surrogateescape"))
         self.pos = pos
         return out
 
