@@ -248,7 +248,7 @@ struct QK45 {
   struct State {
     alignas(64) float f[16];  // D of sub-blocks 0-7, then M
   };
-  static inline State prepare(const uint8_t* b) {
+  static inline __attribute__((always_inline)) State prepare(const uint8_t* b) {
     // get_scale_min_k4 on 16-byte vectors: x holds the 12 scale bytes q[0..11] (and 4 bytes after).
     // Scales 0-3 are q[0..3] & 63, mins 0-3 q[4..7] & 63; scales 4-7 q[8..11] & 15 and mins 4-7
     // q[8..11] >> 4, each with the top two bits of q[0..3] (scales) or q[4..7] (mins) as bits 4-5.
@@ -336,7 +336,7 @@ struct Q6_K {
     alignas(64) int8_t codes[256];
     alignas(64) float D[16];
   };
-  static inline State prepare(const uint8_t* b) {
+  static inline __attribute__((always_inline)) State prepare(const uint8_t* b) {
     State st;
     const __m512i low4 = _mm512_set1_epi8(0x0F), two = _mm512_set1_epi8(0x30), bias = _mm512_set1_epi8(32);
     // 16-bit shift counts: the first 32 bytes (codes 0-31 of a quarter) by one, the next 32 by another.
