@@ -108,13 +108,16 @@ struct Q4_0 {
 #ifdef LLMOS_GGUF_AVX512
   // A 16-entry table of the block's weights by code, then one permute per 16 weights (the permute
   // reads the low 4 bits of each index: the high nibble needs no mask).
+  // d converted a block ahead and broadcast inside the multiply, as Q5_0.
   static constexpr int GROUPS = 1, GC = 2;
   static constexpr bool NATURAL = true;
-  struct State {};
-  static inline State prepare(const uint8_t*) { return {}; }
+  struct State {
+    float d;
+  };
+  static inline State prepare(const uint8_t* b) { return {h2f(b)}; }
   template <int g>
-  static inline void group(const uint8_t* b, const State&, __m512* w) {
-    const __m512 t = _mm512_mul_ps(_mm512_set1_ps(h2f(b)), _mm512_sub_ps(iota(), _mm512_set1_ps(8.0f)));
+  static inline void group(const uint8_t* b, const State& st, __m512* w) {
+    const __m512 t = mul_broadcast(_mm512_sub_ps(iota(), _mm512_set1_ps(8.0f)), &st.d);
     const __m512i q = bytes16(b + 2);
     w[0] = _mm512_permutexvar_ps(q, t);
     w[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), t);
@@ -158,15 +161,18 @@ struct Q5_0 {
     }
   }
 #ifdef LLMOS_GGUF_AVX512
-  // Two 16-entry tables (codes 0-15, 16-31); the fifth bit of each code picks the table.
+  // Two 16-entry tables (codes 0-15, 16-31); the fifth bit of each code picks the table. d is
+  // converted one block ahead (State) and broadcast inside the tables' multiplies: a vbroadcastss
+  // takes the shuffle unit the permutes need.
   static constexpr int GROUPS = 1, GC = 2;
   static constexpr bool NATURAL = true;
-  struct State {};
-  static inline State prepare(const uint8_t*) { return {}; }
+  struct State {
+    float d;
+  };
+  static inline State prepare(const uint8_t* b) { return {h2f(b)}; }
   template <int g>
-  static inline void group(const uint8_t* b, const State&, __m512* w) {
-    const __m512 d = _mm512_set1_ps(h2f(b));
-    const __m512 lo = _mm512_mul_ps(d, _mm512_sub_ps(iota(), _mm512_set1_ps(16.0f))), hi = _mm512_mul_ps(d, iota());
+  static inline void group(const uint8_t* b, const State& st, __m512* w) {
+    const __m512 lo = mul_broadcast(_mm512_sub_ps(iota(), _mm512_set1_ps(16.0f)), &st.d), hi = mul_broadcast(iota(), &st.d);
     runs5(bytes16(b + 6), u32(b + 2), lo, hi, w);
   }
 #endif
@@ -204,15 +210,17 @@ struct Q8_0 {
     for (int j = 0; j < 32; ++j) o[j] = static_cast<float>(static_cast<int8_t>(b[2 + j])) * d;
   }
 #ifdef LLMOS_GGUF_AVX512
+  // d converted a block ahead and broadcast inside the multiply, as Q5_0.
   static constexpr int GROUPS = 1, GC = 2;
   static constexpr bool NATURAL = true;
-  struct State {};
-  static inline State prepare(const uint8_t*) { return {}; }
+  struct State {
+    float d;
+  };
+  static inline State prepare(const uint8_t* b) { return {h2f(b)}; }
   template <int g>
-  static inline void group(const uint8_t* b, const State&, __m512* w) {
-    const __m512 d = _mm512_set1_ps(h2f(b));
+  static inline void group(const uint8_t* b, const State& st, __m512* w) {
     unroll<2>([&](auto c) __attribute__((always_inline)) {
-      w[c] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2 + 16 * c)))), d);
+      w[c] = mul_broadcast(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2 + 16 * c)))), &st.d);
     });
   }
 #endif
