@@ -224,17 +224,18 @@ struct Q8_0 {
     for (int j = 0; j < 32; ++j) o[j] = static_cast<float>(static_cast<int8_t>(b[2 + j])) * d;
   }
 #ifdef LLMOS_GGUF_AVX512
-  // d converted a block ahead and broadcast inside the multiply, as Q5_0.
+  // d broadcast in a register, not converted a block ahead (State) as Q4_0 and Q5_0: in Gemma 3's
+  // 262,144 x 640 head, read one output at a time, that ran at 11.6 GB/s where this runs at 15.9 (1
+  // thread, same run), though it was 10% faster over 2048-wide rows.
   static constexpr int GROUPS = 1, GC = 2;
   static constexpr bool NATURAL = true;
-  struct State {
-    float d;
-  };
-  static inline State prepare(const uint8_t* b) { return {h2f(b)}; }
+  struct State {};
+  static inline State prepare(const uint8_t*) { return {}; }
   template <int g>
-  static inline void group(const uint8_t* b, const State& st, __m512* w) {
+  static inline void group(const uint8_t* b, const State&, __m512* w) {
+    const __m512 d = _mm512_set1_ps(h2f(b));
     unroll<2>([&](auto c) __attribute__((always_inline)) {
-      w[c] = mul_broadcast(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2 + 16 * c)))), &st.d);
+      w[c] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2 + 16 * c)))), d);
     });
   }
 #endif
