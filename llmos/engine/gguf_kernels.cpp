@@ -108,13 +108,16 @@ struct Q4_0 {
 #ifdef LLMOS_GGUF_AVX512
   // A 16-entry table of the block's weights by code, then one permute per 16 weights (the permute
   // reads the low 4 bits of each index: the high nibble needs no mask).
+  // d converted a block ahead and broadcast inside the multiply, as Q5_0.
   static constexpr int GROUPS = 1, GC = 2;
   static constexpr bool NATURAL = true;
-  struct State {};
-  static inline State prepare(const uint8_t*) { return {}; }
+  struct State {
+    float d;
+  };
+  static inline State prepare(const uint8_t* b) { return {h2f(b)}; }
   template <int g>
-  static inline void group(const uint8_t* b, const State&, __m512* w) {
-    const __m512 t = _mm512_mul_ps(_mm512_set1_ps(h2f(b)), _mm512_sub_ps(iota(), _mm512_set1_ps(8.0f)));
+  static inline void group(const uint8_t* b, const State& st, __m512* w) {
+    const __m512 t = mul_broadcast(_mm512_sub_ps(iota(), _mm512_set1_ps(8.0f)), &st.d);
     const __m512i q = bytes16(b + 2);
     w[0] = _mm512_permutexvar_ps(q, t);
     w[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), t);
@@ -158,16 +161,33 @@ struct Q5_0 {
     }
   }
 #ifdef LLMOS_GGUF_AVX512
-  // Two 16-entry tables (codes 0-15, 16-31); the fifth bit of each code picks the table.
+  // One 16-entry table, d * i for the low four bits i (the weights of codes 16-31) by a one-source
+  // permute, then 16 d subtracted where the fifth bit is 0: d * i - 16 d is d * (i - 16) exactly (fp16
+  // d times integers below 32: no rounding) and, for d != +0, never zero, so even the signs of zeros
+  // are gguf-py's. Cheaper than a two-table permute on the fifth bit (Zen 4: one shuffle unit, which
+  // the permutes need; the subtraction runs beside). d = +0 (gguf-py: -0 for codes below 16, +0 above)
+  // takes d = -0 and the subtraction where the fifth bit is 1 instead (-0 - -0 = +0). The weights of
+  // an infinite or NaN d are not gguf-py's (they are no model's). d and the mask are made one block
+  // ahead (State), d broadcast inside the multiplies: a vbroadcastss would take the shuffle unit.
   static constexpr int GROUPS = 1, GC = 2;
   static constexpr bool NATURAL = true;
-  struct State {};
-  static inline State prepare(const uint8_t*) { return {}; }
+  struct State {
+    float d;
+    uint32_t sub;  // bit j: subtract 16 d from element j (j < 16: the low nibbles' run; then the high)
+  };
+  static inline State prepare(const uint8_t* b) {
+    const bool zero = b[0] == 0 && b[1] == 0;  // +0
+    return {zero ? -0.0f : h2f(b), u32(b + 2) ^ (zero ? 0u : ~0u)};
+  }
   template <int g>
-  static inline void group(const uint8_t* b, const State&, __m512* w) {
-    const __m512 d = _mm512_set1_ps(h2f(b));
-    const __m512 lo = _mm512_mul_ps(d, _mm512_sub_ps(iota(), _mm512_set1_ps(16.0f))), hi = _mm512_mul_ps(d, iota());
-    runs5(bytes16(b + 6), u32(b + 2), lo, hi, w);
+  static inline void group(const uint8_t* b, const State& st, __m512* w) {
+    const __m512 t = mul_broadcast(iota(), &st.d), d16 = mul_broadcast(_mm512_set1_ps(16.0f), &st.d);
+    const __m512i q = bytes16(b + 6);
+    // The permute reads the low 4 bits of each index: the high nibble needs no mask.
+    w[0] = _mm512_permutexvar_ps(q, t);
+    w[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), t);
+    w[0] = _mm512_mask_sub_ps(w[0], static_cast<__mmask16>(st.sub), w[0], d16);
+    w[1] = _mm512_mask_sub_ps(w[1], static_cast<__mmask16>(st.sub >> 16), w[1], d16);
   }
 #endif
 };
@@ -204,6 +224,9 @@ struct Q8_0 {
     for (int j = 0; j < 32; ++j) o[j] = static_cast<float>(static_cast<int8_t>(b[2 + j])) * d;
   }
 #ifdef LLMOS_GGUF_AVX512
+  // d broadcast in a register, not converted a block ahead (State) as Q4_0 and Q5_0: in Gemma 3's
+  // 262,144 x 640 head, read one output at a time, that ran at 11.6 GB/s where this runs at 15.9 (1
+  // thread, same run), though it was 10% faster over 2048-wide rows.
   static constexpr int GROUPS = 1, GC = 2;
   static constexpr bool NATURAL = true;
   struct State {};
@@ -248,7 +271,7 @@ struct QK45 {
   struct State {
     alignas(64) float f[16];  // D of sub-blocks 0-7, then M
   };
-  static inline State prepare(const uint8_t* b) {
+  static inline __attribute__((always_inline)) State prepare(const uint8_t* b) {
     // get_scale_min_k4 on 16-byte vectors: x holds the 12 scale bytes q[0..11] (and 4 bytes after).
     // Scales 0-3 are q[0..3] & 63, mins 0-3 q[4..7] & 63; scales 4-7 q[8..11] & 15 and mins 4-7
     // q[8..11] >> 4, each with the top two bits of q[0..3] (scales) or q[4..7] (mins) as bits 4-5.
@@ -336,7 +359,7 @@ struct Q6_K {
     alignas(64) int8_t codes[256];
     alignas(64) float D[16];
   };
-  static inline State prepare(const uint8_t* b) {
+  static inline __attribute__((always_inline)) State prepare(const uint8_t* b) {
     State st;
     const __m512i low4 = _mm512_set1_epi8(0x0F), two = _mm512_set1_epi8(0x30), bias = _mm512_set1_epi8(32);
     // 16-bit shift counts: the first 32 bytes (codes 0-31 of a quarter) by one, the next 32 by another.
