@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from llmos import store
@@ -518,7 +517,11 @@ class Index:
     def _beside(self) -> bool:
         """Whether a query embedding can run beside the keyword search: two threads or more allowed,
         and an embedder whose forward releases the GIL (known after its first batch: until then, in turn)."""
-        return torch.get_num_threads() >= 2 and getattr(self.embedder, "native", None) is True
+        if getattr(self.embedder, "native", None) is not True:
+            return False
+        import torch  # loaded by then (the embedder's); not at import: the CLI sets threads before torch loads
+
+        return torch.get_num_threads() >= 2
 
     def _embed_and_probe(self, query: str, graph: AnnGraph | None, n: int) -> tuple[np.ndarray, np.ndarray | None]:
         """(query vector, the graph's candidates for the top n, or None without a graph), on one thread."""
