@@ -498,8 +498,6 @@ class Index:
             return []
         pool = max(50, 4 * k)
         if mode == "hybrid" and query not in self._query_vectors and self._beside():
-            # The query embeds on one thread (one C++ call, without the GIL) while this one ranks the
-            # keyword side in Python: the two parts of a query overlap instead of adding up.
             # The query embeds and probes the graph on one thread (C++ calls without the GIL) while this
             # one ranks the keyword side in Python; the database is read on this thread only.
             graph = self._synced_graph() if self._use_ann(ann) else None
