@@ -136,7 +136,7 @@ def cmd_add(args: argparse.Namespace) -> int:
 def _discard(index) -> None:
     """Remove an index this command created, so a failed first `index add` leaves nothing behind."""
     index.close()
-    for suffix in ("", "-wal", "-shm", ".usearch.json"):
+    for suffix in ("", "-wal", "-shm", ".usearch.json", ".bm25"):
         Path(f"{index.path}{suffix}").unlink(missing_ok=True)
     shutil.rmtree(f"{index.path}.usearch", ignore_errors=True)  # the HNSW graph's folder (tasks/ann.py)
 

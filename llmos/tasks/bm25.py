@@ -16,7 +16,8 @@ FTS5's to the last bit in the tests), and proves where it can that the list is F
   `CACHED_ROWIDS` of them, least recently used out; rows added since are read on use, by rowid; ids
   of deleted rows only cost a candidate slot). Each row gets BM25 as if it held each of its phrases
   once: its phrases' idf summed, times its length factor (lengths from FTS5's docsize, kept in
-  memory, 4 bytes a row; a process's first query reads them, ~1 s at a million rows). A phrase not
+  memory, 4 bytes a row; a process's first query reads them, ~1 s at a million rows, and keeps them
+  in `lengths_file` beside the index for the next process, which reads only rows added since). A phrase not
   cached is read rarest first while this query's reads stay within `MAX_POSTINGS` rows (the rarest
   always); one in half the rows or more (idf 1e-6) only when the others' rows are too few. The
   `FIRST_SCORED` best rows are scored exactly: their text tokenized as FTS5 does (ASCII split in
@@ -33,9 +34,12 @@ from __future__ import annotations
 import heapq
 import json
 import math
+import os
 import sqlite3
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -47,6 +51,7 @@ MAX_SCORED = 400  # rows scored exactly, per query (~35 us a row here)
 CACHED_ROWIDS = 32_000_000  # rowids of phrases kept between queries (int32: 128 MB at most)
 FIRST_SCORED = 200  # rows scored exactly first (those holding the most, by idf, of the read phrases), at least n
 _WORDS_CACHED = 50_000  # query word -> FTS5 term(s)
+SAVE_LENGTHS = 65_536  # rows' lengths read from docsize in one query past which the lengths file is rewritten
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,11 @@ class Ranked:
 def totals_rows(record: bytes) -> int:
     """The row count in FTS5's totals record (the `_data` row of id 1)."""
     return _varints(record)[0]
+
+
+def _length(sz: bytes) -> float:
+    """A row's length in tokens over its columns: the sum of its docsize record's varints (one byte each below 128)."""
+    return float(sz[0] + sz[1]) if len(sz) == 2 and sz[0] < 128 and sz[1] < 128 else float(sum(_varints(sz)))
 
 
 def _varints(blob: bytes) -> list[int]:
@@ -86,8 +96,12 @@ def _varints(blob: bytes) -> list[int]:
 class BoundedBM25:
     """Top-n BM25 over `table` (an FTS5 table of `db`, in schema main), as FTS5's bm25() ranks it."""
 
-    def __init__(self, db: sqlite3.Connection, table: str, tokenize: str, columns: int) -> None:
+    def __init__(self, db: sqlite3.Connection, table: str, tokenize: str, columns: int,
+                 lengths_file: Path | None = None, uid: str | None = None) -> None:
+        """`lengths_file` (with `uid`, the database's own identifier): where the rows' lengths are kept
+        between processes (see `RowLengths`)."""
         self.db, self.table, self.columns = db, table, columns
+        self._saved = RowLengths(lengths_file, uid) if lengths_file is not None and uid else None
         db.execute(f"CREATE VIRTUAL TABLE IF NOT EXISTS temp.{table}_rows USING fts5vocab(main, {table}, 'row')")
         # FTS5 tokenizes in memory: query words one a row, and candidate rows' text to count their terms.
         self.mem = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
@@ -246,7 +260,7 @@ class BoundedBM25:
         common = [p for p in present if weight[p] < 1e-5]
         telling = [p for p in present if weight[p] >= 1e-5]
         postings += gather(telling or common)
-        factor = self._length_factor(top_id, avgdl)
+        factor = self._length_factor(top_id, len(est), avgdl)
         est *= factor  # BM25 at one instance a phrase: the idf sum * (k1 + 1) / (1 + k1 (1 - b + b D / avgdl))
         # Score exactly the rows holding the most (by idf) of the read phrases. A row scores at most
         # (k1 + 1) * its read phrases' idf + `unread`: when no row left out can reach the n-th score
@@ -280,24 +294,36 @@ class BoundedBM25:
         best = sorted(scored.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
         return Ranked(best, proven, postings, len(scored))
 
-    def _length_factor(self, top_id: int, avgdl: float) -> np.ndarray:
-        """Per rowid: (k1 + 1) / (1 + k1 (1 - b + b D / avgdl)), D the row's length in tokens from
-        FTS5's docsize (kept in memory, 4 bytes a row; rows added since are read by rowid)."""
-        if self._lengths is None or len(self._lengths) <= top_id:
-            grown = np.zeros(top_id + 1 + (top_id >> 4), dtype=np.float32)
+    def _length_factor(self, top_id: int, size: int, avgdl: float) -> np.ndarray:
+        """Per rowid below `size` (> top_id): (k1 + 1) / (1 + k1 (1 - b + b D / avgdl)), D the row's
+        length in tokens from FTS5's docsize (kept in memory, 4 bytes a row; rows added since are
+        read by rowid)."""
+        if self._lengths is None and self._saved is not None:
+            loaded = self._saved.load(self._docsize)
+            if loaded is not None:
+                self._lengths, self._lengths_last = loaded, len(loaded) - 1
+        if self._lengths is None or len(self._lengths) < size:
+            grown = np.zeros(size, dtype=np.float32)
             if self._lengths is not None:
                 grown[:len(self._lengths)] = self._lengths
             self._lengths = grown
-        lengths = self._lengths
+        lengths, start = self._lengths, self._lengths_last
         while self._lengths_last < top_id:
             block = self.db.execute(f"SELECT id, sz FROM {self.table}_docsize WHERE id > ? ORDER BY id LIMIT 65536",
                                     (self._lengths_last,)).fetchall()
             if not block:
                 break
             for i, sz in block:
-                lengths[i] = sz[0] + sz[1] if len(sz) == 2 and sz[0] < 128 and sz[1] < 128 else sum(_varints(sz))
+                lengths[i] = _length(sz)
             self._lengths_last = block[-1][0]
-        return (K1 + 1) / (1 + K1 * (1 - B + (B / avgdl) * lengths))
+        if self._saved is not None and self._lengths_last - start >= SAVE_LENGTHS:
+            self._saved.save(lengths[:self._lengths_last + 1])
+        return (K1 + 1) / (1 + K1 * (1 - B + (B / avgdl) * lengths[:size]))
+
+    def _docsize(self, ids: list[int]) -> dict[int, float]:
+        """Rows' lengths read from FTS5's docsize, by rowid (those present)."""
+        marks = ",".join("?" * len(ids))
+        return {i: _length(sz) for i, sz in self.db.execute(f"SELECT id, sz FROM {self.table}_docsize WHERE id IN ({marks})", ids)}
 
     def _top_id(self) -> int:
         row = self.db.execute(f"SELECT max(id) FROM {self.table}_content").fetchone()
@@ -427,3 +453,56 @@ def _count(terms: list[str], phrase: tuple[str, ...]) -> int:
         return terms.count(phrase[0])
     m = len(phrase)
     return sum(1 for i in range(len(terms) - m + 1) if terms[i] == phrase[0] and tuple(terms[i:i + m]) == phrase)
+
+
+class RowLengths:
+    """Rows' lengths (FTS5's docsize, per rowid up to the largest read) kept in a file beside the
+    index, so that a new process (each `llmos search` from a shell) does not read a million docsize
+    records (~1 s) before its first query. The index never reuses a rowid and a row's text never
+    changes under its rowid, so lengths once read stay true; what the file holds is checked against
+    the database before use: the index's own identifier (`uid`, made when the index was), then the
+    lengths of up to 16 rows spread over the file read again from docsize. A file that fails a check,
+    is torn or will not read is ignored (and rewritten at the next save); saving writes a new file and
+    renames it over the old, so a crash leaves the old file or the new one."""
+
+    MAGIC = b"llmos-bm25-lengths\x01\n"
+    CHECKED = 16
+
+    def __init__(self, path: Path, uid: str) -> None:
+        self.path, self.uid = path, uid.encode()
+
+    def _header(self, rows: int) -> bytes:
+        return self.MAGIC + struct.pack("<H", len(self.uid)) + self.uid + struct.pack("<q", rows)
+
+    def load(self, docsize) -> np.ndarray | None:
+        """The kept lengths (float32, rowid 0 .. the largest kept), or None; `docsize(ids)` reads rows'
+        lengths from the database for the check."""
+        try:
+            data = self.path.read_bytes()
+        except OSError:
+            return None
+        head = self._header(0)[:-8]
+        if not data.startswith(head) or len(data) < len(head) + 8:
+            return None
+        (rows,) = struct.unpack_from("<q", data, len(head))
+        body = memoryview(data)[len(head) + 8:]
+        if rows < 1 or len(body) != rows * 4:
+            return None
+        lengths = np.frombuffer(body, dtype="<f4").astype(np.float32)
+        picks = np.unique(np.linspace(1, rows - 1, self.CHECKED).astype(np.int64)).tolist()
+        found = docsize(picks)
+        if not found or any(lengths[i] != v for i, v in found.items()):
+            return None
+        return lengths
+
+    def save(self, lengths: np.ndarray) -> None:
+        """Write `lengths` (rowid 0 .. len - 1) as the kept file; an unwritable place only costs the next
+        process its reads."""
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(self._header(len(lengths)))
+                f.write(np.ascontiguousarray(lengths, dtype="<f4").tobytes())
+            os.replace(tmp, self.path)
+        except OSError:
+            tmp.unlink(missing_ok=True)

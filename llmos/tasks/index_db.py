@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -129,7 +130,7 @@ class IndexDB:
                 if tables:
                     raise LlmosError(f"{self.path} is a SQLite file but not an llmos index")
                 self._db.executescript("BEGIN;" + _SCHEMA + "COMMIT;")
-                self._set_meta({"schema": SCHEMA_VERSION, "generation": "0"})
+                self._set_meta({"schema": SCHEMA_VERSION, "generation": "0", "uid": secrets.token_hex(16)})
             elif version != SCHEMA_VERSION:
                 raise LlmosError(f"{self.path} is an llmos index of schema {version}; this llmos reads schema {SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
@@ -200,7 +201,7 @@ class IndexDB:
                     cid += 1
             db.execute("UPDATE documents SET n_chunks=?, split_blocks=? WHERE id=?",
                        (cid - first, counts.get("split_blocks", 0), doc_id))
-            self._set_meta({"next_chunk_id": str(cid)})
+            self._set_meta({"next_chunk_id": str(cid)} | ({} if self.meta("uid") else {"uid": secrets.token_hex(16)}))
             generation = self._bump()
             db.execute("COMMIT")
         except BaseException:
@@ -295,7 +296,7 @@ class IndexDB:
             bounded = rows >= BOUNDED_ROWS and self._top_chunk_id() <= min(SPARSE_IDS * rows, 2**31 - 1)
         if bounded:
             if self._bm25 is None:
-                self._bm25 = bm25.BoundedBM25(self._db, "chunks_fts", FTS_TOKENIZE, 2)
+                self._bm25 = bm25.BoundedBM25(self._db, "chunks_fts", FTS_TOKENIZE, 2, self.lengths_file, self.meta("uid"))
             return self._bm25.top(words, n)
         match = " OR ".join(f'"{w}"' for w in words)
         rows = self._db.execute(
@@ -361,8 +362,13 @@ class IndexDB:
         cursor = self._db.execute("SELECT chunk_id FROM vectors ORDER BY chunk_id")
         return np.fromiter((r[0] for r in cursor), dtype=np.int64)
 
+    @property
+    def lengths_file(self) -> Path:
+        """Where the keyword search keeps its rows' lengths between processes (bm25.RowLengths)."""
+        return Path(f"{self.path}.bm25")
+
     def file_size(self) -> int:
-        return sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())
+        return sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal"), self.lengths_file) if p.exists())
 
     def close(self) -> None:
         if self._bm25 is not None:

@@ -415,7 +415,7 @@ def load_bert(folder: Path, config: ModelConfig, dtype: torch.dtype = torch.floa
     ckpt = SafetensorsCheckpoint(folder)
     name_map = names.NameMap(names.HF_BERT, names.HF_BERT_IGNORED, strip_prefix="bert.")
     canonical = canonical_names(config, ckpt.names(), name_map, str(folder))
-    with torch.device("meta"):
+    with torch.device("meta"), _skip_init():
         model = Bert(config)
 
     def same(dst: str, w: torch.Tensor) -> torch.Tensor:

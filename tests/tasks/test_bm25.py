@@ -222,3 +222,79 @@ def test_ids_far_beyond_the_row_count_keep_fts5s_query(db, monkeypatch):
     assert db._top_chunk_id() > 4 * db._fts_rows()
     db.keyword("parsing socket", 10)
     assert db._bm25 is None  # arrays indexed by chunk id would be mostly empty: FTS5 ranks
+
+
+def _statements(db: IndexDB) -> list[str]:
+    seen: list[str] = []
+    db._db.set_trace_callback(seen.append)
+    return seen
+
+
+def _all_exact(db: IndexDB) -> None:
+    for query in QUERIES:
+        ranked = db.keyword_ranked(query, 10, bounded=True)
+        assert ranked.exact
+        _same(_fts5(db, query, 10), ranked.rows)
+
+
+def test_row_lengths_are_kept_for_the_next_process(db, monkeypatch):
+    """The first bounded query reads every row's length from docsize and keeps them beside the index;
+    the next IndexDB on the file reads only the rows added since, with the same lists as FTS5."""
+    monkeypatch.setattr(bm25, "SAVE_LENGTHS", 1)
+    assert not db.lengths_file.exists()
+    _all_exact(db)
+    assert db.lengths_file.exists() and db.file_size() > db.lengths_file.stat().st_size
+    again = IndexDB(db.path)
+    seen = _statements(again)
+    _all_exact(again)
+    assert not [s for s in seen if "_docsize WHERE id >" in s]  # nothing read past the kept rows
+    assert [s for s in seen if "_docsize WHERE id IN" in s]  # the check against the database
+    _write(again, "doc9", np.random.default_rng(5), 2000, 50)  # rows added since: read by rowid
+    third = IndexDB(db.path)
+    seen = _statements(third)
+    _all_exact(third)
+    assert [s for s in seen if "_docsize WHERE id >" in s]
+    again.close(), third.close()
+
+
+def _lengths(db: IndexDB, kept: bool) -> np.ndarray:
+    """The rows' lengths a bounded query used: through the index (its kept file when `kept`), or read
+    from docsize alone."""
+    if kept:
+        db.keyword_ranked("parsing files", 10, bounded=True)
+        searcher = db._bm25
+    else:
+        searcher = bm25.BoundedBM25(db._db, "chunks_fts", "porter unicode61 remove_diacritics 2", 2)
+        searcher.top(db._query_words("parsing files"), 10)
+    return searcher._lengths[:db._top_chunk_id() + 1]
+
+
+def test_kept_lengths_of_another_index_changed_or_torn_are_not_used(db, tmp_path, monkeypatch):
+    """(Wrong lengths would only misorder which rows are scored first, not the scores: checked on the
+    lengths themselves.)"""
+    monkeypatch.setattr(bm25, "SAVE_LENGTHS", 1)
+    _all_exact(db)
+    kept = db.lengths_file.read_bytes()
+    db.close()
+    # Another index at the same path (removed and built again, other text under the same ids).
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / f"i.sqlite{suffix}").unlink(missing_ok=True)
+    other = IndexDB(tmp_path / "i.sqlite")
+    rng = np.random.default_rng(8)
+    for d in range(4):
+        _write(other, f"doc{d}", rng, 100 * d, 100)
+    truth = _lengths(other, kept=False)
+    other.lengths_file.write_bytes(kept)
+    assert not np.array_equal(np.frombuffer(kept[-4 * len(truth):], dtype="<f4"), truth)
+    np.testing.assert_array_equal(_lengths(other, kept=True), truth)
+    _all_exact(other)
+    other.close()
+    # This index's own file with its lengths changed (the uid matches: the spot check catches it), or torn.
+    good = other.lengths_file.read_bytes()
+    header = len(good) - 4 * len(truth)
+    changed = (np.frombuffer(good[header:], dtype="<f4") + 1).astype("<f4").tobytes()
+    for bad in (good[:header] + changed, good[:len(good) // 2], b"junk", good):
+        fresh = IndexDB(tmp_path / "i.sqlite")
+        fresh.lengths_file.write_bytes(bad)
+        np.testing.assert_array_equal(_lengths(fresh, kept=True), truth)
+        fresh.close()

@@ -3,6 +3,10 @@ invariance, and the BERT loader against transformers on a tiny random config."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -125,3 +129,14 @@ def test_tiny_bert_matches_transformers(tmp_path):
         got = model(tokens, mask, types)
     real = mask.bool()
     assert torch.allclose(got[real], expected[real], atol=1e-5)
+
+
+def test_loading_the_encoder_imports_no_compiler(embed_model_path):
+    """Building the encoder on the meta device without its random init: `normal_` there goes through
+    torch's reference ops, which import torch._dynamo (1.3 s of every `llmos search` / `ask`)."""
+    code = ("import sys; from llmos.tasks.embed import Embedder; e = Embedder.load(sys.argv[1]); "
+            "v = e.embed(['a test sentence']); print(v.vectors.shape[1], 'torch._dynamo' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code, str(embed_model_path)], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["384", "False"]
