@@ -4,15 +4,12 @@
 
 A busy-loop process pinned to the first core plays the other work of a shared machine. In a fresh
 process per measurement (OpenMP reads its settings when torch loads), the default model in the form
-`auto` picks decodes `TOKENS` tokens greedily at batch 1 with threads=2, threads=1 and threads=auto
-(`llmos.load(threads=None)`: the cores the load average leaves idle), with and without the neighbour,
-under two OpenMP wait policies: libgomp's default (workers spin a while, then sleep: what llmos ran
-with before it chose; measured by loading torch before llmos, which then leaves the policy alone)
-and passive (they sleep at once: what `import llmos` sets when OMP_WAIT_POLICY is unset,
-llmos/threads.py). (OMP_WAIT_POLICY=active, spinning only, was slower still: 0.9-1.9 tok/s with 2
-threads on a loaded machine, so it is left out to keep the section short.) The 1-minute load average only sees a new
-neighbour after ~45 s (it is an average): threads=auto is measured last, after the neighbour has run
-that long, as on a machine where the other work is not brand new.
+`auto` picks decodes `TOKENS` tokens greedily at batch 1 with threads=2 and threads=1, with and
+without the neighbour, under the two ways OpenMP workers can wait that llmos chooses between
+(llmos/threads.py): "spin" (GOMP_SPINCOUNT=threads.SPIN: a bounded spin, then sleep; `import llmos`
+on an idle machine) and "passive" (sleep at once; on a busy one); then "llmos" (neither set and
+threads=auto: what a user gets, llmos choosing both from what it measures of the other work).
+(libgomp's own default, a ~3 ms spin, measured as "spin" idle and worse beside a busy process: left out.)
 """
 
 from __future__ import annotations
@@ -24,16 +21,14 @@ import sys
 import time
 
 TOKENS = 32
-POLICIES = ("default", "passive")
+POLICIES = ("spin", "passive")
 THREADS = ("2", "1", "auto")
-SETTLE_S = 45  # the neighbour runs this long before threads=auto is measured
 
 
 def worker(threads: str) -> dict:
-    """Run in a child whose environment already holds OMP_WAIT_POLICY: one decode, as JSON."""
+    """Run in a child whose environment holds the policy (or not: llmos chooses): one decode, as JSON."""
+    import llmos  # first: it chooses how OpenMP's workers wait unless the environment says
     import torch
-
-    import llmos
     from llmos import store
     from llmos.engine.generate import Generation
     from llmos.engine.sampling import SamplingParams
@@ -47,12 +42,17 @@ def worker(threads: str) -> dict:
     t0 = time.perf_counter()
     n = sum(1 for _ in it)
     return {"decode_tps": n / (time.perf_counter() - t0), "threads_used": torch.get_num_threads(),
-            "form": llm.dtype, "wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+            "form": llm.dtype, "wait_policy": os.environ.get("OMP_WAIT_POLICY"), "spin": os.environ.get("GOMP_SPINCOUNT")}
 
 
 def _measure(threads: str, policy: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")}
-    if policy != "default":
+    from llmos.threads import SPIN
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    if policy == "spin":
+        env["GOMP_SPINCOUNT"] = str(SPIN)
+    elif policy == "passive":
         env["OMP_WAIT_POLICY"] = policy
     out = subprocess.run([sys.executable, "-m", "bench.busy", threads], capture_output=True, text=True, env=env,
                          timeout=600)
@@ -73,16 +73,16 @@ def run() -> dict:
 
     store.pull(store.DEFAULT_CHAT_MODEL, quiet=True)
     results: dict[str, dict[str, dict]] = {}
-    for policy in POLICIES:  # no neighbour: what each policy costs when nothing of ours competes
-        results[f"no neighbour, {policy}"] = {"2": _measure("2", policy)}
+
+    def measure_all(where: str) -> None:
+        for policy in POLICIES:
+            results[f"{where}, {policy}"] = {t: _measure(t, policy) for t in ("2", "1")}
+        results[f"{where}, llmos"] = {"auto": _measure("auto", "llmos")}
+
+    measure_all("no neighbour")
     hog = _neighbour()
-    started = time.monotonic()
     try:
-        for policy in POLICIES:
-            results[f"busy core, {policy}"] = {t: _measure(t, policy) for t in ("2", "1")}
-        time.sleep(max(0.0, SETTLE_S - (time.monotonic() - started)))  # let the load average see it
-        for policy in POLICIES:
-            results[f"busy core, {policy}"]["auto"] = _measure("auto", policy)
+        measure_all("busy core")
     finally:
         hog.kill()
         hog.wait()
@@ -94,13 +94,12 @@ def run() -> dict:
         print(f"{row:<30}{line}")
     for row, cells in results.items():
         if "auto" in cells:
-            print(f"  {row}: threads=auto chose {cells['auto']['threads_used']}")
+            c = cells["auto"]
+            print(f"  {row}: chose {c['threads_used']} thread(s), OMP_WAIT_POLICY={c['wait_policy']}, GOMP_SPINCOUNT={c['spin']}")
     first = next(iter(results.values()))["2"]
     print(f"  form {first['form']}; load average at the end {os.getloadavg()[0]:.2f} (other work counts too)")
     return results
 
 
 if __name__ == "__main__":
-    if "OMP_WAIT_POLICY" not in os.environ:
-        import torch  # noqa: F401  loaded before llmos: OpenMP keeps its own default policy
     print(json.dumps(worker(sys.argv[1])))

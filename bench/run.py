@@ -10,8 +10,8 @@ Sections (each prints a table and adds to bench/results/bench-DATE.json):
 - batch: aggregate tokens/s of 1, 4 and 16 concurrent generations in the continuous-batching engine.
 - chat: a 10-turn chat with 200-token turns, with and without KV prefix reuse.
 - beam: beam search (4 beams) tokens/s beside transformers.
-- busy: decode tok/s with threads=2, 1 and auto beside a busy-loop process pinned to one core, under
-  OpenMP's active and passive wait policies (bench/busy.py).
+- busy: decode tok/s with threads=2 and 1 beside a busy-loop process pinned to one core and without,
+  under the two OpenMP wait policies llmos chooses between, and with llmos's own choice (bench/busy.py).
 - gemma3: the multilingual model (Gemma 3 270M, GGUF Q4_K_M; pulled if missing): load, prefill 512,
   decode batch 1, peak RSS of llmos (auto form) at 1 and 2 threads, of the file's own form (gguf) and
   int4, beside llama-cpp-python when installed.

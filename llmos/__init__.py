@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmos.threads import prefer_passive_wait
+from llmos.threads import choose_wait_policy
 
 __version__ = "0.1.0"
 
-prefer_passive_wait()  # before torch loads OpenMP: see llmos/threads.py
+choose_wait_policy()  # before torch loads OpenMP: see llmos/threads.py
 
 _EXPORTS = {
     "load": "llmos.api",

@@ -21,7 +21,7 @@ from llmos.errors import LlmosError
 from llmos.generation import Completion, TextGeneration, complete, fit_prompt, parse_controls
 from llmos.models.kernels import PYTORCH, Kernels
 from llmos.models.kv_cache import KVCache, cache_dtype
-from llmos.threads import auto_threads
+from llmos.threads import auto_threads, mark_auto
 from llmos.tokenizer import Tokenizer
 from llmos.weights import loader
 
@@ -57,6 +57,8 @@ class LLM:
             raise LlmosError(f"{path} is an encoder (BERT) model: use llmos.Embedder for embeddings, not text generation")
         if threads is not None or "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(threads or auto_threads())
+            if threads is None:
+                mark_auto()  # looked at again before each generation (llmos/threads.py)
         kernels = native.kernels()  # the C++ kernels: compiled on the first load on a machine, imported after
         form = quality.auto_form(path, quiet=quiet, kernels=kernels) if dtype == "auto" else DTYPES[dtype]
         model, config, tokenizer = loader.load_model(path, form, kernels=kernels)

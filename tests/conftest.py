@@ -14,6 +14,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def fixed_threads(monkeypatch):
+    """In this process the thread count stays what each test sets: llmos's look at the machine's other
+    work before each generation (llmos/threads.py `refresh`) would change it between two runs a test
+    compares. (Processes a test starts look as users' do; tests/engine/test_threads_refresh.py tests it.)"""
+    from llmos import threads
+
+    monkeypatch.setattr(threads, "REFRESH_EVERY", float("inf"))
+
+
 @pytest.fixture(scope="session")
 def default_model_name() -> str:
     from llmos import store

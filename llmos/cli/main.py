@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 
-from llmos.threads import auto_threads
+from llmos.threads import auto_threads, mark_auto
 
 # Subcommand groups, imported lazily so `llmos --help` stays fast.
 _GROUPS = ("llmos.cli.store", "llmos.cli.generate", "llmos.cli.bench", "llmos.cli.train", "llmos.cli.index", "llmos.cli.serve", "llmos.cli.text")
@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     threads = getattr(args, "threads", None)
     if "torch" not in sys.modules and (threads or "OMP_NUM_THREADS" not in os.environ):
         os.environ["OMP_NUM_THREADS"] = str(threads or auto_threads())
+        if not threads:
+            mark_auto()  # looked at again before each generation (llmos/threads.py)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from llmos import threads
 from llmos.engine.generate import decode, new_generator, prefill, restarts
 from llmos.engine.sampling import SamplingParams, process, sample
 from llmos.errors import LlmosError
@@ -119,6 +120,7 @@ class BatchEngine:
         """Prefill one chunk of a waiting prompt (if any) and decode one token for every running
         sequence. Returns what happened to each request this step."""
         events: list[Event] = []
+        threads.refresh()  # llmos's own thread count follows the machine's other work (llmos/threads.py)
         self._prefill()
         if self.rows:
             events += self._decode()

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from llmos import threads
 from llmos.engine.sampling import LogitsMask, SamplingParams, process, sample
 from llmos.errors import LlmosError
 from llmos.models.kv_cache import KVCache, cache_dtype
@@ -125,6 +126,7 @@ class Generation:
         self.should_stop = should_stop
         self.last_logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.generated = 0
+        threads.refresh()  # llmos's own thread count follows the machine's other work (llmos/threads.py)
 
     def __iter__(self) -> Iterator[list[int | None]]:
         n, T = self.n, len(self.prompt)
