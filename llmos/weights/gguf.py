@@ -23,6 +23,7 @@ import math
 import mmap
 import os
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -83,6 +84,15 @@ _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
 
+# Parsed headers by (path, size, mtime, inode): a model's loading opens its file several times (its
+# config, its tokenizer, its weights, the translator's languages), and a 262k-piece vocabulary takes
+# ~0.23 s to parse each time. Only files last written over a second before are kept: a file rewritten
+# in place later gets a later mtime (clocks tick in milliseconds, not seconds), so it is parsed again.
+_HEADERS: dict[tuple[str, int, int, int], tuple[int, dict[str, Any], dict[str, GGUFTensorInfo]]] = {}
+_HEADERS_KEPT = 4
+_SETTLED_NS = 1_000_000_000
+
+
 class GGUFFile:
     """A GGUF file opened for reading.
 
@@ -107,14 +117,25 @@ class GGUFFile:
         except OSError as e:
             problem = e.strerror or str(e)
             raise GGUFError(f"{self.path}: cannot read it ({problem}); check the path and permissions") from None
-        try:
-            parser = _Parser(self._mm, size, self.path)
-        except GGUFError:
-            self.close()
-            raise
-        self.version: int = parser.version
-        self.metadata: dict[str, Any] = parser.metadata
-        self.tensors: dict[str, GGUFTensorInfo] = parser.tensors
+        stat = os.stat(self.path)
+        key = (str(self.path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        header = _HEADERS.get(key)
+        if header is None:
+            try:
+                parser = _Parser(self._mm, size, self.path)
+            except GGUFError:
+                self.close()
+                raise
+            header = (parser.version, parser.metadata, parser.tensors)
+            if time.time_ns() - stat.st_mtime_ns > _SETTLED_NS:
+                _HEADERS[key] = header
+                while len(_HEADERS) > _HEADERS_KEPT:
+                    del _HEADERS[next(iter(_HEADERS))]
+        version, metadata, tensors = header
+        self.version: int = version
+        # Copies of the dicts (their values are shared: nothing in llmos changes them).
+        self.metadata: dict[str, Any] = dict(metadata)
+        self.tensors: dict[str, GGUFTensorInfo] = dict(tensors)
 
     def raw(self, name: str) -> np.ndarray:
         """The stored bytes of tensor `name` as a uint8 view into the map (no copy)."""

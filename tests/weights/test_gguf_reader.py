@@ -487,3 +487,36 @@ def test_default_model_directory_and_metadata_match_reference(default_gguf: Path
         for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
                     "llama.rope.freq_base", "tokenizer.chat_template"):
             assert f.metadata[key] == reader.fields[key].contents(), key
+
+
+def test_a_settled_files_header_is_parsed_once_and_a_rewritten_one_again(gguf_path: Path, monkeypatch) -> None:
+    """A model's loading opens its file several times; a 262k vocabulary costs ~0.23 s a parse."""
+    import os
+
+    from llmos.weights import gguf
+
+    parses = []
+    real = gguf._Parser.__init__
+
+    def counting(self, *args, **kwargs):
+        parses.append(1)
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(gguf._Parser, "__init__", counting)
+    monkeypatch.setattr(gguf, "_HEADERS", {})
+    with GGUFFile(gguf_path) as f:  # just written: not kept (a rewrite could share its mtime)
+        tokens = f.metadata["tokenizer.ggml.tokens"]
+    GGUFFile(gguf_path).close()
+    assert len(parses) == 2
+    settled = gguf_path.stat().st_mtime_ns - 5 * 10**9
+    os.utime(gguf_path, ns=(settled, settled))
+    with GGUFFile(gguf_path) as a, GGUFFile(gguf_path) as b:
+        assert a.metadata["tokenizer.ggml.tokens"] == tokens and b.tensors == a.tensors
+        a.metadata["general.name"] = "changed"  # each file's dicts are its own
+        assert b.metadata.get("general.name") != "changed"
+    assert len(parses) == 3
+    data = gguf_path.read_bytes()
+    patch(gguf_path, string_end(data, "tok19999") - 1, b"X")  # rewritten in place, same size: parsed again
+    with GGUFFile(gguf_path) as f:
+        assert f.metadata["tokenizer.ggml.tokens"][19_999] == "tok1999X"
+    assert len(parses) == 4
