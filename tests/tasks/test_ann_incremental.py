@@ -100,6 +100,9 @@ def _build_incrementally(tmp_path, monkeypatch) -> tuple[Index, list]:
 
 
 def test_incremental_graph_answers_like_a_rebuilt_one(tmp_path, small_segments, no_vector_table, monkeypatch):
+    # Graphs built on one thread (a heal builds on `auto_threads()`): usearch's inserts on two threads
+    # make a different graph each run, missing 2-7 of these 600 neighbours instead of at most 3.
+    monkeypatch.setattr("llmos.tasks.index.auto_threads", lambda: 1)
     index, _ = _build_incrementally(tmp_path, monkeypatch)
     ids = index.db.chunk_ids()
     assert len(ids) == 400 * 3 + 300 + 350
@@ -122,10 +125,9 @@ def test_incremental_graph_answers_like_a_rebuilt_one(tmp_path, small_segments, 
     assert rebuilt._graph_folder.is_dir()
     assert np.array_equal(_graph_keys(rebuilt), ids)
     # Candidates reranked by their exact vectors: both graphs find the exact top 10 (tolerance: three
-    # neighbours in 600 missed, for HNSW's approximate candidate lists; the graphs differ with the
-    # thread count usearch builds them on: 1 missed at 2 threads, 2 at OMP_NUM_THREADS=1).
-    assert np.mean(recall_inc) >= 0.995 and np.mean(recall_reb) >= 0.995
-    assert np.mean(agree) >= 0.995
+    # neighbours in 600 missed, for HNSW's approximate candidate lists).
+    missed = [round(10 * len(queries) * (1 - np.mean(r))) for r in (recall_inc, recall_reb, agree)]  # of 600
+    assert max(missed) <= 3, missed
     # The replaced documents' new chunks are found by their own vectors, the old ones are gone.
     for text in (_paragraph("d5v2", 7), _paragraph("d3v2", 0)):
         top = index.search(text, k=1, mode="vector", ann=True)[0]
