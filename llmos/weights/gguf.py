@@ -105,7 +105,8 @@ class GGUFFile:
         self._mm: mmap.mmap | None = None
         try:
             with open(self.path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
+                stat = os.fstat(f.fileno())  # of the file mapped below, whatever the path names later
+                size = stat.st_size
                 head = f.read(_HEADER_SIZE)
                 _check_preamble(self.path, head, size)
                 # The map outlives the file object: mmap holds its own descriptor.
@@ -117,7 +118,6 @@ class GGUFFile:
         except OSError as e:
             problem = e.strerror or str(e)
             raise GGUFError(f"{self.path}: cannot read it ({problem}); check the path and permissions") from None
-        stat = os.stat(self.path)
         key = (str(self.path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
         header = _HEADERS.get(key)
         if header is None:

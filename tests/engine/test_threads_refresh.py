@@ -27,6 +27,11 @@ def test_llmos_chosen_threads_follow_other_work_at_each_generation(monkeypatch, 
         list(Generation(model, [1, 2, 3], max_new_tokens=2).tokens())
         assert torch.get_num_threads() == 1  # within the second: not looked at again
         monkeypatch.setattr(threads, "_refreshed", 0.0)
+        monkeypatch.setenv("OMP_WAIT_POLICY", "passive")  # sleeping workers: 2 would decode slower than 1
+        list(Generation(model, [1, 2, 3], max_new_tokens=2).tokens())
+        assert torch.get_num_threads() == 1
+        monkeypatch.delenv("OMP_WAIT_POLICY")
+        monkeypatch.setattr(threads, "_refreshed", 0.0)
         list(Generation(model, [1, 2, 3], max_new_tokens=2).tokens())
         assert torch.get_num_threads() == 2
     finally:
