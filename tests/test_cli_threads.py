@@ -94,9 +94,11 @@ def test_openmp_workers_spin_a_bounded_while_on_an_idle_machine_and_sleep_on_a_b
     import subprocess
     import sys
 
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in os.sched_getaffinity(0)]
+    hogs = [subprocess.Popen([sys.executable, "-c", "print('busy', flush=True)\nwhile True: pass"], stdout=subprocess.PIPE)
+            for _ in os.sched_getaffinity(0)]
     try:
-        assert _policy("import time; time.sleep(0.3); import llmos; ") == "passive None"
+        assert all(hog.stdout.readline() == b"busy\n" for hog in hogs)  # each is in its loop now
+        assert _policy("import llmos; ") == "passive None"
     finally:
         for hog in hogs:
             hog.kill()
