@@ -117,7 +117,8 @@ def auto_threads() -> int:
     process holds a core, 2 threads on 2 cores ran 2-4x slower than 1 (answering questions through
     the Python API with spinning workers, 10-27x), while on an idle machine 2 threads decode ~1.5x
     faster than 1."""
-    return max(1, min(_cores(), round(_cores() - others_busy())))
+    cores = _cores()
+    return max(1, min(cores, round(cores - others_busy())))
 
 
 def wait_policy(threads: int, cores: int) -> dict[str, str]:

@@ -469,10 +469,11 @@ class RowLengths:
     CHECKED = 16
 
     def __init__(self, path: Path, uid: str) -> None:
-        self.path, self.uid = path, uid.encode()
+        self.path = path
+        self._prefix = self.MAGIC + struct.pack("<H", len(uid)) + uid.encode()  # then the row count, then the lengths
 
     def _header(self, rows: int) -> bytes:
-        return self.MAGIC + struct.pack("<H", len(self.uid)) + self.uid + struct.pack("<q", rows)
+        return self._prefix + struct.pack("<q", rows)
 
     def load(self, docsize) -> np.ndarray | None:
         """The kept lengths (float32, rowid 0 .. the largest kept), or None; `docsize(ids)` reads rows'
@@ -481,7 +482,7 @@ class RowLengths:
             data = self.path.read_bytes()
         except OSError:
             return None
-        head = self._header(0)[:-8]
+        head = self._prefix
         if not data.startswith(head) or len(data) < len(head) + 8:
             return None
         (rows,) = struct.unpack_from("<q", data, len(head))

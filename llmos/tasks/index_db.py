@@ -119,6 +119,7 @@ class IndexDB:
         self.path = path
         self._matrix: tuple[int, np.ndarray, np.ndarray] | None = None  # (generation, ids, vectors)
         self._bm25: bm25.BoundedBM25 | None = None  # made on the first bounded keyword query
+        self._uid_known = False  # the metadata holds a uid (checked on the first write)
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, timeout=60.0)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -201,13 +202,21 @@ class IndexDB:
                     cid += 1
             db.execute("UPDATE documents SET n_chunks=?, split_blocks=? WHERE id=?",
                        (cid - first, counts.get("split_blocks", 0), doc_id))
-            self._set_meta({"next_chunk_id": str(cid)} | ({} if self.meta("uid") else {"uid": secrets.token_hex(16)}))
+            self._set_meta({"next_chunk_id": str(cid)} | self._missing_uid())
             generation = self._bump()
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
         return Written(first, cid - 1, removed or [], generation)
+
+    def _missing_uid(self) -> dict[str, str]:
+        """{"uid": a new one} for an index made before uids (read once per IndexDB: a uid is never removed)."""
+        if not self._uid_known:
+            self._uid_known = self.meta("uid") is not None
+            if not self._uid_known:
+                return {"uid": secrets.token_hex(16)}
+        return {}
 
     def _next_chunk_id(self) -> int:
         """Past every chunk id this index has used (an index from before the counter: past the largest)."""

@@ -298,3 +298,18 @@ def test_kept_lengths_of_another_index_changed_or_torn_are_not_used(db, tmp_path
         fresh.lengths_file.write_bytes(bad)
         np.testing.assert_array_equal(_lengths(fresh, kept=True), truth)
         fresh.close()
+
+
+def test_an_index_from_before_uids_gets_one_at_its_next_write(db):
+    """Without a uid the lengths are not kept (nothing to check a file against); a write adds one."""
+    db._db.execute("DELETE FROM meta WHERE key='uid'")
+    older = IndexDB(db.path)
+    assert older.meta("uid") is None
+    assert bm25.BoundedBM25(older._db, "chunks_fts", "porter unicode61 remove_diacritics 2", 2,
+                            older.lengths_file, older.meta("uid"))._saved is None
+    _write(older, "doc8", np.random.default_rng(3), 3000, 5)
+    uid = older.meta("uid")
+    assert uid and len(uid) == 32
+    _write(older, "doc9", np.random.default_rng(4), 3100, 5)
+    assert older.meta("uid") == uid  # made once
+    older.close()
